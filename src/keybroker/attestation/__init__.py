@@ -1,0 +1,1 @@
+"""The Attestation Service: evidence -> verifier claims -> trust vector -> signed EAR token."""

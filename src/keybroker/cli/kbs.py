@@ -1,0 +1,98 @@
+"""``kbs``: run the Key Broker Service.
+
+kbs -c /etc/kbs/kbs-config.toml     # an upstream config file (TOML or JSON)
+KBS_CONFIG_FILE=... kbs             # the same, from the environment
+kbs --insecure-dev                  # laptop defaults: see DEV_DEFAULTS
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from keybroker import __version__
+from keybroker.config import KbsConfig, load_config, parse_config
+from keybroker.errors import KeybrokerError
+from keybroker.kbs.server import serve
+
+# Builtin AS, resources in ./.kbs, sessions in memory, plain HTTP on loopback, open admin API.
+DEV_DEFAULTS: dict[str, object] = {
+    "http_server": {"sockets": ["127.0.0.1:8080"], "insecure_http": True},
+    "admin": {"authorization_mode": "InsecureAllowAll"},
+    "storage_backend": {
+        "storage_type": "LocalFs",
+        "backends": {"local_fs": {"dir_path": ".kbs"}},
+    },
+    "session_storage_type": "Memory",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kbs", description="Keybroker Key Broker Service")
+    parser.add_argument("-c", "--config-file", type=Path, help="KBS config file (TOML or JSON)")
+    parser.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        help="laptop mode: plain HTTP on 127.0.0.1:8080, open admin API, resources in ./.kbs",
+    )
+    parser.add_argument("--version", action="version", version=f"kbs (keybroker) {__version__}")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> KbsConfig:
+    path = args.config_file or (
+        Path(os.environ["KBS_CONFIG_FILE"]) if os.environ.get("KBS_CONFIG_FILE") else None
+    )
+    if path is not None and args.insecure_dev:
+        raise KeybrokerError("use either a config file or --insecure-dev, not both")
+    if path is not None:
+        return load_config(path)
+    if args.insecure_dev:
+        logging.getLogger("keybroker").warning(
+            "--insecure-dev: plain HTTP and an open admin API; for a laptop, never a server"
+        )
+        return parse_config(DEV_DEFAULTS, source="--insecure-dev defaults")
+    raise KeybrokerError(
+        "no configuration: pass -c FILE (or set KBS_CONFIG_FILE), "
+        "or --insecure-dev to try Keybroker on this machine"
+    )
+
+
+def _hint(config: KbsConfig) -> None:
+    url = f"http://{config.http_server.sockets[0]}"
+    print(
+        f"Keybroker KBS on {url}\n"
+        f"Try it:\n"
+        f"  echo -n 's3cr3t' > /tmp/secret\n"
+        f"  kbs-client --url {url} config set-resource --path default/demo/key "
+        f"--resource-file /tmp/secret\n"
+        f"  kbs-client --url {url} config set-resource-policy --allow-all\n"
+        f"  kbs-client --url {url} get-resource --path default/demo/key | base64 -d\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = _parser().parse_args(argv)
+    try:
+        config = _config(args)
+        if args.insecure_dev:
+            _hint(config)
+        serve(config)
+    except KeybrokerError as e:
+        print(f"kbs: error: {e.detail}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

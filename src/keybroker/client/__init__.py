@@ -1,0 +1,1 @@
+"""Client SDK: RCAR client, attesters, TEE keys, admin client. No server code."""

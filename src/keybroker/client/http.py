@@ -1,0 +1,37 @@
+"""The SDK's HTTP plumbing: one httpx client per KBS, and KBS errors turned into SDK errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from keybroker.errors import ClientError, KbsConnectionError, KbsRejectedError
+
+DEFAULT_TIMEOUT = 30.0
+
+
+def make_http(url: str, cert_file: Path | None, timeout: float = DEFAULT_TIMEOUT) -> httpx.Client:
+    verify: bool | str = True
+    if cert_file is not None:
+        if not cert_file.is_file():
+            raise ClientError(f"cannot read CA certificate file {cert_file}")
+        verify = str(cert_file)
+    return httpx.Client(base_url=url.rstrip("/"), verify=verify, timeout=timeout)
+
+
+def send(http: httpx.Client, method: str, path: str, **kwargs: object) -> httpx.Response:
+    """Send a request; raise KbsConnectionError or KbsRejectedError unless it succeeded."""
+    try:
+        response = http.request(method, path, **kwargs)  # type: ignore[arg-type]
+    except httpx.HTTPError as e:
+        raise KbsConnectionError(f"cannot reach the KBS at {http.base_url}: {e}") from None
+    if response.is_success:
+        return response
+    try:
+        problem = response.json()
+        detail = str(problem.get("detail", "")) or response.reason_phrase
+        problem_type = str(problem.get("type", ""))
+    except (ValueError, AttributeError):
+        detail, problem_type = response.text[:200] or response.reason_phrase, ""
+    raise KbsRejectedError(response.status_code, problem_type, detail)

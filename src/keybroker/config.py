@@ -1,0 +1,418 @@
+"""The KBS configuration: upstream Trustee's file format, parsed once into frozen models.
+
+Section and key names, defaults and accepted spellings are upstream's, so an operator's
+upstream ``kbs-config.toml`` loads unchanged (TOML or JSON). An unknown key is an error that
+names the key and the file: a typo in a security setting must never be silently ignored.
+
+This module only parses and checks shapes. Whether a parsed feature is served is decided when
+the app is built (``keybroker.kbs.app``), which refuses what this version cannot serve with
+``UnsupportedFeatureError``.
+
+Deliberate differences from upstream, each failing closed:
+
+- ``[admin]`` omitted means ``DenyAll`` (upstream: ``InsecureAllowAll``).
+- ``[[plugins]]`` omitted means one ``resource`` plugin on the key-value store (upstream: no
+  plugins at all, so every resource request answers 404).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from keybroker.errors import ConfigError
+
+DEFAULT_SOCKET = "127.0.0.1:8080"
+DEFAULT_PAYLOAD_REQUEST_SIZE_MB = 2
+DEFAULT_SESSION_TIMEOUT_MIN = 5
+DEFAULT_LEGACY_REPOSITORY_DIR = "/opt/confidential-containers/kbs/repository"
+DEFAULT_LOCAL_FS_DIR = "/opt/confidential-containers/storage/local_fs"
+DEFAULT_LOCAL_JSON_DIR = "/opt/confidential-containers/storage/local_json"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _spelling(aliases: dict[str, str]) -> BeforeValidator:
+    """Accept every upstream spelling of an enum value (``LocalFs``, ``local_fs``...)."""
+
+    def normalize(value: object) -> object:
+        if isinstance(value, str):
+            return aliases.get(value, aliases.get(value.lower(), value))
+        return value
+
+    return BeforeValidator(normalize)
+
+
+class StorageType(StrEnum):
+    MEMORY = "Memory"
+    LOCAL_JSON = "LocalJson"
+    LOCAL_FS = "LocalFs"
+    POSTGRES = "Postgres"
+    REDIS = "Redis"
+
+
+_STORAGE_SPELLINGS = {
+    "memory": "Memory",
+    "localjson": "LocalJson",
+    "local_json": "LocalJson",
+    "localfs": "LocalFs",
+    "local_fs": "LocalFs",
+    "postgres": "Postgres",
+    "redis": "Redis",
+}
+StorageTypeField = Annotated[StorageType, _spelling(_STORAGE_SPELLINGS)]
+
+
+# --- [http_server] ---------------------------------------------------------------------------
+
+
+class TlsProfile(StrEnum):
+    OLD = "old"
+    INTERMEDIATE = "intermediate"
+    MODERN = "modern"
+    CUSTOM = "custom"
+
+
+class HttpServerConfig(_Model):
+    sockets: list[str] = Field(default_factory=lambda: [DEFAULT_SOCKET])
+    insecure_http: bool = False
+    payload_request_size: int = Field(default=DEFAULT_PAYLOAD_REQUEST_SIZE_MB, ge=1, le=1024)
+    worker_count: int | None = Field(default=None, ge=1, le=256)
+    private_key: Path | None = None
+    certificate: Path | None = None
+    tls_profile: TlsProfile = TlsProfile.INTERMEDIATE
+    tls_min_version: Literal["1.2", "1.3"] | None = None
+    tls_max_version: Literal["1.2", "1.3"] | None = None
+    tls_ciphers: str | None = None
+    tls_groups: str | None = None
+
+    @property
+    def payload_limit_bytes(self) -> int:
+        return self.payload_request_size * 1024 * 1024
+
+
+# --- [attestation_token] ---------------------------------------------------------------------
+
+
+class AttestationTokenConfig(_Model):
+    extra_teekey_paths: list[str] = Field(default_factory=list)
+    trusted_certs_paths: list[str] = Field(default_factory=list)
+    trusted_jwk_sets: list[str] = Field(default_factory=list)
+    insecure_header_jwk: bool = False
+
+
+# --- [attestation_service] -------------------------------------------------------------------
+
+
+class TokenSignerConfig(_Model):
+    key_path: Path
+    cert_path: Path | None = None
+    cert_url: str | None = None
+
+
+class AttestationTokenBrokerConfig(_Model):
+    duration_min: int = Field(default=5, ge=1)
+    issuer_name: str = "CoCo-Attestation-Service"
+    developer_name: str = "https://confidentialcontainers.org"
+    build_name: str = "keybroker-attestation-service 0.1.0"
+    profile_name: str = "tag:github.com,2024:confidential-containers/Trustee"
+    signer: TokenSignerConfig | None = None
+    verbose_token: bool = True
+
+
+class RvpsBuiltInConfig(_Model):
+    type: Literal["BuiltIn"] = "BuiltIn"
+    extractors: dict[str, Any] | None = None
+    storage_type: StorageTypeField | None = None
+
+
+class RvpsGrpcConfig(_Model):
+    type: Literal["GrpcRemote"]
+    address: str = "127.0.0.1:50003"
+
+
+class _AttestationServiceBase(_Model):
+    timeout: int = Field(default=DEFAULT_SESSION_TIMEOUT_MIN, ge=1, le=24 * 60)
+
+
+class BuiltinAsConfig(_AttestationServiceBase):
+    type: Literal["coco_as_builtin"] = "coco_as_builtin"
+    rvps_config: Annotated[RvpsBuiltInConfig | RvpsGrpcConfig, Field(discriminator="type")] = (
+        RvpsBuiltInConfig()
+    )
+    attestation_token_broker: AttestationTokenBrokerConfig = AttestationTokenBrokerConfig()
+    # Verifier settings are opaque here: each verifier validates its own section.
+    verifier_config: dict[str, Any] | None = None
+    storage_type: StorageTypeField | None = None
+
+
+class GrpcAsConfig(_AttestationServiceBase):
+    type: Literal["coco_as_grpc"]
+    as_addr: str = "http://127.0.0.1:50004"
+    pool_size: int = Field(default=100, ge=1)
+
+
+class IntelTaConfig(_AttestationServiceBase):
+    type: Literal["intel_ta"]
+    base_url: str
+    api_key: str = Field(repr=False)
+    certs_file: str
+    allow_unmatched_policy: bool | None = None
+    policy_ids: list[str] = Field(default_factory=list)
+
+
+class NoAsConfig(_AttestationServiceBase):
+    """A resource-only (passport) KBS: ``/auth`` and ``/attest`` answer 404."""
+
+    type: Literal["none"]
+
+
+_AS_SPELLINGS = {
+    "cocoasbuiltin": "coco_as_builtin",
+    "coco_as_builtin": "coco_as_builtin",
+    "cocoasgrpc": "coco_as_grpc",
+    "coco_as_grpc": "coco_as_grpc",
+    "intelta": "intel_ta",
+    "intel_ta": "intel_ta",
+    "none": "none",
+}
+
+
+def _normalize_as(value: object) -> object:
+    if isinstance(value, dict) and isinstance(value.get("type"), str):
+        spelled = value["type"].lower()
+        return {**value, "type": _AS_SPELLINGS.get(spelled, value["type"])}
+    return value
+
+
+AttestationServiceConfig = Annotated[
+    BuiltinAsConfig | GrpcAsConfig | IntelTaConfig | NoAsConfig,
+    Field(discriminator="type"),
+    BeforeValidator(_normalize_as),
+]
+
+
+# --- [admin] ---------------------------------------------------------------------------------
+
+
+class IdentityProvider(_Model):
+    issuer: str | None = None
+    audience: str | None = None
+    public_key_uri: str | None = None
+    jwk_set_uri: str | None = None
+
+
+class BearerJwtConfig(_Model):
+    identity_providers: list[IdentityProvider] = Field(default_factory=list)
+
+
+class AuthenticationConfig(_Model):
+    bearer_jwt: BearerJwtConfig
+
+
+class AclRule(_Model):
+    role: str
+    allowed_endpoints: str
+
+
+class RegexAclConfig(_Model):
+    acls: list[AclRule] = Field(default_factory=list)
+
+
+class AuthorizationConfig(_Model):
+    regex_acl: RegexAclConfig
+
+
+class AdminInsecureAllowAll(_Model):
+    authorization_mode: Literal["InsecureAllowAll"]
+
+
+class AdminDenyAll(_Model):
+    authorization_mode: Literal["DenyAll"] = "DenyAll"
+
+
+class AdminAuthenticated(_Model):
+    authorization_mode: Literal["AuthenticatedAuthorization"]
+    authentication: AuthenticationConfig
+    authorization: AuthorizationConfig
+
+
+AdminConfig = Annotated[
+    AdminInsecureAllowAll | AdminDenyAll | AdminAuthenticated,
+    Field(discriminator="authorization_mode"),
+]
+
+
+# --- [storage_backend] -----------------------------------------------------------------------
+
+
+class LocalFsBackendConfig(_Model):
+    dir_path: Path = Path(DEFAULT_LOCAL_FS_DIR)
+
+
+class LocalJsonBackendConfig(_Model):
+    file_dir_path: Path = Path(DEFAULT_LOCAL_JSON_DIR)
+
+
+class PostgresBackendConfig(_Model):
+    db: str = "kbs"
+    username: str = "postgres"
+    password: str | None = Field(default=None, repr=False)
+    host: str = "localhost"
+    port: int = 5432
+
+
+class RedisBackendConfig(_Model):
+    url: str = Field(default="redis://127.0.0.1:6379", repr=False)
+
+
+class StorageBackends(_Model):
+    local_fs: LocalFsBackendConfig | None = None
+    local_json: LocalJsonBackendConfig | None = None
+    postgres: PostgresBackendConfig | None = None
+    redis: RedisBackendConfig | None = None
+
+
+class StorageBackendConfig(_Model):
+    storage_type: StorageTypeField = StorageType.MEMORY
+    backends: StorageBackends = StorageBackends()
+
+
+# --- [[plugins]] -----------------------------------------------------------------------------
+
+
+class ResourcePluginConfig(_Model):
+    """The ``resource`` plugin, in both forms operators have.
+
+    - current upstream: ``storage_backend_type = "kvstorage"`` (the shared key-value store);
+    - seed-era upstream: ``type = "LocalFs"`` with ``dir_path`` (files at
+      ``<dir_path>/<repo>/<type>/<tag>``).
+    """
+
+    name: Literal["resource"]
+    storage_backend_type: str | None = None
+    type: str | None = None
+    dir_path: Path | None = None
+
+    def backend_kind(self) -> str:
+        """``kvstorage``, ``legacy_local_fs`` or the secret backend named by the operator."""
+        if self.type is not None:
+            if self.storage_backend_type is not None:
+                raise ValueError("set either `type` (seed-era form) or `storage_backend_type`")
+            if self.type.lower() not in ("localfs", "local_fs"):
+                return self.type.lower()
+            return "legacy_local_fs"
+        if self.dir_path is not None:
+            raise ValueError('`dir_path` belongs to the seed-era form: add `type = "LocalFs"`')
+        kind = (self.storage_backend_type or "kvstorage").lower()
+        return {"kvstorage": "kvstorage", "kv_storage": "kvstorage"}.get(kind, kind)
+
+    def legacy_dir(self) -> Path:
+        return self.dir_path or Path(DEFAULT_LEGACY_REPOSITORY_DIR)
+
+
+class SamplePluginConfig(_Model):
+    name: Literal["sample"]
+    item: str
+
+
+class OtherPluginConfig(BaseModel):
+    """A plugin a later version serves (nebula-ca, pkcs11, external, provisioner).
+
+    Its settings are kept as given; building the app refuses it with a clear message.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: Literal["nebula-ca", "nebula_ca", "pkcs11", "external", "provisioner"]
+
+
+PluginConfig = Annotated[
+    ResourcePluginConfig | SamplePluginConfig | OtherPluginConfig, Field(discriminator="name")
+]
+
+
+# --- the whole file --------------------------------------------------------------------------
+
+
+class KbsConfig(_Model):
+    http_server: HttpServerConfig = HttpServerConfig()
+    attestation_token: AttestationTokenConfig = AttestationTokenConfig()
+    attestation_service: AttestationServiceConfig = BuiltinAsConfig()
+    admin: AdminConfig = AdminDenyAll()
+    storage_backend: StorageBackendConfig = StorageBackendConfig()
+    session_storage_type: StorageTypeField | None = None
+    plugins: list[PluginConfig] = Field(
+        default_factory=lambda: [ResourcePluginConfig(name="resource")]
+    )
+
+    @property
+    def session_timeout_min(self) -> int:
+        return self.attestation_service.timeout
+
+
+def parse_config(document: dict[str, object], *, source: str = "<config>") -> KbsConfig:
+    """Validate a parsed document; errors name the offending key and the source."""
+    try:
+        return KbsConfig.model_validate(document)
+    except ValidationError as e:
+        raise ConfigError(f"invalid configuration in {source}: {_describe(e)}") from None
+
+
+def load_config(path: Path) -> KbsConfig:
+    """Read a TOML (``.toml``) or JSON (``.json``) config file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from None
+    try:
+        document: dict[str, object]
+        if path.suffix.lower() == ".json":
+            loaded = json.loads(text)
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"configuration file {path} must hold a JSON object")
+            document = loaded
+        else:
+            document = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"configuration file {path} is not valid: {e}") from None
+    return parse_config(document, source=str(path))
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(part) for part in item["loc"] if not _is_union_tag(part))
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key `{where}`")
+        elif item["type"] == "missing":
+            problems.append(f"missing required key `{where}`")
+        elif item["type"] in ("union_tag_invalid", "literal_error"):
+            problems.append(f"`{where}`: {item['msg']}")
+        else:
+            problems.append(f"`{where}`: {item['msg']}")
+    more = len(error.errors()) - len(problems)
+    return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _is_union_tag(part: object) -> bool:
+    # pydantic inserts the discriminator value into error locations; it is not a key name.
+    return isinstance(part, str) and (
+        part in _AS_SPELLINGS.values()
+        or part
+        in (
+            "InsecureAllowAll",
+            "DenyAll",
+            "AuthenticatedAuthorization",
+            "BuiltIn",
+            "GrpcRemote",
+            "resource",
+            "sample",
+        )
+    )

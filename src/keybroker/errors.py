@@ -1,0 +1,184 @@
+"""The one error hierarchy of Keybroker.
+
+Every error knows the RFC 7807 problem type it is rendered as on the wire
+(``https://github.com/confidential-containers/kbs/errors/<variant>``, the variant names are
+upstream's where upstream has one) and its HTTP status. One exception handler in
+``keybroker.kbs.app`` renders them all; nothing else builds error responses.
+
+Messages say what was expected and what was found. They never contain secret material:
+no resource bytes, no private keys, no tokens, no policy bodies.
+
+::
+
+    KeybrokerError (500 InternalError)
+    ├── ConfigError                    start-up only: a configuration that cannot be served
+    │   └── UnsupportedFeatureError    a valid upstream setting Keybroker does not serve yet
+    ├── BadRequestError (400)          malformed JSON, wrong field types, bad base64
+    │   └── PolicyParseError (400)     a Rego policy that does not compile
+    ├── PayloadTooLargeError (413)
+    ├── UnauthenticatedError (401)
+    │   ├── AttestationError (401)     RCAR failures: version, session, nonce, evidence
+    │   │   └── EvidenceError (401)    a verifier rejected the evidence
+    │   ├── TokenNotFoundError (401)   no attested session and no bearer token
+    │   ├── TokenVerificationError (401)
+    │   └── AdminUnauthenticatedError (401)
+    ├── ForbiddenError (403)
+    │   ├── PolicyDeniedError (403)    the resource policy said no
+    │   └── AdminDeniedError (403)     admin mode or ACL said no
+    ├── NotFoundError (404)
+    │   ├── InvalidRequestPathError (404)
+    │   ├── PluginNotFoundError (404)
+    │   └── ResourceNotFoundError (404)
+    ├── MethodNotAllowedError (405)
+    ├── StorageError (500)             a storage backend failed (not a missing key)
+    ├── JweError (500)                 the response could not be encrypted
+    ├── ServiceUnavailableError (503)  a backing service is down
+    └── ClientError                    raised by the SDK (``keybroker.client``), never served
+        ├── KbsConnectionError         the KBS could not be reached
+        └── KbsRejectedError           the KBS answered with an error (keeps status and type)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+ERROR_TYPE_PREFIX = "https://github.com/confidential-containers/kbs/errors"
+
+
+class KeybrokerError(Exception):
+    """Base of every error Keybroker raises on purpose."""
+
+    status: ClassVar[int] = 500
+    variant: ClassVar[str] = "InternalError"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    @property
+    def problem_type(self) -> str:
+        return f"{ERROR_TYPE_PREFIX}/{self.variant}"
+
+    def problem(self) -> dict[str, str]:
+        """The RFC 7807 body (upstream's ``ErrorInformation``)."""
+        return {"type": self.problem_type, "detail": self.detail}
+
+
+class ConfigError(KeybrokerError):
+    variant = "ConfigError"
+
+
+class UnsupportedFeatureError(ConfigError):
+    """An upstream setting that parses but is not served by this version of Keybroker."""
+
+    variant = "UnsupportedFeature"
+
+    def __init__(self, feature: str, hint: str = "") -> None:
+        message = f"not supported yet: {feature}"
+        super().__init__(f"{message} ({hint})" if hint else message)
+        self.feature = feature
+
+
+class BadRequestError(KeybrokerError):
+    status = 400
+    variant = "MalformedRequest"
+
+
+class PolicyParseError(BadRequestError):
+    variant = "ParsePolicyError"
+
+
+class PayloadTooLargeError(KeybrokerError):
+    status = 413
+    variant = "PayloadTooLarge"
+
+
+class UnauthenticatedError(KeybrokerError):
+    status = 401
+    variant = "Unauthenticated"
+
+
+class AttestationError(UnauthenticatedError):
+    variant = "AttestationError"
+
+
+class EvidenceError(AttestationError):
+    """A verifier could not verify the evidence, or the evidence does not bind what it must."""
+
+
+class TokenNotFoundError(UnauthenticatedError):
+    variant = "TokenNotFound"
+
+
+class TokenVerificationError(UnauthenticatedError):
+    variant = "TokenVerifierError"
+
+
+class AdminUnauthenticatedError(UnauthenticatedError):
+    variant = "AdminAuthAccess"
+
+
+class ForbiddenError(KeybrokerError):
+    status = 403
+    variant = "Forbidden"
+
+
+class PolicyDeniedError(ForbiddenError):
+    variant = "PolicyDeny"
+
+
+class AdminDeniedError(ForbiddenError):
+    variant = "AdminAuthAccess"
+
+
+class NotFoundError(KeybrokerError):
+    status = 404
+    variant = "NotFound"
+
+
+class InvalidRequestPathError(NotFoundError):
+    variant = "InvalidRequestPath"
+
+
+class PluginNotFoundError(NotFoundError):
+    variant = "PluginNotFound"
+
+
+class ResourceNotFoundError(NotFoundError):
+    variant = "ResourceNotFound"
+
+
+class MethodNotAllowedError(KeybrokerError):
+    status = 405
+    variant = "MethodNotAllowed"
+
+
+class StorageError(KeybrokerError):
+    variant = "StorageError"
+
+
+class JweError(KeybrokerError):
+    variant = "JweError"
+
+
+class ServiceUnavailableError(KeybrokerError):
+    status = 503
+    variant = "ServiceUnavailable"
+
+
+class ClientError(KeybrokerError):
+    variant = "ClientError"
+
+
+class KbsConnectionError(ClientError):
+    variant = "ConnectionError"
+
+
+class KbsRejectedError(ClientError):
+    """The KBS refused a request. ``status`` and ``problem`` are the server's."""
+
+    def __init__(self, http_status: int, problem_type: str, detail: str) -> None:
+        super().__init__(f"KBS answered {http_status}: {detail}")
+        self.http_status = http_status
+        self.remote_type = problem_type
+        self.remote_detail = detail

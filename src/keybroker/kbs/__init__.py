@@ -1,0 +1,1 @@
+"""The KBS HTTP application: RCAR sessions, admin access, resource policy, plugin dispatch."""

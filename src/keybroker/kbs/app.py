@@ -1,0 +1,271 @@
+"""The KBS HTTP application: ``create_app(config)`` builds everything and returns a Starlette app.
+
+Routes: ``/kbs/v0/auth``, ``/kbs/v0/attest``, ``/kbs/v0/resource-policy``, and every other
+``/kbs/v0/<plugin>/<path...>`` dispatched to a plugin; ``/healthz``. Handlers parse, call one
+service, serialize. Every ``KeybrokerError`` is rendered by one handler as RFC 7807 JSON; any
+other exception becomes a 500 whose detail reveals nothing.
+
+The services are built once, here, and kept in ``app.state.kbs`` (no module globals).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from keybroker.config import KbsConfig
+from keybroker.errors import (
+    BadRequestError,
+    InvalidRequestPathError,
+    KeybrokerError,
+    MethodNotAllowedError,
+    PayloadTooLargeError,
+    PluginNotFoundError,
+    PolicyDeniedError,
+    TokenNotFoundError,
+)
+from keybroker.kbs.services import KbsServices, build_services
+from keybroker.kbs.sessions import SESSION_COOKIE, Session
+from keybroker.plugins.base import PluginRequest, PluginResponse
+from keybroker.protocol.jwe import seal
+from keybroker.storage.provider import StorageProvider
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/kbs/v0/"
+_PROBLEM_JSON = "application/problem+json"
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One parsed request under /kbs/v0/."""
+
+    method: str
+    name: str
+    rest: tuple[str, ...]
+    query: dict[str, str]
+    body: bytes
+
+
+def create_app(
+    config: KbsConfig,
+    *,
+    clock: Callable[[], float] = time.time,
+    storage: StorageProvider | None = None,
+    memory_dir: Path | None = None,
+) -> Starlette:
+    services = build_services(config, clock=clock, storage=storage, memory_dir=memory_dir)
+    app = Starlette(
+        routes=[
+            Route("/healthz", _healthz, methods=["GET"]),
+            Route("/kbs/v0/{path:path}", _kbs, methods=["GET", "POST", "PUT", "DELETE"]),
+        ],
+        exception_handlers={KeybrokerError: _render_error, Exception: _render_unexpected},
+        on_startup=[services.start],
+        on_shutdown=[services.stop],
+    )
+    app.state.kbs = services
+    return app
+
+
+async def _healthz(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def _kbs(request: Request) -> Response:
+    services: KbsServices = request.app.state.kbs
+    call = _Call(
+        method=request.method,
+        name=_segments(request)[0],
+        rest=tuple(_segments(request)[1:]),
+        query=dict(request.query_params),
+        body=await _read_body(request, services.payload_limit),
+    )
+    if call.name in ("auth", "attest"):
+        return await _rcar(call, request, services)
+    if call.name == "resource-policy":
+        return await _resource_policy(call, services)
+    if call.name in ("attestation-policy", "reference-value"):
+        raise PluginNotFoundError(
+            f"not supported yet: {call.name} (arrives with attestation policies and the RVPS)"
+        )
+    return await _plugin(call, request, services)
+
+
+async def _rcar(call: _Call, request: Request, services: KbsServices) -> Response:
+    handshake = services.handshake
+    if handshake is None:
+        raise PluginNotFoundError(
+            f"/{call.name} is not served: this KBS has no attestation service (passport mode)"
+        )
+    if call.method != "POST":
+        raise MethodNotAllowedError(f"/kbs/v0/{call.name} answers POST only")
+    if call.name == "auth":
+        challenge, session = await handshake.auth(call.body)
+        response = JSONResponse(challenge.model_dump(by_alias=True))
+        _set_session_cookie(response, session, services)
+        return response
+    token, _ = await handshake.attest(call.body, request.cookies.get(SESSION_COOKIE))
+    return JSONResponse({"token": token})
+
+
+async def _resource_policy(call: _Call, services: KbsServices) -> Response:
+    services.admin.check("/kbs/v0/resource-policy")
+    if call.method == "GET":
+        return JSONResponse(await services.resource_policy.list_ids())
+    if call.method != "POST":
+        raise MethodNotAllowedError("/kbs/v0/resource-policy answers GET and POST")
+    await services.resource_policy.set(_policy_text(call.body))
+    return Response(status_code=200)
+
+
+async def _plugin(call: _Call, request: Request, services: KbsServices) -> Response:
+    plugin = services.plugins.get(call.name)
+    if plugin is None:
+        raise PluginNotFoundError(f"Plugin {call.name[:64]} not found")
+    plugin_request = PluginRequest(
+        method=call.method, path=call.rest, query=call.query, body=call.body
+    )
+    if plugin.requires_admin(plugin_request):
+        services.admin.check(f"/kbs/v0/{call.name}")
+        return _plain(await plugin.handle(plugin_request))
+
+    claims = services.tokens.verify(await _guest_token(request, services))
+    policy_data = {"plugin": call.name, "resource-path": list(call.rest), "query": call.query}
+    if not await services.resource_policy.allows(claims, policy_data):
+        raise PolicyDeniedError("Access denied by policy")
+    annotated = _pointer_init_data(claims)
+    result = await plugin.handle(
+        PluginRequest(
+            method=call.method,
+            path=call.rest,
+            query=call.query,
+            body=call.body,
+            init_data_claims=annotated,
+        )
+    )
+    if not plugin.needs_encryption(plugin_request):
+        return _plain(result)
+    recipient = services.tokens.tee_pubkey(claims)
+    return JSONResponse(seal(recipient, result.body))
+
+
+async def _guest_token(request: Request, services: KbsServices) -> str:
+    """The session's token first, then ``Authorization: Bearer``; re-verified either way."""
+    if services.sessions is not None:
+        session = await services.sessions.get(request.cookies.get(SESSION_COOKIE))
+        if session is not None and session.token is not None:
+            return session.token
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    raise TokenNotFoundError(
+        "Attestation Token not found: attest first (/auth, /attest) or send a bearer token"
+    )
+
+
+def _pointer_init_data(claims: dict[str, object]) -> object:
+    submods = claims.get("submods")
+    if isinstance(submods, dict):
+        cpu0 = submods.get("cpu0")
+        if isinstance(cpu0, dict):
+            evidence = cpu0.get("ear.veraison.annotated-evidence")
+            if isinstance(evidence, dict):
+                return evidence.get("init_data_claims")
+    return None
+
+
+def _plain(result: PluginResponse) -> Response:
+    return Response(result.body, status_code=result.status, media_type=result.content_type)
+
+
+def _set_session_cookie(response: Response, session: Session, services: KbsServices) -> None:
+    response.set_cookie(
+        SESSION_COOKIE,
+        session.id,
+        expires=int(session.expires_at - services.clock()),
+        path="/kbs/v0",
+        httponly=True,
+        samesite="strict",
+        secure=services.https,
+    )
+
+
+def _segments(request: Request) -> list[str]:
+    """Split the *raw* path, then decode each segment.
+
+    Splitting the decoded path would let ``repo%2Ftype/tag`` pass as three segments, so a
+    percent-encoded slash could smuggle a separator past the path checks (traversal).
+    """
+    raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+    path = raw.decode("latin-1").split("?", 1)[0]
+    if not path.startswith(PREFIX):
+        raise InvalidRequestPathError("request path is not under /kbs/v0/")
+    segments = [unquote(s) for s in path[len(PREFIX) :].split("/")]
+    if not segments[0]:
+        raise InvalidRequestPathError("request path names no endpoint")
+    return segments
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body of {declared} bytes exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _policy_text(body: bytes) -> str:
+    """``{"policy": "<base64url of the Rego text>"}`` (padded base64url accepted too)."""
+    try:
+        document = json.loads(body)
+    except json.JSONDecodeError:
+        raise BadRequestError("the policy request is not JSON") from None
+    encoded = document.get("policy") if isinstance(document, dict) else None
+    if not isinstance(encoded, str):
+        raise BadRequestError('the policy request needs a string member "policy"')
+    try:
+        raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+        return raw.decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise BadRequestError("the policy is not base64url-encoded UTF-8 text") from None
+
+
+async def _render_error(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, KeybrokerError):  # Starlette types handlers loosely
+        return await _render_unexpected(request, exc)
+    level = logging.WARNING if exc.status < 500 else logging.ERROR
+    log.log(
+        level,
+        "%s %s -> %d %s: %s",
+        request.method,
+        request.url.path,
+        exc.status,
+        exc.variant,
+        exc.detail,
+    )
+    return JSONResponse(exc.problem(), status_code=exc.status, media_type=_PROBLEM_JSON)
+
+
+async def _render_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    problem = KeybrokerError("internal error; see the KBS log").problem()
+    return JSONResponse(problem, status_code=500, media_type=_PROBLEM_JSON)

@@ -1,0 +1,80 @@
+"""The resource policy: Rego deciding whether an attested guest may have what it asks for.
+
+``input`` is the verified token's claims; ``data`` is ``{"plugin", "resource-path", "query"}``
+of the request; the rule is ``data.policy.allow``. Anything but ``true`` denies (an undefined
+rule or a non-boolean result included).
+
+The policy text lives in the ``kbs`` namespace of the shared store under upstream's key
+(``resource-policy.rego``), so every worker and replica enforces the same policy. Each
+evaluation re-reads the stored text (one small read) and recompiles only when it changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+
+from keybroker.errors import PolicyParseError, StorageError
+from keybroker.policy.engine import CompiledPolicy
+from keybroker.protocol.models import JsonValue
+from keybroker.storage.base import KeyValueStorage
+
+log = logging.getLogger(__name__)
+
+KBS_NAMESPACE = "kbs"
+POLICY_ID = "resource-policy"
+_POLICY_SUFFIX = ".rego"
+_RULE = "policy/allow"
+
+
+def builtin_policy(name: str) -> str:
+    """One of the shipped policies: ``default``, ``allow_all``, ``deny_all``, ``affirming``."""
+    return (resources.files("keybroker.kbs") / "policies" / f"{name}.rego").read_text()
+
+
+def compile_resource_policy(source: str) -> CompiledPolicy:
+    policy = CompiledPolicy.compile(source, entrypoints=[_RULE])
+    if policy.package != "policy":
+        raise PolicyParseError(
+            f"a resource policy must declare `package policy`, found `package {policy.package}`"
+        )
+    return policy
+
+
+class ResourcePolicy:
+    def __init__(self, storage: KeyValueStorage) -> None:
+        self._storage = storage
+        self._compiled: CompiledPolicy | None = None
+
+    async def initialize(self) -> None:
+        """Install the default policy unless an operator's policy is already stored."""
+        await self._storage.set(
+            POLICY_ID + _POLICY_SUFFIX, builtin_policy("default").encode(), overwrite=False
+        )
+
+    async def set(self, source: str) -> None:
+        compiled = compile_resource_policy(source)  # refuse before storing
+        await self._storage.set(POLICY_ID + _POLICY_SUFFIX, source.encode())
+        self._compiled = compiled
+
+    async def list_ids(self) -> list[str]:
+        keys = await self._storage.list_keys()
+        return sorted(k.removesuffix(_POLICY_SUFFIX) for k in keys if k.endswith(_POLICY_SUFFIX))
+
+    async def allows(self, claims: JsonValue, data: JsonValue) -> bool:
+        policy = await self._current()
+        result = policy.evaluate(_RULE, claims, data)
+        if result is True:
+            return True
+        if result is not False:
+            log.warning("resource policy rule allow gave %r, not a boolean: denying", result)
+        return False
+
+    async def _current(self) -> CompiledPolicy:
+        raw = await self._storage.get(POLICY_ID + _POLICY_SUFFIX)
+        if raw is None:
+            raise StorageError("the resource policy is missing from the store")
+        source = raw.decode("utf-8", errors="replace")
+        if self._compiled is None or self._compiled.source != source:
+            self._compiled = compile_resource_policy(source)
+        return self._compiled

@@ -1,0 +1,115 @@
+"""Serving the KBS app with uvicorn: sockets, worker processes, and the shared "memory" store.
+
+Workers are processes. A "memory" store in one worker is invisible to the others, so an RCAR
+handshake whose ``/auth`` and ``/attest`` land on different workers would fail at random. With
+``worker_count > 1`` every store configured as memory therefore lives in a private directory
+(mode 0700) that the server creates, shares with its workers and removes at exit: still
+ephemeral, now shared.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import uvicorn
+from starlette.applications import Starlette
+from uvicorn.supervisors import Multiprocess
+
+from keybroker.config import KbsConfig, StorageType, parse_config
+from keybroker.errors import ConfigError, UnsupportedFeatureError
+from keybroker.kbs.app import create_app
+
+log = logging.getLogger(__name__)
+
+_CONFIG_ENV = "KEYBROKER_WORKER_CONFIG"
+_MEMORY_DIR_ENV = "KEYBROKER_WORKER_MEMORY_DIR"
+
+
+def parse_socket(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"[http_server] sockets: {text!r} is not HOST:PORT")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"[http_server] sockets: {host!r} is not an IP address") from None
+    return host, int(port)
+
+
+def bind(text: str) -> socket.socket:
+    host, port = parse_socket(text)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {text}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(config: KbsConfig) -> None:
+    """Run the KBS until interrupted. Raises ConfigError before serving if it cannot start."""
+    http = config.http_server
+    if not http.insecure_http:
+        raise UnsupportedFeatureError(
+            "HTTPS ([http_server] insecure_http = false)",
+            "set insecure_http = true and terminate TLS in front of the KBS for now",
+        )
+    for text in http.sockets:
+        host, _ = parse_socket(text)
+        if not ipaddress.ip_address(host).is_loopback:
+            log.warning("serving plain HTTP on %s: put TLS in front of this KBS", text)
+    workers = http.worker_count or 1
+    sockets = [bind(text) for text in http.sockets]
+    for text in http.sockets:
+        log.info("Keybroker KBS listening on http://%s", text)
+    if workers == 1:
+        app = create_app(config)
+        uvicorn.Server(_uvicorn_config(app, workers)).run(sockets=sockets)
+        return
+    memory_dir = _shared_memory_dir(config)
+    os.environ[_CONFIG_ENV] = config.model_dump_json()
+    if memory_dir is not None:
+        os.environ[_MEMORY_DIR_ENV] = str(memory_dir)
+    try:
+        uv_config = _uvicorn_config("keybroker.kbs.server:worker_app", workers)
+        Multiprocess(uv_config, target=uvicorn.Server(uv_config).run, sockets=sockets).run()
+    finally:
+        if memory_dir is not None:
+            shutil.rmtree(memory_dir, ignore_errors=True)
+
+
+def worker_app() -> Starlette:
+    """The app factory each worker process calls (uvicorn ``factory=True``)."""
+    config = parse_config(json.loads(os.environ[_CONFIG_ENV]), source="worker configuration")
+    memory_dir = os.environ.get(_MEMORY_DIR_ENV)
+    return create_app(config, memory_dir=Path(memory_dir) if memory_dir else None)
+
+
+def _shared_memory_dir(config: KbsConfig) -> Path | None:
+    kinds = {config.storage_backend.storage_type, config.session_storage_type}
+    if StorageType.MEMORY not in kinds:
+        return None
+    path = Path(tempfile.mkdtemp(prefix="keybroker-memory-"))
+    log.info("worker_count > 1: memory stores are shared by the workers through %s", path)
+    return path
+
+
+def _uvicorn_config(app: Starlette | str, workers: int) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        factory=isinstance(app, str),
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+    )

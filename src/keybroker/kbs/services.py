@@ -1,0 +1,168 @@
+"""Builds the KBS's services from its configuration, once, at start-up.
+
+This is where a configuration that parses but cannot be served is refused, with
+``UnsupportedFeatureError`` naming the setting, before the server accepts a single request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from keybroker.attestation.service import BuiltinAttestationService
+from keybroker.attestation.signer import TokenSigner
+from keybroker.config import (
+    BuiltinAsConfig,
+    KbsConfig,
+    NoAsConfig,
+    OtherPluginConfig,
+    ResourcePluginConfig,
+    RvpsGrpcConfig,
+    SamplePluginConfig,
+    StorageType,
+)
+from keybroker.errors import ConfigError, UnsupportedFeatureError
+from keybroker.kbs.admin import AdminGuard
+from keybroker.kbs.rcar import Handshake
+from keybroker.kbs.resource_policy import KBS_NAMESPACE, ResourcePolicy
+from keybroker.kbs.sessions import SESSION_NAMESPACE, SessionStore
+from keybroker.kbs.tokens import TokenVerifier
+from keybroker.plugins.base import Plugin
+from keybroker.plugins.resource import ResourcePlugin
+from keybroker.plugins.sample import SamplePlugin
+from keybroker.storage.provider import StorageProvider, local_fs_provider, memory_provider
+from keybroker.storage.secrets import DirectoryTreeSecretBackend, KvSecretBackend
+
+log = logging.getLogger(__name__)
+
+RESOURCE_NAMESPACE = "repository"
+
+
+@dataclass
+class KbsServices:
+    admin: AdminGuard
+    handshake: Handshake | None
+    sessions: SessionStore | None
+    resource_policy: ResourcePolicy
+    plugins: dict[str, Plugin]
+    tokens: TokenVerifier
+    payload_limit: int
+    https: bool
+    clock: Callable[[], float]
+    storage: StorageProvider
+    session_storage: StorageProvider
+
+    async def start(self) -> None:
+        await self.resource_policy.initialize()
+
+    async def stop(self) -> None:
+        await self.storage.close()
+        if self.session_storage is not self.storage:
+            await self.session_storage.close()
+
+
+def build_services(
+    config: KbsConfig,
+    *,
+    clock: Callable[[], float] = time.time,
+    storage: StorageProvider | None = None,
+    memory_dir: Path | None = None,
+) -> KbsServices:
+    """``memory_dir``: where "memory" stores live when several worker processes must share
+    them (a private directory the server creates and removes); None means process memory."""
+    _refuse_unserved(config)
+    storage = storage or _provider(config.storage_backend.storage_type, config, clock, memory_dir)
+    session_type = config.session_storage_type or config.storage_backend.storage_type
+    session_storage = (
+        storage
+        if session_type == config.storage_backend.storage_type
+        else _provider(session_type, config, clock, memory_dir)
+    )
+    admin = AdminGuard(config.admin)
+    trusted_keys = []
+    handshake: Handshake | None = None
+    sessions: SessionStore | None = None
+    as_config = config.attestation_service
+    if isinstance(as_config, BuiltinAsConfig):
+        signer = TokenSigner.from_config(as_config.attestation_token_broker.signer)
+        trusted_keys.append(signer.public_key)
+        sessions = SessionStore(
+            session_storage.get(SESSION_NAMESPACE), timeout_min=as_config.timeout, clock=clock
+        )
+        handshake = Handshake(BuiltinAttestationService(as_config, signer, clock=clock), sessions)
+    elif isinstance(as_config, NoAsConfig):
+        log.info("no attestation service: /auth and /attest answer 404 (resource-only KBS)")
+    return KbsServices(
+        admin=admin,
+        handshake=handshake,
+        sessions=sessions,
+        resource_policy=ResourcePolicy(storage.get(KBS_NAMESPACE)),
+        plugins=_plugins(config, storage),
+        tokens=TokenVerifier(
+            trusted_keys,
+            extra_teekey_paths=config.attestation_token.extra_teekey_paths,
+            clock=clock,
+        ),
+        payload_limit=config.http_server.payload_limit_bytes,
+        https=not config.http_server.insecure_http,
+        clock=clock,
+        storage=storage,
+        session_storage=session_storage,
+    )
+
+
+def _refuse_unserved(config: KbsConfig) -> None:
+    as_config = config.attestation_service
+    if not isinstance(as_config, BuiltinAsConfig | NoAsConfig):
+        raise UnsupportedFeatureError(f"[attestation_service] type = {as_config.type}")
+    if isinstance(as_config, BuiltinAsConfig) and isinstance(as_config.rvps_config, RvpsGrpcConfig):
+        raise UnsupportedFeatureError("[attestation_service.rvps_config] type = GrpcRemote")
+    token = config.attestation_token
+    if token.trusted_certs_paths or token.trusted_jwk_sets or token.insecure_header_jwk:
+        raise UnsupportedFeatureError(
+            "[attestation_token] trusted_certs_paths / trusted_jwk_sets / insecure_header_jwk",
+            "tokens from the builtin attestation service are trusted automatically",
+        )
+
+
+def _provider(
+    kind: StorageType, config: KbsConfig, clock: Callable[[], float], memory_dir: Path | None
+) -> StorageProvider:
+    if kind is StorageType.MEMORY:
+        if memory_dir is not None:
+            return local_fs_provider(memory_dir, clock=clock)
+        return memory_provider(clock=clock)
+    if kind is StorageType.LOCAL_FS:
+        local_fs = config.storage_backend.backends.local_fs
+        if local_fs is None:
+            raise ConfigError(
+                "storage_type = LocalFs needs [storage_backend.backends.local_fs] dir_path"
+            )
+        return local_fs_provider(local_fs.dir_path, clock=clock)
+    raise UnsupportedFeatureError(f"[storage_backend] storage_type = {kind.value}")
+
+
+def _plugins(config: KbsConfig, storage: StorageProvider) -> dict[str, Plugin]:
+    plugins: dict[str, Plugin] = {}
+    for entry in config.plugins:
+        if isinstance(entry, ResourcePluginConfig):
+            try:
+                kind = entry.backend_kind()
+            except ValueError as e:
+                raise ConfigError(f"[[plugins]] resource: {e}") from None
+            if kind == "kvstorage":
+                backend = KvSecretBackend(storage.get(RESOURCE_NAMESPACE))
+                plugins["resource"] = ResourcePlugin(backend)
+            elif kind == "legacy_local_fs":
+                tree = DirectoryTreeSecretBackend(entry.legacy_dir())
+                plugins["resource"] = ResourcePlugin(tree)
+            else:
+                raise UnsupportedFeatureError(f"resource plugin storage backend {kind}")
+        elif isinstance(entry, SamplePluginConfig):
+            plugins["sample"] = SamplePlugin(entry.item)
+        elif isinstance(entry, OtherPluginConfig):
+            raise UnsupportedFeatureError(f"plugin {entry.name}")
+    return plugins

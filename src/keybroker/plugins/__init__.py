@@ -1,0 +1,1 @@
+"""KBS plugins (``resource``, ``sample``): what answers ``/kbs/v0/<plugin>/...``."""

@@ -1,0 +1,45 @@
+"""The plugin interface: what answers ``/kbs/v0/<plugin>/<path...>``.
+
+The KBS asks a plugin three things about a request: does it need admin authorization
+(``requires_admin``), must its response be encrypted to the guest's TEE key
+(``needs_encryption``), and what is the response (``handle``). Guest requests are admitted by
+the resource policy before ``handle`` runs; admin requests by the admin guard.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from keybroker.protocol.models import JsonValue
+
+
+@dataclass(frozen=True)
+class PluginRequest:
+    method: str
+    path: tuple[str, ...]
+    query: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    # init-data claims from the guest's token, for plugins that tailor their answer to them
+    init_data_claims: JsonValue = None
+
+
+@dataclass(frozen=True)
+class PluginResponse:
+    body: bytes
+    content_type: str = "application/octet-stream"
+    status: int = 200
+
+
+class Plugin(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def requires_admin(self, request: PluginRequest) -> bool: ...
+
+    @abstractmethod
+    def needs_encryption(self, request: PluginRequest) -> bool: ...
+
+    @abstractmethod
+    async def handle(self, request: PluginRequest) -> PluginResponse: ...

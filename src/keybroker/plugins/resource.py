@@ -1,0 +1,41 @@
+"""The ``resource`` plugin: confidential resources at ``repository/type/tag``.
+
+``GET`` releases a resource to an attested guest (policy-checked, JWE-encrypted by the KBS);
+``POST``/``PUT`` store one and ``DELETE`` removes one (admin only). Bytes come from and go to a
+:class:`~keybroker.storage.secrets.SecretBackend`.
+"""
+
+from __future__ import annotations
+
+from keybroker.errors import MethodNotAllowedError
+from keybroker.plugins.base import Plugin, PluginRequest, PluginResponse
+from keybroker.protocol.resource_path import ResourcePath
+from keybroker.storage.secrets import SecretBackend
+
+_READ = frozenset({"GET"})
+_WRITE = frozenset({"POST", "PUT", "DELETE"})
+
+
+class ResourcePlugin(Plugin):
+    name = "resource"
+
+    def __init__(self, backend: SecretBackend) -> None:
+        self._backend = backend
+
+    def requires_admin(self, request: PluginRequest) -> bool:
+        return request.method in _WRITE
+
+    def needs_encryption(self, request: PluginRequest) -> bool:
+        return request.method in _READ
+
+    async def handle(self, request: PluginRequest) -> PluginResponse:
+        path = ResourcePath.from_segments(request.path)
+        if request.method == "GET":
+            return PluginResponse(await self._backend.read(path))
+        if request.method in ("POST", "PUT"):
+            await self._backend.write(path, request.body)
+            return PluginResponse(b"", content_type="text/plain")
+        if request.method == "DELETE":
+            await self._backend.delete(path)
+            return PluginResponse(b"", content_type="text/plain")
+        raise MethodNotAllowedError(f"the resource plugin does not answer {request.method}")

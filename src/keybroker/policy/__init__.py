@@ -1,0 +1,1 @@
+"""Rego policy engine over ``regopy``: load, compile once, evaluate. Knows nothing of KBS or AS."""

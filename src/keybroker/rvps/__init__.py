@@ -1,0 +1,1 @@
+"""Reference Value Provider Service (arrives with the Attestation Service semantics issue)."""

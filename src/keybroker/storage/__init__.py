@@ -1,0 +1,1 @@
+"""Key-value storage backends and the secret backends of the ``resource`` plugin. No policy."""

@@ -1,0 +1,66 @@
+"""The verifier interface: ``claims = verify(evidence, expected_report_data, expected_init_data)``.
+
+A verifier is pure: it takes the guest's unverified evidence (JSON) and the values the evidence
+must bind, checks signatures and bindings, and returns named claims. It never opens a socket;
+collateral (certificates, CRLs, TCB info) reaches it through an injected fetcher.
+
+The public :meth:`Verifier.verify` enforces a size limit and turns any foreign exception into
+``EvidenceError``, so a malformed report can never surface as a 500.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from keybroker.errors import EvidenceError, KeybrokerError
+from keybroker.protocol.models import JsonValue, Tee
+
+MAX_EVIDENCE_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TeeClaims:
+    """What one verifier vouches for: claims of one TEE instance, and its class (cpu, gpu)."""
+
+    tee: Tee
+    tee_class: str
+    claims: dict[str, JsonValue]
+
+
+class Verifier(ABC):
+    tee: ClassVar[Tee]
+
+    def verify(
+        self,
+        unverified_evidence: JsonValue,
+        *,
+        expected_report_data: bytes | None,
+        expected_init_data: bytes | None,
+    ) -> list[TeeClaims]:
+        size = len(json.dumps(unverified_evidence, separators=(",", ":")))
+        if size > MAX_EVIDENCE_BYTES:
+            raise EvidenceError(
+                f"{self.tee} evidence is {size} bytes, more than the {MAX_EVIDENCE_BYTES} allowed"
+            )
+        try:
+            return self._verify(
+                unverified_evidence,
+                expected_report_data=expected_report_data,
+                expected_init_data=expected_init_data,
+            )
+        except KeybrokerError:
+            raise
+        except Exception as e:  # a parser bug or odd input must deny, never crash
+            raise EvidenceError(f"{self.tee} evidence could not be verified: {e}") from e
+
+    @abstractmethod
+    def _verify(
+        self,
+        unverified_evidence: JsonValue,
+        *,
+        expected_report_data: bytes | None,
+        expected_init_data: bytes | None,
+    ) -> list[TeeClaims]: ...

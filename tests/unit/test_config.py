@@ -1,0 +1,145 @@
+"""Configuration: upstream files load; typos are named; unserved features are refused clearly."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import kbs_config, vectors
+from keybroker.config import (
+    AdminDenyAll,
+    BuiltinAsConfig,
+    GrpcAsConfig,
+    IntelTaConfig,
+    KbsConfig,
+    ResourcePluginConfig,
+    StorageType,
+    load_config,
+    parse_config,
+)
+from keybroker.errors import ConfigError, UnsupportedFeatureError
+from keybroker.kbs.services import build_services
+
+# What each upstream vector needs that a later issue serves (the "not supported yet" list).
+EXPECTED_REFUSAL = {
+    "coco-as-builtin-1.toml": "rvps_config",
+    "coco-as-builtin-2.toml": None,
+    "coco-as-builtin-3.toml": "LocalJson",
+    "coco-as-grpc-1.toml": "coco_as_grpc",
+    "coco-as-grpc-2.toml": "coco_as_grpc",
+    "coco-as-grpc-3.toml": "coco_as_grpc",
+    "intel-ta-1.toml": "intel_ta",
+    "intel-ta-2.toml": "intel_ta",
+    "intel-ta-3.toml": "intel_ta",
+    "tls-profile-custom-pqc.toml": "coco_as_grpc",
+    "tls-profile-custom.toml": "coco_as_grpc",
+    "tls-profile-intermediate.toml": "coco_as_grpc",
+    "tls-profile-modern.toml": "coco_as_grpc",
+    "tls-profile-old.toml": "coco_as_grpc",
+}
+
+
+def _vector_configs() -> list[Path]:
+    return sorted((vectors() / "kbs" / "configs").iterdir())
+
+
+def test_every_upstream_config_is_listed() -> None:
+    assert sorted(p.name for p in _vector_configs()) == sorted(EXPECTED_REFUSAL)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_REFUSAL))
+def test_upstream_config_loads(name: str, tmp_path: Path) -> None:
+    config = load_config(vectors() / "kbs" / "configs" / name)
+    expected = EXPECTED_REFUSAL[name]
+    if expected is None:
+        services = build_services(config)
+        assert "resource" in services.plugins
+        return
+    with pytest.raises(UnsupportedFeatureError) as refused:
+        build_services(config)
+    assert expected in refused.value.detail
+    assert refused.value.detail.startswith("not supported yet:")
+
+
+def test_upstream_sections_parse_to_their_meaning() -> None:
+    base = vectors() / "kbs" / "configs"
+    builtin = load_config(base / "coco-as-builtin-1.toml")
+    assert isinstance(builtin.attestation_service, BuiltinAsConfig)
+    assert builtin.attestation_service.attestation_token_broker.duration_min == 5
+    assert isinstance(builtin.admin, AdminDenyAll)
+    assert builtin.storage_backend.storage_type is StorageType.LOCAL_JSON
+    local_json = builtin.storage_backend.backends.local_json
+    assert local_json is not None and str(local_json.file_dir_path).endswith("trustee")
+    grpc = load_config(base / "coco-as-grpc-1.toml")
+    assert isinstance(grpc.attestation_service, GrpcAsConfig)
+    assert grpc.attestation_service.pool_size == 100 and grpc.attestation_service.timeout == 600
+    assert grpc.attestation_token.trusted_certs_paths == ["/etc/ca", "/etc/ca2"]
+    assert [p.name for p in grpc.plugins] == ["sample", "resource"]
+    ita = load_config(base / "intel-ta-1.toml")
+    assert isinstance(ita.attestation_service, IntelTaConfig)
+    assert "this-is-a-key" not in repr(ita.attestation_service)  # secrets stay out of logs
+    builtin2 = load_config(base / "coco-as-builtin-2.toml")
+    assert builtin2.http_server.payload_limit_bytes == 2 * 1024 * 1024
+    assert builtin2.session_storage_type is StorageType.MEMORY
+
+
+@pytest.mark.parametrize(
+    ("document", "named"),
+    [
+        ({"http_server": {"socket": ["127.0.0.1:1"]}}, "http_server.socket"),
+        ({"attestation_service": {"type": "coco_as_builtin", "timout": 5}}, "timout"),
+        ({"admin": {"authorization_mode": "DenyAll", "auth_public_key": "x"}}, "auth_public_key"),
+        ({"plugins": [{"name": "resource", "dirpath": "/x"}]}, "dirpath"),
+        ({"storage_backend": {"storage_type": "Memory", "backend": {}}}, "backend"),
+        ({"unknown_section": {}}, "unknown_section"),
+    ],
+)
+def test_unknown_key_is_named_with_file(
+    tmp_path: Path, document: dict[str, object], named: str
+) -> None:
+    path = tmp_path / "kbs-config.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert named in error.value.detail and str(path) in error.value.detail
+
+
+def test_toml_syntax_error_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[http_server\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
+        load_config(path)
+
+
+def test_missing_file_is_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read configuration file"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_defaults_fail_closed() -> None:
+    config = load_config_text("")
+    assert isinstance(config.admin, AdminDenyAll)
+    assert config.http_server.insecure_http is False
+    assert isinstance(config.attestation_service, BuiltinAsConfig)
+    assert config.attestation_service.timeout == 5
+    assert [type(p) for p in config.plugins] == [ResourcePluginConfig]
+
+
+def test_seed_era_resource_plugin_form() -> None:
+    config = kbs_config(plugins=[{"name": "resource", "type": "LocalFs", "dir_path": "/srv/r"}])
+    plugin = config.plugins[0]
+    assert isinstance(plugin, ResourcePluginConfig)
+    assert plugin.backend_kind() == "legacy_local_fs" and str(plugin.legacy_dir()) == "/srv/r"
+
+
+def test_unserved_storage_type_refused() -> None:
+    config = kbs_config(storage_backend={"storage_type": "Postgres"})
+    with pytest.raises(UnsupportedFeatureError, match="Postgres"):
+        build_services(config)
+
+
+def load_config_text(text: str) -> KbsConfig:
+    return parse_config(tomllib.loads(text))
