@@ -341,6 +341,10 @@ PluginConfig = Annotated[
 # --- the whole file --------------------------------------------------------------------------
 
 
+def _default_plugins() -> list[PluginConfig]:
+    return [ResourcePluginConfig(name="resource")]
+
+
 class KbsConfig(_Model):
     http_server: HttpServerConfig = HttpServerConfig()
     attestation_token: AttestationTokenConfig = AttestationTokenConfig()
@@ -348,9 +352,7 @@ class KbsConfig(_Model):
     admin: AdminConfig = AdminDenyAll()
     storage_backend: StorageBackendConfig = StorageBackendConfig()
     session_storage_type: StorageTypeField | None = None
-    plugins: list[PluginConfig] = Field(
-        default_factory=lambda: [ResourcePluginConfig(name="resource")]
-    )
+    plugins: list[PluginConfig] = Field(default_factory=_default_plugins)
 
     @property
     def session_timeout_min(self) -> int:

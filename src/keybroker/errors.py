@@ -32,6 +32,7 @@ no resource bytes, no private keys, no tokens, no policy bodies.
     ├── MethodNotAllowedError (405)
     ├── StorageError (500)             a storage backend failed (not a missing key)
     ├── JweError (500)                 the response could not be encrypted
+    ├── PolicyEvaluationError (500)    a compiled policy failed while evaluating
     ├── ServiceUnavailableError (503)  a backing service is down
     └── ClientError                    raised by the SDK (``keybroker.client``), never served
         ├── KbsConnectionError         the KBS could not be reached
@@ -159,6 +160,10 @@ class StorageError(KeybrokerError):
 
 class JweError(KeybrokerError):
     variant = "JweError"
+
+
+class PolicyEvaluationError(KeybrokerError):
+    variant = "PolicyEngineError"
 
 
 class ServiceUnavailableError(KeybrokerError):

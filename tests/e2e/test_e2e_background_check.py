@@ -156,9 +156,9 @@ def test_readme_quick_start(tmp_path: Path) -> None:
     with running_kbs(["--insecure-dev"], tmp_path, "http://127.0.0.1:8080"):
         output = ""
         for command in commands:
-            done = subprocess.run(
+            done = subprocess.run(  # noqa: S602 - the README's shell lines, as a user runs them
                 command,
-                shell=True,  # noqa: S602  the README's own lines, run as a user would
+                shell=True,
                 cwd=tmp_path,
                 capture_output=True,
                 text=True,

@@ -15,7 +15,8 @@ import binascii
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -73,11 +74,20 @@ def create_app(
             Route("/kbs/v0/{path:path}", _kbs, methods=["GET", "POST", "PUT", "DELETE"]),
         ],
         exception_handlers={KeybrokerError: _render_error, Exception: _render_unexpected},
-        on_startup=[services.start],
-        on_shutdown=[services.stop],
+        lifespan=_lifespan,
     )
     app.state.kbs = services
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    services: KbsServices = app.state.kbs
+    await services.start()
+    try:
+        yield
+    finally:
+        await services.stop()
 
 
 async def _healthz(request: Request) -> Response:
@@ -138,6 +148,7 @@ async def _plugin(call: _Call, request: Request, services: KbsServices) -> Respo
     plugin_request = PluginRequest(
         method=call.method, path=call.rest, query=call.query, body=call.body
     )
+    plugin.check(plugin_request)
     if plugin.requires_admin(plugin_request):
         services.admin.check(f"/kbs/v0/{call.name}")
         return _plain(await plugin.handle(plugin_request))

@@ -85,8 +85,8 @@ class Handshake:
             )
         algorithm = select_hash_algorithm(request.extra_params)
         session = await self._sessions.open(request.tee, algorithm)
-        challenge = Challenge(
-            nonce=session.nonce, extra_params={"selected-hash-algorithm": algorithm.value}
+        challenge = Challenge.model_validate(
+            {"nonce": session.nonce, "extra-params": {"selected-hash-algorithm": algorithm.value}}
         )
         return challenge, session
 

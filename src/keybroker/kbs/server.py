@@ -81,7 +81,7 @@ def serve(config: KbsConfig) -> None:
         os.environ[_MEMORY_DIR_ENV] = str(memory_dir)
     try:
         uv_config = _uvicorn_config("keybroker.kbs.server:worker_app", workers)
-        Multiprocess(uv_config, target=uvicorn.Server(uv_config).run, sockets=sockets).run()
+        Multiprocess(uv_config, sockets=sockets).run()
     finally:
         if memory_dir is not None:
             shutil.rmtree(memory_dir, ignore_errors=True)

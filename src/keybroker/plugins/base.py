@@ -35,6 +35,9 @@ class PluginResponse:
 class Plugin(ABC):
     name: ClassVar[str]
 
+    def check(self, request: PluginRequest) -> None:  # noqa: B027 - optional hook
+        """Reject a malformed request before any authorization work (default: accept)."""
+
     @abstractmethod
     def requires_admin(self, request: PluginRequest) -> bool: ...
 

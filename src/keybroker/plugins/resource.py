@@ -22,6 +22,9 @@ class ResourcePlugin(Plugin):
     def __init__(self, backend: SecretBackend) -> None:
         self._backend = backend
 
+    def check(self, request: PluginRequest) -> None:
+        ResourcePath.from_segments(request.path)  # traversal and shape, before any policy
+
     def requires_admin(self, request: PluginRequest) -> bool:
         return request.method in _WRITE
 
