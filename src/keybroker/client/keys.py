@@ -54,4 +54,5 @@ class TeeKey:
         return public_jwk(self._key.public_key())
 
     def decrypt(self, jwe: JsonValue) -> bytes:
-        return open_jwe(self._key, jwe)
+        # Pin the algorithm this key advertised: a response downgraded to RSA1_5 is refused.
+        return open_jwe(self._key, jwe, expected_alg=self.public_jwk()["alg"])
