@@ -146,7 +146,11 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
 
 def test_readme_quick_start(tmp_path: Path) -> None:
     """`make run`'s server, then the README's quick start commands, literally."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    root = Path(__file__).resolve().parents[2]
+    makefile = (root / "Makefile").read_text()
+    # `make run` is exactly the server started below
+    assert re.search(r"^run:.*\n\t\$\(BIN\)/kbs --insecure-dev$", makefile, re.M)
+    readme = (root / "README.md").read_text()
     block = re.search(r"<!-- quick-start -->\s*```sh\n(.*?)```", readme, re.S)
     assert block is not None, "README lost its quick-start block"
     commands = [line for line in block.group(1).splitlines() if line and not line.startswith("#")]
