@@ -1,0 +1,135 @@
+"""Rego policies over ``regopy`` (rego-cpp): compile once, evaluate many times.
+
+rego-cpp bakes the base documents (``data``) into a compiled bundle, and ``data`` added to a
+running interpreter is invisible to a bundle. Callers that pass per-request ``data`` (the KBS
+resource policy reads ``data.plugin``, ``data["resource-path"]``) therefore get one bundle per
+distinct ``data`` document, built on first use and kept in a bounded LRU cache with its own
+interpreter. A repeated (policy, data) pair evaluates from its bundle in tens of microseconds
+instead of re-parsing the policy text (milliseconds).
+
+Knows nothing of KBS or AS semantics: modules, entrypoints, input, data, results.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import regopy
+
+from keybroker.errors import PolicyEvaluationError, PolicyParseError
+
+JsonValue = Any
+_PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][A-Za-z0-9_.]*)", re.M)
+
+
+@dataclass
+class _Compiled:
+    bundle: Any
+    interpreter: Any
+
+
+class CompiledPolicy:
+    def __init__(
+        self, source: str, package: str, entrypoints: tuple[str, ...], name: str, cache_size: int
+    ) -> None:
+        self._source = source
+        self._package = package
+        self._entrypoints = entrypoints
+        self._name = name
+        self._cache_size = cache_size
+        self._bundles: OrderedDict[str, _Compiled] = OrderedDict()
+        self._lock = threading.Lock()
+        self.builds = 0
+
+    @classmethod
+    def compile(
+        cls,
+        source: str,
+        *,
+        entrypoints: Sequence[str],
+        name: str = "policy.rego",
+        cache_size: int = 256,
+    ) -> CompiledPolicy:
+        """Parse and check ``source``; raise PolicyParseError with rego-cpp's message."""
+        match = _PACKAGE.search(source)
+        if match is None:
+            raise PolicyParseError("the policy declares no package")
+        policy = cls(source, match.group(1), tuple(entrypoints), name, cache_size)
+        policy._build(None, parse_errors=True)
+        return policy
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def package(self) -> str:
+        return self._package
+
+    def cached_bundles(self) -> int:
+        return len(self._bundles)
+
+    def evaluate(
+        self, entrypoint: str, input: JsonValue, data: JsonValue | None = None
+    ) -> JsonValue | None:
+        """The entrypoint's value, or None when the rule is undefined."""
+        if entrypoint not in self._entrypoints:
+            raise ValueError(f"entrypoint {entrypoint} was not compiled")
+        key = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        with self._lock:
+            compiled = self._bundles.get(key)
+            if compiled is None:
+                compiled = self._build(data, parse_errors=False)
+                self._bundles[key] = compiled
+                if len(self._bundles) > self._cache_size:
+                    self._bundles.popitem(last=False)
+            else:
+                self._bundles.move_to_end(key)
+            compiled.interpreter.set_input(input)
+            try:
+                output = compiled.interpreter.query_bundle_entrypoint(compiled.bundle, entrypoint)
+            except regopy.RegoError as e:
+                raise PolicyEvaluationError(f"policy evaluation failed: {_first_line(e)}") from None
+        return _result(output)
+
+    def _build(self, data: JsonValue | None, *, parse_errors: bool) -> _Compiled:
+        builder = regopy.Interpreter()
+        try:
+            if data is not None:
+                builder.add_data(data)
+            builder.add_module(self._name, self._source)
+            bundle = builder.build(None, list(self._entrypoints))
+        except regopy.RegoError as e:
+            error_class = PolicyParseError if parse_errors else PolicyEvaluationError
+            raise error_class(f"policy does not compile: {_describe(e)}") from None
+        if not bundle.ok():
+            raise PolicyParseError("policy does not compile")
+        self.builds += 1
+        return _Compiled(bundle, regopy.Interpreter())
+
+
+def _result(output: Any) -> JsonValue | None:
+    if not output.ok():
+        raise PolicyEvaluationError(f"policy evaluation failed: {str(output)[:500]}")
+    if len(output) == 0:
+        return None
+    expressions = output[0].expressions
+    if not expressions:
+        return None
+    return expressions[0]
+
+
+def _describe(error: Exception) -> str:
+    text = str(error)
+    messages = re.findall(r"errormsg \d+:([^)]*)\)", text)
+    return "; ".join(m.strip() for m in messages) or text[:500]
+
+
+def _first_line(error: Exception) -> str:
+    return _describe(error).splitlines()[0][:500]
