@@ -1,13 +1,24 @@
-"""The key-value storage interface: async, namespaced (one instance per namespace), with TTLs.
+"""The key-value storage interface: async, bound to one namespace per instance, with TTLs.
 
-Public methods validate keys and turn foreign failures (``OSError`` and the like) into
-``StorageError``; backends implement the protected ``_`` methods. Keys use upstream's alphabet
-(ASCII letters and digits, ``-``, ``_``, ``.``, ``/``) and may not contain empty, ``.`` or
-``..`` segments: file-backed stores can never be walked out of their directory.
+Upstream Trustee's ``KeyValueStorage`` (``deps/key-value-storage``) in Python: ``set`` with an
+``overwrite`` flag, ``get``, ``delete`` returning the previous value, and a key listing. Values are
+opaque bytes; this module does not interpret them and holds no policy.
+
+Backends subclass :class:`KeyValueStorage` and implement the protected ``_get``/``_set``/
+``_delete``/``_list`` (and ``_close`` when they hold connections). The public methods, as in
+python-tuf's ``FetcherInterface.fetch()``, validate every key before a backend sees it and turn a
+backend's foreign failures (``OSError``, a driver's exceptions) into :class:`StorageError`, so
+callers only ever handle Keybroker errors.
+
+Keys use upstream's alphabet (ASCII letters and digits, ``-``, ``_``, ``.``, ``/``). On top of
+upstream, no ``/``-separated segment may be empty or start with a dot: that rules out ``.`` and
+``..`` (path traversal in file-backed stores) and keeps dot-names free for a backend's own
+bookkeeping files.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable
@@ -16,46 +27,100 @@ from typing import TypeVar
 from keybroker.errors import KeybrokerError, StorageError
 
 MAX_KEY_LENGTH = 512
-_KEY = re.compile(r"[A-Za-z0-9._/-]+")
+MAX_NAMESPACE_LENGTH = 128
+_KEY_CHARS = re.compile(r"[A-Za-z0-9_./-]+")
+_NAMESPACE = re.compile(r"[A-Za-z0-9_-]+")
+
 T = TypeVar("T")
 
 
 def validate_key(key: str) -> str:
-    if not key or len(key) > MAX_KEY_LENGTH or not _KEY.fullmatch(key):
-        raise StorageError(f"invalid storage key {key[:64]!r}: use letters, digits, - _ . /")
-    if any(segment in ("", ".", "..") for segment in key.split("/")):
-        raise StorageError(f"invalid storage key {key[:64]!r}: empty, . or .. segment")
+    """Return ``key`` if it is a valid storage key, else raise :class:`StorageError`."""
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise StorageError(f"a storage key has 1 to {MAX_KEY_LENGTH} characters, found {len(key)}")
+    if not _KEY_CHARS.fullmatch(key):
+        raise StorageError(
+            f"invalid storage key {key[:64]!r}: only ASCII letters, digits, - _ . / are allowed"
+        )
+    # Traversal defence: `a/../b`, `./a`, `a//b` or a hidden `.name` never reach a backend.
+    if any(not segment or segment.startswith(".") for segment in key.split("/")):
+        raise StorageError(
+            f"invalid storage key {key[:64]!r}: a segment is empty or starts with a dot"
+        )
     return key
 
 
+def validate_namespace(namespace: str) -> str:
+    """Return ``namespace`` if it matches ``[A-Za-z0-9_-]+`` (it names a directory or a table)."""
+    if len(namespace) > MAX_NAMESPACE_LENGTH or not _NAMESPACE.fullmatch(namespace):
+        raise StorageError(
+            f"invalid storage namespace {namespace[:64]!r}: expected 1 to "
+            f"{MAX_NAMESPACE_LENGTH} ASCII letters, digits, - or _"
+        )
+    return namespace
+
+
+def validate_ttl(ttl: float | None) -> float | None:
+    if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
+        raise StorageError(f"a TTL is a positive number of seconds, found {ttl!r}")
+    return ttl
+
+
+async def translate_errors(what: str, pending: Awaitable[T]) -> T:
+    """Await ``pending``; re-raise Keybroker errors, turn any other exception into StorageError.
+
+    The message names the error class and the OS reason only: keys can be session ids, and a
+    foreign message may carry paths or values that must not reach a client. ``from e`` keeps
+    the whole cause for the log.
+    """
+    try:
+        return await pending
+    except KeybrokerError:
+        raise
+    except Exception as e:  # a backend's own failure (OSError, a driver's error): report as ours
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise StorageError(f"{what} failed: {reason}") from e
+
+
 class KeyValueStorage(ABC):
+    """One namespace of a key-value store.
+
+    ``ttl`` is in seconds: once it has passed the key reads as missing. Backends without native
+    expiry store the deadline next to the value, treat expired entries as missing and purge them
+    lazily.
+    """
+
     async def get(self, key: str) -> bytes | None:
-        return await self._guard(self._get(validate_key(key)))
+        """The value stored under ``key``, or None if there is none (or it expired)."""
+        return await self._guarded("get", self._get(validate_key(key)))
 
     async def set(
         self, key: str, value: bytes, *, overwrite: bool = True, ttl: float | None = None
     ) -> bool:
-        """Store ``value``; False (and nothing written) if the key exists and not overwrite."""
-        return await self._guard(self._set(validate_key(key), bytes(value), overwrite, ttl))
+        """Store ``value`` under ``key``.
+
+        Returns True if it was written, False (and nothing changed) if a live value exists and
+        ``overwrite`` is False: with ``overwrite=False`` exactly one of several concurrent
+        writers wins. An overwrite without ``ttl`` makes the key permanent.
+        """
+        validate_key(key)
+        validate_ttl(ttl)
+        return await self._guarded("set", self._set(key, bytes(value), overwrite, ttl))
 
     async def delete(self, key: str) -> bytes | None:
-        """Remove the key; return its previous value, or None if there was none."""
-        return await self._guard(self._delete(validate_key(key)))
+        """Remove ``key``; return the value it had, or None if there was none."""
+        return await self._guarded("delete", self._delete(validate_key(key)))
 
     async def list_keys(self) -> list[str]:
-        return await self._guard(self._list())
+        """Every live key of this namespace, sorted."""
+        return sorted(await self._guarded("list", self._list()))
 
-    async def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
-        """Release connections and handles."""
+    async def close(self) -> None:
+        """Release connections and handles. The instance is not used afterwards."""
+        await self._guarded("close", self._close())
 
-    @staticmethod
-    async def _guard(operation: Awaitable[T]) -> T:
-        try:
-            return await operation
-        except KeybrokerError:
-            raise
-        except (OSError, ValueError) as e:  # the backend's own failure, not the caller's
-            raise StorageError(f"storage backend failed: {e}") from e
+    async def _guarded(self, operation: str, pending: Awaitable[T]) -> T:
+        return await translate_errors(f"{type(self).__name__}: {operation}", pending)
 
     @abstractmethod
     async def _get(self, key: str) -> bytes | None: ...
@@ -68,3 +133,6 @@ class KeyValueStorage(ABC):
 
     @abstractmethod
     async def _list(self) -> list[str]: ...
+
+    async def _close(self) -> None:
+        return None

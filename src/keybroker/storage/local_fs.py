@@ -1,34 +1,91 @@
-"""Key-value storage on the local filesystem, in upstream Trustee's exact layout.
+r"""Key-value storage on the local filesystem, in upstream Trustee's exact layout.
 
-One file per key at ``<dir_path>/<namespace>/<key>``, every ``/`` in the key written as the
-four characters ``\\x2F``, so a storage directory written by upstream's KBS works unchanged
-(and the other way round). Writes are atomic: a temporary file in the same directory, fsync,
-``os.replace``, fsync of the directory; a crash never leaves half a value. Values with a TTL
-get a dot-prefixed sidecar holding their expiry; dot-files are never keys.
+One file per key at ``<dir_path>/<namespace>/<key>``, every ``/`` of the key written as the four
+characters ``\x2F`` (key ``default/key/one`` is the file ``default\x2Fkey\x2Fone``) and the
+value stored as raw bytes, so a directory written by upstream's KBS is served unchanged and the
+other way round. Names that do not decode to a valid key (upstream's ``#expiry`` index, anything
+starting with a dot, stray files) are never listed.
 
-File I/O runs inline: the values are small (a policy, a session, a secret) and a local read or
-write takes microseconds, less than handing it to a thread.
+Beyond upstream:
+
+- **Atomic writes.** A value is written to a ``.tmp-<random>`` file in the same directory,
+  flushed and fsynced, moved over the key with ``os.replace`` and the directory fsynced: a crash
+  leaves the old or the new value, never half of one (at worst an orphaned temp file, which is
+  not a key and is removed by the next sweep). Files are 0600, directories 0700.
+- **TTLs.** A value with a TTL gets a sidecar ``.<file>.expires`` holding its deadline (seconds
+  on the injected wall clock, as text); a value without one is byte-for-byte upstream's.
+  Expired entries read as missing, are removed when read, and a sweep after every batch of
+  writes removes the ones nobody reads again (abandoned handshakes).
+- **Cross-process consistency.** Writers (set, delete, sweep) hold an exclusive ``flock`` on the
+  namespace directory, so ``set(overwrite=False)`` has exactly one winner across worker
+  processes. Readers take no lock: ``os.replace`` gives them whole values. The deadline is
+  written before the value and removed after it, so a reader never sees a new value with an
+  older write's deadline; a crash between the two can leave the previous value under the new
+  deadline (or none).
+
+Threads: a read runs inline when the value is at most :data:`INLINE_READ_MAX` bytes (about 10
+microseconds for a small file, against about 120 for handing it to a worker thread, measured on
+the development VM). Larger reads, and every write, delete and listing, run in
+``asyncio.to_thread``: an fsync takes 0.5 ms there and can take tens of milliseconds on a busy
+disk, which must not stall the event loop.
+
+This module also holds the file primitives the directory-tree secret backend reuses.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
+import math
 import os
-import re
+import secrets
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from keybroker.errors import StorageError
-from keybroker.storage.base import KeyValueStorage
+from keybroker.storage.base import KeyValueStorage, validate_key, validate_namespace
 
-_SLASH = "\\x2F"
-_NAMESPACE = re.compile(r"[A-Za-z0-9_-]+")
+DEFAULT_DIR_PATH = Path("/opt/confidential-containers/storage/local_fs")
+SLASH = "\\x2F"  # four characters: backslash, x, 2, F (upstream's escape of "/")
+TEMP_PREFIX = ".tmp-"
+EXPIRY_SUFFIX = ".expires"
+INLINE_READ_MAX = 1024 * 1024
+SWEEP_MIN_WRITES = 256
+
+
+# --- file primitives --------------------------------------------------------------------------
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, each with mode 0700."""
+    missing: list[Path] = []
+    current = directory
+    while not current.is_dir() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process was faster
+            path.mkdir(mode=0o700)
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomically(path: Path, value: bytes) -> None:
-    """Replace ``path`` with ``value`` so that readers see the old or the new bytes, never half."""
-    fd, temp = _temp_file(path)
+    """Replace ``path`` with a 0600 file holding ``value``; readers see all old or all new."""
+    # O_EXCL on a random name: never follows a planted symlink, never shares another writer's
+    # temp file. The dot prefix keeps it out of every key listing.
+    temp = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(value)
@@ -39,120 +96,214 @@ def write_atomically(path: Path, value: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
 
 
-def _create_exclusively(path: Path, value: bytes) -> bool:
-    """Publish a complete file at ``path`` only if none exists (``link`` fails if it does), so
-    two writers cannot both insert and no reader ever sees a partial value."""
-    fd, temp = _temp_file(path)
+def unlink_if_exists(path: Path) -> bool:
     try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(value)
-            out.flush()
-            os.fsync(out.fileno())
-        try:
-            os.link(temp, path)
-        except FileExistsError:
-            return False
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-    _fsync_dir(path.parent)
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
     return True
 
 
-def _temp_file(path: Path) -> tuple[int, str]:
-    for attempt in range(100):
-        temp = path.parent / f".tmp-{os.getpid()}-{time.monotonic_ns()}-{attempt}"
-        try:
-            return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), str(temp)
-        except FileExistsError:
-            continue
-    raise StorageError(f"cannot create a temporary file in {path.parent}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _open_regular(
+    path: Path, *, what: str, max_bytes: int | None, follow_symlinks: bool
+) -> tuple[BinaryIO, os.stat_result] | None:
+    # O_NONBLOCK: opening a FIFO planted in the tree would otherwise hang the worker forever.
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    file = os.fdopen(fd, "rb")
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StorageError(f"{what} is not a regular file")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise StorageError(f"{what} is larger than the limit of {max_bytes} bytes")
+    except BaseException:
+        file.close()
+        raise
+    return file, info
+
+
+def _read_limited(file: BinaryIO, what: str, max_bytes: int | None) -> bytes:
+    with file:
+        data = file.read(-1 if max_bytes is None else max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:  # it grew after the size check
+        raise StorageError(f"{what} is larger than the limit of {max_bytes} bytes")
+    return data
+
+
+def read_file_sync(
+    path: Path, *, what: str, max_bytes: int | None = None, follow_symlinks: bool = True
+) -> bytes | None:
+    """The bytes of the regular file at ``path``, or None if there is none."""
+    opened = _open_regular(path, what=what, max_bytes=max_bytes, follow_symlinks=follow_symlinks)
+    return None if opened is None else _read_limited(opened[0], what, max_bytes)
+
+
+async def read_file(
+    path: Path, *, what: str, max_bytes: int | None = None, follow_symlinks: bool = True
+) -> bytes | None:
+    """:func:`read_file_sync` for the event loop: small files inline, large ones in a thread."""
+    opened = _open_regular(path, what=what, max_bytes=max_bytes, follow_symlinks=follow_symlinks)
+    if opened is None:
+        return None
+    file, info = opened
+    if info.st_size <= INLINE_READ_MAX:
+        return _read_limited(file, what, max_bytes)
+    return await asyncio.to_thread(_read_limited, file, what, max_bytes)
+
+
+# --- the key-value store ----------------------------------------------------------------------
 
 
 class LocalFsKeyValueStorage(KeyValueStorage):
     def __init__(
-        self, dir_path: Path, namespace: str, *, clock: Callable[[], float] = time.time
+        self,
+        dir_path: Path = DEFAULT_DIR_PATH,
+        namespace: str = "default",
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        if not _NAMESPACE.fullmatch(namespace):
-            raise StorageError(f"invalid storage namespace {namespace[:64]!r}")
-        self._dir = Path(dir_path) / namespace
+        # The clock must be wall time: deadlines outlive the process.
+        self._dir = Path(dir_path) / validate_namespace(namespace)
         self._clock = clock
+        self._writes_since_sweep = 0
+        self._sweep_after = SWEEP_MIN_WRITES
         try:
-            self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dirs(self._dir)
         except OSError as e:
             raise StorageError(f"cannot create storage directory {self._dir}: {e.strerror}") from e
 
-    def _path(self, key: str) -> Path:
-        return self._dir / key.replace("/", _SLASH)
+    # names
 
-    def _expiry_path(self, key: str) -> Path:
-        return self._dir / f".{key.replace('/', _SLASH)}.expires"
+    def _file(self, key: str) -> Path:
+        return self._dir / key.replace("/", SLASH)
+
+    def _expiry_file(self, key: str) -> Path:
+        return self._dir / f".{key.replace('/', SLASH)}{EXPIRY_SUFFIX}"
+
+    @staticmethod
+    def _key_of(name: str) -> str | None:
+        """The key a file name stands for, or None for temp files, sidecars and strays."""
+        key = name.replace(SLASH, "/")
+        try:
+            return validate_key(key)
+        except StorageError:
+            return None
+
+    # expiry
 
     def _expired(self, key: str) -> bool:
         try:
-            expires = float(self._expiry_path(key).read_text())
+            text = self._expiry_file(key).read_bytes()
         except FileNotFoundError:
             return False
-        except ValueError:
-            return True  # a corrupt expiry is treated as expired: fail closed
-        return expires <= self._clock()
-
-    def _read(self, key: str) -> bytes | None:
         try:
-            value = self._path(key).read_bytes()
-        except FileNotFoundError:
-            return None
-        if self._expired(key):
-            self._remove(key)
-            return None
-        return value
+            deadline = float(text)
+        except ValueError:
+            return True  # a corrupt deadline: fail closed, treat the value as gone
+        return not math.isfinite(deadline) or deadline <= self._clock()
 
     def _remove(self, key: str) -> None:
-        for path in (self._path(key), self._expiry_path(key)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        # Value first: a reader must never find an expired value without its deadline.
+        unlink_if_exists(self._file(key))
+        unlink_if_exists(self._expiry_file(key))
+
+    @contextlib.contextmanager
+    def _locked(self, *, wait: bool = True) -> Iterator[bool]:
+        """Hold the namespace's writer lock (``flock`` on its directory) if it can be had."""
+        fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+            else:
+                yield True
+        finally:
+            os.close(fd)  # releases the lock
+
+    # operations
 
     async def _get(self, key: str) -> bytes | None:
-        return self._read(key)
+        value = await read_file(self._file(key), what="stored value")
+        if value is None or not self._expired(key):
+            return value
+        # Purge only if no writer is busy, and only if the entry is still expired under the
+        # lock (a writer may have replaced it since): a reader never waits on an fsync.
+        with self._locked(wait=False) as locked:
+            if locked and self._expired(key):
+                self._remove(key)
+        return None
 
     async def _set(self, key: str, value: bytes, overwrite: bool, ttl: float | None) -> bool:
-        path = self._path(key)
-        if overwrite:
-            write_atomically(path, value)
-        else:
-            if self._read(key) is not None:
+        return await asyncio.to_thread(self._set_locked, key, value, overwrite, ttl)
+
+    def _set_locked(self, key: str, value: bytes, overwrite: bool, ttl: float | None) -> bool:
+        file = self._file(key)
+        with self._locked():
+            exists = file.exists()
+            if exists and self._expired(key):
+                self._remove(key)
+                exists = False
+            if exists and not overwrite:
                 return False
-            if not _create_exclusively(path, value):
-                return False
-        if ttl is not None:
-            write_atomically(self._expiry_path(key), str(self._clock() + ttl).encode())
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                self._expiry_path(key).unlink()
+            # The deadline goes first, so no reader pairs the new value with an old deadline.
+            if ttl is None:
+                unlink_if_exists(self._expiry_file(key))
+            else:
+                write_atomically(self._expiry_file(key), repr(self._clock() + ttl).encode())
+            write_atomically(file, value)
+            self._writes_since_sweep += 1
+            if self._writes_since_sweep >= self._sweep_after:
+                self._sweep()
         return True
 
     async def _delete(self, key: str) -> bytes | None:
-        value = self._read(key)
-        self._remove(key)
-        return value
+        return await asyncio.to_thread(self._delete_locked, key)
+
+    def _delete_locked(self, key: str) -> bytes | None:
+        with self._locked():
+            value = read_file_sync(self._file(key), what="stored value")
+            if value is None:
+                unlink_if_exists(self._expiry_file(key))  # an orphan a crash left behind
+                return None
+            live = not self._expired(key)
+            self._remove(key)
+        fsync_directory(self._dir)  # a deleted secret must not come back after a power cut
+        return value if live else None
 
     async def _list(self) -> list[str]:
-        keys = []
-        for entry in os.scandir(self._dir):
-            if entry.name.startswith(".") or not entry.is_file():
-                continue
-            key = entry.name.replace(_SLASH, "/")
-            if not self._expired(key):
-                keys.append(key)
-        return sorted(keys)
+        return await asyncio.to_thread(self._list_sync)
+
+    def _list_sync(self) -> list[str]:
+        keys: list[str] = []
+        with os.scandir(self._dir) as entries:
+            for entry in entries:
+                key = self._key_of(entry.name)
+                if key is not None and entry.is_file() and not self._expired(key):
+                    keys.append(key)
+        return keys
+
+    def _sweep(self) -> None:
+        """Under the writer lock: drop expired entries and orphaned temp files."""
+        deadlines = 0
+        with os.scandir(self._dir) as entries:
+            names = [entry.name for entry in entries if entry.name.startswith(".")]
+        for name in names:
+            if name.startswith(TEMP_PREFIX):
+                # Every writer holds the lock while its temp file exists: this one is a crash's.
+                unlink_if_exists(self._dir / name)
+            elif name.endswith(EXPIRY_SUFFIX):
+                deadlines += 1
+                key = self._key_of(name[1 : -len(EXPIRY_SUFFIX)])
+                if key is not None and self._expired(key):
+                    self._remove(key)
+        self._writes_since_sweep = 0
+        self._sweep_after = max(SWEEP_MIN_WRITES, deadlines)

@@ -1,4 +1,11 @@
-"""In-process key-value storage. Lost at exit, and private to one process."""
+"""In-process key-value storage: a dict. Lost at exit and private to one process.
+
+Expiry uses the injected clock (monotonic by default, so a wall-clock jump neither revives nor
+kills entries). Expired entries read as missing at once and are dropped when touched, and a
+sweep over the whole dict runs after as many writes as there were entries at the last sweep
+(at least :data:`SWEEP_MIN_WRITES`): sweeping costs O(1) amortized per write, and abandoned
+entries (a handshake nobody finishes) cannot pile up beyond about twice the live set.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +14,28 @@ from collections.abc import Callable
 
 from keybroker.storage.base import KeyValueStorage
 
-_SWEEP_EVERY = 1024  # writes between sweeps of expired entries: bounded memory under load
+SWEEP_MIN_WRITES = 1024
 
 
 class MemoryKeyValueStorage(KeyValueStorage):
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._values: dict[str, tuple[bytes, float | None]] = {}
-        self._writes = 0
+        self._entries: dict[str, tuple[bytes, float | None]] = {}  # key -> (value, deadline)
+        self._writes_since_sweep = 0
+        self._sweep_after = SWEEP_MIN_WRITES
+
+    @property
+    def stored_entries(self) -> int:
+        """Entries held, expired ones not yet purged included (for monitoring and tests)."""
+        return len(self._entries)
 
     def _live(self, key: str) -> bytes | None:
-        entry = self._values.get(key)
+        entry = self._entries.get(key)
         if entry is None:
             return None
-        value, expires = entry
-        if expires is not None and expires <= self._clock():
-            del self._values[key]
+        value, deadline = entry
+        if deadline is not None and deadline <= self._clock():
+            del self._entries[key]
             return None
         return value
 
@@ -30,24 +43,31 @@ class MemoryKeyValueStorage(KeyValueStorage):
         return self._live(key)
 
     async def _set(self, key: str, value: bytes, overwrite: bool, ttl: float | None) -> bool:
+        # No await between the check and the write: on one event loop this is atomic.
         if not overwrite and self._live(key) is not None:
             return False
-        self._values[key] = (value, None if ttl is None else self._clock() + ttl)
-        self._writes += 1
-        if self._writes % _SWEEP_EVERY == 0:
+        self._entries[key] = (value, None if ttl is None else self._clock() + ttl)
+        self._writes_since_sweep += 1
+        if self._writes_since_sweep >= self._sweep_after:
             self._sweep()
         return True
 
     async def _delete(self, key: str) -> bytes | None:
         value = self._live(key)
-        self._values.pop(key, None)
+        self._entries.pop(key, None)
         return value
 
     async def _list(self) -> list[str]:
-        return [key for key in list(self._values) if self._live(key) is not None]
+        return [key for key in list(self._entries) if self._live(key) is not None]
 
     def _sweep(self) -> None:
         now = self._clock()
-        expired = [k for k, (_, exp) in self._values.items() if exp is not None and exp <= now]
+        expired = [
+            key
+            for key, (_, deadline) in self._entries.items()
+            if deadline is not None and deadline <= now
+        ]
         for key in expired:
-            del self._values[key]
+            del self._entries[key]
+        self._writes_since_sweep = 0
+        self._sweep_after = max(SWEEP_MIN_WRITES, len(self._entries))

@@ -1,71 +1,82 @@
-"""Secret backends of the ``resource`` plugin: where resource bytes live.
+"""Secret backends of the ``resource`` plugin: where the bytes of ``repo/type/tag`` live.
 
-- ``KvSecretBackend``: the shared key-value store, key ``repo/type/tag`` (upstream's
-  ``kvstorage``; namespace ``repository``).
-- ``DirectoryTreeSecretBackend``: the seed-era layout ``<dir>/<repo>/<type>/<tag>``, so an
-  operator can drop files in. Symlinks an operator placed are followed only while the target
-  stays inside the directory.
+- :class:`KvSecretBackend`: upstream's ``kvstorage`` backend. Resource ``repo/type/tag`` is the
+  key ``"repo/type/tag"`` of a key-value store (the KBS binds it to namespace ``repository``).
+- :class:`DirectoryTreeSecretBackend`: the seed-era ``type = "LocalFs"`` backend. Resource
+  ``repo/type/tag`` is the file ``<dir_path>/<repo>/<type>/<tag>``, so an operator can drop
+  files in.
+
+The public methods of :class:`SecretBackend` enforce the size limit, report a missing resource
+as :class:`ResourceNotFoundError` and turn a backend's foreign failures into
+:class:`StorageError`. No policy here: whether a caller may read a resource is decided before.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from keybroker.errors import KeybrokerError, ResourceNotFoundError, StorageError
+from keybroker.errors import PayloadTooLargeError, ResourceNotFoundError, StorageError
 from keybroker.protocol.resource_path import ResourcePath
-from keybroker.storage.base import KeyValueStorage
-from keybroker.storage.local_fs import write_atomically
+from keybroker.storage.base import KeyValueStorage, translate_errors
+from keybroker.storage.local_fs import (
+    fsync_directory,
+    make_private_dirs,
+    read_file,
+    write_atomically,
+)
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_RESOURCE_BYTES = 16 * 1024 * 1024
+DEFAULT_REPOSITORY_DIR = Path("/opt/confidential-containers/kbs/repository")
 
 
 class SecretBackend(ABC):
+    def __init__(self, *, max_bytes: int = DEFAULT_MAX_RESOURCE_BYTES) -> None:
+        self.max_bytes = max_bytes
+
     async def read(self, path: ResourcePath) -> bytes:
-        data = await self._guard_read(path)
+        data = await translate_errors(f"reading resource {path}", self._read(path))
         if data is None:
             raise ResourceNotFoundError(f"resource not found: {path}")
+        if len(data) > self.max_bytes:
+            raise StorageError(
+                f"resource {path} is larger than the limit of {self.max_bytes} bytes"
+            )
         return data
 
     async def write(self, path: ResourcePath, data: bytes) -> None:
-        try:
-            await self._write(path, data)
-        except KeybrokerError:
-            raise
-        except OSError as e:
-            raise StorageError(f"cannot store resource {path}: {e.strerror}") from e
+        if len(data) > self.max_bytes:  # it could be stored, but never read back
+            raise PayloadTooLargeError(
+                f"a resource has at most {self.max_bytes} bytes, found {len(data)}"
+            )
+        await translate_errors(f"writing resource {path}", self._write(path, bytes(data)))
 
     async def delete(self, path: ResourcePath) -> None:
-        try:
-            found = await self._delete(path)
-        except KeybrokerError:
-            raise
-        except OSError as e:
-            raise StorageError(f"cannot delete resource {path}: {e.strerror}") from e
-        if not found:
+        if not await translate_errors(f"deleting resource {path}", self._delete(path)):
             raise ResourceNotFoundError(f"resource not found: {path}")
 
-    async def _guard_read(self, path: ResourcePath) -> bytes | None:
-        try:
-            return await self._read(path)
-        except KeybrokerError:
-            raise
-        except OSError as e:
-            raise StorageError(f"cannot read resource {path}: {e.strerror}") from e
-
     @abstractmethod
-    async def _read(self, path: ResourcePath) -> bytes | None: ...
+    async def _read(self, path: ResourcePath) -> bytes | None:
+        """The resource's bytes, or None if there is no such resource."""
 
     @abstractmethod
     async def _write(self, path: ResourcePath, data: bytes) -> None: ...
 
     @abstractmethod
-    async def _delete(self, path: ResourcePath) -> bool: ...
+    async def _delete(self, path: ResourcePath) -> bool:
+        """Remove the resource; False if there was none."""
 
 
 class KvSecretBackend(SecretBackend):
-    def __init__(self, storage: KeyValueStorage) -> None:
+    def __init__(
+        self, storage: KeyValueStorage, *, max_bytes: int = DEFAULT_MAX_RESOURCE_BYTES
+    ) -> None:
+        super().__init__(max_bytes=max_bytes)
         self._storage = storage
 
     async def _read(self, path: ResourcePath) -> bytes | None:
@@ -79,43 +90,72 @@ class KvSecretBackend(SecretBackend):
 
 
 class DirectoryTreeSecretBackend(SecretBackend):
-    def __init__(self, dir_path: Path, *, max_bytes: int = DEFAULT_MAX_RESOURCE_BYTES) -> None:
-        self._root = Path(dir_path)
-        self._max_bytes = max_bytes
-        try:
-            self._root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as e:
-            raise StorageError(
-                f"cannot create resource directory {self._root}: {e.strerror}"
-            ) from e
+    """Resources as files ``<dir_path>/<repo>/<type>/<tag>``.
 
-    def _file(self, path: ResourcePath) -> Path:
-        candidate = self._root.joinpath(*path.segments())
-        # Defence in depth: ResourcePath already forbids traversal, but an operator's symlink
-        # could still point out of the repository.
-        resolved = candidate.resolve()
-        if not resolved.is_relative_to(self._root.resolve()):
-            raise StorageError(f"resource {path} resolves outside the resource directory")
-        return candidate
+    Symlinks: an operator may link a resource file, or a repository or type directory, to
+    somewhere else *inside* ``dir_path``; such links are followed. A link whose target resolves
+    outside ``dir_path`` is refused with :class:`StorageError` (and a warning naming it in the
+    log), for reads, writes and deletes alike: whoever can plant a link must not turn the KBS
+    into a reader of arbitrary files. ``ResourcePath`` already rules out ``..``; the check on the
+    resolved path is defence in depth. Writes go through a link to its target (like ``>``);
+    deletes remove the link itself (like ``rm``). The final open refuses a symlink
+    (``O_NOFOLLOW``), so swapping the file for a link after the check fails closed.
+    """
+
+    def __init__(
+        self,
+        dir_path: Path = DEFAULT_REPOSITORY_DIR,
+        *,
+        max_bytes: int = DEFAULT_MAX_RESOURCE_BYTES,
+    ) -> None:
+        super().__init__(max_bytes=max_bytes)
+        try:
+            make_private_dirs(Path(dir_path))
+            self._root = Path(dir_path).resolve(strict=True)
+        except OSError as e:
+            raise StorageError(f"cannot create resource directory {dir_path}: {e.strerror}") from e
+
+    def _locate(self, path: ResourcePath) -> tuple[Path, Path]:
+        """``(entry, target)``: the resource's directory entry, with its parent directories
+        resolved, and the file it finally stands for. Both must lie inside the root."""
+        parent = self._root.joinpath(path.repository, path.type).resolve()
+        entry = parent / path.tag
+        target = entry.resolve()
+        for resolved in (parent, target):
+            if not resolved.is_relative_to(self._root):
+                log.warning(
+                    "refusing resource %s: it resolves to %s, outside %s",
+                    path,
+                    resolved,
+                    self._root,
+                )
+                raise StorageError(f"resource {path} resolves outside the resource directory")
+        return entry, target
 
     async def _read(self, path: ResourcePath) -> bytes | None:
-        file = self._file(path)
-        try:
-            size = file.stat().st_size
-        except FileNotFoundError:
-            return None
-        if size > self._max_bytes:
-            raise StorageError(f"resource {path} is larger than {self._max_bytes} bytes")
-        return file.read_bytes()
+        _, target = self._locate(path)
+        return await read_file(
+            target, what=f"resource {path}", max_bytes=self.max_bytes, follow_symlinks=False
+        )
 
     async def _write(self, path: ResourcePath, data: bytes) -> None:
-        file = self._file(path)
-        file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomically(file, data)
+        _, target = self._locate(path)
+
+        def write() -> None:
+            make_private_dirs(target.parent)
+            write_atomically(target, data)
+
+        await asyncio.to_thread(write)  # fsync: keep it off the event loop
 
     async def _delete(self, path: ResourcePath) -> bool:
-        try:
-            os.unlink(self._file(path))
-        except FileNotFoundError:
-            return False
-        return True
+        entry, _ = self._locate(path)
+
+        def delete() -> bool:
+            try:
+                os.unlink(entry)
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            fsync_directory(entry.parent)  # a deleted secret must not come back after a crash
+            return True
+
+        return await asyncio.to_thread(delete)

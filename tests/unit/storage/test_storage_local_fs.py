@@ -1,0 +1,189 @@
+r"""The local-filesystem store: upstream's on-disk layout, atomic writes, TTL sidecars."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from storage_clock import SteppedClock
+
+from keybroker.errors import StorageError
+from keybroker.storage import local_fs
+from keybroker.storage.local_fs import DEFAULT_DIR_PATH, LocalFsKeyValueStorage
+
+UPSTREAM_NAME = "default\\x2Fkey\\x2Fone"  # backslash, x, 2, F between the segments
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_upstream_layout_on_disk(tmp_path: Path) -> None:
+    value = bytes(range(256))
+    storage = LocalFsKeyValueStorage(tmp_path, "repository")
+    asyncio.run(storage.set("default/key/one", value))
+
+    assert len(UPSTREAM_NAME) == len("default/key/one") + 2 * 3
+    assert os.listdir(tmp_path / "repository") == [UPSTREAM_NAME]  # no sidecar, no temp file
+    assert (tmp_path / "repository" / UPSTREAM_NAME).read_bytes() == value
+
+
+def test_file_dropped_in_upstream_layout_is_readable(tmp_path: Path) -> None:
+    (tmp_path / "repository").mkdir()
+    (tmp_path / "repository" / UPSTREAM_NAME).write_bytes(b"written by upstream")
+    storage = LocalFsKeyValueStorage(tmp_path, "repository")
+
+    assert asyncio.run(storage.get("default/key/one")) == b"written by upstream"
+    assert asyncio.run(storage.list_keys()) == ["default/key/one"]
+
+
+def test_upstream_default_dir() -> None:
+    assert Path("/opt/confidential-containers/storage/local_fs") == DEFAULT_DIR_PATH
+
+
+def test_directories_are_0700_and_files_0600(tmp_path: Path) -> None:
+    root = tmp_path / "not-yet"
+    storage = LocalFsKeyValueStorage(root, "kbs")
+    asyncio.run(storage.set("resource-policy.rego", b"package policy"))
+
+    assert mode(root) == 0o700
+    assert mode(root / "kbs") == 0o700
+    assert mode(root / "kbs" / "resource-policy.rego") == 0o600
+
+
+@pytest.mark.parametrize("namespace", ["", "..", "../x", "a/b", ".hidden", "a.b", "x" * 129])
+def test_namespace_path_traversal_rejected(tmp_path: Path, namespace: str) -> None:
+    with pytest.raises(StorageError, match="namespace"):
+        LocalFsKeyValueStorage(tmp_path / "root", namespace)
+    assert not (tmp_path / "root").exists()
+
+
+def test_crash_during_replace_keeps_the_old_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = LocalFsKeyValueStorage(tmp_path, "repository")
+    asyncio.run(storage.set("a/b/c", b"old value"))
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(StorageError, match="Input/output error") as raised:
+        asyncio.run(storage.set("a/b/c", b"new value that never lands"))
+    monkeypatch.undo()
+
+    assert isinstance(raised.value.__cause__, OSError)
+    assert asyncio.run(storage.get("a/b/c")) == b"old value"
+    assert asyncio.run(storage.list_keys()) == ["a/b/c"]
+    assert os.listdir(tmp_path / "repository") == ["a\\x2Fb\\x2Fc"]  # the temp file is gone
+
+
+def test_temp_file_left_by_a_crash_is_never_listed_and_is_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_fs, "SWEEP_MIN_WRITES", 2)
+    storage = LocalFsKeyValueStorage(tmp_path, "repository")
+    orphan = tmp_path / "repository" / ".tmp-0123456789abcdef"
+    orphan.write_bytes(b"half a val")
+
+    assert asyncio.run(storage.list_keys()) == []
+    asyncio.run(storage.set("a", b"1"))
+    asyncio.run(storage.set("b", b"2"))
+    assert not orphan.exists()
+
+
+def test_ttl_value_keeps_upstream_bytes_and_a_hidden_sidecar(
+    tmp_path: Path, clock: SteppedClock
+) -> None:
+    storage = LocalFsKeyValueStorage(tmp_path, "kbs_protocol_session", clock)
+    directory = tmp_path / "kbs_protocol_session"
+
+    async def scenario() -> None:
+        await storage.set("s/1", b"session", ttl=300)
+        assert (directory / "s\\x2F1").read_bytes() == b"session"
+        assert float((directory / ".s\\x2F1.expires").read_bytes()) == clock.now + 300
+        assert await storage.list_keys() == ["s/1"]
+        clock.advance(300)
+        assert await storage.get("s/1") is None
+        assert os.listdir(directory) == []  # the expired value and its sidecar are purged
+
+    asyncio.run(scenario())
+
+
+def test_abandoned_expired_entries_are_swept(
+    tmp_path: Path, clock: SteppedClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handshakes nobody finishes must not fill the disk."""
+    monkeypatch.setattr(local_fs, "SWEEP_MIN_WRITES", 8)
+    storage = LocalFsKeyValueStorage(tmp_path, "kbs_protocol_session", clock)
+
+    async def scenario() -> None:
+        for i in range(7):
+            await storage.set(f"abandoned{i}", b"s", ttl=60)
+        clock.advance(61)
+        await storage.set("fresh", b"s", ttl=60)  # the 8th write sweeps
+
+    asyncio.run(scenario())
+    assert sorted(os.listdir(tmp_path / "kbs_protocol_session")) == [".fresh.expires", "fresh"]
+
+
+@pytest.mark.parametrize("deadline", [b"garbage", b"nan", b"-inf", b""])
+def test_corrupt_deadline_fails_closed(tmp_path: Path, deadline: bytes) -> None:
+    storage = LocalFsKeyValueStorage(tmp_path, "kbs_protocol_session")
+    directory = tmp_path / "kbs_protocol_session"
+    (directory / "s").write_bytes(b"session")
+    (directory / ".s.expires").write_bytes(deadline)
+
+    assert asyncio.run(storage.list_keys()) == []
+    assert asyncio.run(storage.get("s")) is None
+
+
+def test_names_that_are_not_keys_are_not_listed(tmp_path: Path) -> None:
+    storage = LocalFsKeyValueStorage(tmp_path, "repository")
+    directory = tmp_path / "repository"
+    for name in ["#expiry", "a b", ".hidden", "..\\x2Fescape", "ok"]:
+        (directory / name).write_bytes(b"x")
+    (directory / "subdir").mkdir()
+
+    assert asyncio.run(storage.list_keys()) == ["ok"]
+
+
+def test_second_handle_sees_writes_and_deletes(tmp_path: Path) -> None:
+    """Two worker processes share one directory."""
+    first = LocalFsKeyValueStorage(tmp_path, "repository")
+    second = LocalFsKeyValueStorage(tmp_path, "repository")
+
+    async def scenario() -> None:
+        await first.set("k", b"v")
+        assert await second.get("k") == b"v"
+        assert await second.delete("k") == b"v"
+        assert await first.get("k") is None
+
+    asyncio.run(scenario())
+
+
+def test_planted_fifo_does_not_hang_the_reader(tmp_path: Path) -> None:
+    storage = LocalFsKeyValueStorage(tmp_path, "repository")
+    os.mkfifo(tmp_path / "repository" / "trap")
+
+    with pytest.raises(StorageError, match="not a regular file"):
+        asyncio.run(storage.get("trap"))
+
+
+def test_os_error_becomes_storage_error(tmp_path: Path) -> None:
+    storage = LocalFsKeyValueStorage(tmp_path, "repository")
+    (tmp_path / "repository").rmdir()
+
+    with pytest.raises(StorageError, match="list failed: No such file or directory") as raised:
+        asyncio.run(storage.list_keys())
+    assert isinstance(raised.value.__cause__, FileNotFoundError)
+    assert str(tmp_path) not in raised.value.detail  # no server paths on the wire
+
+
+def test_unwritable_directory_is_a_storage_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StorageError, match="cannot create storage directory"):
+        LocalFsKeyValueStorage(tmp_path / "file", "repository")
