@@ -63,17 +63,26 @@ def _config(args: argparse.Namespace) -> KbsConfig:
 
 def _hint(config: KbsConfig) -> None:
     url = f"http://{config.http_server.sockets[0]}"
+    client = _sibling("kbs-client")
     print(
         f"Keybroker KBS on {url}\n"
-        f"Try it:\n"
-        f"  echo -n 's3cr3t' > /tmp/secret\n"
-        f"  kbs-client --url {url} config set-resource --path default/demo/key "
-        f"--resource-file /tmp/secret\n"
-        f"  kbs-client --url {url} config set-resource-policy --allow-all\n"
-        f"  kbs-client --url {url} get-resource --path default/demo/key | base64 -d\n",
+        f"Try it from another terminal in this directory:\n"
+        f"  printf 's3cr3t' > secret.txt\n"
+        f"  {client} config set-resource --path default/demo/key --resource-file secret.txt\n"
+        f"  {client} config set-resource-policy --allow-all\n"
+        f"  {client} get-resource --path default/demo/key | base64 -d\n",
         file=sys.stderr,
         flush=True,
     )
+
+
+def _sibling(name: str) -> str:
+    """How to call a command installed next to this one, relative to the cwd when possible."""
+    path = Path(sys.argv[0]).resolve().parent / name
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
