@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import regopy
+from regopy import rego_shared
 
 from keybroker.errors import PolicyEvaluationError, PolicyParseError
 
@@ -62,6 +63,7 @@ class CompiledPolicy:
             raise PolicyParseError("the policy declares no package")
         policy = cls(source, match.group(1), tuple(entrypoints), name, cache_size)
         policy._build(None, parse_errors=True)
+        policy._probe()
         return policy
 
     @property
@@ -94,9 +96,31 @@ class CompiledPolicy:
             compiled.interpreter.set_input(input)
             try:
                 output = compiled.interpreter.query_bundle_entrypoint(compiled.bundle, entrypoint)
-            except regopy.RegoError as e:
+            except (regopy.RegoError, ValueError) as e:
+                # regopy raises ValueError when rego-cpp answers with an error text, not JSON
                 raise PolicyEvaluationError(f"policy evaluation failed: {_first_line(e)}") from None
         return _result(output)
+
+    def _probe(self) -> None:
+        """Evaluate the whole package once with empty input and data.
+
+        Building a bundle only parses; errors such as a call to an undefined function surface
+        when rules are evaluated. Probing at compile time refuses such a policy before it is
+        stored, instead of failing every request afterwards.
+        """
+        interpreter = regopy.Interpreter()
+        interpreter.add_module(self._name, self._source)
+        interpreter.set_input({})
+        impl = rego_shared.rego_query(
+            interpreter._impl, f"data.{self._package}"
+        )  # regopy has no public API that returns the error text
+        try:
+            ok = rego_shared.rego_output_ok(impl)
+            text = rego_shared.rego_output_string(impl)
+        finally:
+            rego_shared.rego_free_output(impl)
+        if not ok or not _is_json(text):
+            raise PolicyParseError(f"policy does not compile: {_error_text(text)}")
 
     def _build(self, data: JsonValue | None, *, parse_errors: bool) -> _Compiled:
         builder = regopy.Interpreter()
@@ -123,6 +147,27 @@ def _result(output: Any) -> JsonValue | None:
     if not expressions:
         return None
     return expressions[0]
+
+
+def _is_json(text: str) -> bool:
+    if text == "undefined":
+        return True
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _error_text(text: str) -> str:
+    """rego-cpp's error messages, or its report without banner lines, kept short."""
+    messages = re.findall(r"errormsg \d+:([^)]*)\)", text)
+    if messages:
+        return "; ".join(m.strip() for m in messages)[:800]
+    lines = [
+        line.strip() for line in text.splitlines() if line.strip() and set(line.strip()) != {"-"}
+    ]
+    return " | ".join(line for line in lines if line != "Errors:")[:800]
 
 
 def _describe(error: Exception) -> str:
