@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -39,6 +39,7 @@ from keybroker.errors import (
 )
 from keybroker.kbs.services import KbsServices, build_services
 from keybroker.kbs.sessions import SESSION_COOKIE, Session
+from keybroker.kbs.tokens import pointer
 from keybroker.plugins.base import PluginRequest, PluginResponse
 from keybroker.protocol.jwe import seal
 from keybroker.storage.provider import StorageProvider
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/kbs/v0/"
 _PROBLEM_JSON = "application/problem+json"
+_INIT_DATA_CLAIMS = "/submods/cpu0/ear.veraison.annotated-evidence/init_data_claims"
 
 
 @dataclass(frozen=True)
@@ -96,10 +98,11 @@ async def _healthz(request: Request) -> Response:
 
 async def _kbs(request: Request) -> Response:
     services: KbsServices = request.app.state.kbs
+    name, *rest = _segments(request)
     call = _Call(
         method=request.method,
-        name=_segments(request)[0],
-        rest=tuple(_segments(request)[1:]),
+        name=name,
+        rest=tuple(rest),
         query=dict(request.query_params),
         body=await _read_body(request, services.payload_limit),
     )
@@ -157,19 +160,14 @@ async def _plugin(call: _Call, request: Request, services: KbsServices) -> Respo
     policy_data = {"plugin": call.name, "resource-path": list(call.rest), "query": call.query}
     if not await services.resource_policy.allows(claims, policy_data):
         raise PolicyDeniedError("Access denied by policy")
-    annotated = _pointer_init_data(claims)
+    encrypt = plugin.needs_encryption(plugin_request)
+    # Find the key to encrypt to before touching the secret: no key, no read.
+    recipient = services.tokens.tee_pubkey(claims) if encrypt else None
     result = await plugin.handle(
-        PluginRequest(
-            method=call.method,
-            path=call.rest,
-            query=call.query,
-            body=call.body,
-            init_data_claims=annotated,
-        )
+        replace(plugin_request, init_data_claims=pointer(claims, _INIT_DATA_CLAIMS))
     )
-    if not plugin.needs_encryption(plugin_request):
+    if recipient is None:
         return _plain(result)
-    recipient = services.tokens.tee_pubkey(claims)
     return JSONResponse(seal(recipient, result.body))
 
 
@@ -185,17 +183,6 @@ async def _guest_token(request: Request, services: KbsServices) -> str:
     raise TokenNotFoundError(
         "Attestation Token not found: attest first (/auth, /attest) or send a bearer token"
     )
-
-
-def _pointer_init_data(claims: dict[str, object]) -> object:
-    submods = claims.get("submods")
-    if isinstance(submods, dict):
-        cpu0 = submods.get("cpu0")
-        if isinstance(cpu0, dict):
-            evidence = cpu0.get("ear.veraison.annotated-evidence")
-            if isinstance(evidence, dict):
-                return evidence.get("init_data_claims")
-    return None
 
 
 def _plain(result: PluginResponse) -> Response:

@@ -57,7 +57,7 @@ class TokenVerifier:
 
     def tee_pubkey(self, claims: dict[str, JsonValue]) -> TeePublicKey:
         for path in self._paths:
-            value = _pointer(claims, path)
+            value = pointer(claims, path)
             if value is not None:
                 try:
                     return parse_tee_pubkey(value)
@@ -68,7 +68,7 @@ class TokenVerifier:
         raise TokenVerificationError("the attestation token carries no tee-pubkey claim")
 
 
-def _pointer(document: JsonValue, pointer: str) -> JsonValue:
+def pointer(document: JsonValue, pointer: str) -> JsonValue:
     """RFC 6901 lookup; None when absent."""
     node = document
     for raw in pointer.split("/")[1:]:
