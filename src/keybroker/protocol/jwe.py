@@ -42,6 +42,7 @@ from keybroker.protocol.jwk import (
     curve_name,
     ec_coordinates,
     ec_public_key,
+    shown,
     strict_json_object,
 )
 
@@ -230,11 +231,11 @@ def _header(unverified_jwe: Mapping[str, object], protected: str) -> dict[str, o
         raise JweError("compressed JWE ('zip') is not supported")
     enc = header.get("enc")
     if enc != ENC_A256GCM:
-        raise JweError(f"expected JWE enc 'A256GCM', found {_shown(enc)}")
+        raise JweError(f"expected JWE enc 'A256GCM', found {shown(enc)}")
     alg = header.get("alg")
     if alg not in (ALG_ECDH_ES_A256KW, ALG_RSA_OAEP_256, ALG_RSA1_5):
         raise JweError(
-            f"expected JWE alg 'ECDH-ES+A256KW', 'RSA-OAEP-256' or 'RSA1_5', found {_shown(alg)}"
+            f"expected JWE alg 'ECDH-ES+A256KW', 'RSA-OAEP-256' or 'RSA1_5', found {shown(alg)}"
         )
     return header
 
@@ -249,9 +250,9 @@ def _unwrap_ecdh(
     if not isinstance(epk, Mapping):
         raise JweError("JWE header has no 'epk' object (ephemeral public key)")
     if epk.get("kty") != "EC":
-        raise JweError(f"expected JWE epk kty 'EC', found {_shown(epk.get('kty'))}")
+        raise JweError(f"expected JWE epk kty 'EC', found {shown(epk.get('kty'))}")
     if epk.get("crv") != crv:
-        raise JweError(f"JWE epk curve {_shown(epk.get('crv'))} does not match the {crv} key")
+        raise JweError(f"JWE epk curve {shown(epk.get('crv'))} does not match the {crv} key")
     try:
         ephemeral = ec_public_key(crv, epk.get("x"), epk.get("y"), what="JWE epk")
     except BadRequestError as e:
@@ -316,7 +317,3 @@ def _optional_b64(header: Mapping[str, object], name: str) -> bytes:
         return b64url_decode(value)
     except ValueError as e:
         raise JweError(f"JWE header {name!r} is not base64url: {e}") from None
-
-
-def _shown(value: object) -> str:
-    return repr(value[:32]) if isinstance(value, str) else type(value).__name__

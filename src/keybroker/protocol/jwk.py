@@ -78,8 +78,8 @@ class TeePublicKey:
             return {
                 "kty": "RSA",
                 "alg": self.alg,
-                "n": b64url_encode(_minimal_bytes(numbers.n)),
-                "e": b64url_encode(_minimal_bytes(numbers.e)),
+                "n": b64url_encode(minimal_bytes(numbers.n)),
+                "e": b64url_encode(minimal_bytes(numbers.e)),
             }
         x, y = ec_coordinates(self.key)
         return {"kty": "EC", "crv": self.crv or "", "alg": self.alg, "x": x, "y": y}
@@ -103,7 +103,7 @@ def parse_tee_pubkey(unverified_jwk: object) -> TeePublicKey:
         return _parse_rsa(unverified_jwk, members)
     if kty == "EC":
         return _parse_ec(unverified_jwk, members)
-    raise BadRequestError(f'tee-pubkey: expected kty "RSA" or "EC", found {_shown(kty)}')
+    raise BadRequestError(f'tee-pubkey: expected kty "RSA" or "EC", found {shown(kty)}')
 
 
 def _parse_rsa(jwk: Mapping[str, object], members: set[str]) -> TeePublicKey:
@@ -112,7 +112,7 @@ def _parse_rsa(jwk: Mapping[str, object], members: set[str]) -> TeePublicKey:
     if alg not in RSA_ALGORITHMS:
         raise BadRequestError(
             f'tee-pubkey: expected alg "RSA-OAEP-256" or "RSA1_5" for an RSA key, '
-            f"found {_shown(alg)}"
+            f"found {shown(alg)}"
         )
     n = int.from_bytes(_b64_member(jwk, "n"), "big")
     e = int.from_bytes(_b64_member(jwk, "e"), "big")
@@ -144,7 +144,7 @@ def _parse_ec(jwk: Mapping[str, object], members: set[str]) -> TeePublicKey:
     alg = _string_member(jwk, "alg")
     if alg != ALG_ECDH_ES_A256KW:
         raise BadRequestError(
-            f'tee-pubkey: expected alg "ECDH-ES+A256KW" for an EC key, found {_shown(alg)}'
+            f'tee-pubkey: expected alg "ECDH-ES+A256KW" for an EC key, found {shown(alg)}'
         )
     key = ec_public_key(crv, jwk.get("x"), jwk.get("y"), what="tee-pubkey")
     return TeePublicKey(alg=alg, kty="EC", crv=crv, key=key)
@@ -156,7 +156,7 @@ def ec_public_key(crv: object, x: object, y: object, *, what: str) -> ec.Ellipti
     the ECDH private key). Raises ``BadRequestError`` naming ``what``."""
     if not isinstance(crv, str) or crv not in CURVES:
         raise BadRequestError(
-            f'{what}: expected crv "P-256", "P-384" or "P-521", found {_shown(crv)}'
+            f'{what}: expected crv "P-256", "P-384" or "P-521", found {shown(crv)}'
         )
     curve = CURVES[crv]()
     size = (curve.key_size + 7) // 8
@@ -334,11 +334,11 @@ def _b64_value(value: object, what: str) -> bytes:
     return raw
 
 
-def _minimal_bytes(value: int) -> bytes:
+def minimal_bytes(value: int) -> bytes:
     return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
 
 
-def _shown(value: object) -> str:
+def shown(value: object) -> str:
     """A short, safe rendering of an identifier the client sent (never key material)."""
     if isinstance(value, str):
         return repr(value[:32])

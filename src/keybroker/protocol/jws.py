@@ -35,6 +35,8 @@ from keybroker.protocol.jwk import (
     compact_json,
     ec_coordinates,
     ec_public_key,
+    minimal_bytes,
+    shown,
     strict_json_object,
 )
 
@@ -105,8 +107,8 @@ def jwk_of(public_key: PublicKey) -> dict[str, object]:
         numbers = public_key.public_numbers()
         return {
             "kty": "RSA",
-            "n": b64url_encode(_minimal(numbers.n)),
-            "e": b64url_encode(_minimal(numbers.e)),
+            "n": b64url_encode(minimal_bytes(numbers.n)),
+            "e": b64url_encode(minimal_bytes(numbers.e)),
             "alg": "RS256",
         }
     if isinstance(public_key, ed25519.Ed25519PublicKey):
@@ -288,14 +290,14 @@ def public_key_from_jwk(jwk: Mapping[str, object]) -> PublicKey:
     if kty == "OKP":
         if jwk.get("crv") != "Ed25519":
             raise TokenVerificationError(
-                f"expected OKP JWK crv 'Ed25519', found {_shown(jwk.get('crv'))}"
+                f"expected OKP JWK crv 'Ed25519', found {shown(jwk.get('crv'))}"
             )
         raw = _jwk_bytes(jwk, "x")
         try:
             return ed25519.Ed25519PublicKey.from_public_bytes(raw)
         except (ValueError, UnsupportedAlgorithm):
             raise TokenVerificationError("JWK 'x' is not an Ed25519 public key") from None
-    raise TokenVerificationError(f"expected JWK kty 'EC', 'RSA' or 'OKP', found {_shown(kty)}")
+    raise TokenVerificationError(f"expected JWK kty 'EC', 'RSA' or 'OKP', found {shown(kty)}")
 
 
 def _jwk_bytes(jwk: Mapping[str, object], name: str) -> bytes:
@@ -309,11 +311,3 @@ def _jwk_bytes(jwk: Mapping[str, object], name: str) -> bytes:
     if not raw:
         raise TokenVerificationError(f"JWK member {name!r} is empty")
     return raw
-
-
-def _minimal(value: int) -> bytes:
-    return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
-
-
-def _shown(value: object) -> str:
-    return repr(value[:32]) if isinstance(value, str) else type(value).__name__
