@@ -241,7 +241,7 @@ def _rewrite_header(jwe: dict[str, str], **changes: object) -> dict[str, str]:
     ("changes", "message"),
     [
         ({"enc": "A128GCM"}, "expected JWE enc 'A256GCM', found 'A128GCM'"),
-        ({"enc": None}, "expected JWE enc 'A256GCM', found NoneType"),
+        ({"enc": None}, "expected JWE enc 'A256GCM', found nothing"),
         ({"alg": "dir"}, "expected JWE alg .* found 'dir'"),
         ({"alg": "RSA-OAEP"}, "found 'RSA-OAEP'"),
         ({"crit": ["exp"]}, "'crit'"),
