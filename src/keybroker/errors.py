@@ -30,6 +30,7 @@ no resource bytes, no private keys, no tokens, no policy bodies.
     │   ├── PluginNotFoundError (404)
     │   └── ResourceNotFoundError (404)
     ├── MethodNotAllowedError (405)
+    │   └── UnsupportedOperationError  this deployment does not offer the operation
     ├── StorageError (500)             a storage backend failed (not a missing key)
     ├── JweError (500)                 the response could not be encrypted
     ├── PolicyEvaluationError (500)    a compiled policy failed while evaluating
@@ -152,6 +153,10 @@ class ResourceNotFoundError(NotFoundError):
 class MethodNotAllowedError(KeybrokerError):
     status = 405
     variant = "MethodNotAllowed"
+
+
+class UnsupportedOperationError(MethodNotAllowedError):
+    variant = "UnsupportedOperation"
 
 
 class StorageError(KeybrokerError):

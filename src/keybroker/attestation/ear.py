@@ -7,7 +7,7 @@ Pure: values in, values out. Signing is :mod:`keybroker.attestation.signer`'s jo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from keybroker.config import AttestationTokenBrokerConfig
 from keybroker.protocol.models import JsonValue
@@ -44,6 +44,7 @@ class Appraisal:
     trust_vector: Mapping[str, int]
     annotated_evidence: Mapping[str, JsonValue]
     policy_id: str
+    extensions: Mapping[str, JsonValue] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, JsonValue]:
         return {
@@ -51,6 +52,7 @@ class Appraisal:
             "ear.trustworthiness-vector": dict(self.trust_vector),
             "ear.appraisal-policy-id": self.policy_id,
             "ear.veraison.annotated-evidence": dict(self.annotated_evidence),
+            **self.extensions,
         }
 
 

@@ -1,29 +1,27 @@
 """The builtin Attestation Service: verify evidence, appraise it, issue a signed EAR token.
 
 ``AttestationBackend`` is what the KBS needs from any AS (builtin here; gRPC and Intel Trust
-Authority later). ``BuiltinAttestationService`` runs the verifiers in-process.
-
-Appraisal is provisional until attestation policies land (the "Attestation Service semantics"
-issue): the trust vector is what upstream's default policy yields when no reference values are
-registered, so no guest is ever ``affirming`` yet. The code path that replaces it is
-``_appraise``.
+Authority later). ``BuiltinAttestationService`` runs the verifiers in-process, appraises each
+submodule with the attestation policy ``<policy id>_<tee class>`` and signs the EAR token.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import tomllib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from keybroker.attestation.ear import Appraisal, ear_claims
+from keybroker.attestation.init_data import parse_init_data
+from keybroker.attestation.policy import AttestationPolicies
 from keybroker.attestation.signer import TokenSigner
 from keybroker.config import BuiltinAsConfig
-from keybroker.errors import AttestationError, BadRequestError
+from keybroker.errors import AttestationError, UnsupportedOperationError
 from keybroker.protocol.canonical import HashAlgorithm, runtime_data_digest
 from keybroker.protocol.models import InitData, JsonValue, Tee
+from keybroker.rvps.store import ReferenceValueStore
 from keybroker.verifiers import VERIFIERS, TeeClaims, Verifier
 
 log = logging.getLogger(__name__)
@@ -52,17 +50,33 @@ class AttestationBackend(ABC):
     async def verify(self, evidence: list[EvidenceToVerify]) -> str:
         """Verify every piece of evidence and return the signed attestation token."""
 
+    async def start(self) -> None:  # noqa: B027 - services with nothing to prepare
+        """Prepare stores (default policies) before the first request."""
+
+    async def set_policy(self, policy_id: str, source: str) -> None:
+        raise UnsupportedOperationError("this attestation service does not take policies")
+
+    async def register_reference_value(self, message: str) -> list[str]:
+        raise UnsupportedOperationError("this attestation service has no reference values")
+
+    async def query_reference_value(self, reference_value_id: str) -> JsonValue | None:
+        raise UnsupportedOperationError("this attestation service has no reference values")
+
 
 class BuiltinAttestationService(AttestationBackend):
     def __init__(
         self,
         config: BuiltinAsConfig,
         signer: TokenSigner,
+        policies: AttestationPolicies,
+        reference_values: ReferenceValueStore,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
         self._signer = signer
+        self._policies = policies
+        self._reference_values = reference_values
         self._clock = clock
         self._verifiers: dict[Tee, Verifier] = {tee: cls() for tee, cls in VERIFIERS.items()}
 
@@ -70,13 +84,29 @@ class BuiltinAttestationService(AttestationBackend):
     def signer(self) -> TokenSigner:
         return self._signer
 
+    @property
+    def policies(self) -> AttestationPolicies:
+        return self._policies
+
     def supports(self, tee: Tee) -> bool:
         return tee in self._verifiers
 
-    async def verify(self, evidence: list[EvidenceToVerify]) -> str:
-        return self.evaluate(evidence, [DEFAULT_POLICY_ID])
+    async def start(self) -> None:
+        await self._policies.initialize()
 
-    def evaluate(self, evidence: list[EvidenceToVerify], policy_ids: list[str]) -> str:
+    async def set_policy(self, policy_id: str, source: str) -> None:
+        await self._policies.set(policy_id, source)
+
+    async def register_reference_value(self, message: str) -> list[str]:
+        return await self._reference_values.register(message)
+
+    async def query_reference_value(self, reference_value_id: str) -> JsonValue | None:
+        return await self._reference_values.query(reference_value_id)
+
+    async def verify(self, evidence: list[EvidenceToVerify]) -> str:
+        return await self.evaluate(evidence, [DEFAULT_POLICY_ID])
+
+    async def evaluate(self, evidence: list[EvidenceToVerify], policy_ids: list[str]) -> str:
         if not evidence:
             raise AttestationError("no evidence to verify")
         policy_id = policy_ids[0] if policy_ids else DEFAULT_POLICY_ID
@@ -86,19 +116,25 @@ class BuiltinAttestationService(AttestationBackend):
             verifier = self._verifiers.get(item.tee)
             if verifier is None:
                 raise AttestationError(f"no verifier for TEE {item.tee.value} in this service")
-            init_digest, init_claims = _parse_init_data(item.init_data)
+            init_data = parse_init_data(item.init_data) if item.init_data else None
             for claims in verifier.verify(
                 item.unverified_evidence,
                 expected_report_data=runtime_data_digest(item.runtime_data, item.hash_algorithm),
-                expected_init_data=init_digest,
+                expected_init_data=init_data.digest if init_data else None,
             ):
                 index = class_counts.get(claims.tee_class, 0)
                 class_counts[claims.tee_class] = index + 1
-                annotated = self._annotate(claims, item.runtime_data, init_claims)
+                annotated = self._annotate(
+                    claims, item.runtime_data, init_data.claims if init_data else None
+                )
+                appraised = await self._policies.appraise(
+                    f"{policy_id}_{claims.tee_class}", annotated
+                )
                 submods[f"{claims.tee_class}{index}"] = Appraisal(
-                    trust_vector=_appraise(claims),
+                    trust_vector=appraised.trust_vector,
                     annotated_evidence=annotated,
                     policy_id=policy_id,
+                    extensions=appraised.extensions,
                 )
         payload = ear_claims(submods, self._config.attestation_token_broker, now=int(self._clock()))
         return self._signer.sign(payload)
@@ -123,39 +159,3 @@ class BuiltinAttestationService(AttestationBackend):
             annotated["runtime_data_claims"] = runtime_claims
         annotated[tee_claims.tee.value] = claims
         return annotated
-
-
-def _appraise(tee_claims: TeeClaims) -> dict[str, int]:
-    """Provisional trust vector (see the module docstring).
-
-    Mirrors upstream's default policy with an empty reference-value store: executables and
-    hardware cannot be matched against anything (33, 97); configuration is affirmed (2) when
-    the TEE reports it is not in debug mode, else 36.
-    """
-    debug = tee_claims.claims.get("debug")
-    return {
-        "instance-identity": 0,
-        "configuration": 2 if debug is False else 36,
-        "executables": 33,
-        "file-system": 0,
-        "hardware": 97,
-        "runtime-opaque": 0,
-        "storage-opaque": 0,
-        "sourced-data": 0,
-    }
-
-
-def _parse_init_data(init_data: InitData | None) -> tuple[bytes | None, JsonValue]:
-    """Digest of the raw init-data text by its own ``algorithm``, and its ``data`` as claims."""
-    if init_data is None:
-        return None, None
-    if init_data.format != "toml":
-        raise BadRequestError(
-            f"not supported yet: init-data format {init_data.format[:16]!r} (only toml)"
-        )
-    try:
-        document = tomllib.loads(init_data.body)
-        algorithm = HashAlgorithm.parse(str(document.get("algorithm", "")))
-    except (tomllib.TOMLDecodeError, ValueError) as e:
-        raise BadRequestError(f"init-data is not valid: {e}") from None
-    return algorithm.digest(init_data.body.encode()), document.get("data")

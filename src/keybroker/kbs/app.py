@@ -15,7 +15,7 @@ import binascii
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from keybroker.attestation.service import AttestationBackend, BuiltinAttestationService
 from keybroker.config import KbsConfig
 from keybroker.errors import (
     BadRequestError,
@@ -35,8 +36,10 @@ from keybroker.errors import (
     PayloadTooLargeError,
     PluginNotFoundError,
     PolicyDeniedError,
+    ResourceNotFoundError,
     TokenNotFoundError,
 )
+from keybroker.kbs.explain import explain, parse_explain_request
 from keybroker.kbs.services import KbsServices, build_services
 from keybroker.kbs.sessions import SESSION_COOKIE, Session
 from keybroker.kbs.tokens import pointer
@@ -108,12 +111,10 @@ async def _kbs(request: Request) -> Response:
     )
     if call.name in ("auth", "attest"):
         return await _rcar(call, request, services)
-    if call.name == "resource-policy":
-        return await _resource_policy(call, services)
-    if call.name in ("attestation-policy", "reference-value"):
-        raise PluginNotFoundError(
-            f"not supported yet: {call.name} (arrives with attestation policies and the RVPS)"
-        )
+    admin_endpoint = _ADMIN_ENDPOINTS.get(call.name)
+    if admin_endpoint is not None:
+        services.admin.check(f"/kbs/v0/{call.name}")
+        return await admin_endpoint(call, services)
     return await _plugin(call, request, services)
 
 
@@ -135,13 +136,68 @@ async def _rcar(call: _Call, request: Request, services: KbsServices) -> Respons
 
 
 async def _resource_policy(call: _Call, services: KbsServices) -> Response:
-    services.admin.check("/kbs/v0/resource-policy")
     if call.method == "GET":
         return JSONResponse(await services.resource_policy.list_ids())
     if call.method != "POST":
         raise MethodNotAllowedError("/kbs/v0/resource-policy answers GET and POST")
     await services.resource_policy.set(_policy_text(call.body))
     return Response(status_code=200)
+
+
+async def _attestation_policy(call: _Call, services: KbsServices) -> Response:
+    if call.method != "POST":
+        raise MethodNotAllowedError("/kbs/v0/attestation-policy answers POST")
+    document = _json_object(call.body, "attestation policy request")
+    policy_type, policy_id = document.get("type", "rego"), document.get("policy_id")
+    if policy_type != "rego":
+        raise BadRequestError(f"attestation policy type must be rego, found {policy_type!r}")
+    if not isinstance(policy_id, str):
+        raise BadRequestError('the attestation policy request needs a string "policy_id"')
+    await _attestation(services).set_policy(policy_id, _policy_text(call.body))
+    return Response(status_code=200)
+
+
+async def _reference_value(call: _Call, services: KbsServices) -> Response:
+    attestation = _attestation(services)
+    if call.method == "POST":
+        names = await attestation.register_reference_value(call.body.decode("utf-8", "replace"))
+        return JSONResponse({"registered": names})
+    if call.method != "GET":
+        raise MethodNotAllowedError("/kbs/v0/reference-value answers GET and POST")
+    reference_value_id = "/".join(call.rest)
+    value = await attestation.query_reference_value(reference_value_id)
+    if value is None:
+        raise ResourceNotFoundError(f"no reference value {reference_value_id[:64]!r}")
+    return JSONResponse(value)
+
+
+async def _policy_explain(call: _Call, services: KbsServices) -> Response:
+    if call.method != "POST":
+        raise MethodNotAllowedError("/kbs/v0/policy-explain answers POST")
+    attestation = services.attestation
+    result = await explain(
+        parse_explain_request(call.body),
+        resource_policy=services.resource_policy,
+        attestation_policies=(
+            attestation.policies if isinstance(attestation, BuiltinAttestationService) else None
+        ),
+        tokens=services.tokens,
+    )
+    return JSONResponse(result)
+
+
+def _attestation(services: KbsServices) -> AttestationBackend:
+    if services.attestation is None:
+        raise PluginNotFoundError("this KBS has no attestation service (resource-only mode)")
+    return services.attestation
+
+
+_ADMIN_ENDPOINTS: dict[str, Callable[[_Call, KbsServices], Awaitable[Response]]] = {
+    "resource-policy": _resource_policy,
+    "attestation-policy": _attestation_policy,
+    "reference-value": _reference_value,
+    "policy-explain": _policy_explain,
+}
 
 
 async def _plugin(call: _Call, request: Request, services: KbsServices) -> Response:
@@ -231,13 +287,19 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _policy_text(body: bytes) -> str:
-    """``{"policy": "<base64url of the Rego text>"}`` (padded base64url accepted too)."""
+def _json_object(body: bytes, what: str) -> dict[str, object]:
     try:
         document = json.loads(body)
-    except json.JSONDecodeError:
-        raise BadRequestError("the policy request is not JSON") from None
-    encoded = document.get("policy") if isinstance(document, dict) else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequestError(f"the {what} is not JSON") from None
+    if not isinstance(document, dict):
+        raise BadRequestError(f"the {what} must be a JSON object")
+    return document
+
+
+def _policy_text(body: bytes) -> str:
+    """``{"policy": "<base64url of the Rego text>"}`` (padded base64url accepted too)."""
+    encoded = _json_object(body, "policy request").get("policy")
     if not isinstance(encoded, str):
         raise BadRequestError('the policy request needs a string member "policy"')
     try:

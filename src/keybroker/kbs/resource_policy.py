@@ -62,7 +62,7 @@ class ResourcePolicy:
         return sorted(k.removesuffix(_POLICY_SUFFIX) for k in keys if k.endswith(_POLICY_SUFFIX))
 
     async def allows(self, claims: JsonValue, data: JsonValue) -> bool:
-        policy = await self._current()
+        policy = await self.current()
         result = policy.evaluate(_RULE, claims, data)
         if result is True:
             return True
@@ -70,7 +70,7 @@ class ResourcePolicy:
             log.warning("resource policy rule allow gave %r, not a boolean: denying", result)
         return False
 
-    async def _current(self) -> CompiledPolicy:
+    async def current(self) -> CompiledPolicy:
         raw = await self._storage.get(POLICY_ID + _POLICY_SUFFIX)
         if raw is None:
             raise StorageError("the resource policy is missing from the store")

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from keybroker.attestation.service import BuiltinAttestationService
+from keybroker.attestation.policy import NAMESPACE as AS_POLICY_NAMESPACE
+from keybroker.attestation.policy import AttestationPolicies
+from keybroker.attestation.service import AttestationBackend, BuiltinAttestationService
 from keybroker.attestation.signer import TokenSigner
 from keybroker.config import (
     BuiltinAsConfig,
@@ -33,6 +35,8 @@ from keybroker.kbs.tokens import TokenVerifier
 from keybroker.plugins.base import Plugin
 from keybroker.plugins.resource import ResourcePlugin
 from keybroker.plugins.sample import SamplePlugin
+from keybroker.rvps.store import NAMESPACE as RVPS_NAMESPACE
+from keybroker.rvps.store import ReferenceValueStore
 from keybroker.storage.provider import StorageProvider, local_fs_provider, memory_provider
 from keybroker.storage.secrets import DirectoryTreeSecretBackend, KvSecretBackend
 
@@ -52,16 +56,17 @@ class KbsServices:
     payload_limit: int
     https: bool
     clock: Callable[[], float]
-    storage: StorageProvider
-    session_storage: StorageProvider
+    providers: list[StorageProvider]
+    attestation: AttestationBackend | None = None
 
     async def start(self) -> None:
         await self.resource_policy.initialize()
+        if self.attestation is not None:
+            await self.attestation.start()
 
     async def stop(self) -> None:
-        await self.storage.close()
-        if self.session_storage is not self.storage:
-            await self.session_storage.close()
+        for provider in self.providers:
+            await provider.close()
 
 
 def build_services(
@@ -81,18 +86,32 @@ def build_services(
         if session_type == config.storage_backend.storage_type
         else _provider(session_type, config, clock, memory_dir)
     )
+    providers = [storage] if session_storage is storage else [storage, session_storage]
     admin = AdminGuard(config.admin)
     trusted_keys = []
     handshake: Handshake | None = None
     sessions: SessionStore | None = None
+    attestation: AttestationBackend | None = None
     as_config = config.attestation_service
     if isinstance(as_config, BuiltinAsConfig):
         signer = TokenSigner.from_config(as_config.attestation_token_broker.signer)
         trusted_keys.append(signer.public_key)
+        as_storage = _override(as_config.storage_type, storage, config, clock, memory_dir)
+        rvps_type = getattr(as_config.rvps_config, "storage_type", None)
+        rvps_storage = _override(rvps_type, as_storage, config, clock, memory_dir)
+        providers += [p for p in (as_storage, rvps_storage) if p not in providers]
+        reference_values = ReferenceValueStore(rvps_storage.get(RVPS_NAMESPACE), clock=clock)
+        attestation = BuiltinAttestationService(
+            as_config,
+            signer,
+            AttestationPolicies(as_storage.get(AS_POLICY_NAMESPACE), reference_values),
+            reference_values,
+            clock=clock,
+        )
         sessions = SessionStore(
             session_storage.get(SESSION_NAMESPACE), timeout_min=as_config.timeout, clock=clock
         )
-        handshake = Handshake(BuiltinAttestationService(as_config, signer, clock=clock), sessions)
+        handshake = Handshake(attestation, sessions)
     elif isinstance(as_config, NoAsConfig):
         log.info("no attestation service: /auth and /attest answer 404 (resource-only KBS)")
     return KbsServices(
@@ -109,8 +128,8 @@ def build_services(
         payload_limit=config.http_server.payload_limit_bytes,
         https=not config.http_server.insecure_http,
         clock=clock,
-        storage=storage,
-        session_storage=session_storage,
+        providers=providers,
+        attestation=attestation,
     )
 
 
@@ -126,6 +145,19 @@ def _refuse_unserved(config: KbsConfig) -> None:
             "[attestation_token] trusted_certs_paths / trusted_jwk_sets / insecure_header_jwk",
             "tokens from the builtin attestation service are trusted automatically",
         )
+
+
+def _override(
+    kind: StorageType | None,
+    default: StorageProvider,
+    config: KbsConfig,
+    clock: Callable[[], float],
+    memory_dir: Path | None,
+) -> StorageProvider:
+    """A component's own ``storage_type`` setting, else the shared provider."""
+    if kind is None or kind == config.storage_backend.storage_type:
+        return default
+    return _provider(kind, config, clock, memory_dir)
 
 
 def _provider(

@@ -16,7 +16,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +37,17 @@ class _Compiled:
 
 class CompiledPolicy:
     def __init__(
-        self, source: str, package: str, entrypoints: tuple[str, ...], name: str, cache_size: int
+        self,
+        *,
+        source: str,
+        package: str,
+        entrypoints: tuple[str, ...],
+        name: str,
+        cache_size: int,
+        helpers: Mapping[str, str],
     ) -> None:
         self._source = source
+        self._helpers = dict(helpers)
         self._package = package
         self._entrypoints = entrypoints
         self._name = name
@@ -56,12 +64,24 @@ class CompiledPolicy:
         entrypoints: Sequence[str],
         name: str = "policy.rego",
         cache_size: int = 256,
+        helpers: Mapping[str, str] | None = None,
     ) -> CompiledPolicy:
-        """Parse and check ``source``; raise PolicyParseError with rego-cpp's message."""
+        """Parse and check ``source``; raise PolicyParseError with rego-cpp's message.
+
+        ``helpers`` are extra modules (name -> Rego) compiled alongside, e.g. functions the
+        caller provides to every policy.
+        """
         match = _PACKAGE.search(source)
         if match is None:
             raise PolicyParseError("the policy declares no package")
-        policy = cls(source, match.group(1), tuple(entrypoints), name, cache_size)
+        policy = cls(
+            source=source,
+            package=match.group(1),
+            entrypoints=tuple(entrypoints),
+            name=name,
+            cache_size=cache_size,
+            helpers=helpers or {},
+        )
         policy._build(None, parse_errors=True)
         policy._probe()
         return policy
@@ -101,6 +121,37 @@ class CompiledPolicy:
                 raise PolicyEvaluationError(f"policy evaluation failed: {_first_line(e)}") from None
         return _result(output)
 
+    def explain(self, input: JsonValue, data: JsonValue | None = None) -> dict[str, JsonValue]:
+        """Every rule of the package with its value for this input (undefined rules absent).
+
+        The slow, uncached path, for operators asking why a decision came out as it did.
+        """
+        interpreter = regopy.Interpreter()
+        if data is not None:
+            interpreter.add_data(data)
+        self._add_modules(interpreter)
+        interpreter.set_input(input)
+        impl = rego_shared.rego_query(interpreter._impl, f"data.{self._package}")
+        try:
+            ok = rego_shared.rego_output_ok(impl)
+            text = rego_shared.rego_output_string(impl)
+        finally:
+            rego_shared.rego_free_output(impl)
+        if not ok or not _is_json(text):
+            raise PolicyEvaluationError(f"policy evaluation failed: {_error_text(text)}")
+        if text == "undefined":
+            return {}
+        document = json.loads(text)
+        results = document if isinstance(document, list) else [document]
+        expressions = results[0].get("expressions", []) if results else []
+        value = expressions[0] if expressions else {}
+        return value if isinstance(value, dict) else {}
+
+    def _add_modules(self, interpreter: Any) -> None:
+        for helper_name, helper_source in self._helpers.items():
+            interpreter.add_module(helper_name, helper_source)
+        interpreter.add_module(self._name, self._source)
+
     def _probe(self) -> None:
         """Evaluate the whole package once with empty input and data.
 
@@ -109,7 +160,7 @@ class CompiledPolicy:
         stored, instead of failing every request afterwards.
         """
         interpreter = regopy.Interpreter()
-        interpreter.add_module(self._name, self._source)
+        self._add_modules(interpreter)
         interpreter.set_input({})
         impl = rego_shared.rego_query(
             interpreter._impl, f"data.{self._package}"
@@ -127,7 +178,7 @@ class CompiledPolicy:
         try:
             if data is not None:
                 builder.add_data(data)
-            builder.add_module(self._name, self._source)
+            self._add_modules(builder)
             bundle = builder.build(None, list(self._entrypoints))
         except regopy.RegoError as e:
             error_class = PolicyParseError if parse_errors else PolicyEvaluationError

@@ -1,1 +1,1 @@
-"""Reference Value Provider Service (arrives with the Attestation Service semantics issue)."""
+"""Reference Value Provider Service: verified reference values the attestation policies query."""

@@ -8,9 +8,11 @@ from __future__ import annotations
 from keybroker.protocol.models import Tee
 from keybroker.verifiers.base import TeeClaims, Verifier
 from keybroker.verifiers.sample import SampleVerifier
+from keybroker.verifiers.sample_device import SampleDeviceVerifier
 
 VERIFIERS: dict[Tee, type[Verifier]] = {
     Tee.SAMPLE: SampleVerifier,
+    Tee.SAMPLE_DEVICE: SampleDeviceVerifier,
 }
 
 __all__ = ["VERIFIERS", "TeeClaims", "Verifier"]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import time
+from collections.abc import Callable
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keybroker.attestation.ear import status_of
+from keybroker.attestation.policy import AttestationPolicies
 from keybroker.attestation.service import BuiltinAttestationService, EvidenceToVerify
 from keybroker.attestation.signer import TokenSigner
 from keybroker.config import BuiltinAsConfig
@@ -17,6 +20,8 @@ from keybroker.errors import AttestationError, BadRequestError, ConfigError
 from keybroker.protocol.canonical import HashAlgorithm, runtime_data, runtime_data_digest
 from keybroker.protocol.jws import decode_unverified, verify_jwt
 from keybroker.protocol.models import InitData, Tee
+from keybroker.rvps.store import ReferenceValueStore
+from keybroker.storage.memory import MemoryKeyValueStorage
 
 
 @pytest.mark.parametrize(
@@ -46,9 +51,25 @@ def _evidence(init_data: InitData | None = None) -> EvidenceToVerify:
     )
 
 
+def _service(
+    signer: TokenSigner | None = None, clock: Callable[[], float] = time.time
+) -> BuiltinAttestationService:
+    reference_values = ReferenceValueStore(MemoryKeyValueStorage(clock), clock=clock)
+    policies = AttestationPolicies(MemoryKeyValueStorage(clock), reference_values)
+    service = BuiltinAttestationService(
+        BuiltinAsConfig(),
+        signer or TokenSigner.ephemeral(),
+        policies,
+        reference_values,
+        clock=clock,
+    )
+    asyncio.run(service.start())
+    return service
+
+
 def test_token_layout_and_signature() -> None:
     signer = TokenSigner.ephemeral()
-    service = BuiltinAttestationService(BuiltinAsConfig(), signer, clock=lambda: 1000.0)
+    service = _service(signer, clock=lambda: 1000.0)
     token = asyncio.run(service.verify([_evidence()]))
     claims = verify_jwt(token, signer.public_key, now=1001.0)
     assert claims["eat_profile"] == "tag:github.com,2024:confidential-containers/Trustee"
@@ -74,24 +95,35 @@ def test_token_layout_and_signature() -> None:
 
 def test_init_data_digest_bound_and_claimed() -> None:
     body = 'version = "0.1.0"\nalgorithm = "sha256"\n[data]\n"aa.toml" = "x = 1"\n'
-    service = BuiltinAttestationService(BuiltinAsConfig(), TokenSigner.ephemeral())
+    service = _service()
     token = asyncio.run(service.verify([_evidence(InitData(format="toml", body=body))]))
     _, claims = decode_unverified(token)
     evidence = claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"]  # type: ignore[index]
     assert base64.b64decode(evidence["init_data"]) == hashlib.sha256(body.encode()).digest()
-    assert evidence["init_data_claims"] == {"aa.toml": "x = 1"}
+    assert evidence["init_data_claims"] == {"aa.toml": {"x": 1}}  # TOML documents become JSON
 
 
 def test_bad_init_data_rejected() -> None:
-    service = BuiltinAttestationService(BuiltinAsConfig(), TokenSigner.ephemeral())
+    service = _service()
     with pytest.raises(BadRequestError):
         asyncio.run(service.verify([_evidence(InitData(format="toml", body="algorithm='md5'"))]))
-    with pytest.raises(BadRequestError, match="not supported yet"):
-        asyncio.run(service.verify([_evidence(InitData(format="json", body="{}"))]))
+    with pytest.raises(BadRequestError, match="toml or json"):
+        asyncio.run(service.verify([_evidence(InitData(format="yaml", body="a: 1"))]))
+    with pytest.raises(BadRequestError, match="not valid toml"):
+        asyncio.run(service.verify([_evidence(InitData(format="toml", body="[data"))]))
+
+
+def test_json_init_data_digest_over_raw_body() -> None:
+    body = '{"version": "0.1.0", "algorithm": "sha384", "data": {"cdh.toml": "a = \\"b\\""}}'
+    token = asyncio.run(_service().verify([_evidence(InitData(format="json", body=body))]))
+    _, claims = decode_unverified(token)
+    evidence = claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"]  # type: ignore[index]
+    assert base64.b64decode(evidence["init_data"]) == hashlib.sha384(body.encode()).digest()
+    assert evidence["init_data_claims"] == {"cdh.toml": {"a": "b"}}
 
 
 def test_no_evidence_and_unknown_tee_rejected() -> None:
-    service = BuiltinAttestationService(BuiltinAsConfig(), TokenSigner.ephemeral())
+    service = _service()
     with pytest.raises(AttestationError):
         asyncio.run(service.verify([]))
     tdx = EvidenceToVerify(Tee.TDX, {}, {}, HashAlgorithm.SHA384)

@@ -1,0 +1,147 @@
+"""Attestation policies: Rego that turns annotated evidence into an EAR trust vector.
+
+The policy used for a submodule is ``<policy id>_<tee class>`` (``default_cpu``,
+``default_gpu``); it is read from the ``attestation_service_policy`` namespace (key
+``<id>.rego``, as upstream) so every replica applies the same policies. Rules read:
+``data.policy.trust_claims`` (``{claim: int}``) and, optionally, ``data.policy.extensions``
+(``[{name, key, value}]``).
+
+``query_reference_value(id)`` is a Rego function every policy can call. rego-cpp has no
+host-function hook, so it is a helper module over ``data.reference_value``, and the values a
+policy names (found by scanning its text for literal ids) are injected as data per evaluation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+from keybroker.attestation.ear import TRUST_CLAIMS
+from keybroker.errors import BadRequestError, PolicyEvaluationError, PolicyParseError
+from keybroker.policy.engine import CompiledPolicy
+from keybroker.protocol.models import JsonValue
+from keybroker.rvps.store import ReferenceValueStore
+from keybroker.storage.base import KeyValueStorage
+
+NAMESPACE = "attestation_service_policy"
+DEFAULT_POLICIES = ("default_cpu", "default_gpu")
+_SUFFIX = ".rego"
+_ENTRYPOINTS = ("policy/trust_claims", "policy/extensions")
+_POLICY_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_RV_CALL = re.compile(r"query_reference_value\s*\(")
+_RV_LITERAL = re.compile(r"query_reference_value\s*\(\s*\"([^\"\\]+)\"\s*\)")
+HELPERS = {
+    "keybroker_reference_values.rego": (
+        "package policy\n\n"
+        "query_reference_value(id) := object.get(data.reference_value, id, null)\n"
+    )
+}
+
+
+def builtin_attestation_policy(policy_id: str) -> str:
+    return (resources.files("keybroker.attestation") / "policies" / f"{policy_id}.rego").read_text()
+
+
+def compile_attestation_policy(source: str) -> CompiledPolicy:
+    policy = CompiledPolicy.compile(source, entrypoints=_ENTRYPOINTS, helpers=HELPERS)
+    if policy.package != "policy":
+        raise PolicyParseError(
+            f"an attestation policy must declare `package policy`, found `package {policy.package}`"
+        )
+    return policy
+
+
+@dataclass(frozen=True)
+class Appraised:
+    trust_vector: dict[str, int]
+    extensions: dict[str, JsonValue]
+
+
+class AttestationPolicies:
+    def __init__(self, storage: KeyValueStorage, reference_values: ReferenceValueStore) -> None:
+        self._storage = storage
+        self._reference_values = reference_values
+        self._compiled: dict[str, CompiledPolicy] = {}
+
+    async def initialize(self) -> None:
+        """Install the default policies unless an operator already stored their own."""
+        for policy_id in DEFAULT_POLICIES:
+            source = builtin_attestation_policy(policy_id).encode()
+            await self._storage.set(policy_id + _SUFFIX, source, overwrite=False)
+
+    async def set(self, policy_id: str, source: str) -> None:
+        if not _POLICY_ID.fullmatch(policy_id):
+            raise BadRequestError(f"invalid attestation policy id {policy_id[:64]!r}")
+        compiled = compile_attestation_policy(source)  # refuse before storing
+        await self._storage.set(policy_id + _SUFFIX, source.encode())
+        self._compiled[policy_id] = compiled
+
+    async def list_ids(self) -> list[str]:
+        keys = await self._storage.list_keys()
+        return sorted(k.removesuffix(_SUFFIX) for k in keys if k.endswith(_SUFFIX))
+
+    async def source(self, policy_id: str) -> str:
+        raw = await self._storage.get(policy_id + _SUFFIX)
+        if raw is None:
+            raise PolicyEvaluationError(f"attestation policy {policy_id} does not exist")
+        return raw.decode("utf-8", errors="replace")
+
+    async def compiled(self, policy_id: str) -> CompiledPolicy:
+        source = await self.source(policy_id)
+        cached = self._compiled.get(policy_id)
+        if cached is None or cached.source != source:
+            cached = compile_attestation_policy(source)
+            self._compiled[policy_id] = cached
+        return cached
+
+    async def reference_data(self, policy: CompiledPolicy) -> dict[str, JsonValue]:
+        """The reference values the policy can ask for, as its ``data``."""
+        literal = _RV_LITERAL.findall(policy.source)
+        if len(literal) == len(_RV_CALL.findall(policy.source)):
+            ids = sorted(set(literal))
+        else:  # an id computed at evaluation time: provide every value
+            ids = await self._reference_values.all_ids()
+        return {"reference_value": await self._reference_values.query_many(ids)}
+
+    async def appraise(self, policy_id: str, annotated_evidence: JsonValue) -> Appraised:
+        policy = await self.compiled(policy_id)
+        data = await self.reference_data(policy)
+        claims = policy.evaluate("policy/trust_claims", annotated_evidence, data)
+        extensions = policy.evaluate("policy/extensions", annotated_evidence, data)
+        return Appraised(_trust_vector(policy_id, claims), _extensions(policy_id, extensions))
+
+
+def _trust_vector(policy_id: str, claims: JsonValue) -> dict[str, int]:
+    if claims is None:
+        raise PolicyEvaluationError(f"attestation policy {policy_id} sets no trust claims")
+    if not isinstance(claims, dict):
+        raise PolicyEvaluationError(f"{policy_id}: trust_claims must be an object")
+    vector: dict[str, int] = {}
+    for name, value in claims.items():
+        if name not in TRUST_CLAIMS:
+            raise PolicyEvaluationError(
+                f"{policy_id}: unknown trust claim {name[:64]!r}; "
+                f"expected one of {', '.join(TRUST_CLAIMS)}"
+            )
+        if not isinstance(value, int) or isinstance(value, bool) or not -128 <= value <= 127:
+            raise PolicyEvaluationError(f"{policy_id}: trust claim {name} must be -128..127")
+        vector[name] = value
+    if not vector:
+        raise PolicyEvaluationError(f"attestation policy {policy_id} sets no trust claims")
+    return vector
+
+
+def _extensions(policy_id: str, extensions: JsonValue) -> dict[str, JsonValue]:
+    if extensions is None:
+        return {}
+    if not isinstance(extensions, list):
+        raise PolicyEvaluationError(f"{policy_id}: extensions must be a list")
+    result: dict[str, JsonValue] = {}
+    for item in extensions:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise PolicyEvaluationError(f"{policy_id}: each extension needs a name and a value")
+        if not isinstance(item.get("key"), int) or "value" not in item:
+            raise PolicyEvaluationError(f"{policy_id}: extension {item['name']} needs key, value")
+        result[item["name"]] = item["value"]
+    return result

@@ -1,0 +1,113 @@
+"""Policy explain: evaluate a resource or attestation policy on given input and show why.
+
+Operators debugging a denial get the decision plus the value of every rule in the policy
+package (a rule that is absent was undefined), or the evaluation error. The input is given
+directly, or taken from a still-valid attestation token (verified like any other). A draft
+policy can be evaluated before it is installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from keybroker.attestation.ear import status_of
+from keybroker.attestation.policy import AttestationPolicies, compile_attestation_policy
+from keybroker.errors import BadRequestError, KeybrokerError, UnsupportedOperationError
+from keybroker.kbs.resource_policy import ResourcePolicy, compile_resource_policy
+from keybroker.kbs.tokens import TokenVerifier, pointer
+from keybroker.policy.engine import CompiledPolicy
+from keybroker.protocol.models import JsonValue
+
+
+class ExplainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["resource", "attestation"]
+    policy_id: str = "default_cpu"  # attestation policies only
+    policy: str | None = None  # base64url Rego: explain a draft instead of the stored policy
+    input: JsonValue = None
+    token: str | None = None
+    submod: str = "cpu0"  # attestation + token: which submodule's evidence is the input
+    data: dict[str, JsonValue] = Field(default_factory=dict)  # resource policies only
+
+
+def parse_explain_request(body: bytes) -> ExplainRequest:
+    try:
+        return ExplainRequest.model_validate_json(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise BadRequestError(f"malformed explain request: `{where}`: {first['msg']}") from None
+
+
+async def explain(
+    request: ExplainRequest,
+    *,
+    resource_policy: ResourcePolicy,
+    attestation_policies: AttestationPolicies | None,
+    tokens: TokenVerifier,
+) -> dict[str, JsonValue]:
+    policy_input = _input(request, tokens)
+    if request.kind == "resource":
+        policy = (
+            compile_resource_policy(_draft(request.policy))
+            if request.policy
+            else await resource_policy.current()
+        )
+        data: JsonValue = request.data
+    else:
+        if attestation_policies is None:
+            raise UnsupportedOperationError("this KBS has no builtin attestation service")
+        policy = (
+            compile_attestation_policy(_draft(request.policy))
+            if request.policy
+            else await attestation_policies.compiled(request.policy_id)
+        )
+        data = await attestation_policies.reference_data(policy)
+    try:
+        rules = policy.explain(policy_input, data)
+    except KeybrokerError as e:
+        return {"decision": None, "rules": {}, "error": e.detail, "input": policy_input}
+    return {
+        "decision": _decision(request, policy, rules),
+        "rules": rules,
+        "error": None,
+        "input": policy_input,
+    }
+
+
+def _decision(
+    request: ExplainRequest, policy: CompiledPolicy, rules: dict[str, JsonValue]
+) -> JsonValue:
+    if request.kind == "resource":
+        return {"allow": rules.get("allow") is True}
+    vector = rules.get("trust_claims")
+    if not isinstance(vector, dict):
+        return {"trust_claims": None, "status": None}
+    numbers = {k: v for k, v in vector.items() if isinstance(v, int)}
+    return {"trust_claims": vector, "status": status_of(numbers)}
+
+
+def _input(request: ExplainRequest, tokens: TokenVerifier) -> JsonValue:
+    if (request.token is None) == (request.input is None):
+        raise BadRequestError('give exactly one of "input" and "token"')
+    if request.token is None:
+        return request.input
+    claims = tokens.verify(request.token)
+    if request.kind == "resource":
+        return claims
+    evidence = pointer(claims, f"/submods/{request.submod}/ear.veraison.annotated-evidence")
+    if evidence is None:
+        raise BadRequestError(f"the token has no submodule {request.submod[:16]!r}")
+    return evidence
+
+
+def _draft(encoded: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise BadRequestError("the draft policy is not base64url-encoded UTF-8 text") from None

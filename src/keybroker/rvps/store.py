@@ -1,0 +1,75 @@
+"""The reference-value store: register provenance messages, query values by id.
+
+A message is ``{"version": "0.1.0", "type": "<extractor>", "payload": "<string>"}``; the
+extractor named by ``type`` verifies the payload and turns it into reference values. Each value
+is stored under its name in the ``reference_value`` namespace as upstream's record
+``{"version", "name", "expiration", "value"}``. An expired value is never returned: a stale
+measurement must not keep vouching for a guest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from keybroker.errors import BadRequestError
+from keybroker.protocol.models import JsonValue
+from keybroker.rvps.extractors import EXTRACTORS
+from keybroker.rvps.reference_value import ReferenceValue
+from keybroker.storage.base import KeyValueStorage
+
+NAMESPACE = "reference_value"
+MESSAGE_VERSION = "0.1.0"
+
+
+class ReferenceValueStore:
+    def __init__(self, storage: KeyValueStorage, *, clock: Callable[[], float] = time.time) -> None:
+        self._storage = storage
+        self._clock = clock
+
+    async def register(self, message: str) -> list[str]:
+        """Verify and store the values a provenance message carries; return their names."""
+        try:
+            document = json.loads(message)
+        except json.JSONDecodeError:
+            raise BadRequestError("the reference-value message is not JSON") from None
+        if not isinstance(document, dict):
+            raise BadRequestError("the reference-value message must be a JSON object")
+        version = document.get("version", MESSAGE_VERSION)
+        if version != MESSAGE_VERSION:
+            raise BadRequestError(
+                f"reference-value message version must be {MESSAGE_VERSION}, found {version!r}"
+            )
+        kind, payload = document.get("type"), document.get("payload")
+        if not isinstance(kind, str) or not isinstance(payload, str):
+            raise BadRequestError('the message needs string members "type" and "payload"')
+        extractor = EXTRACTORS.get(kind)
+        if extractor is None:
+            raise BadRequestError(
+                f"no reference-value extractor {kind[:32]!r}: expected one of {sorted(EXTRACTORS)}"
+            )
+        values = extractor(payload, self._clock())
+        for value in values:
+            await self._storage.set(value.name, value.to_bytes())
+        return [value.name for value in values]
+
+    async def query(self, reference_value_id: str) -> JsonValue | None:
+        raw = await self._storage.get(reference_value_id)
+        if raw is None:
+            return None
+        value = ReferenceValue.from_bytes(raw)
+        if value.expiration <= self._clock():
+            return None
+        return value.value
+
+    async def query_many(self, ids: list[str]) -> dict[str, JsonValue]:
+        found: dict[str, JsonValue] = {}
+        for reference_value_id in ids:
+            value = await self.query(reference_value_id)
+            if value is not None:
+                found[reference_value_id] = value
+        return found
+
+    async def all_ids(self) -> list[str]:
+        return await self._storage.list_keys()
