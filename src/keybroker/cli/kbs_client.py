@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from keybroker import __version__
 from keybroker.client.admin import AdminClient
+from keybroker.client.attesters import Attester, SampleDeviceAttester
 from keybroker.client.keys import TeeKey
 from keybroker.client.rcar import KbsClient
 from keybroker.errors import ClientError, KeybrokerError
+from keybroker.protocol.models import JsonValue
+from keybroker.protocol.resource_path import ResourcePath
 
 PRESET_POLICIES = {
     "allow_all": "allow_all",
@@ -37,16 +43,22 @@ def _parser() -> argparse.ArgumentParser:
     attest = commands.add_parser("attest", help="attest and print the attestation token")
     attest.add_argument("--tee-key-file", type=Path, help="TEE private key (PEM)")
     attest.add_argument("init_data", nargs="?", help="init-data plaintext (TOML)")
+    _device_option(attest)
 
     get = commands.add_parser("get-resource", help="fetch a resource; prints its base64")
     get.add_argument("--path", required=True, help="repository/type/tag")
     get.add_argument("--tee-key-file", type=Path, help="TEE private key (PEM)")
     get.add_argument("--attestation-token", type=Path, help="token file (passport mode)")
     get.add_argument("init_data", nargs="?", help="init-data plaintext (TOML)")
+    _device_option(get)
 
     config = commands.add_parser("config", help="administer the KBS")
     config.add_argument("--admin-token-file", type=Path, help="admin bearer token file")
-    admin = config.add_subparsers(dest="admin_command", required=True)
+    _admin_parsers(config.add_subparsers(dest="admin_command", required=True))
+    return parser
+
+
+def _admin_parsers(admin: Any) -> None:
     set_resource = admin.add_parser("set-resource", help="store a resource")
     set_resource.add_argument("--path", required=True)
     set_resource.add_argument("--resource-file", type=Path, required=True)
@@ -59,7 +71,50 @@ def _parser() -> argparse.ArgumentParser:
     choice.add_argument("--deny-all", action="store_true", help="release nothing")
     choice.add_argument("--affirming", action="store_true", help="only affirming tokens")
     choice.add_argument("--default", action="store_true", help="the default policy")
-    return parser
+
+    attestation = admin.add_parser("set-attestation-policy", help="install an attestation policy")
+    attestation.add_argument("--policy-file", type=Path, required=True, help="a Rego file")
+    attestation.add_argument("--type", default="rego", help="policy language (rego)")
+    attestation.add_argument("--id", default="default_cpu", help="policy id (default_cpu)")
+
+    sample_rv = admin.add_parser(
+        "set-sample-reference-value", help="register a reference value (sample extractor)"
+    )
+    sample_rv.add_argument("name")
+    sample_rv.add_argument("value", help="a string, unless --as-integer or --as-bool")
+    kind = sample_rv.add_mutually_exclusive_group()
+    kind.add_argument("--as-integer", action="store_true")
+    kind.add_argument("--as-bool", action="store_true")
+    sample_rv.add_argument(
+        "--as-single-value", action="store_true", help="store the value itself, not [value]"
+    )
+
+    get_rv = admin.add_parser("get-reference-value", help="print a reference value (JSON)")
+    get_rv.add_argument("--id", required=True)
+
+    evaluate = admin.add_parser(
+        "evaluate-policy", help="explain a resource or attestation policy decision"
+    )
+    which = evaluate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--resource", action="store_true", help="the resource policy")
+    which.add_argument("--attestation", action="store_true", help="an attestation policy")
+    evaluate.add_argument("--policy-id", default="default_cpu", help="attestation policy id")
+    evaluate.add_argument("--policy-file", type=Path, help="evaluate this draft instead")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input-file", type=Path, help="policy input (JSON)")
+    source.add_argument("--token-file", type=Path, help="take the input from this token")
+    evaluate.add_argument("--path", help="resource path for the request data (repo/type/tag)")
+    evaluate.add_argument("--plugin", default="resource", help="plugin for the request data")
+    evaluate.add_argument("--submod", default="cpu0", help="submodule of the token (attestation)")
+
+
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sample-device",
+        action="store_true",
+        default=bool(os.environ.get("ENABLE_SAMPLE_DEVICE")),
+        help="add sampledevice evidence (also: ENABLE_SAMPLE_DEVICE set)",
+    )
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -90,7 +145,49 @@ def _policy_text(args: argparse.Namespace) -> str:
 
 def _guest(args: argparse.Namespace) -> KbsClient:
     tee_key = TeeKey.from_file(args.tee_key_file) if args.tee_key_file else None
-    return KbsClient(args.url, tee_key=tee_key, init_data=args.init_data, cert_file=args.cert_file)
+    devices: list[Attester] = [SampleDeviceAttester()] if args.sample_device else []
+    return KbsClient(
+        args.url,
+        tee_key=tee_key,
+        init_data=args.init_data,
+        cert_file=args.cert_file,
+        device_attesters=devices,
+    )
+
+
+def _reference_value(args: argparse.Namespace) -> JsonValue:
+    value: JsonValue = args.value
+    if args.as_integer:
+        try:
+            value = int(args.value)
+        except ValueError:
+            raise ClientError(f"{args.value!r} is not an integer") from None
+    elif args.as_bool:
+        if args.value not in ("true", "false"):
+            raise ClientError(f"{args.value!r} is not a boolean (true or false)")
+        value = args.value == "true"
+    return value if args.as_single_value else [value]
+
+
+def _explain_request(args: argparse.Namespace) -> dict[str, JsonValue]:
+    request: dict[str, JsonValue] = {"kind": "resource" if args.resource else "attestation"}
+    if args.attestation:
+        request["policy_id"] = args.policy_id
+        request["submod"] = args.submod
+    if args.policy_file:
+        rego = _read(args.policy_file, "policy file")
+        request["policy"] = base64.urlsafe_b64encode(rego).rstrip(b"=").decode()
+    if args.token_file:
+        request["token"] = _read(args.token_file, "token file").decode().strip()
+    else:
+        try:
+            request["input"] = json.loads(_read(args.input_file, "input file"))
+        except json.JSONDecodeError as e:
+            raise ClientError(f"input file {args.input_file} is not JSON: {e}") from None
+    if args.resource:
+        segments = ResourcePath.parse(args.path).segments() if args.path else []
+        request["data"] = {"plugin": args.plugin, "resource-path": segments, "query": {}}
+    return request
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -110,15 +207,52 @@ def _run(args: argparse.Namespace) -> None:
         admin = AdminClient(
             args.url, token=_admin_token(args.admin_token_file), cert_file=args.cert_file
         )
-        if args.admin_command == "set-resource":
-            admin.set_resource(args.path, _read(args.resource_file, "resource file"))
-            print(f"resource {args.path} set", file=sys.stderr)
-        elif args.admin_command == "delete-resource":
-            admin.delete_resource(args.path)
-            print(f"resource {args.path} deleted", file=sys.stderr)
-        else:
-            admin.set_resource_policy(_policy_text(args))
-            print("resource policy set", file=sys.stderr)
+        _ADMIN_COMMANDS[args.admin_command](admin, args)
+
+
+def _set_resource(admin: AdminClient, args: argparse.Namespace) -> None:
+    admin.set_resource(args.path, _read(args.resource_file, "resource file"))
+    print(f"resource {args.path} set", file=sys.stderr)
+
+
+def _delete_resource(admin: AdminClient, args: argparse.Namespace) -> None:
+    admin.delete_resource(args.path)
+    print(f"resource {args.path} deleted", file=sys.stderr)
+
+
+def _set_resource_policy(admin: AdminClient, args: argparse.Namespace) -> None:
+    admin.set_resource_policy(_policy_text(args))
+    print("resource policy set", file=sys.stderr)
+
+
+def _set_attestation_policy(admin: AdminClient, args: argparse.Namespace) -> None:
+    rego = _read(args.policy_file, "policy file").decode()
+    admin.set_attestation_policy(rego, policy_id=args.id, policy_type=args.type)
+    print(f"attestation policy {args.id} set", file=sys.stderr)
+
+
+def _set_sample_reference_value(admin: AdminClient, args: argparse.Namespace) -> None:
+    admin.set_sample_reference_value(args.name, _reference_value(args))
+    print(f"reference value {args.name} registered", file=sys.stderr)
+
+
+def _get_reference_value(admin: AdminClient, args: argparse.Namespace) -> None:
+    print(json.dumps(admin.get_reference_value(args.id)))
+
+
+def _evaluate_policy(admin: AdminClient, args: argparse.Namespace) -> None:
+    print(json.dumps(admin.explain_policy(_explain_request(args)), indent=2))
+
+
+_ADMIN_COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace], None]] = {
+    "set-resource": _set_resource,
+    "delete-resource": _delete_resource,
+    "set-resource-policy": _set_resource_policy,
+    "set-attestation-policy": _set_attestation_policy,
+    "set-sample-reference-value": _set_sample_reference_value,
+    "get-reference-value": _get_reference_value,
+    "evaluate-policy": _evaluate_policy,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

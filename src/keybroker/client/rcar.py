@@ -29,6 +29,7 @@ class KbsClient:
         url: str,
         *,
         attester: Attester | None = None,
+        device_attesters: list[Attester] | None = None,
         tee_key: TeeKey | None = None,
         init_data: str | None = None,
         http: httpx.Client | None = None,
@@ -36,6 +37,7 @@ class KbsClient:
     ) -> None:
         self._http = http if http is not None else make_http(url, cert_file)
         self._attester = attester or SampleAttester()
+        self._devices = device_attesters or []
         self._tee_key = tee_key or TeeKey.generate()
         self._init_data = init_data
         self.token: str | None = None
@@ -65,18 +67,30 @@ class KbsClient:
             raise ClientError("the KBS challenge carries no nonce")
         algorithm = _selected_algorithm(challenge.get("extra-params"))
         tee_pubkey = self._tee_key.public_jwk()
-        data = runtime_data(nonce, tee_pubkey, "")
+        additional = self._device_evidence(nonce, tee_pubkey, algorithm)
+        data = runtime_data(nonce, tee_pubkey, additional)
         evidence = self._attester.evidence(runtime_data_digest(data, algorithm))
         body: dict[str, JsonValue] = {
             "init-data": ({"format": "toml", "body": self._init_data} if self._init_data else None),
             "runtime-data": {"nonce": nonce, "tee-pubkey": tee_pubkey},
-            "tee-evidence": {"primary_evidence": evidence, "additional_evidence": ""},
+            "tee-evidence": {"primary_evidence": evidence, "additional_evidence": additional},
         }
         token = _json_object(send(self._http, "POST", f"{API}/attest", json=body)).get("token")
         if not isinstance(token, str):
             raise ClientError("the KBS attestation reply carries no token")
         self.token = token
         return token
+
+    def _device_evidence(
+        self, nonce: str, tee_pubkey: dict[str, str], algorithm: HashAlgorithm
+    ) -> str:
+        """Devices bind the runtime data without additional evidence; the primary attester then
+        binds theirs (upstream's composite evidence)."""
+        if not self._devices:
+            return ""
+        digest = runtime_data_digest(runtime_data(nonce, tee_pubkey, None), algorithm)
+        evidence = {device.tee.value: device.evidence(digest) for device in self._devices}
+        return json.dumps(evidence, separators=(",", ":"))
 
     def get_resource(self, path: ResourcePath | str) -> bytes:
         """Fetch and decrypt a resource, attesting first (and again once on a 401)."""
