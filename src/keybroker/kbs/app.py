@@ -1,7 +1,8 @@
 """The KBS HTTP application: ``create_app(config)`` builds everything and returns a Starlette app.
 
-Routes: ``/kbs/v0/auth``, ``/kbs/v0/attest``, ``/kbs/v0/resource-policy``, and every other
-``/kbs/v0/<plugin>/<path...>`` dispatched to a plugin; ``/healthz``. Handlers parse, call one
+Routes: ``/kbs/v0/auth`` and ``/attest`` (guests); ``/resource-policy``,
+``/attestation-policy``, ``/reference-value[/<id>]`` and ``/policy-explain`` (admin); every
+other ``/kbs/v0/<plugin>/<path...>`` dispatched to a plugin; ``/healthz``. Handlers parse, call one
 service, serialize. Every ``KeybrokerError`` is rendered by one handler as RFC 7807 JSON; any
 other exception becomes a 500 whose detail reveals nothing.
 

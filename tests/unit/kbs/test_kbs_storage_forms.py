@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 from starlette.testclient import TestClient
@@ -77,3 +78,25 @@ def test_stored_operator_policy_survives_restart(tmp_path: Path) -> None:
         AdminClient("http://testserver", http=client).set_resource("a/b/c", b"x")
     with TestClient(create_app(config)) as client:
         assert KbsClient("http://testserver", http=client).get_resource("a/b/c") == b"x"
+
+
+def test_operator_attestation_policy_survives_restart(tmp_path: Path) -> None:
+    config = kbs_config(
+        storage_backend={
+            "storage_type": "LocalFs",
+            "backends": {"local_fs": {"dir_path": str(tmp_path)}},
+        },
+    )
+    mine = 'package policy\ntrust_claims := {"hardware": 2}\n'
+    with TestClient(create_app(config)) as client:
+        AdminClient("http://testserver", http=client).set_attestation_policy(mine)
+    with TestClient(create_app(config)) as client:  # start-up must not reinstall the default
+        token = KbsClient("http://testserver", http=client).attest()
+    stored = tmp_path / "attestation_service_policy" / "default_cpu.rego"
+    assert stored.read_text() == mine
+    assert '"ear.trustworthiness-vector":{"hardware":2}' in _payload(token)
+
+
+def _payload(token: str) -> str:
+    body = token.split(".")[1]
+    return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
