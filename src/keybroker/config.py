@@ -359,8 +359,21 @@ class KbsConfig(_Model):
         return self.attestation_service.timeout
 
 
+_LEGACY_ADMIN_KEYS = ("type", "auth_public_key", "insecure_api")
+
+
 def parse_config(document: dict[str, object], *, source: str = "<config>") -> KbsConfig:
     """Validate a parsed document; errors name the offending key and the source."""
+    admin = document.get("admin")
+    if isinstance(admin, dict) and any(key in admin for key in _LEGACY_ADMIN_KEYS):
+        raise ConfigError(
+            f"{source}: the legacy [admin] form (type / auth_public_key / insecure_api) is no "
+            'longer accepted. Migrate to authorization_mode = "AuthenticatedAuthorization" '
+            "with [admin.authentication.bearer_jwt] identity_providers = "
+            '[{ public_key_uri = "<your admin public key PEM>" }] and '
+            '[admin.authorization.regex_acl] acls = [{ role = "...", '
+            'allowed_endpoints = "^/kbs/v0/.+$" }], or to "DenyAll" / "InsecureAllowAll"'
+        )
     try:
         return KbsConfig.model_validate(document)
     except ValidationError as e:

@@ -40,6 +40,7 @@ from keybroker.errors import (
     ResourceNotFoundError,
     TokenNotFoundError,
 )
+from keybroker.kbs.admin_auth import AdminIdentity
 from keybroker.kbs.explain import explain, parse_explain_request
 from keybroker.kbs.services import KbsServices, build_services
 from keybroker.kbs.sessions import SESSION_COOKIE, Session
@@ -114,7 +115,7 @@ async def _kbs(request: Request) -> Response:
         return await _rcar(call, request, services)
     admin_endpoint = _ADMIN_ENDPOINTS.get(call.name)
     if admin_endpoint is not None:
-        services.admin.check(f"/kbs/v0/{call.name}")
+        _admit(request, services)
         return await admin_endpoint(call, services)
     return await _plugin(call, request, services)
 
@@ -210,7 +211,7 @@ async def _plugin(call: _Call, request: Request, services: KbsServices) -> Respo
     )
     plugin.check(plugin_request)
     if plugin.requires_admin(plugin_request):
-        services.admin.check(f"/kbs/v0/{call.name}")
+        _admit(request, services)
         return _plain(await plugin.handle(plugin_request))
 
     claims = services.tokens.verify(await _guest_token(request, services))
@@ -226,6 +227,14 @@ async def _plugin(call: _Call, request: Request, services: KbsServices) -> Respo
     if recipient is None:
         return _plain(result)
     return JSONResponse(seal(recipient, result.body))
+
+
+def _admit(request: Request, services: KbsServices) -> AdminIdentity:
+    """Admin access check on the request's path and query, exactly as sent."""
+    raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+    query = request.scope.get("query_string", b"")
+    uri = raw.decode("latin-1") + (f"?{query.decode('latin-1')}" if query else "")
+    return services.admin.check(uri, request.headers.get("authorization"))
 
 
 async def _guest_token(request: Request, services: KbsServices) -> str:

@@ -87,7 +87,7 @@ def build_services(
         else _provider(session_type, config, clock, memory_dir)
     )
     providers = [storage] if session_storage is storage else [storage, session_storage]
-    admin = AdminGuard(config.admin)
+    admin = AdminGuard(config.admin, clock=clock)
     trusted_keys = []
     handshake: Handshake | None = None
     sessions: SessionStore | None = None

@@ -41,7 +41,7 @@ from keybroker.protocol.jwk import (
 )
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
-SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 # Checked before any decoding, so an oversized token costs nothing to refuse.
 MAX_TOKEN_LENGTH = 256 * 1024
@@ -55,7 +55,7 @@ _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 def sign_jwt(
     claims: Mapping[str, object],
-    private_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    private_key: SigningKey,
     *,
     header: Mapping[str, object] | None = None,
 ) -> str:
@@ -74,6 +74,8 @@ def sign_jwt(
         r, s = decode_dss_signature(private_key.sign(data, ec.ECDSA(hash_algorithm)))
         # JWS wants the fixed-length r || s, not the DER that cryptography produces.
         signature = r.to_bytes(size, "big") + s.to_bytes(size, "big")
+    elif isinstance(private_key, ed25519.Ed25519PrivateKey):
+        signature = private_key.sign(data)
     else:
         signature = private_key.sign(data, padding.PKCS1v15(), hashes.SHA256())
     return f"{signing_input}.{b64url_encode(signature)}"
@@ -91,7 +93,9 @@ def _signing_algorithm(private_key: SigningKey) -> str:
         if private_key.key_size < MIN_RSA_BITS:
             raise ConfigError(f"an RSA token signing key must have at least {MIN_RSA_BITS} bits")
         return "RS256"
-    raise ConfigError("a token signing key must be EC P-256, P-384 or RSA")
+    if isinstance(private_key, ed25519.Ed25519PrivateKey):
+        return "EdDSA"
+    raise ConfigError("a token signing key must be EC P-256, P-384, RSA or Ed25519")
 
 
 def jwk_of(public_key: PublicKey) -> dict[str, object]:
