@@ -60,7 +60,9 @@ def running_kbs(args: list[str], workdir: Path, url: str) -> Iterator[subprocess
             process.wait()
 
 
-def kbs_client(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def kbs_client(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "kbs-client"), *args],
         capture_output=True,
@@ -68,4 +70,5 @@ def kbs_client(*args: str, cwd: Path | None = None) -> subprocess.CompletedProce
         timeout=60,
         cwd=cwd,
         check=False,
+        env={**os.environ, **(env or {})},
     )

@@ -18,6 +18,14 @@ from typing import Any
 
 from keybroker import __version__
 from keybroker.client.admin import AdminClient
+from keybroker.client.admin_tokens import (
+    DEFAULT_DIR,
+    generate_key_pair,
+    load_signing_key,
+    mint_admin_token,
+    parse_duration,
+    write_private,
+)
 from keybroker.client.attesters import Attester, SampleDeviceAttester
 from keybroker.client.keys import TeeKey
 from keybroker.client.rcar import KbsClient
@@ -51,6 +59,26 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("--attestation-token", type=Path, help="token file (passport mode)")
     get.add_argument("init_data", nargs="?", help="init-data plaintext (TOML)")
     _device_option(get)
+
+    tokens = commands.add_parser("admin", help="admin credentials (keys, tokens)")
+    token_commands = tokens.add_subparsers(dest="credential_command", required=True)
+    keygen = token_commands.add_parser("keygen", help="create an Ed25519 admin key pair")
+    keygen.add_argument("--private-key", type=Path, default=DEFAULT_DIR / "admin-key.pem")
+    keygen.add_argument("--public-key", type=Path, default=DEFAULT_DIR / "admin-key.pub.pem")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key")
+    token = token_commands.add_parser("token", help="mint an admin JWT")
+    token.add_argument("--key", type=Path, required=True, help="the admin private key (PEM)")
+    token.add_argument("--role", required=True)
+    token.add_argument("--issuer")
+    token.add_argument("--audience")
+    token.add_argument("--subject", help="who the token is for (sub)")
+    token.add_argument("--ttl", default="1h", help="lifetime: 3600, 30m, 12h, 7d (default 1h)")
+    token.add_argument(
+        "--out",
+        default=str(DEFAULT_DIR / "admin-token"),
+        help="where to write the token (0600); '-' prints it to stdout",
+    )
+    token.add_argument("--force", action="store_true", help="replace an existing token file")
 
     config = commands.add_parser("config", help="administer the KBS")
     config.add_argument("--admin-token-file", type=Path, help="admin bearer token file")
@@ -190,8 +218,35 @@ def _explain_request(args: argparse.Namespace) -> dict[str, JsonValue]:
     return request
 
 
+def _run_admin_credentials(args: argparse.Namespace) -> None:
+    if args.credential_command == "keygen":
+        files = generate_key_pair(args.private_key, args.public_key, force=args.force)
+        print(
+            f"admin private key: {files.private_key} (keep it secret)\n"
+            f"admin public key:  {files.public_key} (put it in the KBS config as "
+            "identity_providers = [{ public_key_uri = ... }])",
+            file=sys.stderr,
+        )
+        return
+    token = mint_admin_token(
+        load_signing_key(args.key),
+        role=args.role,
+        ttl_seconds=parse_duration(args.ttl),
+        issuer=args.issuer,
+        audience=args.audience,
+        subject=args.subject,
+    )
+    if args.out == "-":
+        print(token)
+        return
+    write_private(Path(args.out), token.encode() + b"\n", force=args.force)
+    print(f"admin token written to {args.out}", file=sys.stderr)
+
+
 def _run(args: argparse.Namespace) -> None:
-    if args.command == "attest":
+    if args.command == "admin":
+        _run_admin_credentials(args)
+    elif args.command == "attest":
         print(_guest(args).attest())
     elif args.command == "get-resource":
         if args.attestation_token and not args.tee_key_file:
