@@ -39,6 +39,7 @@ def kbs_config(**sections: object) -> KbsConfig:
     document: dict[str, object] = {
         "http_server": {"insecure_http": True},
         "admin": {"authorization_mode": "InsecureAllowAll"},
+        "audit": {"sink": "stdout"},  # tests of the file sink give their own path
     }
     document.update(sections)
     return parse_config(document, source="test")

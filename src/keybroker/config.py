@@ -338,6 +338,17 @@ PluginConfig = Annotated[
 ]
 
 
+# --- [audit] (Keybroker) ---------------------------------------------------------------------
+
+
+class AuditConfig(_Model):
+    """Keybroker's audit log (no upstream counterpart)."""
+
+    sink: Literal["file", "stdout"] = "file"
+    path: Path = Path("kbs-audit.log")
+    fsync: Literal["always", "never"] = "always"
+
+
 # --- the whole file --------------------------------------------------------------------------
 
 
@@ -352,6 +363,7 @@ class KbsConfig(_Model):
     admin: AdminConfig = AdminDenyAll()
     storage_backend: StorageBackendConfig = StorageBackendConfig()
     session_storage_type: StorageTypeField | None = None
+    audit: AuditConfig = AuditConfig()
     plugins: list[PluginConfig] = Field(default_factory=_default_plugins)
 
     @property

@@ -16,6 +16,7 @@ from pathlib import Path
 from keybroker import __version__
 from keybroker.config import KbsConfig, load_config, parse_config
 from keybroker.errors import KeybrokerError
+from keybroker.kbs.audit import verify_file
 from keybroker.kbs.server import serve
 
 # Builtin AS, resources in ./.kbs, sessions in memory, plain HTTP on loopback, open admin API.
@@ -27,6 +28,7 @@ DEV_DEFAULTS: dict[str, object] = {
         "backends": {"local_fs": {"dir_path": ".kbs"}},
     },
     "session_storage_type": "Memory",
+    "audit": {"path": ".kbs/audit.log"},
 }
 
 
@@ -85,7 +87,29 @@ def _sibling(name: str) -> str:
         return str(path)
 
 
+def audit_main(argv: list[str]) -> int:
+    """``kbs audit verify FILE``: check an audit log's hash chain."""
+    parser = argparse.ArgumentParser(prog="kbs audit", description="Audit log tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    verify = commands.add_parser("verify", help="check a log for edited/removed/moved records")
+    verify.add_argument("file", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        result = verify_file(args.file)
+    except OSError as e:
+        print(f"kbs audit: error: cannot read {args.file}: {e.strerror}", file=sys.stderr)
+        return 1
+    if result.ok:
+        print(f"{args.file}: {result.records} records, chain intact")
+        return 0
+    print(f"{args.file}: TAMPERED: {result.problem}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["audit"]:
+        return audit_main(argv[1:])
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

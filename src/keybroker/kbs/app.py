@@ -11,14 +11,12 @@ The services are built once, here, and kept in ``app.state.kbs`` (no module glob
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -27,26 +25,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from keybroker.attestation.service import AttestationBackend, BuiltinAttestationService
 from keybroker.config import KbsConfig
 from keybroker.errors import (
-    BadRequestError,
     InvalidRequestPathError,
     KeybrokerError,
     MethodNotAllowedError,
     PayloadTooLargeError,
     PluginNotFoundError,
     PolicyDeniedError,
-    ResourceNotFoundError,
     TokenNotFoundError,
 )
+from keybroker.kbs.admin_api import ADMIN_ENDPOINTS, ApiCall
 from keybroker.kbs.admin_auth import AdminIdentity
-from keybroker.kbs.explain import explain, parse_explain_request
+from keybroker.kbs.auditing import admin_subject, guest_subject, request_context
 from keybroker.kbs.services import KbsServices, build_services
 from keybroker.kbs.sessions import SESSION_COOKIE, Session
 from keybroker.kbs.tokens import pointer
-from keybroker.plugins.base import PluginRequest, PluginResponse
+from keybroker.plugins.base import Plugin, PluginRequest, PluginResponse
 from keybroker.protocol.jwe import seal
+from keybroker.protocol.jws import decode_unverified
 from keybroker.storage.provider import StorageProvider
 
 log = logging.getLogger(__name__)
@@ -54,17 +51,6 @@ log = logging.getLogger(__name__)
 PREFIX = "/kbs/v0/"
 _PROBLEM_JSON = "application/problem+json"
 _INIT_DATA_CLAIMS = "/submods/cpu0/ear.veraison.annotated-evidence/init_data_claims"
-
-
-@dataclass(frozen=True)
-class _Call:
-    """One parsed request under /kbs/v0/."""
-
-    method: str
-    name: str
-    rest: tuple[str, ...]
-    query: dict[str, str]
-    body: bytes
 
 
 def create_app(
@@ -104,7 +90,7 @@ async def _healthz(request: Request) -> Response:
 async def _kbs(request: Request) -> Response:
     services: KbsServices = request.app.state.kbs
     name, *rest = _segments(request)
-    call = _Call(
+    call = ApiCall(
         method=request.method,
         name=name,
         rest=tuple(rest),
@@ -113,14 +99,40 @@ async def _kbs(request: Request) -> Response:
     )
     if call.name in ("auth", "attest"):
         return await _rcar(call, request, services)
-    admin_endpoint = _ADMIN_ENDPOINTS.get(call.name)
+    admin_endpoint = ADMIN_ENDPOINTS.get(call.name)
     if admin_endpoint is not None:
-        _admit(request, services)
-        return await admin_endpoint(call, services)
+        return await _admin(call, request, services, lambda: admin_endpoint(call, services))
     return await _plugin(call, request, services)
 
 
-async def _rcar(call: _Call, request: Request, services: KbsServices) -> Response:
+async def _admin(
+    call: ApiCall,
+    request: Request,
+    services: KbsServices,
+    operation: Callable[[], Awaitable[Response]],
+) -> Response:
+    """Admit, check the audit log can take the record, act, record: exactly one record."""
+    request_id, peer = request_context(request)
+    action, target = f"admin {call.method} {call.name}", "/".join(call.rest)
+    record = partial(
+        services.audit.record, action=action, target=target, request_id=request_id, peer=peer
+    )
+    try:
+        identity = _admit(request, services)
+    except KeybrokerError as e:
+        record(decision="deny", subject=None, reason=e.detail)
+        raise
+    services.audit.ensure_writable()  # refuse the change if it could not be recorded
+    try:
+        response = await operation()
+    except KeybrokerError as e:
+        record(decision="failure", subject=admin_subject(identity), reason=e.detail)
+        raise
+    record(decision="allow", subject=admin_subject(identity))
+    return response
+
+
+async def _rcar(call: ApiCall, request: Request, services: KbsServices) -> Response:
     handshake = services.handshake
     if handshake is None:
         raise PluginNotFoundError(
@@ -133,76 +145,22 @@ async def _rcar(call: _Call, request: Request, services: KbsServices) -> Respons
         response = JSONResponse(challenge.model_dump(by_alias=True))
         _set_session_cookie(response, session, services)
         return response
-    token, _ = await handshake.attest(call.body, request.cookies.get(SESSION_COOKIE))
+    request_id, peer = request_context(request)
+    record = partial(
+        services.audit.record, action="attest", target="", request_id=request_id, peer=peer
+    )
+    try:
+        token, session = await handshake.attest(call.body, request.cookies.get(SESSION_COOKIE))
+    except KeybrokerError as e:
+        record(decision="failure", subject=None, reason=e.detail)
+        raise
+    _, claims = decode_unverified(token)  # our own AS just signed it
+    status = pointer(claims, "/submods/cpu0/ear.status")
+    record(decision="success", subject=guest_subject(claims, token), reason=f"cpu0 {status}")
     return JSONResponse({"token": token})
 
 
-async def _resource_policy(call: _Call, services: KbsServices) -> Response:
-    if call.method == "GET":
-        return JSONResponse(await services.resource_policy.list_ids())
-    if call.method != "POST":
-        raise MethodNotAllowedError("/kbs/v0/resource-policy answers GET and POST")
-    await services.resource_policy.set(_policy_text(call.body))
-    return Response(status_code=200)
-
-
-async def _attestation_policy(call: _Call, services: KbsServices) -> Response:
-    if call.method != "POST":
-        raise MethodNotAllowedError("/kbs/v0/attestation-policy answers POST")
-    document = _json_object(call.body, "attestation policy request")
-    policy_type, policy_id = document.get("type", "rego"), document.get("policy_id")
-    if policy_type != "rego":
-        raise BadRequestError(f"attestation policy type must be rego, found {policy_type!r}")
-    if not isinstance(policy_id, str):
-        raise BadRequestError('the attestation policy request needs a string "policy_id"')
-    await _attestation(services).set_policy(policy_id, _policy_text(call.body))
-    return Response(status_code=200)
-
-
-async def _reference_value(call: _Call, services: KbsServices) -> Response:
-    attestation = _attestation(services)
-    if call.method == "POST":
-        names = await attestation.register_reference_value(call.body.decode("utf-8", "replace"))
-        return JSONResponse({"registered": names})
-    if call.method != "GET":
-        raise MethodNotAllowedError("/kbs/v0/reference-value answers GET and POST")
-    reference_value_id = "/".join(call.rest)
-    value = await attestation.query_reference_value(reference_value_id)
-    if value is None:
-        raise ResourceNotFoundError(f"no reference value {reference_value_id[:64]!r}")
-    return JSONResponse(value)
-
-
-async def _policy_explain(call: _Call, services: KbsServices) -> Response:
-    if call.method != "POST":
-        raise MethodNotAllowedError("/kbs/v0/policy-explain answers POST")
-    attestation = services.attestation
-    result = await explain(
-        parse_explain_request(call.body),
-        resource_policy=services.resource_policy,
-        attestation_policies=(
-            attestation.policies if isinstance(attestation, BuiltinAttestationService) else None
-        ),
-        tokens=services.tokens,
-    )
-    return JSONResponse(result)
-
-
-def _attestation(services: KbsServices) -> AttestationBackend:
-    if services.attestation is None:
-        raise PluginNotFoundError("this KBS has no attestation service (resource-only mode)")
-    return services.attestation
-
-
-_ADMIN_ENDPOINTS: dict[str, Callable[[_Call, KbsServices], Awaitable[Response]]] = {
-    "resource-policy": _resource_policy,
-    "attestation-policy": _attestation_policy,
-    "reference-value": _reference_value,
-    "policy-explain": _policy_explain,
-}
-
-
-async def _plugin(call: _Call, request: Request, services: KbsServices) -> Response:
+async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Response:
     plugin = services.plugins.get(call.name)
     if plugin is None:
         raise PluginNotFoundError(f"Plugin {call.name[:64]} not found")
@@ -211,22 +169,37 @@ async def _plugin(call: _Call, request: Request, services: KbsServices) -> Respo
     )
     plugin.check(plugin_request)
     if plugin.requires_admin(plugin_request):
-        _admit(request, services)
-        return _plain(await plugin.handle(plugin_request))
+        return await _admin(call, request, services, lambda: _handle_plain(plugin, plugin_request))
 
-    claims = services.tokens.verify(await _guest_token(request, services))
+    token = await _guest_token(request, services)
+    claims = services.tokens.verify(token)
     policy_data = {"plugin": call.name, "resource-path": list(call.rest), "query": call.query}
+    request_id, peer = request_context(request)
+    record = partial(
+        services.audit.record,
+        action=f"release {call.method} {call.name}",
+        target="/".join(call.rest),
+        subject=guest_subject(claims, token),
+        request_id=request_id,
+        peer=peer,
+    )
     if not await services.resource_policy.allows(claims, policy_data):
+        record(decision="deny", reason="denied by the resource policy")
         raise PolicyDeniedError("Access denied by policy")
+    services.audit.ensure_writable()
     encrypt = plugin.needs_encryption(plugin_request)
     # Find the key to encrypt to before touching the secret: no key, no read.
     recipient = services.tokens.tee_pubkey(claims) if encrypt else None
     result = await plugin.handle(
         replace(plugin_request, init_data_claims=pointer(claims, _INIT_DATA_CLAIMS))
     )
-    if recipient is None:
-        return _plain(result)
-    return JSONResponse(seal(recipient, result.body))
+    response = _plain(result) if recipient is None else JSONResponse(seal(recipient, result.body))
+    record(decision="allow")  # no record, no release: a failure here answers 503
+    return response
+
+
+async def _handle_plain(plugin: Plugin, request: PluginRequest) -> Response:
+    return _plain(await plugin.handle(request))
 
 
 def _admit(request: Request, services: KbsServices) -> AdminIdentity:
@@ -295,28 +268,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _json_object(body: bytes, what: str) -> dict[str, object]:
-    try:
-        document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequestError(f"the {what} is not JSON") from None
-    if not isinstance(document, dict):
-        raise BadRequestError(f"the {what} must be a JSON object")
-    return document
-
-
-def _policy_text(body: bytes) -> str:
-    """``{"policy": "<base64url of the Rego text>"}`` (padded base64url accepted too)."""
-    encoded = _json_object(body, "policy request").get("policy")
-    if not isinstance(encoded, str):
-        raise BadRequestError('the policy request needs a string member "policy"')
-    try:
-        raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-        return raw.decode("utf-8")
-    except (binascii.Error, ValueError):
-        raise BadRequestError("the policy is not base64url-encoded UTF-8 text") from None
 
 
 async def _render_error(request: Request, exc: Exception) -> Response:

@@ -26,8 +26,9 @@ from keybroker.config import (
     SamplePluginConfig,
     StorageType,
 )
-from keybroker.errors import ConfigError, UnsupportedFeatureError
+from keybroker.errors import ConfigError, ServiceUnavailableError, UnsupportedFeatureError
 from keybroker.kbs.admin import AdminGuard
+from keybroker.kbs.audit import AuditLog, AuditSink, FileSink, StdoutSink
 from keybroker.kbs.rcar import Handshake
 from keybroker.kbs.resource_policy import KBS_NAMESPACE, ResourcePolicy
 from keybroker.kbs.sessions import SESSION_NAMESPACE, SessionStore
@@ -57,9 +58,14 @@ class KbsServices:
     https: bool
     clock: Callable[[], float]
     providers: list[StorageProvider]
+    audit: AuditLog
     attestation: AttestationBackend | None = None
 
     async def start(self) -> None:
+        try:
+            self.audit.ensure_writable()
+        except ServiceUnavailableError as e:  # serve, but refuse releases until it recovers
+            log.error("%s", e.detail)
         await self.resource_policy.initialize()
         if self.attestation is not None:
             await self.attestation.start()
@@ -129,8 +135,21 @@ def build_services(
         https=not config.http_server.insecure_http,
         clock=clock,
         providers=providers,
+        audit=_audit_log(config, clock),
         attestation=attestation,
     )
+
+
+def _audit_log(config: KbsConfig, clock: Callable[[], float]) -> AuditLog:
+    audit = config.audit
+    sink: AuditSink = (
+        StdoutSink()
+        if audit.sink == "stdout"
+        else FileSink(audit.path, fsync=audit.fsync == "always")
+    )
+    if audit.sink == "file":
+        log.info("audit log: %s (fsync %s)", audit.path, audit.fsync)
+    return AuditLog(sink, clock=clock)
 
 
 def _refuse_unserved(config: KbsConfig) -> None:

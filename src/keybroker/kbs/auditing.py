@@ -1,0 +1,50 @@
+"""Naming the actors of audit records, without secrets: admins by role and issuer, guests by
+TEE, a hash of their TEE key and a hash of their token."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+from starlette.requests import Request
+
+from keybroker.kbs.admin_auth import AdminIdentity
+from keybroker.kbs.audit import Subject
+from keybroker.kbs.tokens import pointer
+from keybroker.protocol.canonical import jcs
+from keybroker.protocol.models import JsonValue, Tee
+
+_NOT_TEE = {"report_data", "runtime_data_claims", "init_data", "init_data_claims"}
+_TEES = {tee.value for tee in Tee}
+
+
+def request_context(request: Request) -> tuple[str, str | None]:
+    """A fresh request id, and the peer address."""
+    return uuid.uuid4().hex, request.client.host if request.client else None
+
+
+def admin_subject(identity: AdminIdentity) -> Subject:
+    return Subject(
+        kind="admin", role=identity.role, issuer=identity.issuer, subject=identity.subject
+    )
+
+
+def guest_subject(claims: dict[str, JsonValue], token: str) -> Subject:
+    evidence = pointer(claims, "/submods/cpu0/ear.veraison.annotated-evidence")
+    tee = None
+    if isinstance(evidence, dict):
+        tee = next((k for k in evidence if k not in _NOT_TEE and k in Tee._value2member_map_), None)
+    key = pointer(
+        claims, "/submods/cpu0/ear.veraison.annotated-evidence/runtime_data_claims/tee-pubkey"
+    )
+    return Subject(
+        kind="guest",
+        tee=tee,
+        tee_pubkey_sha256=hashlib.sha256(jcs(key)).hexdigest() if key is not None else None,
+        token_id=token_id(token),
+    )
+
+
+def token_id(token: str) -> str:
+    """A stable name for a token that does not reveal it."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
