@@ -30,13 +30,10 @@ class SampleAttester(Attester):
         return {"svn": self._svn, "report_data": base64.b64encode(report_data).decode()}
 
 
-class SampleDeviceAttester(Attester):
+class SampleDeviceAttester(SampleAttester):
     """A stand-in attached device (``sampledevice``, class gpu); upstream reports svn "2"."""
 
     tee = Tee.SAMPLE_DEVICE
 
     def __init__(self, svn: str = "2") -> None:
-        self._svn = svn
-
-    def evidence(self, report_data: bytes) -> JsonValue:
-        return {"svn": self._svn, "report_data": base64.b64encode(report_data).decode()}
+        super().__init__(svn)

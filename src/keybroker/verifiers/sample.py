@@ -15,6 +15,29 @@ from keybroker.protocol.models import JsonValue, Tee
 from keybroker.verifiers.base import TeeClaims, Verifier
 
 
+def check_sample_evidence(
+    unverified_evidence: JsonValue, expected_report_data: bytes | None, tee: Tee
+) -> tuple[str, str]:
+    """``(svn, report_data)`` of software stand-in evidence whose report data is bound."""
+    if not isinstance(unverified_evidence, dict):
+        raise EvidenceError(f"{tee.value} evidence must be a JSON object")
+    svn = unverified_evidence.get("svn")
+    report_data = unverified_evidence.get("report_data", "")
+    if not isinstance(svn, str) or not isinstance(report_data, str):
+        raise EvidenceError(f"{tee.value} evidence needs string fields `svn` and `report_data`")
+    if expected_report_data is not None:
+        try:
+            reported = base64.b64decode(report_data, validate=True)
+        except binascii.Error:
+            raise EvidenceError(f"{tee.value} evidence `report_data` is not base64") from None
+        if reported != expected_report_data:
+            raise EvidenceError(
+                f"{tee.value} evidence report_data does not match the digest of the session's "
+                "runtime data (nonce, tee-pubkey, additional evidence)"
+            )
+    return svn, report_data
+
+
 class SampleVerifier(Verifier):
     tee = Tee.SAMPLE
 
@@ -25,22 +48,9 @@ class SampleVerifier(Verifier):
         expected_report_data: bytes | None,
         expected_init_data: bytes | None,
     ) -> list[TeeClaims]:
-        if not isinstance(unverified_evidence, dict):
-            raise EvidenceError("sample evidence must be a JSON object")
-        svn = unverified_evidence.get("svn")
-        report_data = unverified_evidence.get("report_data", "")
-        if not isinstance(svn, str) or not isinstance(report_data, str):
-            raise EvidenceError("sample evidence needs string fields `svn` and `report_data`")
-        if expected_report_data is not None:
-            try:
-                reported = base64.b64decode(report_data, validate=True)
-            except binascii.Error:
-                raise EvidenceError("sample evidence `report_data` is not base64") from None
-            if reported != expected_report_data:
-                raise EvidenceError(
-                    "sample evidence report_data does not match the digest of the session's "
-                    "runtime data (nonce, tee-pubkey, additional evidence)"
-                )
+        svn, report_data = check_sample_evidence(
+            unverified_evidence, expected_report_data, self.tee
+        )
         claims: dict[str, JsonValue] = {
             "svn": svn,
             "report_data": report_data,

@@ -7,12 +7,9 @@ of it). No hardware root of trust.
 
 from __future__ import annotations
 
-import base64
-import binascii
-
-from keybroker.errors import EvidenceError
 from keybroker.protocol.models import JsonValue, Tee
 from keybroker.verifiers.base import TeeClaims, Verifier
+from keybroker.verifiers.sample import check_sample_evidence
 
 
 class SampleDeviceVerifier(Verifier):
@@ -25,20 +22,8 @@ class SampleDeviceVerifier(Verifier):
         expected_report_data: bytes | None,
         expected_init_data: bytes | None,
     ) -> list[TeeClaims]:
-        if not isinstance(unverified_evidence, dict):
-            raise EvidenceError("sampledevice evidence must be a JSON object")
-        svn, report_data = (
-            unverified_evidence.get("svn"),
-            unverified_evidence.get("report_data", ""),
+        svn, report_data = check_sample_evidence(
+            unverified_evidence, expected_report_data, self.tee
         )
-        if not isinstance(svn, str) or not isinstance(report_data, str):
-            raise EvidenceError("sampledevice evidence needs string fields `svn`, `report_data`")
-        if expected_report_data is not None:
-            try:
-                reported = base64.b64decode(report_data, validate=True)
-            except binascii.Error:
-                raise EvidenceError("sampledevice `report_data` is not base64") from None
-            if reported != expected_report_data:
-                raise EvidenceError("sampledevice report_data does not match the runtime data")
         claims: dict[str, JsonValue] = {"svn": svn, "report_data": report_data}
         return [TeeClaims(tee=self.tee, tee_class="gpu", claims=claims)]
