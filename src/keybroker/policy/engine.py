@@ -1,13 +1,38 @@
 """Rego policies over ``regopy`` (rego-cpp): compile once, evaluate many times.
 
-rego-cpp bakes the base documents (``data``) into a compiled bundle, and ``data`` added to a
-running interpreter is invisible to a bundle. Callers that pass per-request ``data`` (the KBS
-resource policy reads ``data.plugin``, ``data["resource-path"]``) therefore get one bundle per
-distinct ``data`` document, built on first use and kept in a bounded LRU cache with its own
-interpreter. A repeated (policy, data) pair evaluates from its bundle in tens of microseconds
-instead of re-parsing the policy text (milliseconds).
+Does: parse and check a module when the policy changes (``CompiledPolicy.compile``), then
+evaluate its entrypoints against per-call ``input`` and ``data`` documents. Does not: know what
+a rule means (KBS and AS semantics live with the callers), read files, or log.
 
-Knows nothing of KBS or AS semantics: modules, entrypoints, input, data, results.
+rego-cpp bakes the base documents (``data``) into a compiled bundle; ``data`` added to a running
+interpreter is invisible to a bundle. So each distinct ``data`` document gets its own bundle,
+built on first use and kept in a bounded LRU cache keyed by the document's canonical JSON. A
+repeated (policy, data) pair evaluates from its bundle (about 0.1 ms, most of it rego-cpp
+reading the input) instead of re-parsing the policy text (about 2 ms).
+
+All bundles of a policy run on one interpreter: an interpreter that has run a query holds about
+0.5 MiB, a bundle about 36 KiB, so one interpreter per cached bundle would cost ~0.5 GiB at 1024
+entries. Queries are serialised by the policy's lock anyway.
+
+What rego-cpp does, measured with regopy 1.5.2, and what this module does about it:
+
+- A syntax error raises ``RegoError`` from ``add_module``; a missing ``package`` is accepted
+  silently and a wrong package only makes every entrypoint undefined. Both are refused here.
+- ``build`` does not resolve functions: a call to an undefined function, an unsafe variable or
+  a recursive rule surfaces only on evaluation, as an error tree in an output flagged *ok*.
+  ``compile`` evaluates every entrypoint (and the whole package) once with empty ``input`` and
+  ``data`` to refuse what that reaches; an error behind a guard the probe does not pass still
+  surfaces later, as ``PolicyEvaluationError``.
+- ``Interpreter.set_input`` with Python values stores strings unescaped (``"a\\"b"`` then never
+  equals the literal, and the output is not JSON) and turns integers beyond 64 bits into 0;
+  ``add_data`` escapes non-ASCII, which then never equals a UTF-8 literal. Documents are
+  therefore passed as UTF-8 JSON text (``set_input_term``, ``add_data_json``).
+- Querying a bundle that failed to build crashes the process; ``Bundle.ok()`` is checked first.
+- Conflicting rule values give a failed output with no detail at all.
+- ``data`` reaching into a policy's own package overrides its rules; such data is refused.
+- Not fixable here: string built-ins see a string's JSON-escaped form, in input, data and
+  literals alike (``count("a\nb")`` is 4, ``crypto.sha256`` hashes the escapes). Comparisons
+  are right; policies hashing or counting strings with escapes are not.
 """
 
 from __future__ import annotations
@@ -17,44 +42,60 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, TypeAlias
 
 import regopy
 from regopy import rego_shared
 
 from keybroker.errors import PolicyEvaluationError, PolicyParseError
 
-JsonValue = Any
-_PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][A-Za-z0-9_.]*)", re.M)
+# Read-only (covariant) shapes, so a caller's ``dict[str, list[str]]`` is a JsonValue.
+# Values coming back from rego-cpp are plain dicts, lists and scalars.
+JsonValue: TypeAlias = (
+    Mapping[str, "JsonValue"] | Sequence["JsonValue"] | str | int | float | bool | None
+)
+
+_PACKAGE = re.compile(r"package\s+([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*(?:#.*)?")
+_MAX_DETAIL = 800
+_EMPTY_DOCUMENT = "{}"
 
 
-@dataclass
-class _Compiled:
-    bundle: Any
-    interpreter: Any
+class CacheInfo(NamedTuple):
+    """Bundle cache statistics, shaped like ``functools.lru_cache``'s."""
+
+    hits: int
+    misses: int
+    maxsize: int
+    currsize: int
 
 
 class CompiledPolicy:
+    """One Rego module (plus optional helper modules), checked and ready to evaluate.
+
+    Thread-safe: regopy objects are not, so one lock guards this policy's bundles and the
+    interpreter that runs them. Build it with ``compile``.
+    """
+
     def __init__(
         self,
         *,
-        source: str,
-        package: str,
-        entrypoints: tuple[str, ...],
+        modules: Mapping[str, str],
         name: str,
+        packages: tuple[str, ...],
+        entrypoints: frozenset[str],
         cache_size: int,
-        helpers: Mapping[str, str],
     ) -> None:
-        self._source = source
-        self._helpers = dict(helpers)
-        self._package = package
-        self._entrypoints = entrypoints
+        self._modules = dict(modules)
         self._name = name
+        self._packages = packages
+        self._roots = frozenset(p.split(".")[0] for p in packages)
+        self._entrypoints = entrypoints
         self._cache_size = cache_size
-        self._bundles: OrderedDict[str, _Compiled] = OrderedDict()
+        self._bundles: OrderedDict[str, Any] = OrderedDict()  # canonical data JSON -> Bundle
+        self._runner = _new_interpreter()
+        self._hits = 0
+        self._misses = 0
         self._lock = threading.Lock()
-        self.builds = 0
 
     @classmethod
     def compile(
@@ -63,169 +104,337 @@ class CompiledPolicy:
         *,
         entrypoints: Sequence[str],
         name: str = "policy.rego",
-        cache_size: int = 256,
+        cache_size: int = 1024,
         helpers: Mapping[str, str] | None = None,
     ) -> CompiledPolicy:
-        """Parse and check ``source``; raise PolicyParseError with rego-cpp's message.
+        """Parse and check ``source``; raise ``PolicyParseError`` with rego-cpp's message.
 
-        ``helpers`` are extra modules (name -> Rego) compiled alongside, e.g. functions the
-        caller provides to every policy.
+        ``entrypoints`` are in regopy's form (``"policy/allow"`` for ``data.policy.allow``).
+        ``helpers`` are extra modules (file name -> Rego) compiled alongside ``source``.
         """
-        match = _PACKAGE.search(source)
-        if match is None:
-            raise PolicyParseError("the policy declares no package")
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be at least 1, got {cache_size}")
+        if not entrypoints:
+            raise ValueError("a policy needs at least one entrypoint")
+        modules = {**(helpers or {})}
+        if name in modules:
+            raise ValueError(f"helper module name {name!r} clashes with the policy's")
+        modules[name] = source
+        _loaded_interpreter(modules, _EMPTY_DOCUMENT, PolicyParseError)  # syntax errors first
+        packages = tuple(_declared_package(n, s) for n, s in modules.items())
+        _check_entrypoints(entrypoints, packages[-1], packages)
         policy = cls(
-            source=source,
-            package=match.group(1),
-            entrypoints=tuple(entrypoints),
+            modules=modules,
             name=name,
+            packages=packages,
+            entrypoints=frozenset(entrypoints),
             cache_size=cache_size,
-            helpers=helpers or {},
         )
-        policy._build(None, parse_errors=True)
-        policy._probe()
+        policy._check()
         return policy
 
     @property
     def source(self) -> str:
-        return self._source
+        return self._modules[self._name]
 
     @property
     def package(self) -> str:
-        return self._package
+        """The package ``source`` declares, e.g. ``"policy"``."""
+        return self._packages[-1]
 
-    def cached_bundles(self) -> int:
-        return len(self._bundles)
+    def cache_info(self) -> CacheInfo:
+        with self._lock:
+            return CacheInfo(self._hits, self._misses, self._cache_size, len(self._bundles))
 
     def evaluate(
         self, entrypoint: str, input: JsonValue, data: JsonValue | None = None
     ) -> JsonValue | None:
-        """The entrypoint's value, or None when the rule is undefined."""
+        """The entrypoint's value; None when the rule is undefined (or its value is null)."""
         if entrypoint not in self._entrypoints:
-            raise ValueError(f"entrypoint {entrypoint} was not compiled")
-        key = json.dumps(data, sort_keys=True, separators=(",", ":"))
+            raise ValueError(
+                f"entrypoint {entrypoint!r} was not compiled; "
+                f"expected one of {', '.join(sorted(self._entrypoints))}"
+            )
+        document = self._data_json(data)
+        input_json = _to_json(input, "input")
         with self._lock:
-            compiled = self._bundles.get(key)
-            if compiled is None:
-                compiled = self._build(data, parse_errors=False)
-                self._bundles[key] = compiled
-                if len(self._bundles) > self._cache_size:
-                    self._bundles.popitem(last=False)
-            else:
-                self._bundles.move_to_end(key)
-            compiled.interpreter.set_input(input)
-            try:
-                output = compiled.interpreter.query_bundle_entrypoint(compiled.bundle, entrypoint)
-            except (regopy.RegoError, ValueError) as e:
-                # regopy raises ValueError when rego-cpp answers with an error text, not JSON
-                raise PolicyEvaluationError(f"policy evaluation failed: {_first_line(e)}") from None
-        return _result(output)
+            ok, text = self._query(self._bundle_for(document), entrypoint, input_json)
+        return self._value(ok, text)
 
     def explain(self, input: JsonValue, data: JsonValue | None = None) -> dict[str, JsonValue]:
         """Every rule of the package with its value for this input (undefined rules absent).
 
-        The slow, uncached path, for operators asking why a decision came out as it did.
+        The slow path (text query, nothing cached), for operators asking why a decision came
+        out as it did.
         """
-        interpreter = regopy.Interpreter()
-        if data is not None:
-            interpreter.add_data(data)
-        self._add_modules(interpreter)
-        interpreter.set_input(input)
-        impl = rego_shared.rego_query(interpreter._impl, f"data.{self._package}")
+        interpreter = self._interpreter(self._data_json(data), PolicyEvaluationError)
         try:
-            ok = rego_shared.rego_output_ok(impl)
-            text = rego_shared.rego_output_string(impl)
-        finally:
-            rego_shared.rego_free_output(impl)
-        if not ok or not _is_json(text):
-            raise PolicyEvaluationError(f"policy evaluation failed: {_error_text(text)}")
-        if text == "undefined":
-            return {}
-        document = json.loads(text)
-        results = document if isinstance(document, list) else [document]
-        expressions = results[0].get("expressions", []) if results else []
-        value = expressions[0] if expressions else {}
+            interpreter.set_input_term(_to_json(input, "input"))
+        except regopy.RegoError as e:
+            raise PolicyEvaluationError(f"rego-cpp refused the input: {_rego_text(e)}") from None
+        ok, text = _run(
+            lambda impl: rego_shared.rego_query(impl, f"data.{self.package}"), interpreter
+        )
+        value = self._value(ok, text)
         return value if isinstance(value, dict) else {}
 
-    def _add_modules(self, interpreter: Any) -> None:
-        for helper_name, helper_source in self._helpers.items():
-            interpreter.add_module(helper_name, helper_source)
-        interpreter.add_module(self._name, self._source)
+    # --- compile-time checks --------------------------------------------------------------
 
-    def _probe(self) -> None:
-        """Evaluate the whole package once with empty input and data.
+    def _check(self) -> None:
+        """Build with empty data and evaluate everything once, refusing what fails.
 
-        Building a bundle only parses; errors such as a call to an undefined function surface
-        when rules are evaluated. Probing at compile time refuses such a policy before it is
-        stored, instead of failing every request afterwards.
+        ``build`` only parses; rego-cpp reports undefined functions, unsafe variables and
+        recursion when a rule is evaluated. Refusing them here keeps a broken policy from
+        being stored and then failing every request.
         """
-        interpreter = regopy.Interpreter()
-        self._add_modules(interpreter)
-        interpreter.set_input({})
-        impl = rego_shared.rego_query(
-            interpreter._impl, f"data.{self._package}"
-        )  # regopy has no public API that returns the error text
         try:
-            ok = rego_shared.rego_output_ok(impl)
-            text = rego_shared.rego_output_string(impl)
-        finally:
-            rego_shared.rego_free_output(impl)
-        if not ok or not _is_json(text):
-            raise PolicyParseError(f"policy does not compile: {_error_text(text)}")
+            bundle = self._build(_EMPTY_DOCUMENT, PolicyParseError)
+            for entrypoint in sorted(self._entrypoints):
+                self._probe(*self._query(bundle, entrypoint, _EMPTY_DOCUMENT))
+            interpreter = self._interpreter(_EMPTY_DOCUMENT, PolicyParseError)
+            interpreter.set_input_term(_EMPTY_DOCUMENT)
+            for package in sorted(set(self._packages)):
+                query = f"data.{package}"
+                self._probe(
+                    *_run(lambda impl, q=query: rego_shared.rego_query(impl, q), interpreter)
+                )
+        except (PolicyEvaluationError, regopy.RegoError) as e:  # rego-cpp failing oddly
+            detail = e.detail if isinstance(e, PolicyEvaluationError) else _rego_text(e)
+            raise PolicyParseError(f"policy does not compile: {detail[:_MAX_DETAIL]}") from None
+        self._bundles[_EMPTY_DOCUMENT] = bundle  # evaluations without data reuse it
 
-    def _build(self, data: JsonValue | None, *, parse_errors: bool) -> _Compiled:
-        builder = regopy.Interpreter()
+    def _probe(self, ok: bool, text: str) -> None:
+        self._value(
+            ok,
+            text,
+            failure="policy does not compile: it fails on empty input and data",
+            error=PolicyParseError,
+        )
+
+    # --- evaluation -----------------------------------------------------------------------
+
+    def _data_json(self, data: JsonValue | None) -> str:
+        if data is None:
+            return _EMPTY_DOCUMENT
+        if not isinstance(data, Mapping):
+            raise PolicyEvaluationError(f"data must be a JSON object, found {type(data).__name__}")
+        # Threat: a data document reaching into the policy's own package overrides its rules
+        # in rego-cpp (data {"policy": {"allow": true}} beats `default allow := false`).
+        shadowed = sorted(self._roots.intersection(data))
+        if shadowed:
+            raise PolicyEvaluationError(
+                f"data must not define data.{shadowed[0]}: that is the policy's own package"
+            )
+        return _to_json(data, "data")
+
+    def _query(self, bundle: Any, entrypoint: str, input_json: str) -> tuple[bool, str]:
+        """Run one entrypoint of ``bundle`` on the shared interpreter. Caller holds the lock."""
         try:
-            if data is not None:
-                builder.add_data(data)
-            self._add_modules(builder)
-            bundle = builder.build(None, list(self._entrypoints))
+            self._runner.set_input_term(input_json)
         except regopy.RegoError as e:
-            error_class = PolicyParseError if parse_errors else PolicyEvaluationError
-            raise error_class(f"policy does not compile: {_describe(e)}") from None
-        if not bundle.ok():
-            raise PolicyParseError("policy does not compile")
-        self.builds += 1
-        return _Compiled(bundle, regopy.Interpreter())
+            raise PolicyEvaluationError(f"rego-cpp refused the input: {_rego_text(e)}") from None
+        return _run(
+            lambda impl: rego_shared.rego_bundle_query_entrypoint(impl, bundle._impl, entrypoint),
+            self._runner,
+        )
+
+    def _bundle_for(self, document: str) -> Any:
+        """The cached bundle for this data document, built on a miss. Caller holds the lock."""
+        bundle = self._bundles.get(document)
+        if bundle is not None:
+            self._hits += 1
+            self._bundles.move_to_end(document)
+            return bundle
+        self._misses += 1
+        # Built under the lock: a build costs about as much as one evaluation from text, and
+        # two threads missing on the same document must not both build it.
+        bundle = self._build(document, PolicyEvaluationError)
+        self._bundles[document] = bundle
+        while len(self._bundles) > self._cache_size:
+            self._bundles.popitem(last=False)
+        return bundle
+
+    def _build(self, document: str, error: type[PolicyEvaluationError | PolicyParseError]) -> Any:
+        builder = self._interpreter(document, error)
+        try:
+            bundle = builder.build(None, sorted(self._entrypoints))
+        except regopy.RegoError as e:
+            raise error(
+                f"rego-cpp could not build the policy: {self._describe(_rego_text(e))}"
+            ) from None
+        if not bundle.ok():  # never query it: rego-cpp crashes on a failed bundle
+            raise error("rego-cpp could not build the policy for this data document")
+        return bundle
+
+    def _interpreter(
+        self, document: str, error: type[PolicyEvaluationError | PolicyParseError]
+    ) -> Any:
+        return _loaded_interpreter(self._modules, document, error)
+
+    def _value(
+        self,
+        ok: bool,
+        text: str,
+        *,
+        failure: str = "policy evaluation failed",
+        error: type[PolicyEvaluationError | PolicyParseError] = PolicyEvaluationError,
+    ) -> JsonValue | None:
+        """The first expression of a query's output, None when undefined."""
+        if not ok:
+            raise error(
+                f"{failure}: rego-cpp reported an error without detail "
+                "(conflicting values for one rule give this)"
+            )
+        if text == "undefined":
+            return None
+        try:
+            # strict=False: rego-cpp may emit raw control characters inside strings
+            document = json.loads(text, strict=False)
+        except ValueError:
+            raise error(f"{failure}: {self._describe(text)}") from None
+        results = document if isinstance(document, list) else [document]
+        if not results or not isinstance(results[0], dict):
+            return None
+        expressions = results[0].get("expressions")
+        if not isinstance(expressions, list) or not expressions:
+            return None
+        value: JsonValue = expressions[0]
+        return value
+
+    def _describe(self, text: str) -> str:
+        return _describe_errors(text, self._modules)
 
 
-def _result(output: Any) -> JsonValue | None:
-    if not output.ok():
-        raise PolicyEvaluationError(f"policy evaluation failed: {str(output)[:500]}")
-    if len(output) == 0:
-        return None
-    expressions = output[0].expressions
-    if not expressions:
-        return None
-    return expressions[0]
+# --- helpers ------------------------------------------------------------------------------
 
 
-def _is_json(text: str) -> bool:
-    if text == "undefined":
-        return True
+def _new_interpreter() -> Any:
+    interpreter = regopy.Interpreter()
+    interpreter.log_level = regopy.LogLevel.NONE  # otherwise rego-cpp prints errors to stdout
+    return interpreter
+
+
+def _loaded_interpreter(
+    modules: Mapping[str, str],
+    document: str,
+    error: type[PolicyEvaluationError | PolicyParseError],
+) -> Any:
+    """A fresh interpreter holding ``document`` as data and every module."""
+    interpreter = _new_interpreter()
     try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
+        if document != _EMPTY_DOCUMENT:
+            interpreter.add_data_json(document)
+    except regopy.RegoError as e:
+        raise PolicyEvaluationError(f"rego-cpp refused the data: {_rego_text(e)}") from None
+    for module_name, module_source in modules.items():
+        try:
+            interpreter.add_module(module_name, module_source)
+        except regopy.RegoError as e:
+            detail = _describe_errors(_rego_text(e), modules)
+            raise error(f"policy does not compile: {detail}") from None
+    return interpreter
 
 
-def _error_text(text: str) -> str:
-    """rego-cpp's error messages, or its report without banner lines, kept short."""
-    messages = re.findall(r"errormsg \d+:([^)]*)\)", text)
-    if messages:
-        return "; ".join(m.strip() for m in messages)[:800]
-    lines = [
-        line.strip() for line in text.splitlines() if line.strip() and set(line.strip()) != {"-"}
-    ]
-    return " | ".join(line for line in lines if line != "Errors:")[:800]
+def _run(query: Any, interpreter: Any) -> tuple[bool, str]:
+    """Run a query and read its raw output.
+
+    regopy's ``Output`` json-parses the text in its constructor, so an evaluation error
+    (reported as an error tree in an output flagged ok) would be lost as a JSONDecodeError;
+    the C API functions of ``regopy.rego_shared`` keep the text.
+    """
+    try:
+        impl = query(interpreter._impl)
+    except regopy.RegoError as e:
+        raise PolicyEvaluationError(f"policy evaluation failed: {_rego_text(e)}") from None
+    try:
+        return bool(rego_shared.rego_output_ok(impl)), str(rego_shared.rego_output_string(impl))
+    finally:
+        rego_shared.rego_free_output(impl)
 
 
-def _describe(error: Exception) -> str:
-    text = str(error)
-    messages = re.findall(r"errormsg \d+:([^)]*)\)", text)
-    return "; ".join(m.strip() for m in messages) or text[:500]
+def _to_json(value: JsonValue, what: str) -> str:
+    """UTF-8 canonical JSON: the cache key, and text rego-cpp reads the way policies expect."""
+    try:
+        text = json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+        text.encode("utf-8")  # lone surrogates cannot cross into rego-cpp
+    except (TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
+        raise PolicyEvaluationError(f"{what} is not a JSON document: {e}") from None
+    return text
 
 
-def _first_line(error: Exception) -> str:
-    return _describe(error).splitlines()[0][:500]
+def _declared_package(name: str, source: str) -> str:
+    """The package a module declares: its first statement, after comments and blank lines."""
+    for line in source.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        match = _PACKAGE.fullmatch(stripped)
+        if match is None:
+            raise PolicyParseError(
+                f"{name}: expected `package <dotted.name>` as the first statement"
+            )
+        return match.group(1)
+    raise PolicyParseError(f"{name}: the module is empty; expected `package <name>`")
+
+
+def _check_entrypoints(entrypoints: Sequence[str], package: str, packages: Sequence[str]) -> None:
+    for entrypoint in entrypoints:
+        path = entrypoint.split("/")
+        if not any(
+            len(path) > len(p.split(".")) and path[: len(p.split("."))] == p.split(".")
+            for p in packages
+        ):
+            raise PolicyParseError(
+                f"the policy declares `package {package}`, so it cannot define "
+                f"data.{'.'.join(path)} (entrypoint {entrypoint})"
+            )
+
+
+def _rego_text(error: regopy.RegoError) -> str:
+    return str(error.args[0]) if error.args else ""
+
+
+_ERROR = re.compile(rb"\(error(?: (\d+):|(?=\s))")
+_LOCATION = re.compile(rb"\|(\d+)\|(\d+)")
+_MESSAGE = re.compile(rb"\(errormsg (\d+):")
+
+
+def _describe_errors(text: str, modules: Mapping[str, str]) -> str:
+    """rego-cpp's error tree as ``file:line:col: message; ...``, without source or input.
+
+    The tree is ``(error <n>:<file>|<offset>|<len> (errormsg <n>:<message>) (errorast ...))``,
+    each string prefixed by its length in bytes.
+    """
+    raw = text.encode("utf-8")
+    found: list[str] = []
+    for error in _ERROR.finditer(raw):
+        location = ""
+        cursor = error.end()
+        if error.group(1) is not None:
+            file_end = cursor + int(error.group(1))
+            file_name = raw[cursor:file_end].decode("utf-8", "replace")
+            span = _LOCATION.match(raw, file_end)
+            if span is not None:
+                location = _position(file_name, int(span.group(1)), modules) + ": "
+                cursor = span.end()
+        message = _MESSAGE.search(raw, cursor)
+        if message is None:
+            continue
+        body = raw[message.end() : message.end() + int(message.group(1))]
+        entry = location + body.decode("utf-8", "replace")
+        if entry not in found:
+            found.append(entry)
+    detail = "; ".join(found) if found else "rego-cpp gave no error message"
+    return detail[:_MAX_DETAIL]
+
+
+def _position(file_name: str, offset: int, modules: Mapping[str, str]) -> str:
+    source = modules.get(file_name)
+    if source is None:
+        return file_name
+    before = source.encode("utf-8")[:offset]
+    line = before.count(b"\n") + 1
+    column = len(before) - (before.rfind(b"\n") + 1) + 1
+    return f"{file_name}:{line}:{column}"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
-from keybroker.errors import PolicyParseError
-from keybroker.policy.engine import CompiledPolicy
+from keybroker.errors import PolicyEvaluationError, PolicyParseError
+from keybroker.policy.engine import CompiledPolicy, JsonValue
 
-POLICY = """
+# Upstream KBS's default resource policy, in rego.v1 syntax, plus two rules returning values.
+RESOURCE_POLICY = """
+# A comment before the package.
 package policy
 
 import rego.v1
@@ -20,88 +24,296 @@ allow if {
 }
 
 vector := {"executables": 3, "hardware": count(data["resource-path"])}
+
+depth := count(data["resource-path"]) if data.query.deep == "yes"
 """
-TDX: dict[str, object] = {"submods": {"cpu0": {"ear.veraison.annotated-evidence": {"tdx": {}}}}}
-SAMPLE: dict[str, object] = {
+ENTRYPOINTS = ["policy/allow", "policy/vector", "policy/depth"]
+TDX: JsonValue = {"submods": {"cpu0": {"ear.veraison.annotated-evidence": {"tdx": {}}}}}
+SAMPLE: JsonValue = {
     "submods": {"cpu0": {"ear.veraison.annotated-evidence": {"sample": {"svn": "1"}}}}
 }
 
 
-def _policy(cache_size: int = 256) -> CompiledPolicy:
-    return CompiledPolicy.compile(
-        POLICY, entrypoints=["policy/allow", "policy/vector"], cache_size=cache_size
+def resource_data(plugin: str = "resource", path: str = "default/key/one") -> dict[str, JsonValue]:
+    return {"plugin": plugin, "resource-path": path.split("/"), "query": {}}
+
+
+def compile_resource_policy(cache_size: int = 1024) -> CompiledPolicy:
+    return CompiledPolicy.compile(RESOURCE_POLICY, entrypoints=ENTRYPOINTS, cache_size=cache_size)
+
+
+# --- decisions -------------------------------------------------------------------------------
+
+
+def test_allows_resource_plugin_for_hardware_evidence() -> None:
+    assert compile_resource_policy().evaluate("policy/allow", TDX, resource_data()) is True
+
+
+def test_denies_sample_evidence() -> None:
+    assert compile_resource_policy().evaluate("policy/allow", SAMPLE, resource_data()) is False
+
+
+def test_denies_other_plugins() -> None:
+    policy = compile_resource_policy()
+    assert policy.evaluate("policy/allow", TDX, resource_data(plugin="nebula-ca")) is False
+
+
+def test_without_data_the_default_applies() -> None:
+    assert compile_resource_policy().evaluate("policy/allow", TDX) is False
+
+
+def test_rules_return_objects_and_numbers() -> None:
+    policy = compile_resource_policy()
+    data = resource_data(path="a/b/c")
+    assert policy.evaluate("policy/vector", TDX, data) == {"executables": 3, "hardware": 3}
+    data = {**data, "query": {"deep": "yes"}}
+    assert policy.evaluate("policy/depth", TDX, data) == 3
+
+
+def test_rules_return_arrays_sets_and_null() -> None:
+    policy = CompiledPolicy.compile(
+        'package p.q\n\nlist := [1, {"a": false}]\nset := {2, 1}\nnothing := null\n',
+        entrypoints=["p/q/list", "p/q/set", "p/q/nothing"],
     )
-
-
-def test_decision_follows_input_and_data() -> None:
-    policy = _policy()
-    resource = {"plugin": "resource", "resource-path": ["a", "b", "c"], "query": {}}
-    assert policy.evaluate("policy/allow", TDX, resource) is True
-    assert policy.evaluate("policy/allow", SAMPLE, resource) is False
-    assert policy.evaluate("policy/allow", TDX, {**resource, "plugin": "other"}) is False
-
-
-def test_data_is_never_stale_between_requests() -> None:
-    """Regression: rego-cpp bakes data into a bundle; a reused bundle must not see old data."""
-    policy = _policy()
-    for plugin, expected in [("resource", True), ("sample", False), ("resource", True)]:
-        assert policy.evaluate("policy/allow", TDX, {"plugin": plugin}) is expected
-
-
-def test_repeated_data_uses_the_compiled_bundle() -> None:
-    policy = _policy()
-    builds = policy.builds
-    for _ in range(5):
-        policy.evaluate("policy/allow", TDX, {"plugin": "resource"})
-    assert policy.builds == builds + 1
-    assert policy.cached_bundles() == 1
-
-
-def test_cache_is_bounded() -> None:
-    policy = _policy(cache_size=3)
-    for index in range(10):
-        policy.evaluate("policy/allow", TDX, {"plugin": f"p{index}"})
-    assert policy.cached_bundles() == 3
-
-
-def test_rules_return_structured_values() -> None:
-    value = _policy().evaluate("policy/vector", {}, {"resource-path": ["a", "b", "c"]})
-    assert value == {"executables": 3, "hardware": 3}
+    assert policy.package == "p.q"
+    assert policy.evaluate("p/q/list", {}) == [1, {"a": False}]
+    members = policy.evaluate("p/q/set", {})
+    assert isinstance(members, list)
+    assert sorted(members) == [1, 2]
+    assert policy.evaluate("p/q/nothing", {}) is None
 
 
 def test_undefined_rule_is_none() -> None:
-    policy = CompiledPolicy.compile("package policy\nx := 1\n", entrypoints=["policy/allow"])
+    policy = compile_resource_policy()
+    assert policy.evaluate("policy/depth", TDX, resource_data()) is None
+
+
+def test_rule_missing_from_the_package_is_none() -> None:
+    policy = CompiledPolicy.compile("package policy\n\nx := 1\n", entrypoints=["policy/allow"])
     assert policy.evaluate("policy/allow", {}) is None
-    assert policy.package == "policy"
 
 
-def test_parse_error_carries_rego_message() -> None:
+def test_v0_syntax_still_evaluates() -> None:
+    policy = CompiledPolicy.compile(
+        "package policy\n\ndefault allow = false\n\nallow { input.ok == true }\n",
+        entrypoints=["policy/allow"],
+    )
+    assert policy.evaluate("policy/allow", {"ok": True}) is True
+    assert policy.evaluate("policy/allow", {"ok": "yes"}) is False
+
+
+def test_strings_and_big_numbers_compare_as_written() -> None:
+    """regopy's own input/data conversion breaks these; documents go in as UTF-8 JSON."""
+    policy = CompiledPolicy.compile(
+        "package policy\n\nimport rego.v1\n\n"
+        'quote if input.s == "a\\"b\\\\c"\n'
+        'newline if input.n == "x\\ny"\n'
+        'accent if data.e == "é"\n'
+        "big if input.big == 1180591620717411303424\n"
+        "echo := input\n",
+        entrypoints=[
+            "policy/quote",
+            "policy/newline",
+            "policy/accent",
+            "policy/big",
+            "policy/echo",
+        ],
+    )
+    unverified: dict[str, JsonValue] = {"s": 'a"b\\c', "n": "x\ny", "big": 2**70}
+    for rule in ["quote", "newline", "big"]:
+        assert policy.evaluate(f"policy/{rule}", unverified) is True, rule
+    assert policy.evaluate("policy/accent", {}, {"e": "é"}) is True
+    assert policy.evaluate("policy/echo", unverified) == unverified
+
+
+# --- the per-data bundle cache ------------------------------------------------------------------
+
+
+def test_repeated_data_evaluates_from_the_cached_bundle() -> None:
+    policy = compile_resource_policy()
+    before = policy.cache_info()
+    for _ in range(5):
+        assert policy.evaluate("policy/allow", TDX, resource_data()) is True
+    after = policy.cache_info()
+    assert after.misses == before.misses + 1
+    assert after.hits == before.hits + 4
+    assert after.currsize == before.currsize + 1
+
+
+def test_key_order_of_data_does_not_matter() -> None:
+    policy = compile_resource_policy()
+    policy.evaluate("policy/allow", TDX, {"plugin": "resource", "query": {}})
+    policy.evaluate("policy/allow", TDX, {"query": {}, "plugin": "resource"})
+    assert policy.cache_info().misses == 1
+
+
+def test_stale_data_is_never_reused() -> None:
+    """Regression: rego-cpp bakes data into a bundle; each data document needs its own."""
+    policy = compile_resource_policy()
+    for plugin, expected in [("resource", True), ("sample", False), ("resource", True)]:
+        assert policy.evaluate("policy/allow", TDX, resource_data(plugin=plugin)) is expected
+    for path, length in [("a/b/c", 3), ("a/b", 2), ("a/b/c", 3)]:
+        vector = policy.evaluate("policy/vector", TDX, resource_data(path=path))
+        assert vector == {"executables": 3, "hardware": length}
+
+
+def test_input_is_never_stale() -> None:
+    policy = compile_resource_policy()
+    data = resource_data()
+    for claims, expected in [(TDX, True), (SAMPLE, False), (TDX, True)]:
+        assert policy.evaluate("policy/allow", claims, data) is expected
+    assert policy.cache_info().misses == 1
+
+
+def test_cache_is_bounded_and_evicts_least_recently_used() -> None:
+    policy = compile_resource_policy(cache_size=3)
+    for index in range(10):
+        policy.evaluate("policy/allow", TDX, resource_data(path=f"p/{index}"))
+    info = policy.cache_info()
+    assert (info.currsize, info.maxsize, info.misses) == (3, 3, 10)
+    policy.evaluate("policy/allow", TDX, resource_data(path="p/9"))  # still cached
+    assert policy.cache_info().hits == 1
+    policy.evaluate("policy/allow", TDX, resource_data(path="p/0"))  # evicted, rebuilt
+    assert policy.cache_info().misses == 11
+    assert policy.evaluate("policy/allow", TDX, resource_data(path="p/0")) is True
+
+
+def test_cache_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="cache_size"):
+        compile_resource_policy(cache_size=0)
+
+
+def test_concurrent_evaluations_agree() -> None:
+    policy = compile_resource_policy(cache_size=4)
+    failures: list[str] = []
+
+    def worker(index: int) -> None:
+        for round_ in range(50):
+            plugin = "resource" if (index + round_) % 2 else "other"
+            claims = SAMPLE if round_ % 3 == 0 else TDX
+            expected = plugin == "resource" and claims is TDX
+            got = policy.evaluate("policy/allow", claims, resource_data(plugin, f"k/{round_ % 7}"))
+            if got is not expected:
+                failures.append(f"{index}/{round_}: {got!r}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
+# --- compile-time errors ----------------------------------------------------------------------
+
+
+def test_parse_error_carries_rego_cpp_message_and_position() -> None:
     with pytest.raises(PolicyParseError) as error:
         CompiledPolicy.compile("package policy\nallow if {", entrypoints=["policy/allow"])
-    assert "unclosed" in error.value.detail
+    assert "this is unclosed" in error.value.detail
+    assert "policy.rego:2:10" in error.value.detail
+    assert error.value.status == 400
 
 
-def test_missing_package_rejected() -> None:
-    with pytest.raises(PolicyParseError, match="no package"):
-        CompiledPolicy.compile("allow := true", entrypoints=["policy/allow"])
+def test_undefined_function_refused_at_compile_time() -> None:
+    with pytest.raises(PolicyParseError, match="Function not found: nope"):
+        CompiledPolicy.compile("package policy\n\nallow if nope(1)\n", entrypoints=["policy/allow"])
+
+
+def test_undefined_function_in_a_non_entrypoint_rule_refused() -> None:
+    with pytest.raises(PolicyParseError, match="Function not found: nope"):
+        CompiledPolicy.compile(
+            "package policy\n\nallow := true\n\nother if nope(1)\n", entrypoints=["policy/allow"]
+        )
+
+
+def test_recursive_rule_refused_at_compile_time() -> None:
+    with pytest.raises(PolicyParseError, match="Recursion"):
+        CompiledPolicy.compile("package policy\n\nallow if allow\n", entrypoints=["policy/allow"])
+
+
+def test_undefined_function_behind_a_guard_fails_evaluation() -> None:
+    """The compile-time probe runs on empty input; what it cannot reach fails closed later."""
+    policy = CompiledPolicy.compile(
+        "package policy\n\nallow if { input.x == 1; nope(1) }\n", entrypoints=["policy/allow"]
+    )
+    assert policy.evaluate("policy/allow", {}) is None
+    with pytest.raises(PolicyEvaluationError, match="Function not found: nope") as error:
+        policy.evaluate("policy/allow", {"x": 1})
+    assert error.value.status == 500
+    assert error.value.variant == "PolicyEngineError"
+
+
+def test_conflicting_values_fail_evaluation() -> None:
+    policy = CompiledPolicy.compile(
+        "package policy\n\nallow := 1 if input.a\n\nallow := 2 if input.b\n",
+        entrypoints=["policy/allow"],
+    )
+    assert policy.evaluate("policy/allow", {"a": True}) == 1
+    with pytest.raises(PolicyEvaluationError, match="without detail"):
+        policy.evaluate("policy/allow", {"a": True, "b": True})
+    assert policy.evaluate("policy/allow", {"b": True}) == 2  # the interpreter recovers
+
+
+def test_missing_package_refused() -> None:
+    """rego-cpp accepts a module without a package; every rule would then be undefined."""
+    with pytest.raises(PolicyParseError, match="package"):
+        CompiledPolicy.compile("allow := true\n", entrypoints=["policy/allow"])
+
+
+def test_wrong_package_refused() -> None:
+    with pytest.raises(PolicyParseError, match="package kbs"):
+        CompiledPolicy.compile("package kbs\n\nallow := true\n", entrypoints=["policy/allow"])
+
+
+def test_empty_policy_refused() -> None:
+    with pytest.raises(PolicyParseError):
+        CompiledPolicy.compile("", entrypoints=["policy/allow"])
 
 
 def test_unknown_entrypoint_rejected() -> None:
     with pytest.raises(ValueError, match="not compiled"):
-        _policy().evaluate("policy/other", {})
+        compile_resource_policy().evaluate("policy/other", TDX)
 
 
-def test_undefined_function_refused_at_compile_time() -> None:
-    """Building a bundle only parses; the compile-time probe catches what evaluation would."""
-    with pytest.raises(PolicyParseError, match="Function not found: foo"):
-        CompiledPolicy.compile(
-            "package policy\nallow if { foo(1) }\n", entrypoints=["policy/allow"]
-        )
-
-
-def test_division_by_zero_is_undefined_so_denies() -> None:
+def test_helpers_are_compiled_alongside() -> None:
+    source = "package policy\n\nimport rego.v1\n\nallow if twice(input.n) == 4\n"
     policy = CompiledPolicy.compile(
-        "package policy\nallow := 1 / input.zero\n", entrypoints=["policy/allow"]
+        source,
+        entrypoints=["policy/allow"],
+        helpers={"helpers.rego": "package policy\n\ntwice(x) := x * 2\n"},
     )
-    assert policy.evaluate("policy/allow", {"zero": 0}) is None
-    assert policy.evaluate("policy/allow", {"zero": 1}) == 1
+    assert policy.evaluate("policy/allow", {"n": 2}) is True
+    assert policy.package == "policy"
+    assert policy.source == source
+
+
+# --- hostile or malformed documents ------------------------------------------------------------
+
+
+def test_data_cannot_override_policy_rules() -> None:
+    """rego-cpp lets data.policy.allow shadow the rule; such data is refused outright."""
+    policy = compile_resource_policy()
+    with pytest.raises(PolicyEvaluationError, match=r"data\.policy"):
+        policy.evaluate("policy/allow", SAMPLE, {"policy": {"allow": True}})
+
+
+def test_data_must_be_an_object() -> None:
+    with pytest.raises(PolicyEvaluationError, match="JSON object"):
+        compile_resource_policy().evaluate("policy/allow", TDX, ["resource"])
+
+
+def test_input_that_is_not_json_is_refused() -> None:
+    policy = compile_resource_policy()
+    with pytest.raises(PolicyEvaluationError, match="input is not a JSON document"):
+        policy.evaluate("policy/allow", {"x": float("nan")}, resource_data())
+    with pytest.raises(PolicyEvaluationError, match="input is not a JSON document"):
+        policy.evaluate("policy/allow", {"x": "\ud800"}, resource_data())
+
+
+# --- explain ---------------------------------------------------------------------------------
+
+
+def test_explain_lists_defined_rules() -> None:
+    rules = compile_resource_policy().explain(TDX, resource_data(path="a/b"))
+    assert rules == {"allow": True, "vector": {"executables": 3, "hardware": 2}}
