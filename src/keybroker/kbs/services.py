@@ -120,17 +120,19 @@ def build_services(
         handshake = Handshake(attestation, sessions)
     elif isinstance(as_config, NoAsConfig):
         log.info("no attestation service: /auth and /attest answer 404 (resource-only KBS)")
+    tokens = TokenVerifier.from_config(config.attestation_token, trusted_keys, clock=clock)
+    if not tokens.has_trust_anchors:
+        raise ConfigError(
+            "this KBS could not accept any attestation token: configure [attestation_token] "
+            "trusted_certs_paths or trusted_jwk_sets (or an attestation service)"
+        )
     return KbsServices(
         admin=admin,
         handshake=handshake,
         sessions=sessions,
         resource_policy=ResourcePolicy(storage.get(KBS_NAMESPACE)),
         plugins=_plugins(config, storage),
-        tokens=TokenVerifier(
-            trusted_keys,
-            extra_teekey_paths=config.attestation_token.extra_teekey_paths,
-            clock=clock,
-        ),
+        tokens=tokens,
         payload_limit=config.http_server.payload_limit_bytes,
         https=not config.http_server.insecure_http,
         clock=clock,
@@ -158,12 +160,6 @@ def _refuse_unserved(config: KbsConfig) -> None:
         raise UnsupportedFeatureError(f"[attestation_service] type = {as_config.type}")
     if isinstance(as_config, BuiltinAsConfig) and isinstance(as_config.rvps_config, RvpsGrpcConfig):
         raise UnsupportedFeatureError("[attestation_service.rvps_config] type = GrpcRemote")
-    token = config.attestation_token
-    if token.trusted_certs_paths or token.trusted_jwk_sets or token.insecure_header_jwk:
-        raise UnsupportedFeatureError(
-            "[attestation_token] trusted_certs_paths / trusted_jwk_sets / insecure_header_jwk",
-            "tokens from the builtin attestation service are trusted automatically",
-        )
 
 
 def _override(

@@ -1,24 +1,40 @@
 """Attestation-token verification on the KBS side, and finding the TEE key a token vouches for.
 
-A token is accepted only if its signature verifies with a trusted key and it has not expired.
-The builtin Attestation Service's signing key is trusted automatically (it lives in this
-process). Trust in other issuers (certificate chains, JWKS: passport mode) arrives with the
-passport issue.
+Where the verification key comes from (upstream's ``[attestation_token]`` semantics):
+
+- the builtin Attestation Service's own key, trusted automatically (it lives in this process);
+- a header ``jwk``: trusted only if the header's ``x5c`` chain starts with a certificate for
+  that very key and leads to a certificate in ``trusted_certs_paths`` (any order, partial
+  chains accepted); with ``insecure_header_jwk = true`` the chain check is skipped (logged on
+  every use) but the signature is still checked;
+- a header ``kid``: looked up in the ``trusted_jwk_sets`` (files or https, cached, refreshed on
+  an unknown kid).
+
+The token must not be expired or not yet valid. No trust material at all means every token is
+rejected, and a resource-only KBS refuses to start that way.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography import x509
 
-from keybroker.errors import BadRequestError, TokenVerificationError
+from keybroker.config import AttestationTokenConfig, IdentityProvider
+from keybroker.errors import BadRequestError, ConfigError, TokenVerificationError
+from keybroker.kbs.admin_auth import Fetch, IdentityProviderKeys, https_fetch
+from keybroker.kbs.cert_chain import chains_to_trusted
 from keybroker.protocol.jwk import TeePublicKey, parse_tee_pubkey
-from keybroker.protocol.jws import verify_jwt
+from keybroker.protocol.jws import PublicKey, decode_unverified, public_key_from_jwk, verify_jwt
 from keybroker.protocol.models import JsonValue
 
-PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+log = logging.getLogger(__name__)
 
 # Where each issuer puts the guest's key (JSON pointers), tried after the configured ones.
 DEFAULT_TEE_PUBKEY_PATHS = (
@@ -30,30 +46,125 @@ DEFAULT_TEE_PUBKEY_PATHS = (
 )
 
 
+def load_trusted_certs(paths: Sequence[str]) -> list[x509.Certificate]:
+    certs: list[x509.Certificate] = []
+    for path in paths:
+        try:
+            found = x509.load_pem_x509_certificates(Path(path).read_bytes())
+        except OSError as e:
+            raise ConfigError(f"cannot read trusted certificate {path}: {e.strerror}") from None
+        except ValueError:
+            raise ConfigError(f"{path} holds no PEM certificates") from None
+        certs.extend(found)
+    return certs
+
+
 class TokenVerifier:
     def __init__(
         self,
         trusted_keys: Sequence[PublicKey],
         *,
+        trusted_certs: Sequence[x509.Certificate] = (),
+        jwk_sets: Sequence[IdentityProviderKeys] = (),
+        insecure_header_jwk: bool = False,
         extra_teekey_paths: Sequence[str] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._trusted_keys = list(trusted_keys)
+        self._trusted_certs = list(trusted_certs)
+        self._jwk_sets = list(jwk_sets)
+        self._insecure_header_jwk = insecure_header_jwk
         self._paths = [*extra_teekey_paths, *DEFAULT_TEE_PUBKEY_PATHS]
         self._clock = clock
+        if insecure_header_jwk:
+            log.warning(
+                "attestation_token.insecure_header_jwk = true: tokens are verified with the key "
+                "they carry themselves, so ANY well-formed token is accepted as attested"
+            )
+
+    @classmethod
+    def from_config(
+        cls,
+        config: AttestationTokenConfig,
+        trusted_keys: Sequence[PublicKey],
+        *,
+        fetch: Fetch = https_fetch,
+        clock: Callable[[], float] = time.time,
+    ) -> TokenVerifier:
+        jwk_sets = [
+            IdentityProviderKeys(IdentityProvider(jwk_set_uri=uri), fetch=fetch, clock=clock)
+            for uri in config.trusted_jwk_sets
+        ]
+        return cls(
+            trusted_keys,
+            trusted_certs=load_trusted_certs(config.trusted_certs_paths),
+            jwk_sets=jwk_sets,
+            insecure_header_jwk=config.insecure_header_jwk,
+            extra_teekey_paths=config.extra_teekey_paths,
+            clock=clock,
+        )
+
+    @property
+    def has_trust_anchors(self) -> bool:
+        return bool(
+            self._trusted_keys or self._trusted_certs or self._jwk_sets or self._insecure_header_jwk
+        )
 
     def verify(self, token: str) -> dict[str, JsonValue]:
-        if not self._trusted_keys:
+        if not self.has_trust_anchors:
             raise TokenVerificationError(
                 "no trusted token issuers are configured, so no attestation token is accepted"
             )
+        header, _ = decode_unverified(token)
         errors: list[str] = []
-        for key in self._trusted_keys:
+        for key in self._candidate_keys(header, errors):
             try:
                 return verify_jwt(token, key, now=self._clock())
             except TokenVerificationError as e:
                 errors.append(e.detail)
-        raise TokenVerificationError(f"attestation token not accepted: {errors[-1]}")
+        reason = errors[-1] if errors else "no trusted key for this token"
+        raise TokenVerificationError(f"attestation token not accepted: {reason}")
+
+    def _candidate_keys(self, header: Mapping[str, object], errors: list[str]) -> list[PublicKey]:
+        header_jwk = header.get("jwk")
+        if isinstance(header_jwk, Mapping):
+            try:
+                return [self.trusted_header_key(header_jwk)]
+            except TokenVerificationError as e:
+                errors.append(e.detail)
+                return []
+        kid = header.get("kid")
+        if isinstance(kid, str) and self._jwk_sets:
+            return [k for jwk_set in self._jwk_sets for k in jwk_set.keys_for(kid)]
+        return list(self._trusted_keys)
+
+    def trusted_header_key(self, header_jwk: Mapping[str, object]) -> PublicKey:
+        """The key a token header carries, if we may trust it; else TokenVerificationError."""
+        key = public_key_from_jwk(header_jwk)
+        if any(key == trusted for trusted in self._trusted_keys):
+            return key
+        if self._insecure_header_jwk:
+            log.warning("accepting a token signer from its own header (insecure_header_jwk)")
+            return key
+        self._check_x5c(header_jwk, key)
+        return key
+
+    def _check_x5c(self, header_jwk: Mapping[str, object], key: PublicKey) -> None:
+        if not self._trusted_certs:
+            raise TokenVerificationError(
+                "the token carries its signer key, but no trusted_certs_paths are configured"
+            )
+        x5c = header_jwk.get("x5c")
+        if not isinstance(x5c, list) or not x5c or not all(isinstance(c, str) for c in x5c):
+            raise TokenVerificationError("the token's header jwk has no x5c certificate chain")
+        try:
+            chain = [x509.load_der_x509_certificate(base64.b64decode(c)) for c in x5c]
+        except (binascii.Error, ValueError):
+            raise TokenVerificationError("the token's x5c is not a chain of certificates") from None
+        if chain[0].public_key() != key:
+            raise TokenVerificationError("the x5c leaf certificate does not match the header jwk")
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        chains_to_trusted(chain[0], chain[1:], self._trusted_certs, now=now)
 
     def tee_pubkey(self, claims: dict[str, JsonValue]) -> TeePublicKey:
         for path in self._paths:
@@ -68,10 +179,10 @@ class TokenVerifier:
         raise TokenVerificationError("the attestation token carries no tee-pubkey claim")
 
 
-def pointer(document: JsonValue, pointer: str) -> JsonValue:
+def pointer(document: JsonValue, json_pointer: str) -> JsonValue:
     """RFC 6901 lookup; None when absent."""
     node = document
-    for raw in pointer.split("/")[1:]:
+    for raw in json_pointer.split("/")[1:]:
         part = raw.replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict) and part in node:
             node = node[part]

@@ -167,11 +167,3 @@ def test_sample_plugin_is_admin_only() -> None:
     with TestClient(create_app(kbs_config(plugins=[{"name": "sample", "item": "v"}]))) as client:
         reply = client.get("/kbs/v0/sample/anything")
         assert reply.status_code == 200 and reply.text == "sample plugin response"
-
-
-def test_passport_mode_kbs_answers_404_on_auth() -> None:
-    config = kbs_config(attestation_service={"type": "none"})
-    with TestClient(create_app(config)) as client:
-        reply = client.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "sample"})
-        assert reply.status_code == 404
-        assert client.post("/kbs/v0/attest", json={}).status_code == 404

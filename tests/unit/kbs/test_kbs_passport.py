@@ -1,0 +1,172 @@
+"""Passport mode: a resource-only KBS that trusts tokens by certificate chain or JWKS."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from conftest import FakeClock, kbs_config, vectors
+from keybroker.attestation.signer import TokenSigner
+from keybroker.client.admin import AdminClient
+from keybroker.client.keys import TeeKey
+from keybroker.client.rcar import KbsClient
+from keybroker.config import AttestationTokenConfig
+from keybroker.errors import ConfigError, KbsRejectedError, TokenVerificationError
+from keybroker.kbs.app import create_app
+from keybroker.kbs.resource_policy import builtin_policy
+from keybroker.kbs.tokens import TokenVerifier
+from keybroker.protocol.jws import public_key_from_jwk
+from pki import Issued, issue, write
+
+SECRET = b"passport secret"
+NOW = 1_800_000_000  # inside the test PKI's validity
+
+
+def _kbs1(tmp_path: Path, ca: Issued) -> tuple[TestClient, FakeClock]:
+    """The attesting KBS, its token signer certified by ``ca``."""
+    signer = issue("token-signer", ca, ca=False)
+    (tmp_path / "signer.key").write_bytes(signer.key_pem())
+    write(tmp_path / "signer-chain.pem", signer, ca)
+    clock = FakeClock(NOW)
+    config = kbs_config(
+        attestation_service={
+            "type": "coco_as_builtin",
+            "attestation_token_broker": {
+                "signer": {
+                    "key_path": str(tmp_path / "signer.key"),
+                    "cert_path": str(tmp_path / "signer-chain.pem"),
+                }
+            },
+        }
+    )
+    return TestClient(create_app(config, clock=clock)), clock
+
+
+def _kbs2(trust: Path, clock: FakeClock) -> TestClient:
+    """A resource-only KBS trusting the CA in ``trust``."""
+    config = kbs_config(
+        attestation_service={"type": "none"},
+        attestation_token={"trusted_certs_paths": [str(trust)]},
+    )
+    client = TestClient(create_app(config, clock=clock))
+    return client
+
+
+def _token(kbs1: TestClient, key: TeeKey) -> str:
+    return KbsClient("http://kbs1", http=kbs1, tee_key=key).attest()
+
+
+def test_passport_round_trip_and_404_on_auth(tmp_path: Path) -> None:
+    ca = issue("passport CA")
+    kbs1, clock = _kbs1(tmp_path, ca)
+    key = TeeKey.generate()
+    with kbs1, _kbs2(write(tmp_path / "ca.pem", ca), clock) as kbs2:
+        token = _token(kbs1, key)
+        admin = AdminClient("http://kbs2", http=kbs2)
+        admin.set_resource("default/key/one", SECRET)
+        admin.set_resource_policy(builtin_policy("allow_all"))
+        guest = KbsClient("http://kbs2", http=kbs2, tee_key=key)
+        assert guest.get_resource_with_token("default/key/one", token) == SECRET
+        assert (
+            kbs2.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "sample"}).status_code == 404
+        )
+        assert kbs2.post("/kbs/v0/attest", json={}).status_code == 404
+
+
+def test_token_signed_by_untrusted_key_rejected(tmp_path: Path) -> None:
+    kbs1, clock = _kbs1(tmp_path, issue("some other CA"))
+    with kbs1, _kbs2(write(tmp_path / "ca.pem", issue("passport CA")), clock) as kbs2:
+        token = _token(kbs1, TeeKey.generate())
+        reply = kbs2.get("/kbs/v0/resource/a/b/c", headers={"Authorization": f"Bearer {token}"})
+        assert reply.status_code == 401
+        assert "does not lead to a trusted certificate" in reply.json()["detail"]
+
+
+def test_token_with_swapped_tee_pubkey_rejected(tmp_path: Path) -> None:
+    ca = issue("passport CA")
+    kbs1, clock = _kbs1(tmp_path, ca)
+    with kbs1, _kbs2(write(tmp_path / "ca.pem", ca), clock) as kbs2:
+        token = _token(kbs1, TeeKey.generate())
+        header, payload, signature = token.split(".")
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+        evidence = claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"]
+        evidence["runtime_data_claims"]["tee-pubkey"] = TeeKey.generate().public_jwk()
+        forged_payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=")
+        forged = f"{header}.{forged_payload.decode()}.{signature}"
+        reply = kbs2.get("/kbs/v0/resource/a/b/c", headers={"Authorization": f"Bearer {forged}"})
+        assert reply.status_code == 401 and "signature" in reply.json()["detail"]
+
+
+def test_expired_token_rejected(tmp_path: Path) -> None:
+    ca = issue("passport CA")
+    kbs1, clock = _kbs1(tmp_path, ca)
+    with kbs1, _kbs2(write(tmp_path / "ca.pem", ca), clock) as kbs2:
+        token = _token(kbs1, TeeKey.generate())
+        clock.advance(5 * 60 + 1)
+        reply = kbs2.get("/kbs/v0/resource/a/b/c", headers={"Authorization": f"Bearer {token}"})
+        assert reply.status_code == 401 and "expired" in reply.json()["detail"]
+
+
+def test_alg_none_token_rejected(tmp_path: Path) -> None:
+    with _kbs2(write(tmp_path / "ca.pem", issue("passport CA")), FakeClock(NOW)) as kbs2:
+        header = base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode()
+        body = base64.urlsafe_b64encode(b'{"exp":9999999999}').rstrip(b"=").decode()
+        reply = kbs2.get(
+            "/kbs/v0/resource/a/b/c", headers={"Authorization": f"Bearer {header}.{body}."}
+        )
+        assert reply.status_code == 401
+
+
+def test_trusted_token_for_policy_denied_tee_is_403(tmp_path: Path) -> None:
+    ca = issue("passport CA")
+    kbs1, clock = _kbs1(tmp_path, ca)
+    key = TeeKey.generate()
+    with kbs1, _kbs2(write(tmp_path / "ca.pem", ca), clock) as kbs2:
+        AdminClient("http://kbs2", http=kbs2).set_resource("default/key/one", SECRET)
+        guest = KbsClient("http://kbs2", http=kbs2, tee_key=key)
+        with pytest.raises(KbsRejectedError) as denied:  # default policy: sample TEE denied
+            guest.get_resource_with_token("default/key/one", _token(kbs1, key))
+        assert denied.value.http_status == 403
+
+
+def test_resource_only_kbs_without_trust_material_refuses_to_start() -> None:
+    with pytest.raises(ConfigError, match="could not accept any attestation token"):
+        create_app(kbs_config(attestation_service={"type": "none"}))
+
+
+def test_insecure_header_jwk_checks_the_signature(caplog: pytest.LogCaptureFixture) -> None:
+    signer = TokenSigner.ephemeral()
+    verifier = TokenVerifier.from_config(
+        AttestationTokenConfig(insecure_header_jwk=True), [], clock=lambda: 1.0
+    )
+    assert "insecure_header_jwk" in caplog.text
+    token = signer.sign({"exp": 100})
+    assert verifier.verify(token)["exp"] == 100
+    head, body, _ = token.split(".")
+    with pytest.raises(TokenVerificationError, match="signature"):
+        verifier.verify(f"{head}.{body}.{'A' * 86}")
+
+
+# --- upstream's seven trust scenarios (shared/vectors/kbs/jwk) -------------------------------
+
+SCENARIOS = {"01": True, "02": False, "03": False, "04": False, "05": True, "06": True, "07": True}
+
+
+@pytest.mark.parametrize(("scenario", "accepted"), sorted(SCENARIOS.items()))
+def test_upstream_jwk_trust_scenarios(scenario: str, accepted: bool) -> None:
+    folder = vectors() / "kbs" / "jwk"
+    jwk = json.loads((folder / f"scenario{scenario}-jwk.json").read_text())
+    verifier = TokenVerifier.from_config(
+        AttestationTokenConfig(trusted_certs_paths=[str(folder / f"scenario{scenario}-trust.pem")]),
+        [],
+        clock=lambda: float(NOW),
+    )
+    if accepted:
+        assert verifier.trusted_header_key(jwk) == public_key_from_jwk(jwk)
+    else:
+        with pytest.raises(TokenVerificationError):
+            verifier.trusted_header_key(jwk)
