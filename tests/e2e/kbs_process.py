@@ -23,13 +23,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+def wait_healthy(
+    url: str, process: subprocess.Popen[bytes], log: Path, verify: str | bool = True
+) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"kbs exited with {process.returncode}:\n{log.read_text()}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/healthz", timeout=1, verify=verify).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -38,8 +40,15 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @contextmanager
-def running_kbs(args: list[str], workdir: Path, url: str) -> Iterator[subprocess.Popen[bytes]]:
-    log = workdir / "kbs.log"
+def running_kbs(
+    args: list[str],
+    workdir: Path,
+    url: str,
+    *,
+    verify: str | bool = True,
+    log_name: str = "kbs.log",
+) -> Iterator[subprocess.Popen[bytes]]:
+    log = workdir / log_name
     with log.open("wb") as out:
         process = subprocess.Popen(
             [str(BIN / "kbs"), *args],
@@ -49,7 +58,7 @@ def running_kbs(args: list[str], workdir: Path, url: str) -> Iterator[subprocess
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     try:
-        wait_healthy(url, process, log)
+        wait_healthy(url, process, log, verify)
         yield process
     finally:
         process.send_signal(signal.SIGINT)

@@ -18,6 +18,7 @@ from keybroker.config import KbsConfig, load_config, parse_config
 from keybroker.errors import KeybrokerError
 from keybroker.kbs.audit import verify_file
 from keybroker.kbs.server import serve
+from keybroker.kbs.tls import self_signed_certificate
 
 # Builtin AS, resources in ./.kbs, sessions in memory, plain HTTP on loopback, open admin API.
 DEV_DEFAULTS: dict[str, object] = {
@@ -106,10 +107,45 @@ def audit_main(argv: list[str]) -> int:
     return 2
 
 
+def self_signed_cert_main(argv: list[str]) -> int:
+    """``kbs self-signed-cert``: a key and certificate for test HTTPS setups."""
+    parser = argparse.ArgumentParser(
+        prog="kbs self-signed-cert",
+        description="Write a private key and a self-signed certificate (tests, not production)",
+    )
+    parser.add_argument("--key-out", type=Path, default=Path("kbs-key.pem"))
+    parser.add_argument("--cert-out", type=Path, default=Path("kbs-cert.pem"))
+    parser.add_argument(
+        "--name", action="append", help="DNS name or IP (repeatable; default localhost, 127.0.0.1)"
+    )
+    parser.add_argument("--days", type=int, default=30)
+    args = parser.parse_args(argv)
+    key_pem, cert_pem = self_signed_certificate(
+        args.name or ["localhost", "127.0.0.1"], days=args.days
+    )
+    try:
+        fd = os.open(args.key_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        print(f"kbs self-signed-cert: error: {args.key_out}: {e.strerror}", file=sys.stderr)
+        return 1
+    with os.fdopen(fd, "wb") as out:
+        out.write(key_pem)
+    args.cert_out.write_bytes(cert_pem)
+    print(
+        f"key: {args.key_out} (0600)\ncertificate: {args.cert_out}\n"
+        f'[http_server] private_key = "{args.key_out}", certificate = "{args.cert_out}"; '
+        f"clients: kbs-client --cert-file {args.cert_out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["audit"]:
         return audit_main(argv[1:])
+    if argv[:1] == ["self-signed-cert"]:
+        return self_signed_cert_main(argv[1:])
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -15,16 +15,19 @@ import logging
 import os
 import shutil
 import socket
+import ssl
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
 from uvicorn.supervisors import Multiprocess
 
-from keybroker.config import KbsConfig, StorageType, parse_config
-from keybroker.errors import ConfigError, UnsupportedFeatureError
+from keybroker.config import HttpServerConfig, KbsConfig, StorageType, parse_config
+from keybroker.errors import ConfigError
 from keybroker.kbs.app import create_app
+from keybroker.kbs.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -58,29 +61,28 @@ def bind(text: str) -> socket.socket:
 def serve(config: KbsConfig) -> None:
     """Run the KBS until interrupted. Raises ConfigError before serving if it cannot start."""
     http = config.http_server
-    if not http.insecure_http:
-        raise UnsupportedFeatureError(
-            "HTTPS ([http_server] insecure_http = false)",
-            "set insecure_http = true and terminate TLS in front of the KBS for now",
+    scheme = "http" if http.insecure_http else "https"
+    if http.insecure_http:
+        log.warning(
+            "insecure_http = true: secrets cross the network only JWE-encrypted, but "
+            "sessions and admin tokens travel in clear; use TLS in production"
         )
-    for text in http.sockets:
-        host, _ = parse_socket(text)
-        if not ipaddress.ip_address(host).is_loopback:
-            log.warning("serving plain HTTP on %s: put TLS in front of this KBS", text)
+    else:
+        server_context(http)  # refuse a bad TLS setup before binding anything
     workers = http.worker_count or 1
     sockets = [bind(text) for text in http.sockets]
     for text in http.sockets:
-        log.info("Keybroker KBS listening on http://%s", text)
+        log.info("Keybroker KBS listening on %s://%s", scheme, text)
     if workers == 1:
         app = create_app(config)
-        uvicorn.Server(_uvicorn_config(app, workers)).run(sockets=sockets)
+        uvicorn.Server(_uvicorn_config(app, workers, http)).run(sockets=sockets)
         return
     memory_dir = _shared_memory_dir(config)
     os.environ[_CONFIG_ENV] = config.model_dump_json()
     if memory_dir is not None:
         os.environ[_MEMORY_DIR_ENV] = str(memory_dir)
     try:
-        uv_config = _uvicorn_config("keybroker.kbs.server:worker_app", workers)
+        uv_config = _uvicorn_config("keybroker.kbs.server:worker_app", workers, http)
         Multiprocess(uv_config, sockets=sockets).run()
     finally:
         if memory_dir is not None:
@@ -106,7 +108,11 @@ def _shared_memory_dir(config: KbsConfig) -> Path | None:
     return path
 
 
-def _uvicorn_config(app: Starlette | str, workers: int) -> uvicorn.Config:
+def _tls_factory(http: HttpServerConfig, _config: object, _default: object) -> ssl.SSLContext:
+    return server_context(http)
+
+
+def _uvicorn_config(app: Starlette | str, workers: int, http: HttpServerConfig) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         factory=isinstance(app, str),
@@ -115,4 +121,5 @@ def _uvicorn_config(app: Starlette | str, workers: int) -> uvicorn.Config:
         access_log=False,
         server_header=False,
         proxy_headers=False,
+        ssl_context_factory=None if http.insecure_http else partial(_tls_factory, http),
     )
