@@ -81,3 +81,10 @@ def kbs_client(
         check=False,
         env={**os.environ, **(env or {})},
     )
+
+
+def kbs(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a ``kbs`` subcommand that exits (``audit``, ``self-signed-cert``)."""
+    return subprocess.run(
+        [str(BIN / "kbs"), *args], capture_output=True, text=True, timeout=60, check=False
+    )
