@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.testclient import TestClient
 
 from conftest import FakeClock, kbs_config, vectors
@@ -19,7 +20,7 @@ from keybroker.errors import ConfigError, KbsRejectedError, TokenVerificationErr
 from keybroker.kbs.app import create_app
 from keybroker.kbs.resource_policy import builtin_policy
 from keybroker.kbs.tokens import TokenVerifier
-from keybroker.protocol.jws import public_key_from_jwk
+from keybroker.protocol.jws import jwk_of, public_key_from_jwk, sign_jwt
 from pki import Issued, issue, write
 
 SECRET = b"passport secret"
@@ -170,3 +171,33 @@ def test_upstream_jwk_trust_scenarios(scenario: str, accepted: bool) -> None:
     else:
         with pytest.raises(TokenVerificationError):
             verifier.trusted_header_key(jwk)
+
+
+def test_token_trusted_by_kid_in_a_jwk_set(tmp_path: Path) -> None:
+    issuer_key = ec.generate_private_key(ec.SECP256R1())
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [{**jwk_of(issuer_key.public_key()), "kid": "as-1"}]}))
+    verifier = TokenVerifier.from_config(
+        AttestationTokenConfig(trusted_jwk_sets=[str(jwks)]), [], clock=lambda: 1.0
+    )
+    token = sign_jwt({"exp": 100, "tee-pubkey": {}}, issuer_key, header={"kid": "as-1"})
+    assert verifier.verify(token)["exp"] == 100
+    stranger = sign_jwt(
+        {"exp": 100}, ec.generate_private_key(ec.SECP256R1()), header={"kid": "as-1"}
+    )
+    with pytest.raises(TokenVerificationError, match="signature"):
+        verifier.verify(stranger)
+    unknown = sign_jwt({"exp": 100}, issuer_key, header={"kid": "as-2"})
+    with pytest.raises(TokenVerificationError):
+        verifier.verify(unknown)
+
+
+def test_tee_pubkey_found_at_default_and_extra_paths() -> None:
+    key = TeeKey.generate().public_jwk()
+    default = TokenVerifier([], insecure_header_jwk=True)
+    ita_claims = {"tdx": {"attester_runtime_data": {"tee-pubkey": key}}}
+    assert default.tee_pubkey(ita_claims).to_jwk() == key  # Intel Trust Authority layout
+    custom = TokenVerifier([], insecure_header_jwk=True, extra_teekey_paths=["/custom/guest~1key"])
+    assert custom.tee_pubkey({"custom": {"guest/key": key}}).to_jwk() == key
+    with pytest.raises(TokenVerificationError, match="no tee-pubkey"):
+        default.tee_pubkey({"custom": {"guest/key": key}})
