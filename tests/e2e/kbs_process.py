@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -31,7 +32,10 @@ def wait_healthy(
         if process.poll() is not None:
             raise AssertionError(f"kbs exited with {process.returncode}:\n{log.read_text()}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1, verify=verify).status_code == 200:
+            context = (
+                ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+            )
+            if httpx.get(f"{url}/healthz", timeout=1, verify=context).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

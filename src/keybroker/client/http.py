@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import httpx
@@ -12,11 +13,12 @@ DEFAULT_TIMEOUT = 30.0
 
 
 def make_http(url: str, cert_file: Path | None, timeout: float = DEFAULT_TIMEOUT) -> httpx.Client:
-    verify: bool | str = True
+    verify: bool | ssl.SSLContext = True
     if cert_file is not None:
-        if not cert_file.is_file():
-            raise ClientError(f"cannot read CA certificate file {cert_file}")
-        verify = str(cert_file)
+        try:
+            verify = ssl.create_default_context(cafile=str(cert_file))
+        except (OSError, ssl.SSLError) as e:
+            raise ClientError(f"cannot use CA certificate file {cert_file}: {e}") from None
     return httpx.Client(base_url=url.rstrip("/"), verify=verify, timeout=timeout)
 
 
