@@ -4,6 +4,7 @@ attests; KBS2 (plain HTTP, no attestation service, trusting the CA) releases to 
 from __future__ import annotations
 
 import base64
+import ssl
 from pathlib import Path
 
 import httpx
@@ -172,7 +173,9 @@ path = "{tmp_path / "kbs2-audit.log"}"
         )
         # on HTTPS the session cookie is Secure, HttpOnly, SameSite=Strict, Path=/kbs/v0
         reply = httpx.post(
-            f"{kbs1_url}/kbs/v0/auth", verify=tls, json={"version": "0.4.0", "tee": "sample"}
+            f"{kbs1_url}/kbs/v0/auth",
+            verify=ssl.create_default_context(cafile=tls),
+            json={"version": "0.4.0", "tee": "sample"},
         )
         cookie = reply.headers["set-cookie"].lower()
         assert all(
