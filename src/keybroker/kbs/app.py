@@ -171,31 +171,39 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
     if plugin.requires_admin(plugin_request):
         return await _admin(call, request, services, lambda: _handle_plain(plugin, plugin_request))
 
-    token = await _guest_token(request, services)
-    claims = services.tokens.verify(token)
-    policy_data = {"plugin": call.name, "resource-path": list(call.rest), "query": call.query}
     request_id, peer = request_context(request)
     record = partial(
         services.audit.record,
         action=f"release {call.method} {call.name}",
         target="/".join(call.rest),
-        subject=guest_subject(claims, token),
         request_id=request_id,
         peer=peer,
     )
+    try:
+        token = await _guest_token(request, services)
+        claims = services.tokens.verify(token)
+    except KeybrokerError as e:
+        record(decision="deny", subject=None, reason=e.detail)
+        raise
+    subject = guest_subject(claims, token)
+    policy_data = {"plugin": call.name, "resource-path": list(call.rest), "query": call.query}
     if not await services.resource_policy.allows(claims, policy_data):
-        record(decision="deny", reason="denied by the resource policy")
+        record(decision="deny", subject=subject, reason="denied by the resource policy")
         raise PolicyDeniedError("Access denied by policy")
     services.audit.ensure_writable()
-    encrypt = plugin.needs_encryption(plugin_request)
-    # Find the key to encrypt to before touching the secret: no key, no read.
-    recipient = services.tokens.tee_pubkey(claims) if encrypt else None
-    result = await plugin.handle(
-        replace(plugin_request, init_data_claims=pointer(claims, _INIT_DATA_CLAIMS))
-    )
-    response = _plain(result) if recipient is None else JSONResponse(seal(recipient, result.body))
-    record(decision="allow")  # no record, no release: a failure here answers 503
-    return response
+    try:
+        # Find the key to encrypt to before touching the secret: no key, no read.
+        encrypt = plugin.needs_encryption(plugin_request)
+        recipient = services.tokens.tee_pubkey(claims) if encrypt else None
+        result = await plugin.handle(
+            replace(plugin_request, init_data_claims=pointer(claims, _INIT_DATA_CLAIMS))
+        )
+        body = _plain(result) if recipient is None else JSONResponse(seal(recipient, result.body))
+    except KeybrokerError as e:
+        record(decision="failure", subject=subject, reason=e.detail)
+        raise
+    record(decision="allow", subject=subject)  # no record, no release: a failure answers 503
+    return body
 
 
 async def _handle_plain(plugin: Plugin, request: PluginRequest) -> Response:

@@ -63,6 +63,21 @@ def test_release_denial_and_admin_change_each_one_record(tmp_path: Path) -> None
     assert verify_file(log).ok
 
 
+def test_tokenless_request_and_missing_resource_are_recorded(tmp_path: Path) -> None:
+    log = tmp_path / "audit.log"
+    with _app(log) as client:
+        assert client.get("/kbs/v0/resource/a/b/c").status_code == 401
+        AdminClient("http://testserver", http=client).set_resource_policy(
+            builtin_policy("allow_all")
+        )
+        guest = KbsClient("http://testserver", http=client)
+        with pytest.raises(Exception, match="404"):
+            guest.get_resource("a/b/missing")
+    tokenless, _, _, missing = _records(log)
+    assert tokenless["decision"] == "deny" and "Token not found" in tokenless["reason"]
+    assert missing["decision"] == "failure" and "resource not found" in missing["reason"]
+
+
 def test_failed_attestation_is_recorded(tmp_path: Path) -> None:
     log = tmp_path / "audit.log"
     with _app(log) as client:
