@@ -6,8 +6,10 @@ import base64
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -127,10 +129,20 @@ def test_two_workers_share_sessions(tmp_path: Path) -> None:
         admin = AdminClient(url)
         admin.set_resource("default/key/one", SECRET)
         admin.set_resource_policy(builtin_policy("allow_all"))
-        for _ in range(30):
-            guest = KbsClient(url)  # new connection each time: lands on either worker
-            assert guest.get_resource("default/key/one") == SECRET
-            guest.close()
+
+        def guest_round() -> bytes:
+            # A fresh client per handshake: new connections land on either worker, and under
+            # concurrency both workers serve. A token minted by one must verify on the other.
+            no_keepalive = httpx.Limits(max_keepalive_connections=0)  # each request reconnects
+            guest = KbsClient(url, http=httpx.Client(base_url=url, limits=no_keepalive))
+            try:
+                return guest.get_resource("default/key/one")
+            finally:
+                guest.close()
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = list(pool.map(lambda _: guest_round(), range(64)))
+        assert results == [SECRET] * 64
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

@@ -21,10 +21,19 @@ from functools import partial
 from pathlib import Path
 
 import uvicorn
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.applications import Starlette
 from uvicorn.supervisors import Multiprocess
 
-from keybroker.config import HttpServerConfig, KbsConfig, StorageType, parse_config
+from keybroker.config import (
+    BuiltinAsConfig,
+    HttpServerConfig,
+    KbsConfig,
+    StorageType,
+    TokenSignerConfig,
+    parse_config,
+)
 from keybroker.errors import ConfigError
 from keybroker.kbs.app import create_app
 from keybroker.kbs.tls import server_context
@@ -77,16 +86,17 @@ def serve(config: KbsConfig) -> None:
         app = create_app(config)
         uvicorn.Server(_uvicorn_config(app, workers, http)).run(sockets=sockets)
         return
-    memory_dir = _shared_memory_dir(config)
-    os.environ[_CONFIG_ENV] = config.model_dump_json()
-    if memory_dir is not None:
-        os.environ[_MEMORY_DIR_ENV] = str(memory_dir)
+    runtime_dir = _private_runtime_dir()
     try:
+        config = _shared_signer(config, runtime_dir)
+        os.environ[_CONFIG_ENV] = config.model_dump_json()
+        if _uses_memory(config):
+            log.info("worker_count > 1: memory stores are shared by the workers in %s", runtime_dir)
+            os.environ[_MEMORY_DIR_ENV] = str(runtime_dir / "memory")
         uv_config = _uvicorn_config("keybroker.kbs.server:worker_app", workers, http)
         Multiprocess(uv_config, sockets=sockets).run()
     finally:
-        if memory_dir is not None:
-            shutil.rmtree(memory_dir, ignore_errors=True)
+        shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
 def worker_app() -> Starlette:
@@ -96,16 +106,43 @@ def worker_app() -> Starlette:
     return create_app(config, memory_dir=Path(memory_dir) if memory_dir else None)
 
 
-def _shared_memory_dir(config: KbsConfig) -> Path | None:
-    kinds = {config.storage_backend.storage_type, config.session_storage_type}
-    if StorageType.MEMORY not in kinds:
-        return None
-    # tmpfs when available: "memory" stays in memory, and fsyncs there cost nothing.
+def _uses_memory(config: KbsConfig) -> bool:
+    return StorageType.MEMORY in {config.storage_backend.storage_type, config.session_storage_type}
+
+
+def _private_runtime_dir() -> Path:
+    """A 0700 directory shared with the workers, on tmpfs when available: what is kept there
+    (memory stores, an ephemeral signing key) stays in memory and dies with the server."""
     shm = Path("/dev/shm")  # noqa: S108 - a private mkdtemp directory (0700) inside it
     base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
-    path = Path(tempfile.mkdtemp(prefix="keybroker-memory-", dir=base))
-    log.info("worker_count > 1: memory stores are shared by the workers through %s", path)
-    return path
+    return Path(tempfile.mkdtemp(prefix="keybroker-", dir=base))
+
+
+def _shared_signer(config: KbsConfig, runtime_dir: Path) -> KbsConfig:
+    """Workers must sign with one key, or a token from one would not verify on another."""
+    service = config.attestation_service
+    if not isinstance(service, BuiltinAsConfig) or service.attestation_token_broker.signer:
+        return config
+    key_path = runtime_dir / "ephemeral-token-signer.pem"
+    key = ec.generate_private_key(ec.SECP256R1())
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    log.info("no token signer configured: the workers share one ephemeral signing key")
+    broker = service.attestation_token_broker.model_copy(
+        update={"signer": TokenSignerConfig(key_path=key_path)}
+    )
+    return config.model_copy(
+        update={
+            "attestation_service": service.model_copy(update={"attestation_token_broker": broker})
+        }
+    )
 
 
 def _tls_factory(http: HttpServerConfig, _config: object, _default: object) -> ssl.SSLContext:
