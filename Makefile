@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit integration e2e format clean
+.PHONY: run test lint typecheck unit integration e2e format clean protos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,8 @@ format: $(VENV)/.installed-test
 
 clean:
 	rm -rf $(VENV) .kbs .mypy_cache .pytest_cache .ruff_cache
+
+# Regenerate the checked-in gRPC modules from src/keybroker/grpc_api/*.proto
+protos: $(VENV)/.installed-test
+	$(BIN)/python -m grpc_tools.protoc -I src --python_out=src --pyi_out=src \
+		--grpc_python_out=src src/keybroker/grpc_api/*.proto

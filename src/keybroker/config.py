@@ -157,6 +157,8 @@ class GrpcAsConfig(_AttestationServiceBase):
     type: Literal["coco_as_grpc"]
     as_addr: str = "http://127.0.0.1:50004"
     pool_size: int = Field(default=100, ge=1)
+    # Keybroker: seconds one call to the remote AS may take before the KBS answers 503.
+    request_timeout: float = Field(default=30.0, gt=0, le=600)
 
 
 class IntelTaConfig(_AttestationServiceBase):
@@ -350,6 +352,34 @@ class AuditConfig(_Model):
 
 
 # --- the whole file --------------------------------------------------------------------------
+
+
+class AttestationServiceFileConfig(_Model):
+    """The config file of a standalone Attestation Service (``grpc-as -c FILE``)."""
+
+    work_dir: Path | None = None
+    attestation_token_broker: AttestationTokenBrokerConfig = AttestationTokenBrokerConfig()
+    rvps_config: Annotated[RvpsBuiltInConfig | RvpsGrpcConfig, Field(discriminator="type")] = (
+        RvpsBuiltInConfig()
+    )
+    verifier_config: dict[str, Any] | None = None
+    storage_backend: StorageBackendConfig = StorageBackendConfig()
+
+
+def load_as_config(path: Path | None) -> AttestationServiceFileConfig:
+    if path is None:
+        return AttestationServiceFileConfig()
+    try:
+        text = path.read_text(encoding="utf-8")
+        document = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"configuration file {path} is not valid: {e}") from None
+    try:
+        return AttestationServiceFileConfig.model_validate(document)
+    except ValidationError as e:
+        raise ConfigError(f"invalid configuration in {path}: {_describe(e)}") from None
 
 
 def _default_plugins() -> list[PluginConfig]:

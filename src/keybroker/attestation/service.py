@@ -35,9 +35,18 @@ class EvidenceToVerify:
 
     tee: Tee
     unverified_evidence: JsonValue
-    runtime_data: dict[str, JsonValue]
+    runtime_data: dict[str, JsonValue] | None  # structured: its canonical hash is bound
     hash_algorithm: HashAlgorithm
     init_data: InitData | None = None
+    raw_runtime_data: bytes | None = None  # or the expected report data itself
+    init_data_digest: bytes | None = None  # or only the init-data digest
+
+    def expected_report_data(self) -> bytes | None:
+        if self.raw_runtime_data is not None:
+            return self.raw_runtime_data
+        if self.runtime_data is None:
+            return None
+        return runtime_data_digest(self.runtime_data, self.hash_algorithm)
 
 
 class AttestationBackend(ABC):
@@ -117,10 +126,11 @@ class BuiltinAttestationService(AttestationBackend):
             if verifier is None:
                 raise AttestationError(f"no verifier for TEE {item.tee.value} in this service")
             init_data = parse_init_data(item.init_data) if item.init_data else None
+            init_digest = init_data.digest if init_data else item.init_data_digest
             for claims in verifier.verify(
                 item.unverified_evidence,
-                expected_report_data=runtime_data_digest(item.runtime_data, item.hash_algorithm),
-                expected_init_data=init_data.digest if init_data else None,
+                expected_report_data=item.expected_report_data(),
+                expected_init_data=init_digest,
             ):
                 index = class_counts.get(claims.tee_class, 0)
                 class_counts[claims.tee_class] = index + 1
@@ -142,7 +152,7 @@ class BuiltinAttestationService(AttestationBackend):
     def _annotate(
         self,
         tee_claims: TeeClaims,
-        runtime_data: dict[str, JsonValue],
+        runtime_data: dict[str, JsonValue] | None,
         init_data_claims: JsonValue,
     ) -> dict[str, JsonValue]:
         """Upstream's layout: bindings lifted to the top, the TEE's own claims under its name."""
@@ -153,8 +163,8 @@ class BuiltinAttestationService(AttestationBackend):
             annotated["init_data_claims"] = init_data_claims
         if "report_data" in claims:
             annotated["report_data"] = claims.pop("report_data")
-            runtime_claims = dict(runtime_data)
-            if not self._config.attestation_token_broker.verbose_token:
+            runtime_claims = dict(runtime_data) if runtime_data is not None else None
+            if runtime_claims and not self._config.attestation_token_broker.verbose_token:
                 runtime_claims.pop("additional-evidence", None)
             annotated["runtime_data_claims"] = runtime_claims
         annotated[tee_claims.tee.value] = claims

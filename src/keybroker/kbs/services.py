@@ -18,6 +18,7 @@ from keybroker.attestation.service import AttestationBackend, BuiltinAttestation
 from keybroker.attestation.signer import TokenSigner
 from keybroker.config import (
     BuiltinAsConfig,
+    GrpcAsConfig,
     KbsConfig,
     NoAsConfig,
     OtherPluginConfig,
@@ -118,13 +119,20 @@ def build_services(
             session_storage.get(SESSION_NAMESPACE), timeout_min=as_config.timeout, clock=clock
         )
         handshake = Handshake(attestation, sessions)
+    elif isinstance(as_config, GrpcAsConfig):
+        attestation = _grpc_backend(as_config)
+        sessions = SessionStore(
+            session_storage.get(SESSION_NAMESPACE), timeout_min=as_config.timeout, clock=clock
+        )
+        handshake = Handshake(attestation, sessions)
     elif isinstance(as_config, NoAsConfig):
         log.info("no attestation service: /auth and /attest answer 404 (resource-only KBS)")
     tokens = TokenVerifier.from_config(config.attestation_token, trusted_keys, clock=clock)
     if not tokens.has_trust_anchors:
         raise ConfigError(
-            "this KBS could not accept any attestation token: configure [attestation_token] "
-            "trusted_certs_paths or trusted_jwk_sets (or an attestation service)"
+            "this KBS could not accept any attestation token: tokens from a remote or absent "
+            "attestation service are trusted through [attestation_token] trusted_certs_paths "
+            "or trusted_jwk_sets (insecure_header_jwk = true for tests only)"
         )
     return KbsServices(
         admin=admin,
@@ -156,10 +164,20 @@ def _audit_log(config: KbsConfig, clock: Callable[[], float]) -> AuditLog:
 
 def _refuse_unserved(config: KbsConfig) -> None:
     as_config = config.attestation_service
-    if not isinstance(as_config, BuiltinAsConfig | NoAsConfig):
+    if not isinstance(as_config, BuiltinAsConfig | GrpcAsConfig | NoAsConfig):
         raise UnsupportedFeatureError(f"[attestation_service] type = {as_config.type}")
     if isinstance(as_config, BuiltinAsConfig) and isinstance(as_config.rvps_config, RvpsGrpcConfig):
         raise UnsupportedFeatureError("[attestation_service.rvps_config] type = GrpcRemote")
+
+
+def _grpc_backend(config: GrpcAsConfig) -> AttestationBackend:
+    try:
+        from keybroker.attestation.grpc_client import GrpcAttestationService  # noqa: PLC0415
+    except ImportError:  # an optional extra: keep the builtin-only install small
+        raise ConfigError(
+            "type = coco_as_grpc needs the grpc extra: pip install 'keybroker[grpc]'"
+        ) from None
+    return GrpcAttestationService(config)
 
 
 def _override(

@@ -1,0 +1,134 @@
+"""The Attestation Service over gRPC (``attestation.AttestationService``), as ``grpc-as`` serves it.
+
+Wire-compatible with upstream's grpc-as: evidence, raw runtime data and init-data digests are
+base64url without padding; structured runtime data is JSON text; an empty hash algorithm means
+sha384; an empty policy list means ``default``; policies are base64url Rego. Failures of the
+attestation itself answer ``ABORTED`` (upstream's code), malformed requests ``INVALID_ARGUMENT``,
+and the detail names the problem without echoing evidence.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import secrets
+from typing import Any
+
+import grpc
+
+from keybroker.attestation.service import BuiltinAttestationService, EvidenceToVerify
+from keybroker.errors import AttestationError, BadRequestError, KeybrokerError
+from keybroker.grpc_api import attestation_pb2, attestation_pb2_grpc
+from keybroker.protocol.canonical import HashAlgorithm
+from keybroker.protocol.models import InitData, Tee
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def _b64url(text: str, what: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise BadRequestError(f"{what} is not base64url") from None
+
+
+def evidence_from_wire(request: attestation_pb2.IndividualAttestationRequest) -> EvidenceToVerify:
+    try:
+        tee = Tee(request.tee)
+    except ValueError:
+        raise BadRequestError(f"unknown TEE {request.tee[:32]!r}") from None
+    try:
+        evidence = json.loads(_b64url(request.evidence, "evidence"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequestError("evidence is not base64url of JSON") from None
+    try:
+        algorithm = HashAlgorithm.parse(request.runtime_data_hash_algorithm or "sha384")
+    except ValueError as e:
+        raise BadRequestError(str(e)) from None
+    structured, raw = None, None
+    which = request.WhichOneof("runtime_data")
+    if which == "structured_runtime_data":
+        try:
+            structured = json.loads(request.structured_runtime_data)
+        except json.JSONDecodeError:
+            raise BadRequestError("structured_runtime_data is not JSON") from None
+        if not isinstance(structured, dict):
+            raise BadRequestError("structured_runtime_data must be a JSON object")
+    elif which == "raw_runtime_data":
+        raw = _b64url(request.raw_runtime_data, "raw_runtime_data")
+    init_data, digest = None, None
+    which = request.WhichOneof("init_data")
+    if which == "init_data_toml":
+        init_data = InitData(format="toml", body=request.init_data_toml)
+    elif which == "init_data_digest":
+        digest = _b64url(request.init_data_digest, "init_data_digest")
+    return EvidenceToVerify(
+        tee=tee,
+        unverified_evidence=evidence,
+        runtime_data=structured,
+        hash_algorithm=algorithm,
+        init_data=init_data,
+        raw_runtime_data=raw,
+        init_data_digest=digest,
+    )
+
+
+class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):  # type: ignore[misc]
+    def __init__(self, service: BuiltinAttestationService) -> None:
+        self._service = service
+
+    async def AttestationEvaluate(  # noqa: N802 - the gRPC method name
+        self, request: attestation_pb2.AttestationRequest, context: Any
+    ) -> attestation_pb2.AttestationResponse:
+        try:
+            evidence = [evidence_from_wire(item) for item in request.verification_requests]
+            token = await self._service.evaluate(evidence, list(request.policy_ids) or ["default"])
+        except KeybrokerError as e:
+            await _abort(context, e)
+        return attestation_pb2.AttestationResponse(attestation_token=token)
+
+    async def SetAttestationPolicy(  # noqa: N802
+        self, request: attestation_pb2.SetPolicyRequest, context: Any
+    ) -> attestation_pb2.SetPolicyResponse:
+        try:
+            source = _b64url(request.policy, "policy").decode("utf-8")
+            await self._service.set_policy(request.policy_id, source)
+        except UnicodeDecodeError:
+            await _abort(context, BadRequestError("the policy is not UTF-8 text"))
+        except KeybrokerError as e:
+            await _abort(context, e)
+        return attestation_pb2.SetPolicyResponse()
+
+    async def GetAttestationChallenge(  # noqa: N802
+        self, request: attestation_pb2.ChallengeRequest, context: Any
+    ) -> attestation_pb2.ChallengeResponse:
+        nonce = base64.b64encode(secrets.token_bytes(32)).decode()
+        return attestation_pb2.ChallengeResponse(attestation_challenge=nonce)
+
+
+async def _abort(context: Any, error: KeybrokerError) -> None:
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, AttestationError):
+        code = grpc.StatusCode.ABORTED
+    elif error.status >= 500:
+        code = grpc.StatusCode.INTERNAL
+    log.warning("gRPC request refused: %s", error.detail)
+    await context.abort(code, error.detail)
+
+
+def build_server(service: BuiltinAttestationService, address: str) -> grpc.aio.Server:
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    server = grpc.aio.server(options=options)
+    attestation_pb2_grpc.add_AttestationServiceServicer_to_server(
+        AttestationServicer(service), server
+    )
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server

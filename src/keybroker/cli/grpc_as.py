@@ -1,0 +1,93 @@
+"""``grpc-as``: the Attestation Service as a gRPC server (``attestation.AttestationService``).
+
+    grpc-as [-c|--config-file FILE] [-s|--socket 127.0.0.1:3000]
+
+Upstream's command line. The config file (TOML or JSON) holds ``attestation_token_broker``,
+``rvps_config`` (builtin) and ``storage_backend`` (Memory or LocalFs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from keybroker.attestation.grpc_server import build_server
+from keybroker.attestation.policy import NAMESPACE as POLICY_NAMESPACE
+from keybroker.attestation.policy import AttestationPolicies
+from keybroker.attestation.service import BuiltinAttestationService
+from keybroker.attestation.signer import TokenSigner
+from keybroker.config import (
+    AttestationServiceFileConfig,
+    BuiltinAsConfig,
+    RvpsGrpcConfig,
+    StorageType,
+    load_as_config,
+)
+from keybroker.errors import KeybrokerError, UnsupportedFeatureError
+from keybroker.rvps.store import NAMESPACE as RVPS_NAMESPACE
+from keybroker.rvps.store import ReferenceValueStore
+from keybroker.storage.provider import StorageProvider, local_fs_provider, memory_provider
+
+log = logging.getLogger("keybroker.grpc_as")
+
+
+def _storage(config: AttestationServiceFileConfig) -> StorageProvider:
+    backend = config.storage_backend
+    if backend.storage_type is StorageType.MEMORY:
+        return memory_provider()
+    if backend.storage_type is StorageType.LOCAL_FS and backend.backends.local_fs is not None:
+        return local_fs_provider(backend.backends.local_fs.dir_path)
+    raise UnsupportedFeatureError(f"[storage_backend] storage_type = {backend.storage_type}")
+
+
+def build_service(config: AttestationServiceFileConfig) -> BuiltinAttestationService:
+    if isinstance(config.rvps_config, RvpsGrpcConfig):
+        raise UnsupportedFeatureError("rvps_config type = GrpcRemote")
+    storage = _storage(config)
+    reference_values = ReferenceValueStore(storage.get(RVPS_NAMESPACE))
+    return BuiltinAttestationService(
+        BuiltinAsConfig(
+            attestation_token_broker=config.attestation_token_broker,
+            rvps_config=config.rvps_config,
+            verifier_config=config.verifier_config,
+        ),
+        TokenSigner.from_config(config.attestation_token_broker.signer),
+        AttestationPolicies(storage.get(POLICY_NAMESPACE), reference_values),
+        reference_values,
+    )
+
+
+async def _serve(service: BuiltinAttestationService, socket: str) -> None:
+    await service.start()
+    server = build_server(service, socket)
+    await server.start()
+    log.info("Keybroker attestation service (gRPC) listening on %s", socket)
+    await server.wait_for_termination()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    parser = argparse.ArgumentParser(prog="grpc-as", description="Attestation Service (gRPC)")
+    parser.add_argument("-c", "--config-file", type=Path, help="AS config file (TOML or JSON)")
+    parser.add_argument("-s", "--socket", default="127.0.0.1:3000", help="listen address")
+    args = parser.parse_args(argv)
+    try:
+        asyncio.run(_serve(build_service(load_as_config(args.config_file)), args.socket))
+    except KeybrokerError as e:
+        print(f"grpc-as: error: {e.detail}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"grpc-as: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""KBS -> remote Attestation Service over gRPC, as separate processes on loopback."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kbs_process import BIN, free_port, kbs_client, running_kbs
+from keybroker.grpc_api import attestation_pb2, attestation_pb2_grpc
+from pki import issue, write
+
+pytestmark = pytest.mark.e2e
+
+AFFIRMING_CPU = """package policy
+trust_claims := {"executables": 3, "hardware": 2, "configuration": 2}
+"""
+
+
+@contextmanager
+def grpc_as(tmp_path: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    log = (tmp_path / "grpc-as.log").open("ab")
+    process = subprocess.Popen(
+        [str(BIN / "grpc-as"), "-c", str(tmp_path / "as.toml"), "-s", f"127.0.0.1:{port}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        channel.close()
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+        log.close()
+
+
+def test_background_check_through_grpc_as(tmp_path: Path) -> None:
+    ca = issue("AS signer CA")
+    signer = issue("grpc-as token signer", ca, ca=False)
+    (tmp_path / "signer.key").write_bytes(signer.key_pem())
+    write(tmp_path / "chain.pem", signer, ca)
+    write(tmp_path / "ca.pem", ca)
+    (tmp_path / "as.toml").write_text(
+        f'[attestation_token_broker]\nsigner = {{ key_path = "{tmp_path / "signer.key"}", '
+        f'cert_path = "{tmp_path / "chain.pem"}" }}\n'
+    )
+    as_port, kbs_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{kbs_port}"
+    (tmp_path / "kbs.toml").write_text(f"""
+[http_server]
+sockets = ["127.0.0.1:{kbs_port}"]
+insecure_http = true
+
+[attestation_service]
+type = "coco_as_grpc"
+as_addr = "http://127.0.0.1:{as_port}"
+request_timeout = 3
+
+[attestation_token]
+trusted_certs_paths = ["{tmp_path / "ca.pem"}"]
+
+[admin]
+authorization_mode = "InsecureAllowAll"
+""")
+    (tmp_path / "secret").write_bytes(b"via grpc-as")
+    (tmp_path / "cpu.rego").write_text(AFFIRMING_CPU)
+
+    with grpc_as(tmp_path, as_port), running_kbs(["-c", str(tmp_path / "kbs.toml")], tmp_path, url):
+        for args in (
+            ["set-resource", "--path", "a/b/c", "--resource-file", str(tmp_path / "secret")],
+            ["set-resource-policy", "--affirming"],
+        ):
+            assert kbs_client("--url", url, "config", *args).returncode == 0
+        # the default policy of the remote AS leaves the sample guest contraindicated
+        denied = kbs_client("--url", url, "get-resource", "--path", "a/b/c")
+        assert denied.returncode == 1 and "403" in denied.stderr
+        # a policy set through the KBS admin API is enforced by the remote AS
+        policy = kbs_client(
+            "--url",
+            url,
+            "config",
+            "set-attestation-policy",
+            "--policy-file",
+            str(tmp_path / "cpu.rego"),
+            "--id",
+            "default_cpu",
+        )
+        assert policy.returncode == 0, policy.stderr
+        got = kbs_client("--url", url, "get-resource", "--path", "a/b/c")
+        assert got.returncode == 0, got.stderr
+        assert base64.b64decode(got.stdout) == b"via grpc-as"
+
+    # the AS is down (the KBS keeps running in its own context below)
+    with running_kbs(["-c", str(tmp_path / "kbs.toml")], tmp_path, url, log_name="kbs2.log"):
+        start = time.monotonic()
+        outage = kbs_client("--url", url, "attest")
+        assert outage.returncode == 1 and "503" in outage.stderr
+        assert "unavailable" in outage.stderr
+        assert time.monotonic() - start < 10
+        with grpc_as(tmp_path, as_port):  # back: the KBS recovers without a restart
+            recovered = kbs_client("--url", url, "attest")
+            assert recovered.returncode == 0, recovered.stderr
+
+
+def test_raw_protobuf_client_calls_every_rpc(tmp_path: Path) -> None:
+    """Interchangeability: a client built only from our .proto files."""
+    (tmp_path / "as.toml").write_text("")
+    port = free_port()
+    with grpc_as(tmp_path, port), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = attestation_pb2_grpc.AttestationServiceStub(channel)
+        challenge = stub.GetAttestationChallenge(attestation_pb2.ChallengeRequest())
+        assert len(base64.b64decode(challenge.attestation_challenge)) == 32
+        policy = base64.urlsafe_b64encode(AFFIRMING_CPU.encode()).rstrip(b"=").decode()
+        stub.SetAttestationPolicy(
+            attestation_pb2.SetPolicyRequest(policy_id="default_cpu", policy=policy)
+        )
+        report_data = bytes(range(48))
+        evidence = json.dumps(
+            {"svn": "1", "report_data": base64.b64encode(report_data).decode()}
+        ).encode()
+        reply = stub.AttestationEvaluate(
+            attestation_pb2.AttestationRequest(
+                verification_requests=[
+                    attestation_pb2.IndividualAttestationRequest(
+                        tee="sample",
+                        evidence=base64.urlsafe_b64encode(evidence).rstrip(b"=").decode(),
+                        raw_runtime_data=base64.urlsafe_b64encode(report_data)
+                        .rstrip(b"=")
+                        .decode(),
+                    )
+                ],
+                policy_ids=["default"],
+            )
+        )
+        payload = reply.attestation_token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        assert claims["submods"]["cpu0"]["ear.status"] == "affirming"
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.AttestationEvaluate(
+                attestation_pb2.AttestationRequest(
+                    verification_requests=[
+                        attestation_pb2.IndividualAttestationRequest(
+                            tee="sample",
+                            evidence=base64.urlsafe_b64encode(evidence).decode(),
+                            raw_runtime_data=base64.urlsafe_b64encode(b"other").decode(),
+                        )
+                    ]
+                )
+            )
+        assert refused.value.code() == grpc.StatusCode.ABORTED
