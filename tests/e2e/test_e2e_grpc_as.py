@@ -157,3 +157,86 @@ def test_raw_protobuf_client_calls_every_rpc(tmp_path: Path) -> None:
                 )
             )
         assert refused.value.code() == grpc.StatusCode.ABORTED
+
+
+@contextmanager
+def rvps(tmp_path: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    log = (tmp_path / "rvps.log").open("ab")
+    process = subprocess.Popen(
+        [str(BIN / "rvps"), "-a", f"127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        channel.close()
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+        log.close()
+
+
+def _rvps_tool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "rvps-tool"), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_kbs_grpc_as_and_rvps_as_three_processes(tmp_path: Path) -> None:
+    rvps_port, as_port, kbs_port = free_port(), free_port(), free_port()
+    (tmp_path / "as.toml").write_text(
+        f'[rvps_config]\ntype = "GrpcRemote"\naddress = "http://127.0.0.1:{rvps_port}"\n'
+    )
+    url = f"http://127.0.0.1:{kbs_port}"
+    (tmp_path / "kbs.toml").write_text(f"""
+[http_server]
+sockets = ["127.0.0.1:{kbs_port}"]
+insecure_http = true
+
+[attestation_service]
+type = "coco_as_grpc"
+as_addr = "http://127.0.0.1:{as_port}"
+request_timeout = 5
+
+[attestation_token]
+insecure_header_jwk = true  # the AS signs with an ephemeral key in this test
+
+[admin]
+authorization_mode = "InsecureAllowAll"
+""")
+    values = {
+        "svn": ["1"],
+        "launch_digest": ["abcde"],
+        "major_version": 1,
+        "minimum_minor_version": 1,
+    }
+    payload = base64.b64encode(json.dumps(values).encode()).decode()
+    message = tmp_path / "message.json"
+    message.write_text(json.dumps({"version": "0.1.0", "type": "sample", "payload": payload}))
+    (tmp_path / "secret").write_bytes(b"three processes")
+    with (
+        rvps(tmp_path, rvps_port),
+        grpc_as(tmp_path, as_port),
+        running_kbs(["-c", str(tmp_path / "kbs.toml")], tmp_path, url),
+    ):
+        registered = _rvps_tool(
+            "register", "--path", str(message), "--addr", f"http://127.0.0.1:{rvps_port}"
+        )
+        assert registered.returncode == 0, registered.stderr
+        queried = _rvps_tool("query", "--id", "svn", "--addr", f"http://127.0.0.1:{rvps_port}")
+        assert json.loads(queried.stdout) == ["1"]
+        for args in (
+            ["set-resource", "--path", "a/b/c", "--resource-file", str(tmp_path / "secret")],
+            ["set-resource-policy", "--affirming"],
+        ):
+            assert kbs_client("--url", url, "config", *args).returncode == 0
+        got = kbs_client("--url", url, "get-resource", "--path", "a/b/c")
+        assert got.returncode == 0, got.stderr  # affirming thanks to the RVPS's values
+        assert base64.b64decode(got.stdout) == b"three processes"
+
+    with (
+        grpc_as(tmp_path, as_port),
+        running_kbs(["-c", str(tmp_path / "kbs.toml")], tmp_path, url, log_name="kbs2.log"),
+    ):
+        down = kbs_client("--url", url, "attest")  # the RVPS is gone: fail closed
+        assert down.returncode == 1 and "503" in down.stderr

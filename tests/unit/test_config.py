@@ -27,7 +27,7 @@ from keybroker.kbs.services import build_services
 # yet"), or upstream's own rule that a KBS must be able to trust some attestation token.
 NO_TRUST = "could not accept any attestation token"
 EXPECTED_REFUSAL = {
-    "coco-as-builtin-1.toml": "not supported yet: [attestation_service.rvps_config]",
+    "coco-as-builtin-1.toml": "not supported yet: [storage_backend] storage_type = LocalJson",
     "coco-as-builtin-2.toml": None,
     "coco-as-builtin-3.toml": "not supported yet: [storage_backend] storage_type = LocalJson",
     "coco-as-grpc-1.toml": "not supported yet: [storage_backend] storage_type = LocalJson",

@@ -21,7 +21,7 @@ from keybroker.attestation.ear import TRUST_CLAIMS
 from keybroker.errors import BadRequestError, PolicyEvaluationError, PolicyParseError
 from keybroker.policy.engine import CompiledPolicy
 from keybroker.protocol.models import JsonValue
-from keybroker.rvps.store import ReferenceValueStore
+from keybroker.rvps.store import ReferenceValues
 from keybroker.storage.base import KeyValueStorage
 
 NAMESPACE = "attestation_service_policy"
@@ -59,7 +59,7 @@ class Appraised:
 
 
 class AttestationPolicies:
-    def __init__(self, storage: KeyValueStorage, reference_values: ReferenceValueStore) -> None:
+    def __init__(self, storage: KeyValueStorage, reference_values: ReferenceValues) -> None:
         self._storage = storage
         self._reference_values = reference_values
         self._compiled: dict[str, CompiledPolicy] = {}
@@ -97,8 +97,9 @@ class AttestationPolicies:
 
     async def reference_data(self, policy: CompiledPolicy) -> dict[str, JsonValue]:
         """The reference values the policy can ask for, as its ``data``."""
-        literal = _RV_LITERAL.findall(policy.source)
-        if len(literal) == len(_RV_CALL.findall(policy.source)):
+        code = _without_comments(policy.source)
+        literal = _RV_LITERAL.findall(code)
+        if len(literal) == len(_RV_CALL.findall(code)):
             ids = sorted(set(literal))
         else:  # an id computed at evaluation time: provide every value
             ids = await self._reference_values.all_ids()
@@ -110,6 +111,25 @@ class AttestationPolicies:
         claims = policy.evaluate("policy/trust_claims", annotated_evidence, data)
         extensions = policy.evaluate("policy/extensions", annotated_evidence, data)
         return Appraised(_trust_vector(policy_id, claims), _extensions(policy_id, extensions))
+
+
+def _without_comments(source: str) -> str:
+    """Rego text with ``#`` comments blanked (a ``#`` inside a string is kept)."""
+    kept: list[str] = []
+    for raw in source.splitlines():
+        line, in_string, escaped = raw, False, False
+        for index, char in enumerate(raw):
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = not in_string
+            elif char == "#" and not in_string:
+                line = raw[:index]
+                break
+        kept.append(line)
+    return "\n".join(kept)
 
 
 def _trust_vector(policy_id: str, claims: JsonValue) -> dict[str, int]:

@@ -21,7 +21,7 @@ from keybroker.config import BuiltinAsConfig
 from keybroker.errors import AttestationError, UnsupportedOperationError
 from keybroker.protocol.canonical import HashAlgorithm, runtime_data_digest
 from keybroker.protocol.models import InitData, JsonValue, Tee
-from keybroker.rvps.store import ReferenceValueStore
+from keybroker.rvps.store import ReferenceValues
 from keybroker.verifiers import VERIFIERS, TeeClaims, Verifier
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class BuiltinAttestationService(AttestationBackend):
         config: BuiltinAsConfig,
         signer: TokenSigner,
         policies: AttestationPolicies,
-        reference_values: ReferenceValueStore,
+        reference_values: ReferenceValues,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:

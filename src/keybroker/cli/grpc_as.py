@@ -28,7 +28,7 @@ from keybroker.config import (
 )
 from keybroker.errors import KeybrokerError, UnsupportedFeatureError
 from keybroker.rvps.store import NAMESPACE as RVPS_NAMESPACE
-from keybroker.rvps.store import ReferenceValueStore
+from keybroker.rvps.store import ReferenceValues, ReferenceValueStore, remote_reference_values
 from keybroker.storage.provider import StorageProvider, local_fs_provider, memory_provider
 
 log = logging.getLogger("keybroker.grpc_as")
@@ -44,10 +44,12 @@ def _storage(config: AttestationServiceFileConfig) -> StorageProvider:
 
 
 def build_service(config: AttestationServiceFileConfig) -> BuiltinAttestationService:
-    if isinstance(config.rvps_config, RvpsGrpcConfig):
-        raise UnsupportedFeatureError("rvps_config type = GrpcRemote")
     storage = _storage(config)
-    reference_values = ReferenceValueStore(storage.get(RVPS_NAMESPACE))
+    reference_values: ReferenceValues = (
+        remote_reference_values(config.rvps_config.address)
+        if isinstance(config.rvps_config, RvpsGrpcConfig)
+        else ReferenceValueStore(storage.get(RVPS_NAMESPACE))
+    )
     return BuiltinAttestationService(
         BuiltinAsConfig(
             attestation_token_broker=config.attestation_token_broker,

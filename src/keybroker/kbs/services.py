@@ -38,7 +38,7 @@ from keybroker.plugins.base import Plugin
 from keybroker.plugins.resource import ResourcePlugin
 from keybroker.plugins.sample import SamplePlugin
 from keybroker.rvps.store import NAMESPACE as RVPS_NAMESPACE
-from keybroker.rvps.store import ReferenceValueStore
+from keybroker.rvps.store import ReferenceValues, ReferenceValueStore, remote_reference_values
 from keybroker.storage.provider import StorageProvider, local_fs_provider, memory_provider
 from keybroker.storage.secrets import DirectoryTreeSecretBackend, KvSecretBackend
 
@@ -107,7 +107,11 @@ def build_services(
         rvps_type = getattr(as_config.rvps_config, "storage_type", None)
         rvps_storage = _override(rvps_type, as_storage, config, clock, memory_dir)
         providers += [p for p in (as_storage, rvps_storage) if p not in providers]
-        reference_values = ReferenceValueStore(rvps_storage.get(RVPS_NAMESPACE), clock=clock)
+        reference_values: ReferenceValues = (
+            remote_reference_values(as_config.rvps_config.address)
+            if isinstance(as_config.rvps_config, RvpsGrpcConfig)
+            else ReferenceValueStore(rvps_storage.get(RVPS_NAMESPACE), clock=clock)
+        )
         attestation = BuiltinAttestationService(
             as_config,
             signer,
@@ -166,8 +170,6 @@ def _refuse_unserved(config: KbsConfig) -> None:
     as_config = config.attestation_service
     if not isinstance(as_config, BuiltinAsConfig | GrpcAsConfig | NoAsConfig):
         raise UnsupportedFeatureError(f"[attestation_service] type = {as_config.type}")
-    if isinstance(as_config, BuiltinAsConfig) and isinstance(as_config.rvps_config, RvpsGrpcConfig):
-        raise UnsupportedFeatureError("[attestation_service.rvps_config] type = GrpcRemote")
 
 
 def _grpc_backend(config: GrpcAsConfig) -> AttestationBackend:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from keybroker.errors import BadRequestError
+from keybroker.errors import BadRequestError, ConfigError
 from keybroker.protocol.models import JsonValue
 from keybroker.rvps.extractors import EXTRACTORS
 from keybroker.rvps.reference_value import ReferenceValue
@@ -21,6 +22,18 @@ from keybroker.storage.base import KeyValueStorage
 
 NAMESPACE = "reference_value"
 MESSAGE_VERSION = "0.1.0"
+
+
+class ReferenceValues(Protocol):
+    """What an Attestation Service needs from an RVPS, local or remote."""
+
+    async def register(self, message: str) -> list[str]: ...
+
+    async def query(self, reference_value_id: str) -> JsonValue | None: ...
+
+    async def query_many(self, ids: list[str]) -> dict[str, JsonValue]: ...
+
+    async def all_ids(self) -> list[str]: ...
 
 
 class ReferenceValueStore:
@@ -73,3 +86,14 @@ class ReferenceValueStore:
 
     async def all_ids(self) -> list[str]:
         return await self._storage.list_keys()
+
+
+def remote_reference_values(address: str) -> ReferenceValues:
+    """The client of a remote RVPS (``rvps_config = { type = "GrpcRemote", address }``)."""
+    try:
+        from keybroker.rvps.grpc_service import RemoteReferenceValues  # noqa: PLC0415
+    except ImportError:  # gRPC is an optional extra
+        raise ConfigError(
+            "rvps_config type = GrpcRemote needs the grpc extra: pip install 'keybroker[grpc]'"
+        ) from None
+    return RemoteReferenceValues(address)

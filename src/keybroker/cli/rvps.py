@@ -1,0 +1,95 @@
+"""``rvps`` and ``rvps-tool``: the Reference Value Provider Service over gRPC, and its client.
+
+    rvps [-c|--config FILE] [-a|--address 127.0.0.1:50003]
+    rvps-tool register --path MESSAGE.json [--addr http://127.0.0.1:50003]
+    rvps-tool query --id ID [--addr http://127.0.0.1:50003]
+
+Upstream's command lines. The config file (TOML or JSON) may hold ``storage_backend``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from keybroker.config import AttestationServiceFileConfig, StorageType, load_as_config
+from keybroker.errors import KeybrokerError, UnsupportedFeatureError
+from keybroker.rvps.grpc_service import RemoteReferenceValues, build_server
+from keybroker.rvps.store import NAMESPACE, ReferenceValueStore
+from keybroker.storage.provider import StorageProvider, local_fs_provider, memory_provider
+
+log = logging.getLogger("keybroker.rvps")
+
+
+def _storage(config: AttestationServiceFileConfig) -> StorageProvider:
+    backend = config.storage_backend
+    if backend.storage_type is StorageType.MEMORY:
+        return memory_provider()
+    if backend.storage_type is StorageType.LOCAL_FS and backend.backends.local_fs is not None:
+        return local_fs_provider(backend.backends.local_fs.dir_path)
+    raise UnsupportedFeatureError(f"[storage_backend] storage_type = {backend.storage_type}")
+
+
+async def _serve(store: ReferenceValueStore, address: str) -> None:
+    server = build_server(store, address)
+    await server.start()
+    log.info("Keybroker RVPS (gRPC) listening on %s", address)
+    await server.wait_for_termination()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    parser = argparse.ArgumentParser(prog="rvps", description="Reference Value Provider Service")
+    parser.add_argument("-c", "--config", type=Path, help="config file (TOML or JSON)")
+    parser.add_argument("-a", "--address", default="127.0.0.1:50003", help="listen address")
+    args = parser.parse_args(argv)
+    try:
+        store = ReferenceValueStore(_storage(load_as_config(args.config)).get(NAMESPACE))
+        asyncio.run(_serve(store, args.address))
+    except (KeybrokerError, OSError) as e:
+        print(f"rvps: error: {getattr(e, 'detail', e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def tool_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rvps-tool", description="Talk to an RVPS")
+    commands = parser.add_subparsers(dest="command", required=True)
+    register = commands.add_parser("register", help="register a provenance message")
+    register.add_argument("--path", type=Path, required=True, help="the message (JSON)")
+    register.add_argument("--addr", default="http://127.0.0.1:50003")
+    query = commands.add_parser("query", help="print the reference values of an id (JSON)")
+    query.add_argument("--id", required=True)
+    query.add_argument("--addr", default="http://127.0.0.1:50003")
+    args = parser.parse_args(argv)
+    client = RemoteReferenceValues(args.addr)
+    try:
+        if args.command == "register":
+            message = args.path.read_text(encoding="utf-8")
+            asyncio.run(client.register(message))
+            print("reference values registered", file=sys.stderr)
+        else:
+            value = asyncio.run(client.query(args.id))
+            if value is None:
+                print(f"rvps-tool: error: no reference value {args.id!r}", file=sys.stderr)
+                return 1
+            print(json.dumps(value))
+    except KeybrokerError as e:
+        print(f"rvps-tool: error: {e.detail}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"rvps-tool: error: cannot read {args.path}: {e.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
