@@ -159,6 +159,8 @@ class GrpcAsConfig(_AttestationServiceBase):
     pool_size: int = Field(default=100, ge=1)
     # Keybroker: seconds one call to the remote AS may take before the KBS answers 503.
     request_timeout: float = Field(default=30.0, gt=0, le=600)
+    # Keybroker: the remote AS's RVPS, so /kbs/v0/reference-value reaches it.
+    rvps_addr: str | None = None
 
 
 class IntelTaConfig(_AttestationServiceBase):

@@ -197,6 +197,7 @@ insecure_http = true
 type = "coco_as_grpc"
 as_addr = "http://127.0.0.1:{as_port}"
 request_timeout = 5
+rvps_addr = "http://127.0.0.1:{rvps_port}"
 
 [attestation_token]
 insecure_header_jwk = true  # the AS signs with an ephemeral key in this test
@@ -225,6 +226,20 @@ authorization_mode = "InsecureAllowAll"
         assert registered.returncode == 0, registered.stderr
         queried = _rvps_tool("query", "--id", "svn", "--addr", f"http://127.0.0.1:{rvps_port}")
         assert json.loads(queried.stdout) == ["1"]
+        # the KBS admin API reaches the same RVPS
+        via_kbs = kbs_client("--url", url, "config", "get-reference-value", "--id", "launch_digest")
+        assert json.loads(via_kbs.stdout) == ["abcde"]
+        minor = kbs_client(
+            "--url",
+            url,
+            "config",
+            "set-sample-reference-value",
+            "minimum_minor_version",
+            "1",
+            "--as-integer",
+            "--as-single-value",
+        )
+        assert minor.returncode == 0, minor.stderr
         for args in (
             ["set-resource", "--path", "a/b/c", "--resource-file", str(tmp_path / "secret")],
             ["set-resource-policy", "--affirming"],

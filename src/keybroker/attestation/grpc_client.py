@@ -23,6 +23,7 @@ from keybroker.errors import (
 )
 from keybroker.grpc_api import attestation_pb2, attestation_pb2_grpc
 from keybroker.protocol.models import JsonValue, Tee
+from keybroker.rvps.grpc_service import RemoteReferenceValues
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ class GrpcAttestationService(AttestationBackend):
         self._target = config.as_addr.removeprefix("http://")
         self._timeout = config.request_timeout
         self._stub: attestation_pb2_grpc.AttestationServiceStub | None = None
+        self._rvps = (
+            RemoteReferenceValues(config.rvps_addr, timeout=self._timeout)
+            if config.rvps_addr
+            else None
+        )
 
     def _client(self) -> attestation_pb2_grpc.AttestationServiceStub:
         # Created on first use, inside the worker's event loop.
@@ -96,14 +102,18 @@ class GrpcAttestationService(AttestationBackend):
             raise error from None
 
     async def register_reference_value(self, message: str) -> list[str]:
-        raise UnsupportedOperationError(
-            "reference values of a remote attestation service are registered at its RVPS"
-        )
+        return await self._remote_rvps().register(message)
 
     async def query_reference_value(self, reference_value_id: str) -> JsonValue | None:
-        raise UnsupportedOperationError(
-            "reference values of a remote attestation service are queried at its RVPS"
-        )
+        return await self._remote_rvps().query(reference_value_id)
+
+    def _remote_rvps(self) -> RemoteReferenceValues:
+        if self._rvps is None:
+            raise UnsupportedOperationError(
+                "set [attestation_service] rvps_addr to manage the remote AS's reference values "
+                "through the KBS, or use rvps-tool"
+            )
+        return self._rvps
 
     def _error(self, error: grpc.aio.AioRpcError) -> Exception:
         detail = error.details() or error.code().name
