@@ -1,0 +1,189 @@
+"""Static checks of deploy/ (no Docker here): every config key, command, port and file path in
+the Dockerfile, compose file and Kubernetes manifests must exist in the code and agree."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from keybroker.config import AttestationServiceFileConfig, KbsConfig, load_as_config, load_config
+from keybroker.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+SCRIPTS = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
+CONFIGS = {"kbs-config.toml", "kbs-passport-config.toml", "as-config.toml", "rvps-config.toml"}
+
+
+def _configs(deploy: Path) -> tuple[dict[str, KbsConfig], dict[str, AttestationServiceFileConfig]]:
+    kbs = {
+        n: load_config(deploy / "config" / n)
+        for n in ("kbs-config.toml", "kbs-passport-config.toml")
+    }
+    services = {
+        n: load_as_config(deploy / "config" / n) for n in ("as-config.toml", "rvps-config.toml")
+    }
+    return kbs, services
+
+
+def _paths(config: KbsConfig | AttestationServiceFileConfig) -> list[str]:
+    """Every absolute file path a config names."""
+    text = config.model_dump_json()
+    return sorted(set(re.findall(r'"(/[^"\s]+)"', text)))
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+def _host(address: str) -> str:
+    return address.removeprefix("http://").rsplit(":", 1)[0]
+
+
+def _arg(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+def _mounted(path: str, mounts: list[str]) -> bool:
+    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+
+def _commands(deploy: Path, compose: dict[str, Any]) -> list[str]:
+    found = [
+        f"compose {name}: no command {service['entrypoint'][0]!r} in pyproject scripts"
+        for name, service in compose.items()
+        if service["entrypoint"][0] not in SCRIPTS | {"/bin/sh"}
+    ]
+    dockerfile = (deploy / "Dockerfile").read_text()
+    entry = re.search(r'ENTRYPOINT \["([^"]+)"', dockerfile)
+    if entry is None or entry.group(1) not in SCRIPTS:
+        found.append("Dockerfile ENTRYPOINT is not a Keybroker command")
+    if "USER 10001" not in dockerfile or "HEALTHCHECK" not in dockerfile:
+        found.append("Dockerfile must run as a non-root user and have a HEALTHCHECK")
+    if len(re.findall(r"^FROM ", dockerfile, re.M)) < 2:
+        found.append("Dockerfile must be multi-stage")
+    return found
+
+
+def problems(deploy: Path) -> list[str]:
+    found: list[str] = []
+    kbs_configs, service_configs = _configs(deploy)
+    kbs = kbs_configs["kbs-config.toml"]
+    compose = yaml.safe_load((deploy / "docker-compose.yml").read_text())["services"]
+    setup_creates = set(re.findall(r'"\$KEYS/([\w.-]+)"', (deploy / "setup.sh").read_text()))
+
+    found += _commands(deploy, compose)
+
+    # ports and addresses agree
+    kbs_port = _port(kbs.http_server.sockets[0])
+    if f"{kbs_port}:{kbs_port}" not in compose["kbs"].get("ports", []):
+        found.append(f"compose kbs does not publish the configured port {kbs_port}")
+    service = kbs.attestation_service
+    as_addr, rvps_addr = getattr(service, "as_addr", ""), getattr(service, "rvps_addr", "")
+    for host, address, flag in (("as", as_addr, "-s"), ("rvps", rvps_addr, "-a")):
+        if _host(address) not in compose:
+            found.append(f"kbs config points at {address}: no compose service {_host(address)}")
+        elif _port(_arg(compose[_host(address)]["entrypoint"], flag)) != _port(address):
+            found.append(f"compose {host} listens elsewhere than kbs config's {address}")
+    as_rvps = service_configs["as-config.toml"].rvps_config
+    if getattr(as_rvps, "address", rvps_addr) != rvps_addr:
+        found.append("as-config and kbs-config name different RVPS addresses")
+
+    # every file the configs name is mounted, and every key is made by setup
+    mounts = {
+        "kbs": kbs_configs.values(),
+        "as": [service_configs["as-config.toml"]],
+        "rvps": [service_configs["rvps-config.toml"]],
+    }
+    for name, configs in mounts.items():
+        targets = [v.split(":")[1] for v in compose[name].get("volumes", [])]
+        for config in configs:
+            for path in _paths(config):
+                if not _mounted(path, targets):
+                    found.append(f"compose {name}: {path} is not on a mounted volume")
+                if path.startswith("/keys/") and Path(path).name not in setup_creates:
+                    found.append(f"{path} is not created by setup.sh")
+    found += _kubernetes(deploy, kbs_port, as_addr, rvps_addr, mounts)
+    return found
+
+
+def _kubernetes(
+    deploy: Path, kbs_port: int, as_addr: str, rvps_addr: str, mounts: dict[str, Any]
+) -> list[str]:
+    found: list[str] = []
+    documents: list[dict[str, Any]] = []
+    for file in sorted((deploy / "kubernetes").rglob("*.yaml")):
+        documents += [d for d in yaml.safe_load_all(file.read_text()) if d]
+    deployments = {d["metadata"]["name"]: d for d in documents if d.get("kind") == "Deployment"}
+    services = {d["metadata"]["name"]: d for d in documents if d.get("kind") == "Service"}
+    expected = {"kbs": kbs_port, "as": _port(as_addr), "rvps": _port(rvps_addr)}
+    for name, port in expected.items():
+        container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
+        if container["command"][0] not in SCRIPTS:
+            found.append(f"k8s {name}: no command {container['command'][0]!r}")
+        if container["ports"][0]["containerPort"] != port:
+            found.append(f"k8s {name}: containerPort is not {port}")
+        if services[name]["spec"]["ports"][0]["targetPort"] != port:
+            found.append(f"k8s service {name}: targetPort is not {port}")
+        for probe in ("readinessProbe", "livenessProbe"):
+            if probe not in container:
+                found.append(f"k8s {name}: no {probe}")
+        targets = [m["mountPath"] for m in container.get("volumeMounts", [])]
+        for config in mounts[name]:
+            for path in _paths(config):
+                if not _mounted(path, targets):
+                    found.append(f"k8s {name}: {path} is not on a mounted volume")
+    probe = deployments["kbs"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    if probe["httpGet"]["path"] != "/healthz":
+        found.append("k8s kbs: readiness probe must call /healthz")
+    return found
+
+
+def test_deploy_artifacts_agree_with_the_code() -> None:
+    assert problems(DEPLOY) == []
+
+
+@pytest.fixture
+def broken(tmp_path: Path) -> Path:
+    copy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, copy)
+    return copy
+
+
+def test_a_wrong_port_is_caught(broken: Path) -> None:
+    config = broken / "config" / "kbs-config.toml"
+    config.write_text(config.read_text().replace("0.0.0.0:8080", "0.0.0.0:9090"))
+    found = problems(broken)
+    assert any("does not publish the configured port 9090" in p for p in found)
+    assert any("containerPort is not 9090" in p for p in found)
+
+
+def test_an_unmounted_path_is_caught(broken: Path) -> None:
+    config = broken / "config" / "as-config.toml"
+    config.write_text(config.read_text().replace("/var/lib/keybroker/as", "/srv/keybroker/as"))
+    found = problems(broken)
+    assert "compose as: /srv/keybroker/as is not on a mounted volume" in found
+    assert "k8s as: /srv/keybroker/as is not on a mounted volume" in found
+
+
+def test_an_unknown_config_key_is_caught(broken: Path) -> None:
+    config = broken / "config" / "kbs-config.toml"
+    config.write_text(config.read_text().replace("insecure", "x") + "\n[http_server2]\n")
+    with pytest.raises(ConfigError, match="http_server2"):
+        problems(broken)
+
+
+def test_a_missing_command_is_caught(broken: Path) -> None:
+    compose = broken / "docker-compose.yml"
+    compose.write_text(compose.read_text().replace('["grpc-as"', '["grpc-as-server"'))
+    assert any("no command 'grpc-as-server'" in p for p in problems(broken))
+
+
+def test_every_config_file_is_checked() -> None:
+    assert {p.name for p in (DEPLOY / "config").iterdir()} == CONFIGS
