@@ -96,8 +96,8 @@ def problems(deploy: Path) -> list[str]:
         found.append("as-config and kbs-config name different RVPS addresses")
 
     # every file the configs name is mounted, and every key is made by setup
-    mounts = {
-        "kbs": kbs_configs.values(),
+    mounts: dict[str, list[KbsConfig | AttestationServiceFileConfig]] = {
+        "kbs": list(kbs_configs.values()),
         "as": [service_configs["as-config.toml"]],
         "rvps": [service_configs["rvps-config.toml"]],
     }
