@@ -10,7 +10,6 @@ and the detail names the problem without echoing evidence.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 import secrets
@@ -19,61 +18,30 @@ from typing import Any
 import grpc
 
 from keybroker.attestation.service import BuiltinAttestationService, EvidenceToVerify
+from keybroker.attestation.wire import b64url_decode, evidence_from_parts
 from keybroker.errors import AttestationError, BadRequestError, KeybrokerError
 from keybroker.grpc_api import attestation_pb2, attestation_pb2_grpc
-from keybroker.protocol.canonical import HashAlgorithm
-from keybroker.protocol.models import InitData, Tee
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
-def _b64url(text: str, what: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise BadRequestError(f"{what} is not base64url") from None
-
-
 def evidence_from_wire(request: attestation_pb2.IndividualAttestationRequest) -> EvidenceToVerify:
-    try:
-        tee = Tee(request.tee)
-    except ValueError:
-        raise BadRequestError(f"unknown TEE {request.tee[:32]!r}") from None
-    try:
-        evidence = json.loads(_b64url(request.evidence, "evidence"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequestError("evidence is not base64url of JSON") from None
-    try:
-        algorithm = HashAlgorithm.parse(request.runtime_data_hash_algorithm or "sha384")
-    except ValueError as e:
-        raise BadRequestError(str(e)) from None
-    structured, raw = None, None
-    which = request.WhichOneof("runtime_data")
-    if which == "structured_runtime_data":
+    structured = None
+    if request.WhichOneof("runtime_data") == "structured_runtime_data":
         try:
             structured = json.loads(request.structured_runtime_data)
         except json.JSONDecodeError:
             raise BadRequestError("structured_runtime_data is not JSON") from None
-        if not isinstance(structured, dict):
-            raise BadRequestError("structured_runtime_data must be a JSON object")
-    elif which == "raw_runtime_data":
-        raw = _b64url(request.raw_runtime_data, "raw_runtime_data")
-    init_data, digest = None, None
-    which = request.WhichOneof("init_data")
-    if which == "init_data_toml":
-        init_data = InitData(format="toml", body=request.init_data_toml)
-    elif which == "init_data_digest":
-        digest = _b64url(request.init_data_digest, "init_data_digest")
-    return EvidenceToVerify(
-        tee=tee,
-        unverified_evidence=evidence,
-        runtime_data=structured,
-        hash_algorithm=algorithm,
-        init_data=init_data,
-        raw_runtime_data=raw,
-        init_data_digest=digest,
+    return evidence_from_parts(
+        tee=request.tee,
+        evidence=request.evidence,
+        raw_runtime_data=request.raw_runtime_data or None,
+        structured_runtime_data=structured,
+        init_data_digest=request.init_data_digest or None,
+        init_data_toml=request.init_data_toml or None,
+        hash_algorithm=request.runtime_data_hash_algorithm,
     )
 
 
@@ -95,7 +63,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):  # t
         self, request: attestation_pb2.SetPolicyRequest, context: Any
     ) -> attestation_pb2.SetPolicyResponse:
         try:
-            source = _b64url(request.policy, "policy").decode("utf-8")
+            source = b64url_decode(request.policy, "policy").decode("utf-8")
             await self._service.set_policy(request.policy_id, source)
         except UnicodeDecodeError:
             await _abort(context, BadRequestError("the policy is not UTF-8 text"))

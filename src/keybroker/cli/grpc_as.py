@@ -1,4 +1,4 @@
-"""``grpc-as``: the Attestation Service as a gRPC server (``attestation.AttestationService``).
+"""``grpc-as`` and ``restful-as``: the Attestation Service as a gRPC or an HTTP server.
 
     grpc-as [-c|--config-file FILE] [-s|--socket 127.0.0.1:3000]
 
@@ -14,7 +14,6 @@ import logging
 import sys
 from pathlib import Path
 
-from keybroker.attestation.grpc_server import build_server
 from keybroker.attestation.policy import NAMESPACE as POLICY_NAMESPACE
 from keybroker.attestation.policy import AttestationPolicies
 from keybroker.attestation.service import BuiltinAttestationService
@@ -63,6 +62,8 @@ def build_service(config: AttestationServiceFileConfig) -> BuiltinAttestationSer
 
 
 async def _serve(service: BuiltinAttestationService, socket: str) -> None:
+    from keybroker.attestation.grpc_server import build_server  # noqa: PLC0415 - grpc extra
+
     await service.start()
     server = build_server(service, socket)
     await server.start()
@@ -93,3 +94,38 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def restful_main(argv: list[str] | None = None) -> int:
+    """``restful-as [-c FILE] [-s|--socket 127.0.0.1:8080] [-t CERT -k KEY]``."""
+    import uvicorn  # noqa: PLC0415 - only this command serves HTTP
+
+    from keybroker.attestation.rest_server import create_as_app  # noqa: PLC0415
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    parser = argparse.ArgumentParser(prog="restful-as", description="Attestation Service (HTTP)")
+    parser.add_argument("-c", "--config-file", type=Path, help="AS config file (TOML or JSON)")
+    parser.add_argument("-s", "--socket", default="127.0.0.1:8080", help="listen address")
+    parser.add_argument("-t", "--https-cert", type=Path, help="HTTPS certificate (PEM)")
+    parser.add_argument("-k", "--https-key", type=Path, help="HTTPS private key (PEM)")
+    args = parser.parse_args(argv)
+    if (args.https_cert is None) != (args.https_key is None):
+        print("restful-as: error: -t and -k go together", file=sys.stderr)
+        return 1
+    host, _, port = args.socket.rpartition(":")
+    try:
+        app = create_as_app(build_service(load_as_config(args.config_file)))
+    except KeybrokerError as e:
+        print(f"restful-as: error: {e.detail}", file=sys.stderr)
+        return 1
+    uvicorn.run(
+        app,
+        host=host.strip("[]"),
+        port=int(port),
+        log_config=None,
+        ssl_certfile=str(args.https_cert) if args.https_cert else None,
+        ssl_keyfile=str(args.https_key) if args.https_key else None,
+    )
+    return 0
