@@ -51,6 +51,7 @@ def running_kbs(
     *,
     verify: str | bool = True,
     log_name: str = "kbs.log",
+    env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     log = workdir / log_name
     with log.open("wb") as out:
@@ -59,7 +60,7 @@ def running_kbs(
             cwd=workdir,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     try:
         wait_healthy(url, process, log, verify)

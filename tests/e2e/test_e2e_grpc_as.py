@@ -25,15 +25,31 @@ trust_claims := {"executables": 3, "hardware": 2, "configuration": 2}
 
 
 @contextmanager
-def grpc_as(tmp_path: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+def grpc_as(
+    tmp_path: Path, port: int, *, tls: tuple[Path, Path] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     log = (tmp_path / "grpc-as.log").open("ab")
+    tls_args = ["-t", str(tls[0]), "-k", str(tls[1])] if tls else []
     process = subprocess.Popen(
-        [str(BIN / "grpc-as"), "-c", str(tmp_path / "as.toml"), "-s", f"127.0.0.1:{port}"],
+        [
+            str(BIN / "grpc-as"),
+            "-c",
+            str(tmp_path / "as.toml"),
+            "-s",
+            f"127.0.0.1:{port}",
+            *tls_args,
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        channel = (
+            grpc.secure_channel(
+                f"127.0.0.1:{port}", grpc.ssl_channel_credentials(tls[0].read_bytes())
+            )
+            if tls
+            else grpc.insecure_channel(f"127.0.0.1:{port}")
+        )
         grpc.channel_ready_future(channel).result(timeout=30)
         channel.close()
         yield process
@@ -255,3 +271,48 @@ authorization_mode = "InsecureAllowAll"
     ):
         down = kbs_client("--url", url, "attest")  # the RVPS is gone: fail closed
         assert down.returncode == 1 and "503" in down.stderr
+
+
+def test_grpc_as_over_tls(tmp_path: Path) -> None:
+    cert, key = tmp_path / "as.pem", tmp_path / "as.key"
+    made = subprocess.run(
+        [
+            str(BIN / "kbs"),
+            "self-signed-cert",
+            "--name",
+            "127.0.0.1",
+            "--cert-out",
+            str(cert),
+            "--key-out",
+            str(key),
+        ],
+        capture_output=True,
+        check=False,
+    )
+    assert made.returncode == 0
+    (tmp_path / "as.toml").write_text("")
+    as_port, kbs_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{kbs_port}"
+    (tmp_path / "kbs.toml").write_text(f"""
+[http_server]
+sockets = ["127.0.0.1:{kbs_port}"]
+insecure_http = true
+
+[attestation_service]
+type = "coco_as_grpc"
+as_addr = "https://127.0.0.1:{as_port}"
+
+[attestation_token]
+insecure_header_jwk = true
+
+[admin]
+authorization_mode = "InsecureAllowAll"
+""")
+    with (
+        grpc_as(tmp_path, as_port, tls=(cert, key)),
+        running_kbs(
+            ["-c", str(tmp_path / "kbs.toml")], tmp_path, url, env={"SSL_CERT_FILE": str(cert)}
+        ),
+    ):
+        attested = kbs_client("--url", url, "attest")
+        assert attested.returncode == 0, attested.stderr

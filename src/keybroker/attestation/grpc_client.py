@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
+from pathlib import Path
 
 import grpc
 
@@ -58,9 +60,17 @@ def to_wire(item: EvidenceToVerify) -> attestation_pb2.IndividualAttestationRequ
     return request
 
 
+def _tls_credentials() -> grpc.ChannelCredentials:
+    """System trust, or the CA file named by ``SSL_CERT_FILE``."""
+    ca_file = os.environ.get("SSL_CERT_FILE")
+    roots = Path(ca_file).read_bytes() if ca_file else None
+    return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
 class GrpcAttestationService(AttestationBackend):
     def __init__(self, config: GrpcAsConfig) -> None:
-        self._target = config.as_addr.removeprefix("http://")
+        self._tls = config.as_addr.startswith("https://")
+        self._target = config.as_addr.removeprefix("http://").removeprefix("https://")
         self._timeout = config.request_timeout
         self._stub: attestation_pb2_grpc.AttestationServiceStub | None = None
         self._rvps = (
@@ -72,7 +82,11 @@ class GrpcAttestationService(AttestationBackend):
     def _client(self) -> attestation_pb2_grpc.AttestationServiceStub:
         # Created on first use, inside the worker's event loop.
         if self._stub is None:
-            channel = grpc.aio.insecure_channel(self._target)
+            channel = (
+                grpc.aio.secure_channel(self._target, _tls_credentials())
+                if self._tls
+                else grpc.aio.insecure_channel(self._target)
+            )
             self._stub = attestation_pb2_grpc.AttestationServiceStub(channel)
         return self._stub
 

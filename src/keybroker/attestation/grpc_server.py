@@ -88,7 +88,13 @@ async def _abort(context: Any, error: KeybrokerError) -> None:
     await context.abort(code, error.detail)
 
 
-def build_server(service: BuiltinAttestationService, address: str) -> grpc.aio.Server:
+def build_server(
+    service: BuiltinAttestationService,
+    address: str,
+    *,
+    tls: tuple[bytes, bytes] | None = None,
+) -> grpc.aio.Server:
+    """``tls``: (certificate chain PEM, private key PEM) to serve gRPC over TLS."""
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -97,6 +103,11 @@ def build_server(service: BuiltinAttestationService, address: str) -> grpc.aio.S
     attestation_pb2_grpc.add_AttestationServiceServicer_to_server(
         AttestationServicer(service), server
     )
-    if server.add_insecure_port(address) == 0:
+    if tls is not None:
+        credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
         raise OSError(f"cannot listen on {address}")
     return server

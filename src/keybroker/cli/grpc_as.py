@@ -61,11 +61,13 @@ def build_service(config: AttestationServiceFileConfig) -> BuiltinAttestationSer
     )
 
 
-async def _serve(service: BuiltinAttestationService, socket: str) -> None:
+async def _serve(
+    service: BuiltinAttestationService, socket: str, tls: tuple[bytes, bytes] | None
+) -> None:
     from keybroker.attestation.grpc_server import build_server  # noqa: PLC0415 - grpc extra
 
     await service.start()
-    server = build_server(service, socket)
+    server = build_server(service, socket, tls=tls)
     await server.start()
     log.info("Keybroker attestation service (gRPC) listening on %s", socket)
     await server.wait_for_termination()
@@ -78,9 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="grpc-as", description="Attestation Service (gRPC)")
     parser.add_argument("-c", "--config-file", type=Path, help="AS config file (TOML or JSON)")
     parser.add_argument("-s", "--socket", default="127.0.0.1:3000", help="listen address")
+    parser.add_argument("-t", "--https-cert", type=Path, help="TLS certificate chain (PEM)")
+    parser.add_argument("-k", "--https-key", type=Path, help="TLS private key (PEM)")
     args = parser.parse_args(argv)
+    if (args.https_cert is None) != (args.https_key is None):
+        print("grpc-as: error: -t and -k go together", file=sys.stderr)
+        return 1
     try:
-        asyncio.run(_serve(build_service(load_as_config(args.config_file)), args.socket))
+        tls = (
+            (args.https_cert.read_bytes(), args.https_key.read_bytes()) if args.https_cert else None
+        )
+        service = build_service(load_as_config(args.config_file))
+        asyncio.run(_serve(service, args.socket, tls))
     except KeybrokerError as e:
         print(f"grpc-as: error: {e.detail}", file=sys.stderr)
         return 1
