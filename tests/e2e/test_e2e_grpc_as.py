@@ -14,7 +14,12 @@ import grpc
 import pytest
 
 from kbs_process import BIN, free_port, kbs_client, running_kbs
-from keybroker.grpc_api import attestation_pb2, attestation_pb2_grpc
+from keybroker.grpc_api import (
+    attestation_pb2,
+    attestation_pb2_grpc,
+    reference_pb2,
+    reference_pb2_grpc,
+)
 from pki import issue, write
 
 pytestmark = pytest.mark.e2e
@@ -316,3 +321,23 @@ authorization_mode = "InsecureAllowAll"
     ):
         attested = kbs_client("--url", url, "attest")
         assert attested.returncode == 0, attested.stderr
+
+
+def test_raw_protobuf_client_calls_every_rvps_rpc(tmp_path: Path) -> None:
+    port = free_port()
+    payload = base64.b64encode(json.dumps({"svn": ["7"]}).encode()).decode()
+    message = json.dumps({"version": "0.1.0", "type": "sample", "payload": payload})
+    with rvps(tmp_path, port), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = reference_pb2_grpc.ReferenceValueProviderServiceStub(channel)
+        stub.RegisterReferenceValue(reference_pb2.ReferenceValueRegisterRequest(message=message))
+        found = stub.QueryReferenceValue(
+            reference_pb2.ReferenceValueQueryRequest(reference_value_id="svn")
+        )
+        assert json.loads(found.reference_value_results) == ["7"]
+        missing = stub.QueryReferenceValue(
+            reference_pb2.ReferenceValueQueryRequest(reference_value_id="absent")
+        )
+        assert not missing.HasField("reference_value_results")
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.RegisterReferenceValue(reference_pb2.ReferenceValueRegisterRequest(message="{"))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
