@@ -4,28 +4,85 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
+import psycopg
 import pytest
+import redis
 from storage_clock import SteppedClock
 
 from keybroker.errors import StorageError
 from keybroker.storage.base import MAX_KEY_LENGTH, KeyValueStorage
 from keybroker.storage.local_fs import INLINE_READ_MAX, LocalFsKeyValueStorage
 from keybroker.storage.memory import MemoryKeyValueStorage
+from keybroker.storage.postgres import PostgresKeyValueStorage
+from keybroker.storage.redis import RedisKeyValueStorage
 
 Factory = Callable[[], KeyValueStorage]
+T = TypeVar("T")
+Runner = Callable[[Coroutine[Any, Any, T]], T]
 MIB = 1024 * 1024
 
 
-@pytest.fixture(params=["memory", "local_fs"])
-def new_storage(request: pytest.FixtureRequest, tmp_path: Path, clock: SteppedClock) -> Factory:
-    """A factory, so a test can open a second handle on the same data (a second worker)."""
+POSTGRES = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def opened() -> list[KeyValueStorage]:
+    return []
+
+
+def _opened(opened: list[KeyValueStorage], store: KeyValueStorage) -> KeyValueStorage:
+    opened.append(store)
+    return store
+
+
+@pytest.fixture
+def run(opened: list[KeyValueStorage]) -> Runner[Any]:
+    """``asyncio.run`` that closes every handle opened in the test before its loop ends, as a
+    server does at shutdown (pools and connections belong to one event loop)."""
+
+    def runner(scenario: Coroutine[Any, Any, T]) -> T:
+        async def main() -> T:
+            try:
+                return await scenario
+            finally:
+                for store in opened:
+                    await store.close()
+
+        return asyncio.run(main())
+
+    return runner
+
+
+@pytest.fixture(params=["memory", "local_fs", "postgres", "redis"])
+def new_storage(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: SteppedClock
+) -> Iterator[Factory]:
+    """A factory, so a test can open a second handle on the same data (a second worker or
+    replica). PostgreSQL and Redis are the real local servers; each test gets a fresh
+    namespace, removed afterwards."""
+    namespace = f"t_{uuid.uuid4().hex[:12]}"
+    opened = request.getfixturevalue("opened")
     if request.param == "memory":
         shared = MemoryKeyValueStorage(clock)
-        return lambda: shared
-    return lambda: LocalFsKeyValueStorage(tmp_path, "repository", clock)
+        yield lambda: shared
+    elif request.param == "local_fs":
+        yield lambda: _opened(opened, LocalFsKeyValueStorage(tmp_path, "repository", clock))
+    elif request.param == "postgres":
+        yield lambda: _opened(opened, PostgresKeyValueStorage(POSTGRES, namespace, clock=clock))
+        with psycopg.connect(POSTGRES, autocommit=True) as connection:
+            connection.execute(f"DROP TABLE IF EXISTS {namespace}")
+    else:
+        yield lambda: _opened(opened, RedisKeyValueStorage(REDIS, namespace, clock=clock))
+        client = redis.Redis.from_url(REDIS)
+        for name in client.scan_iter(match=f"{namespace}:*"):
+            client.delete(name)
+        client.close()
 
 
 @pytest.fixture
@@ -33,37 +90,41 @@ def storage(new_storage: Factory) -> KeyValueStorage:
     return new_storage()
 
 
-def test_write_then_read(storage: KeyValueStorage) -> None:
+def test_write_then_read(run: Runner[Any], storage: KeyValueStorage) -> None:
     async def scenario() -> None:
         assert await storage.set("default/key/one", b"value") is True
         assert await storage.get("default/key/one") == b"value"
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
-def test_missing_key_reads_none(storage: KeyValueStorage) -> None:
-    assert asyncio.run(storage.get("no/such/key")) is None
+def test_missing_key_reads_none(run: Runner[Any], storage: KeyValueStorage) -> None:
+    assert run(storage.get("no/such/key")) is None
 
 
-def test_overwrite_replaces_the_value(storage: KeyValueStorage) -> None:
+def test_overwrite_replaces_the_value(run: Runner[Any], storage: KeyValueStorage) -> None:
     async def scenario() -> None:
         await storage.set("k", b"old")
         assert await storage.set("k", b"new") is True
         assert await storage.get("k") == b"new"
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
-def test_set_without_overwrite_keeps_the_existing_value(storage: KeyValueStorage) -> None:
+def test_set_without_overwrite_keeps_the_existing_value(
+    run: Runner[Any], storage: KeyValueStorage
+) -> None:
     async def scenario() -> None:
         assert await storage.set("k", b"first", overwrite=False) is True
         assert await storage.set("k", b"second", overwrite=False) is False
         assert await storage.get("k") == b"first"
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
-def test_concurrent_set_without_overwrite_has_one_winner(new_storage: Factory) -> None:
+def test_concurrent_set_without_overwrite_has_one_winner(
+    run: Runner[Any], new_storage: Factory
+) -> None:
     """The nonce-replay guard relies on this: two workers, one attestation."""
 
     async def scenario() -> None:
@@ -78,24 +139,24 @@ def test_concurrent_set_without_overwrite_has_one_winner(new_storage: Factory) -
         winner = results.index(True)
         assert await handles[0].get("attempt") == f"writer {winner}".encode()
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
-def test_delete_returns_the_previous_value(storage: KeyValueStorage) -> None:
+def test_delete_returns_the_previous_value(run: Runner[Any], storage: KeyValueStorage) -> None:
     async def scenario() -> None:
         await storage.set("a/b", b"gone soon")
         assert await storage.delete("a/b") == b"gone soon"
         assert await storage.get("a/b") is None
         assert await storage.list_keys() == []
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
-def test_delete_missing_returns_none(storage: KeyValueStorage) -> None:
-    assert asyncio.run(storage.delete("never/stored")) is None
+def test_delete_missing_returns_none(run: Runner[Any], storage: KeyValueStorage) -> None:
+    assert run(storage.delete("never/stored")) is None
 
 
-def test_binary_value_with_every_byte(storage: KeyValueStorage) -> None:
+def test_binary_value_with_every_byte(run: Runner[Any], storage: KeyValueStorage) -> None:
     value = bytes(range(256)) * 3
 
     async def scenario() -> None:
@@ -103,21 +164,21 @@ def test_binary_value_with_every_byte(storage: KeyValueStorage) -> None:
         assert await storage.get("binary") == value
         assert await storage.delete("binary") == value
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
 @pytest.mark.parametrize("size", [MIB, INLINE_READ_MAX + 1], ids=["1MiB", "read-in-thread"])
-def test_large_value(storage: KeyValueStorage, size: int) -> None:
+def test_large_value(run: Runner[Any], storage: KeyValueStorage, size: int) -> None:
     value = (bytes(range(256)) * (size // 256 + 1))[:size]
 
     async def scenario() -> None:
         await storage.set("large", value)
         assert await storage.get("large") == value
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
-def test_list_keys_is_sorted_and_complete(storage: KeyValueStorage) -> None:
+def test_list_keys_is_sorted_and_complete(run: Runner[Any], storage: KeyValueStorage) -> None:
     keys = ["repo/type/tag", "a", "default/key/one", "x-y_z.1"]
 
     async def scenario() -> None:
@@ -125,10 +186,10 @@ def test_list_keys_is_sorted_and_complete(storage: KeyValueStorage) -> None:
             await storage.set(key, key.encode())
         assert await storage.list_keys() == sorted(keys)
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
-def test_ttl_expiry(storage: KeyValueStorage, clock: SteppedClock) -> None:
+def test_ttl_expiry(run: Runner[Any], storage: KeyValueStorage, clock: SteppedClock) -> None:
     async def scenario() -> None:
         await storage.set("session", b"s", ttl=10)
         await storage.set("permanent", b"p")
@@ -142,11 +203,11 @@ def test_ttl_expiry(storage: KeyValueStorage, clock: SteppedClock) -> None:
         assert await storage.set("session", b"again", overwrite=False, ttl=10) is True
         assert await storage.get("session") == b"again"
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
 def test_expired_entry_not_listed_before_it_is_read(
-    storage: KeyValueStorage, clock: SteppedClock
+    run: Runner[Any], storage: KeyValueStorage, clock: SteppedClock
 ) -> None:
     async def scenario() -> None:
         await storage.set("session", b"s", ttl=1)
@@ -154,11 +215,11 @@ def test_expired_entry_not_listed_before_it_is_read(
         assert await storage.list_keys() == []
         assert await storage.set("session", b"new", overwrite=False) is True
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
 def test_overwrite_without_ttl_makes_the_key_permanent(
-    storage: KeyValueStorage, clock: SteppedClock
+    run: Runner[Any], storage: KeyValueStorage, clock: SteppedClock
 ) -> None:
     async def scenario() -> None:
         await storage.set("k", b"short-lived", ttl=5)
@@ -166,11 +227,11 @@ def test_overwrite_without_ttl_makes_the_key_permanent(
         clock.advance(3600)
         assert await storage.get("k") == b"permanent"
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
 def test_overwrite_with_ttl_replaces_the_deadline(
-    storage: KeyValueStorage, clock: SteppedClock
+    run: Runner[Any], storage: KeyValueStorage, clock: SteppedClock
 ) -> None:
     async def scenario() -> None:
         await storage.set("k", b"v1", ttl=5)
@@ -181,14 +242,14 @@ def test_overwrite_with_ttl_replaces_the_deadline(
         clock.advance(1)
         assert await storage.get("k") is None
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
 @pytest.mark.parametrize("ttl", [0, -1, math.nan, math.inf])
-def test_invalid_ttl_rejected(storage: KeyValueStorage, ttl: float) -> None:
+def test_invalid_ttl_rejected(run: Runner[Any], storage: KeyValueStorage, ttl: float) -> None:
     with pytest.raises(StorageError, match="TTL"):
-        asyncio.run(storage.set("k", b"v", ttl=ttl))
-    assert asyncio.run(storage.get("k")) is None
+        run(storage.set("k", b"v", ttl=ttl))
+    assert run(storage.get("k")) is None
 
 
 INVALID_KEYS = [
@@ -214,7 +275,9 @@ INVALID_KEYS = [
 
 
 @pytest.mark.parametrize("key", INVALID_KEYS)
-def test_path_traversal_and_invalid_keys_rejected(storage: KeyValueStorage, key: str) -> None:
+def test_path_traversal_and_invalid_keys_rejected(
+    run: Runner[Any], storage: KeyValueStorage, key: str
+) -> None:
     async def scenario() -> None:
         with pytest.raises(StorageError, match="storage key"):
             await storage.set(key, b"v")
@@ -224,10 +287,10 @@ def test_path_traversal_and_invalid_keys_rejected(storage: KeyValueStorage, key:
             await storage.delete(key)
         assert await storage.list_keys() == []
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
-def test_bytearray_value_is_copied(storage: KeyValueStorage) -> None:
+def test_bytearray_value_is_copied(run: Runner[Any], storage: KeyValueStorage) -> None:
     value = bytearray(b"mutable")
 
     async def scenario() -> None:
@@ -235,4 +298,4 @@ def test_bytearray_value_is_copied(storage: KeyValueStorage) -> None:
         value[0:7] = b"changed"
         assert await storage.get("k") == b"mutable"
 
-    asyncio.run(scenario())
+    run(scenario())
