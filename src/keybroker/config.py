@@ -23,7 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from keybroker.errors import ConfigError
 
@@ -266,15 +266,23 @@ class LocalJsonBackendConfig(_Model):
 
 
 class PostgresBackendConfig(_Model):
-    db: str = "kbs"
+    """Upstream's fields; env ``POSTGRES_URL`` (a libpq URL) replaces them all when set.
+    ``timeout`` is Keybroker's: how long a request waits for the database before it is
+    answered 503."""
+
+    db: str = "postgres"
     username: str = "postgres"
     password: str | None = Field(default=None, repr=False)
     host: str = "localhost"
-    port: int = 5432
+    port: int = Field(default=5432, ge=1, le=65535)
+    timeout: float = Field(default=5.0, gt=0, le=300)
 
 
 class RedisBackendConfig(_Model):
+    """Upstream's ``url``; env ``REDIS_URL`` replaces it when set. ``timeout`` is Keybroker's."""
+
     url: str = Field(default="redis://127.0.0.1:6379", repr=False)
+    timeout: float = Field(default=5.0, gt=0, le=300)
 
 
 class StorageBackends(_Model):
@@ -286,6 +294,9 @@ class StorageBackends(_Model):
 
 class StorageBackendConfig(_Model):
     storage_type: StorageTypeField = StorageType.MEMORY
+    # Where RCAR sessions live when not with everything else (e.g. Redis beside PostgreSQL).
+    # Also accepted at the top level of the file, as earlier Keybroker releases wrote it.
+    session_storage_type: StorageTypeField | None = None
     backends: StorageBackends = StorageBackends()
 
 
@@ -401,6 +412,26 @@ class KbsConfig(_Model):
     @property
     def session_timeout_min(self) -> int:
         return self.attestation_service.timeout
+
+    @property
+    def session_storage(self) -> StorageType:
+        """Where sessions live: ``[storage_backend] session_storage_type``, the top-level
+        spelling, or else the shared ``storage_type``."""
+        return (
+            self.storage_backend.session_storage_type
+            or self.session_storage_type
+            or self.storage_backend.storage_type
+        )
+
+    @model_validator(mode="after")
+    def _one_session_storage(self) -> KbsConfig:
+        inner, outer = self.storage_backend.session_storage_type, self.session_storage_type
+        if inner is not None and outer is not None and inner != outer:
+            raise ValueError(
+                "session_storage_type is set twice with different values "
+                f"([storage_backend] {inner.value}, top level {outer.value}): keep one"
+            )
+        return self
 
 
 _LEGACY_ADMIN_KEYS = ("type", "auth_public_key", "insecure_api")

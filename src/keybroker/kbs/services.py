@@ -7,6 +7,7 @@ This is where a configuration that parses but cannot be served is refused, with
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from keybroker.config import (
     KbsConfig,
     NoAsConfig,
     OtherPluginConfig,
+    PostgresBackendConfig,
+    RedisBackendConfig,
     ResourcePluginConfig,
     RvpsGrpcConfig,
     SamplePluginConfig,
@@ -39,7 +42,12 @@ from keybroker.plugins.resource import ResourcePlugin
 from keybroker.plugins.sample import SamplePlugin
 from keybroker.rvps.store import NAMESPACE as RVPS_NAMESPACE
 from keybroker.rvps.store import ReferenceValues, ReferenceValueStore, remote_reference_values
-from keybroker.storage.provider import StorageProvider, local_fs_provider, memory_provider
+from keybroker.storage.provider import (
+    StorageProvider,
+    local_fs_provider,
+    local_json_provider,
+    memory_provider,
+)
 from keybroker.storage.secrets import DirectoryTreeSecretBackend, KvSecretBackend
 
 log = logging.getLogger(__name__)
@@ -87,7 +95,7 @@ def build_services(
     them (a private directory the server creates and removes); None means process memory."""
     _refuse_unserved(config)
     storage = storage or _provider(config.storage_backend.storage_type, config, clock, memory_dir)
-    session_type = config.session_storage_type or config.storage_backend.storage_type
+    session_type = config.session_storage
     session_storage = (
         storage
         if session_type == config.storage_backend.storage_type
@@ -202,14 +210,87 @@ def _provider(
         if memory_dir is not None:
             return local_fs_provider(memory_dir, clock=clock)
         return memory_provider(clock=clock)
+    backends = config.storage_backend.backends
     if kind is StorageType.LOCAL_FS:
-        local_fs = config.storage_backend.backends.local_fs
-        if local_fs is None:
+        if backends.local_fs is None:
             raise ConfigError(
                 "storage_type = LocalFs needs [storage_backend.backends.local_fs] dir_path"
             )
-        return local_fs_provider(local_fs.dir_path, clock=clock)
-    raise UnsupportedFeatureError(f"[storage_backend] storage_type = {kind.value}")
+        return local_fs_provider(backends.local_fs.dir_path, clock=clock)
+    if kind is StorageType.LOCAL_JSON:
+        if backends.local_json is None:
+            raise ConfigError(
+                "storage_type = LocalJson needs [storage_backend.backends.local_json] file_dir_path"
+            )
+        return local_json_provider(backends.local_json.file_dir_path, clock=clock)
+    if kind is StorageType.POSTGRES:
+        return _postgres_provider(config, clock)
+    return _redis_provider(config, clock)
+
+
+def _postgres_provider(config: KbsConfig, clock: Callable[[], float]) -> StorageProvider:
+    settings = config.storage_backend.backends.postgres
+    url = os.environ.get("POSTGRES_URL")
+    if settings is None and not url:
+        raise ConfigError(
+            "storage_type = Postgres needs [storage_backend.backends.postgres] (db, username, "
+            "password, host, port) or the environment variable POSTGRES_URL"
+        )
+    try:
+        from keybroker.storage import postgres  # noqa: PLC0415
+    except ImportError:  # an optional extra
+        raise ConfigError(
+            "storage_type = Postgres needs the postgres extra: pip install 'keybroker[postgres]'"
+        ) from None
+    settings = settings or PostgresBackendConfig()
+    if url:
+        log.info("PostgreSQL storage: connection from POSTGRES_URL")
+        conninfo = url
+    else:
+        conninfo = postgres.conninfo_from_config(
+            db=settings.db,
+            username=settings.username,
+            password=settings.password,
+            host=settings.host,
+            port=settings.port,
+        )
+        log.info(
+            "PostgreSQL storage: %s@%s:%d/%s",
+            settings.username,
+            settings.host,
+            settings.port,
+            settings.db,
+        )
+    return StorageProvider(
+        lambda namespace: postgres.PostgresKeyValueStorage(
+            conninfo, namespace, clock=clock, timeout=settings.timeout
+        )
+    )
+
+
+def _redis_provider(config: KbsConfig, clock: Callable[[], float]) -> StorageProvider:
+    settings = config.storage_backend.backends.redis
+    url = os.environ.get("REDIS_URL")
+    if settings is None and not url:
+        raise ConfigError(
+            "storage_type = Redis needs [storage_backend.backends.redis] url or the "
+            "environment variable REDIS_URL"
+        )
+    try:
+        from keybroker.storage import redis  # noqa: PLC0415
+    except ImportError:  # an optional extra
+        raise ConfigError(
+            "storage_type = Redis needs the redis extra: pip install 'keybroker[redis]'"
+        ) from None
+    settings = settings or RedisBackendConfig()
+    if url:
+        log.info("Redis storage: connection from REDIS_URL")
+    address = url or settings.url
+    return StorageProvider(
+        lambda namespace: redis.RedisKeyValueStorage(
+            address, namespace, clock=clock, timeout=settings.timeout
+        )
+    )
 
 
 def _plugins(config: KbsConfig, storage: StorageProvider) -> dict[str, Plugin]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from keybroker.errors import KeybrokerError
 from keybroker.storage.base import KeyValueStorage, validate_namespace
 from keybroker.storage.local_fs import DEFAULT_DIR_PATH, LocalFsKeyValueStorage
+from keybroker.storage.local_json import DEFAULT_FILE_DIR_PATH, LocalJsonKeyValueStorage
 from keybroker.storage.memory import MemoryKeyValueStorage
 
 
@@ -50,3 +51,11 @@ def local_fs_provider(
     dir_path: Path = DEFAULT_DIR_PATH, *, clock: Callable[[], float] = time.time
 ) -> StorageProvider:
     return StorageProvider(lambda namespace: LocalFsKeyValueStorage(dir_path, namespace, clock))
+
+
+def local_json_provider(
+    file_dir_path: Path = DEFAULT_FILE_DIR_PATH, *, clock: Callable[[], float] = time.time
+) -> StorageProvider:
+    return StorageProvider(
+        lambda namespace: LocalJsonKeyValueStorage(file_dir_path, namespace, clock)
+    )

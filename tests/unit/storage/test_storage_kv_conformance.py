@@ -17,6 +17,7 @@ from storage_clock import SteppedClock
 from keybroker.errors import StorageError
 from keybroker.storage.base import MAX_KEY_LENGTH, KeyValueStorage
 from keybroker.storage.local_fs import INLINE_READ_MAX, LocalFsKeyValueStorage
+from keybroker.storage.local_json import LocalJsonKeyValueStorage
 from keybroker.storage.memory import MemoryKeyValueStorage
 from keybroker.storage.postgres import PostgresKeyValueStorage
 from keybroker.storage.redis import RedisKeyValueStorage
@@ -59,7 +60,7 @@ def run(opened: list[KeyValueStorage]) -> Runner[Any]:
     return runner
 
 
-@pytest.fixture(params=["memory", "local_fs", "postgres", "redis"])
+@pytest.fixture(params=["memory", "local_fs", "local_json", "postgres", "redis"])
 def new_storage(
     request: pytest.FixtureRequest, tmp_path: Path, clock: SteppedClock
 ) -> Iterator[Factory]:
@@ -73,6 +74,8 @@ def new_storage(
         yield lambda: shared
     elif request.param == "local_fs":
         yield lambda: _opened(opened, LocalFsKeyValueStorage(tmp_path, "repository", clock))
+    elif request.param == "local_json":
+        yield lambda: _opened(opened, LocalJsonKeyValueStorage(tmp_path, "repository", clock))
     elif request.param == "postgres":
         yield lambda: _opened(opened, PostgresKeyValueStorage(POSTGRES, namespace, clock=clock))
         with psycopg.connect(POSTGRES, autocommit=True) as connection:
