@@ -161,7 +161,9 @@ def test_storage_url_from_environment(
     """As upstream: the URL variable replaces the config section (so a password need never
     sit in a config file)."""
     monkeypatch.setenv(variable, url)
-    section: dict[str, object] = {kind.lower(): {}}  # defaults would point elsewhere: the variable wins
+    section: dict[str, object] = {
+        kind.lower(): {}
+    }  # defaults would point elsewhere: the variable wins
     services = build_services(
         kbs_config(storage_backend={"storage_type": kind, "backends": section})
     )
