@@ -83,6 +83,11 @@ class AttestationPolicies:
 
     async def source(self, policy_id: str) -> str:
         raw = await self._storage.get(policy_id + _SUFFIX)
+        if raw is None and policy_id in DEFAULT_POLICIES:
+            # The store was unreachable at start-up (or is new): install the default now.
+            default = builtin_attestation_policy(policy_id).encode()
+            await self._storage.set(policy_id + _SUFFIX, default, overwrite=False)
+            raw = await self._storage.get(policy_id + _SUFFIX)
         if raw is None:
             raise PolicyEvaluationError(f"attestation policy {policy_id} does not exist")
         return raw.decode("utf-8", errors="replace")

@@ -72,6 +72,9 @@ class ResourcePolicy:
 
     async def current(self) -> CompiledPolicy:
         raw = await self._storage.get(POLICY_ID + _POLICY_SUFFIX)
+        if raw is None:  # the store was unreachable at start-up (or is new): install it now
+            await self.initialize()
+            raw = await self._storage.get(POLICY_ID + _POLICY_SUFFIX)
         if raw is None:
             raise StorageError("the resource policy is missing from the store")
         source = raw.decode("utf-8", errors="replace")

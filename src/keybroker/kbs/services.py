@@ -75,9 +75,12 @@ class KbsServices:
             self.audit.ensure_writable()
         except ServiceUnavailableError as e:  # serve, but refuse releases until it recovers
             log.error("%s", e.detail)
-        await self.resource_policy.initialize()
-        if self.attestation is not None:
-            await self.attestation.start()
+        try:
+            await self.resource_policy.initialize()
+            if self.attestation is not None:
+                await self.attestation.start()
+        except ServiceUnavailableError as e:  # a replica may start before its database
+            log.error("%s; serving anyway: default policies are installed on first use", e.detail)
 
     async def stop(self) -> None:
         for provider in self.providers:
