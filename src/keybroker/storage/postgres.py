@@ -76,6 +76,8 @@ class PostgresKeyValueStorage(KeyValueStorage):
         return pool
 
     async def _create_table(self) -> None:
+        """Create the namespace's table, or add the expiry column to one made by upstream's
+        KBS (``key``, ``value`` only): its rows read as permanent entries."""
         # Two replicas creating the table at the same moment can collide even with IF NOT
         # EXISTS (the catalog insert is not atomic): the loser finds the table made.
         with contextlib.suppress(psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
@@ -83,6 +85,14 @@ class PostgresKeyValueStorage(KeyValueStorage):
                 sql.SQL(
                     "CREATE TABLE IF NOT EXISTS {} (key TEXT PRIMARY KEY, "
                     "value BYTEA NOT NULL, expires_at DOUBLE PRECISION)"
+                ).format(self._table),
+                (),
+                fetch=False,
+            )
+        with contextlib.suppress(psycopg.errors.DuplicateColumn):
+            await self._run(
+                sql.SQL(
+                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS expires_at DOUBLE PRECISION"
                 ).format(self._table),
                 (),
                 fetch=False,

@@ -302,3 +302,22 @@ def test_bytearray_value_is_copied(run: Runner[Any], storage: KeyValueStorage) -
         assert await storage.get("k") == b"mutable"
 
     run(scenario())
+
+
+def test_concurrent_overwriting_writers_leave_one_whole_value(
+    run: Runner[Any], new_storage: Factory
+) -> None:
+    """Many replicas overwrite one key at once: the result is one writer's value, whole."""
+    values = [bytes([i]) * (64 * 1024) for i in range(16)]
+
+    async def scenario() -> None:
+        handles = [new_storage() for _ in range(4)]
+        written = await asyncio.gather(
+            *(handles[i % 4].set("shared", value) for i, value in enumerate(values))
+        )
+        assert written == [True] * len(values)
+        final = await handles[1].get("shared")
+        assert final in values
+        assert await handles[2].list_keys() == ["shared"]
+
+    run(scenario())

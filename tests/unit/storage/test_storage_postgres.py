@@ -1,0 +1,60 @@
+"""PostgreSQL specifics beyond the conformance suite: upstream's tables, settings, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from keybroker.errors import ServiceUnavailableError
+from keybroker.storage.postgres import PostgresKeyValueStorage
+
+POSTGRES = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+
+
+@pytest.fixture
+def table() -> Iterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(POSTGRES, autocommit=True) as connection:
+        connection.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+def test_reads_and_migrates_a_table_made_by_upstream(table: str) -> None:
+    """Upstream's KBS creates (value BYTEA, key TEXT PRIMARY KEY): its rows stay readable."""
+    with psycopg.connect(POSTGRES, autocommit=True) as connection:
+        connection.execute(f"CREATE TABLE {table} (value BYTEA, key TEXT PRIMARY KEY)")
+        connection.execute(
+            f"INSERT INTO {table} (key, value) VALUES (%s, %s)", ("repo/type/tag", b"\x00up")
+        )
+    store = PostgresKeyValueStorage(POSTGRES, table)
+
+    async def scenario() -> None:
+        try:
+            assert await store.get("repo/type/tag") == b"\x00up"
+            assert await store.set("session", b"s", ttl=60) is True
+            assert await store.list_keys() == ["repo/type/tag", "session"]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_wrong_database_is_unavailable_with_a_clear_message() -> None:
+    store = PostgresKeyValueStorage(
+        "host=127.0.0.1 port=5432 user=postgres dbname=no_such_database_here",
+        "repository",
+        timeout=1,
+    )
+
+    async def scenario() -> None:
+        try:
+            await store.get("k")
+        finally:
+            await store.close()
+
+    with pytest.raises(ServiceUnavailableError, match="PostgreSQL is unavailable"):
+        asyncio.run(scenario())
