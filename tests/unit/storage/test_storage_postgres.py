@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from keybroker.errors import ServiceUnavailableError
 from keybroker.storage.postgres import PostgresKeyValueStorage
@@ -26,9 +27,13 @@ def table() -> Iterator[str]:
 def test_reads_and_migrates_a_table_made_by_upstream(table: str) -> None:
     """Upstream's KBS creates (value BYTEA, key TEXT PRIMARY KEY): its rows stay readable."""
     with psycopg.connect(POSTGRES, autocommit=True) as connection:
-        connection.execute(f"CREATE TABLE {table} (value BYTEA, key TEXT PRIMARY KEY)")
+        name = sql.Identifier(table)
         connection.execute(
-            f"INSERT INTO {table} (key, value) VALUES (%s, %s)", ("repo/type/tag", b"\x00up")
+            sql.SQL("CREATE TABLE {} (value BYTEA, key TEXT PRIMARY KEY)").format(name)
+        )
+        connection.execute(
+            sql.SQL("INSERT INTO {} (key, value) VALUES (%s, %s)").format(name),
+            ("repo/type/tag", b"\x00up"),
         )
     store = PostgresKeyValueStorage(POSTGRES, table)
 
