@@ -17,6 +17,7 @@ Deliberate differences from upstream, each failing closed:
 
 from __future__ import annotations
 
+import importlib
 import json
 import tomllib
 from enum import StrEnum
@@ -303,34 +304,93 @@ class StorageBackendConfig(_Model):
 # --- [[plugins]] -----------------------------------------------------------------------------
 
 
-class ResourcePluginConfig(_Model):
-    """The ``resource`` plugin, in both forms operators have.
+# Secret backends of the resource plugin other than the key-value store: kind -> (module,
+# config model). An explicit table: configuration never names code to import.
+SECRET_BACKENDS = {
+    "pkcs11": ("keybroker.storage.pkcs11", "Pkcs11Config"),
+    "vault": ("keybroker.storage.vault", "VaultConfig"),
+    "aliyun": ("keybroker.storage.aliyun_kms", "AliyunKmsConfig"),
+}
+_SECRET_BACKEND_SPELLINGS = {
+    "kvstorage": "kvstorage",
+    "kv_storage": "kvstorage",
+    "pkcs11": "pkcs11",
+    "vault": "vault",
+    "vault_kv": "vault",
+    "aliyun": "aliyun",
+    "aliyun_kms": "aliyun",
+    "aliyunkms": "aliyun",
+}
 
-    - current upstream: ``storage_backend_type = "kvstorage"`` (the shared key-value store);
+
+class ResourcePluginConfig(_Model):
+    """The ``resource`` plugin, in the forms operators have.
+
+    - current upstream: ``storage_backend_type = "kvstorage"`` (the shared key-value store), or
+      another secret backend (``pkcs11``, ``vault``, ``aliyun``) whose settings sit beside it
+      in the same table and are checked by that backend's own model;
     - seed-era upstream: ``type = "LocalFs"`` with ``dir_path`` (files at
-      ``<dir_path>/<repo>/<type>/<tag>``).
+      ``<dir_path>/<repo>/<type>/<tag>``), or ``type = "Aliyun"`` / ``"Vault"`` / ...
     """
 
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
     name: Literal["resource"]
     storage_backend_type: str | None = None
     type: str | None = None
     dir_path: Path | None = None
 
     def backend_kind(self) -> str:
-        """``kvstorage``, ``legacy_local_fs`` or the secret backend named by the operator."""
+        """``kvstorage``, ``legacy_local_fs`` or a key of :data:`SECRET_BACKENDS`."""
         if self.type is not None:
             if self.storage_backend_type is not None:
                 raise ValueError("set either `type` (seed-era form) or `storage_backend_type`")
-            if self.type.lower() not in ("localfs", "local_fs"):
-                return self.type.lower()
-            return "legacy_local_fs"
+            if self.type.lower() in ("localfs", "local_fs"):
+                return "legacy_local_fs"
+            return _SECRET_BACKEND_SPELLINGS.get(self.type.lower(), self.type.lower())
         if self.dir_path is not None:
             raise ValueError('`dir_path` belongs to the seed-era form: add `type = "LocalFs"`')
         kind = (self.storage_backend_type or "kvstorage").lower()
-        return {"kvstorage": "kvstorage", "kv_storage": "kvstorage"}.get(kind, kind)
+        return _SECRET_BACKEND_SPELLINGS.get(kind, kind)
+
+    def backend_settings(self) -> BaseModel | None:
+        """The validated settings of a secret backend from :data:`SECRET_BACKENDS`."""
+        entry = SECRET_BACKENDS.get(self.backend_kind())
+        if entry is None:
+            return None
+        module, model_name = entry
+        model: type[BaseModel] = getattr(importlib.import_module(module), model_name)
+        return model.model_validate(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _known_settings(self) -> ResourcePluginConfig:
+        kind = self.backend_kind()
+        if kind in SECRET_BACKENDS:
+            self.backend_settings()  # unknown or missing keys are named here, at load time
+        elif self.model_extra:
+            unknown = ", ".join(f"`{key}`" for key in sorted(self.model_extra))
+            raise ValueError(f"unknown key(s) {unknown} for the {kind} resource backend")
+        return self
 
     def legacy_dir(self) -> Path:
         return self.dir_path or Path(DEFAULT_LEGACY_REPOSITORY_DIR)
+
+
+class Pkcs11PluginConfig(BaseModel):
+    """Upstream's ``pkcs11`` plugin: resources under ``/kbs/v0/pkcs11/<repo>/<type>/<tag>``
+    kept as secret keys in an HSM; ``module``, ``slot_index`` and ``pin`` as upstream."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: Literal["pkcs11"]
+
+    def backend_settings(self) -> BaseModel:
+        module, model_name = SECRET_BACKENDS["pkcs11"]
+        model: type[BaseModel] = getattr(importlib.import_module(module), model_name)
+        return model.model_validate(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _known_settings(self) -> Pkcs11PluginConfig:
+        self.backend_settings()
+        return self
 
 
 class SamplePluginConfig(_Model):
@@ -345,11 +405,12 @@ class OtherPluginConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    name: Literal["nebula-ca", "nebula_ca", "pkcs11", "external", "provisioner"]
+    name: Literal["nebula-ca", "nebula_ca", "external", "provisioner"]
 
 
 PluginConfig = Annotated[
-    ResourcePluginConfig | SamplePluginConfig | OtherPluginConfig, Field(discriminator="name")
+    ResourcePluginConfig | Pkcs11PluginConfig | SamplePluginConfig | OtherPluginConfig,
+    Field(discriminator="name"),
 ]
 
 

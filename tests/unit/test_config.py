@@ -205,3 +205,12 @@ def test_postgres_settings_keep_the_user_with_a_password() -> None:
 
 def load_config_text(text: str) -> KbsConfig:
     return parse_config(tomllib.loads(text))
+
+
+def test_unknown_key_beside_the_kvstorage_backend_is_named() -> None:
+    with pytest.raises(ConfigError, match="unknown key.*`vault_url`.*kvstorage"):
+        kbs_config(
+            plugins=[
+                {"name": "resource", "storage_backend_type": "kvstorage", "vault_url": "x"}
+            ]
+        )

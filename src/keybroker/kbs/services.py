@@ -6,6 +6,7 @@ This is where a configuration that parses but cannot be served is refused, with
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -13,16 +14,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from keybroker.attestation.policy import NAMESPACE as AS_POLICY_NAMESPACE
 from keybroker.attestation.policy import AttestationPolicies
 from keybroker.attestation.service import AttestationBackend, BuiltinAttestationService
 from keybroker.attestation.signer import TokenSigner
 from keybroker.config import (
+    SECRET_BACKENDS,
     BuiltinAsConfig,
     GrpcAsConfig,
     KbsConfig,
     NoAsConfig,
     OtherPluginConfig,
+    Pkcs11PluginConfig,
     PostgresBackendConfig,
     RedisBackendConfig,
     ResourcePluginConfig,
@@ -48,7 +53,7 @@ from keybroker.storage.provider import (
     local_json_provider,
     memory_provider,
 )
-from keybroker.storage.secrets import DirectoryTreeSecretBackend, KvSecretBackend
+from keybroker.storage.secrets import DirectoryTreeSecretBackend, KvSecretBackend, SecretBackend
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +301,23 @@ def _redis_provider(config: KbsConfig, clock: Callable[[], float]) -> StoragePro
     )
 
 
+def _secret_backend(kind: str, settings: BaseModel | None) -> SecretBackend:
+    """The backend of :data:`SECRET_BACKENDS` ``kind``, built from its validated settings.
+    Drivers are optional extras: a missing one is named with the install line."""
+    module_name, _ = SECRET_BACKENDS[kind]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:  # pragma: no cover - the backend module itself imports lazily
+        raise ConfigError(f"resource backend {kind}: {e}") from None
+    factory = {
+        "pkcs11": "Pkcs11SecretBackend",
+        "vault": "VaultSecretBackend",
+        "aliyun": "AliyunKmsSecretBackend",
+    }[kind]
+    backend: SecretBackend = getattr(module, factory).from_config(settings)
+    return backend
+
+
 def _plugins(config: KbsConfig, storage: StorageProvider) -> dict[str, Plugin]:
     plugins: dict[str, Plugin] = {}
     for entry in config.plugins:
@@ -305,13 +327,16 @@ def _plugins(config: KbsConfig, storage: StorageProvider) -> dict[str, Plugin]:
             except ValueError as e:
                 raise ConfigError(f"[[plugins]] resource: {e}") from None
             if kind == "kvstorage":
-                backend = KvSecretBackend(storage.get(RESOURCE_NAMESPACE))
-                plugins["resource"] = ResourcePlugin(backend)
+                backend: SecretBackend = KvSecretBackend(storage.get(RESOURCE_NAMESPACE))
             elif kind == "legacy_local_fs":
-                tree = DirectoryTreeSecretBackend(entry.legacy_dir())
-                plugins["resource"] = ResourcePlugin(tree)
+                backend = DirectoryTreeSecretBackend(entry.legacy_dir())
+            elif kind in SECRET_BACKENDS:
+                backend = _secret_backend(kind, entry.backend_settings())
             else:
                 raise UnsupportedFeatureError(f"resource plugin storage backend {kind}")
+            plugins["resource"] = ResourcePlugin(backend)
+        elif isinstance(entry, Pkcs11PluginConfig):
+            plugins["pkcs11"] = ResourcePlugin(_secret_backend("pkcs11", entry.backend_settings()))
         elif isinstance(entry, SamplePluginConfig):
             plugins["sample"] = SamplePlugin(entry.item)
         elif isinstance(entry, OtherPluginConfig):
