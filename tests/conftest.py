@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 
 from keybroker.config import KbsConfig, parse_config
 from keybroker.kbs.app import create_app
+from softhsm import SoftHsm, init_token
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
 
@@ -61,3 +62,9 @@ def vectors() -> Path:
     if not VECTORS.is_dir():
         pytest.skip(f"upstream test vectors not found at {VECTORS} (../shared/vectors)")
     return VECTORS
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
+    """One SoftHSM2 token for the session (SoftHSM reads its configuration once per process)."""
+    return init_token(tmp_path_factory.mktemp("softhsm"))

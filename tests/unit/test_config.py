@@ -208,9 +208,7 @@ def load_config_text(text: str) -> KbsConfig:
 
 
 def test_unknown_key_beside_the_kvstorage_backend_is_named() -> None:
-    with pytest.raises(ConfigError, match="unknown key.*`vault_url`.*kvstorage"):
+    with pytest.raises(ConfigError, match=r"unknown key.*`vault_url`.*kvstorage"):
         kbs_config(
-            plugins=[
-                {"name": "resource", "storage_backend_type": "kvstorage", "vault_url": "x"}
-            ]
+            plugins=[{"name": "resource", "storage_backend_type": "kvstorage", "vault_url": "x"}]
         )

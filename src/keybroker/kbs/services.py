@@ -43,6 +43,7 @@ from keybroker.kbs.resource_policy import KBS_NAMESPACE, ResourcePolicy
 from keybroker.kbs.sessions import SESSION_NAMESPACE, SessionStore
 from keybroker.kbs.tokens import TokenVerifier
 from keybroker.plugins.base import Plugin
+from keybroker.plugins.pkcs11 import Pkcs11Plugin
 from keybroker.plugins.resource import ResourcePlugin
 from keybroker.plugins.sample import SamplePlugin
 from keybroker.rvps.store import NAMESPACE as RVPS_NAMESPACE
@@ -336,7 +337,7 @@ def _plugins(config: KbsConfig, storage: StorageProvider) -> dict[str, Plugin]:
                 raise UnsupportedFeatureError(f"resource plugin storage backend {kind}")
             plugins["resource"] = ResourcePlugin(backend)
         elif isinstance(entry, Pkcs11PluginConfig):
-            plugins["pkcs11"] = ResourcePlugin(_secret_backend("pkcs11", entry.backend_settings()))
+            plugins["pkcs11"] = Pkcs11Plugin(_secret_backend("pkcs11", entry.backend_settings()))
         elif isinstance(entry, SamplePluginConfig):
             plugins["sample"] = SamplePlugin(entry.item)
         elif isinstance(entry, OtherPluginConfig):
