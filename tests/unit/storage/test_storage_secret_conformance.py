@@ -1,7 +1,8 @@
 """Every writable secret backend of the resource plugin behaves the same: one suite for all.
 
 The key-value backend runs over PostgreSQL here (the key-value suite covers the other stores);
-PKCS#11 runs on a real SoftHSM2 token.
+PKCS#11 runs on a real SoftHSM2 token; Vault (KV v1 and v2) is the production hvac client against
+the Vault stand-in over HTTP. Aliyun KMS is read-only and has its own module.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from secret_backend_vault import vault_backend
 
 from databases import fresh_postgres_database
 from keybroker.errors import ResourceNotFoundError
@@ -24,7 +26,7 @@ from softhsm import SoftHsm
 MIB = 1024 * 1024
 
 
-@pytest.fixture(params=["kv-postgres", "directory-tree", "pkcs11"])
+@pytest.fixture(params=["kv-postgres", "directory-tree", "pkcs11", "vault-kv1", "vault-kv2"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SecretBackend]:
     if request.param == "kv-postgres":
         with fresh_postgres_database() as db:
@@ -33,6 +35,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SecretBa
             asyncio.run(store.close())
     elif request.param == "directory-tree":
         yield DirectoryTreeSecretBackend(tmp_path / "repository")
+    elif request.param.startswith("vault"):
+        with vault_backend(tmp_path, kv_version=int(request.param[-1])) as vault:
+            yield vault
     else:
         softhsm: SoftHsm = request.getfixturevalue("softhsm")
         config = Pkcs11Config(module=softhsm.module, pin=softhsm.pin)

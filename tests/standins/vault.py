@@ -1,0 +1,265 @@
+"""A STAND-IN for HashiCorp Vault, for tests: the documented HTTP API subset Keybroker uses.
+
+Not Vault. It serves, over real HTTP or HTTPS on a loopback port, what Vault's API documentation
+describes for:
+
+- ``X-Vault-Token`` authentication (403 ``{"errors": ["permission denied"]}`` otherwise), with
+  token expiry by an injected clock;
+- ``POST /v1/auth/<mount>/login`` (AppRole: ``role_id`` + ``secret_id`` -> ``auth.client_token``,
+  ``lease_duration``);
+- the KV v1 engine: ``GET``/``POST``/``PUT``/``DELETE``/``LIST`` ``/v1/<mount>/<path>``;
+- the KV v2 engine: ``GET``/``POST``/``PUT`` ``/v1/<mount>/data/<path>`` (versions,
+  ``?version=``), ``GET``/``DELETE`` ``/v1/<mount>/metadata/<path>``;
+- ``GET /v1/sys/health``.
+
+Response shapes follow the API documentation (``data`` envelopes, version metadata, 404 ``{"errors":
+[]}``, 204 on writes to KV v1 and deletes). It does not implement policies beyond "a valid token
+may do anything", leases on secrets, namespaces, soft deletes of KV v2 versions, check-and-set,
+or anything else. The production client (``keybroker.storage.vault`` over hvac) is unchanged in
+tests: only the server differs.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+
+@dataclass
+class KvMount:
+    version: int
+    # v1: path -> fields; v2: path -> list of versions (fields), newest last
+    v1: dict[str, dict[str, Any]] = field(default_factory=dict)
+    v2: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def _now_text() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _errors(status: int, *messages: str) -> JSONResponse:
+    return JSONResponse({"errors": list(messages)}, status_code=status)
+
+
+class VaultStandIn:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.mounts: dict[str, KvMount] = {"secret": KvMount(1), "kv2": KvMount(2)}
+        self.tokens: dict[str, float] = {}  # token -> deadline (inf: never expires)
+        self.approles: dict[str, dict[str, str]] = {}  # mount -> {role_id: secret_id}
+        self.approle_ttl = 3600.0
+        self.root_token = self.issue_token()
+        self.logins = 0
+        self.app = Starlette(
+            routes=[
+                Route("/v1/sys/health", self._health, methods=["GET"]),
+                Route("/v1/auth/{mount}/login", self._login, methods=["POST"]),
+                Route(
+                    "/v1/{rest:path}",
+                    self._kv,
+                    methods=["GET", "POST", "PUT", "DELETE", "LIST"],
+                ),
+            ]
+        )
+
+    # --- state the tests set up ------------------------------------------------------------
+
+    def issue_token(self, ttl: float | None = None) -> str:
+        token = "hvs." + secrets.token_urlsafe(18)
+        self.tokens[token] = float("inf") if ttl is None else self.clock() + ttl
+        return token
+
+    def add_approle(self, role_id: str, secret_id: str, mount: str = "approle") -> None:
+        self.approles.setdefault(mount, {})[role_id] = secret_id
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    async def _health(self, request: Request) -> Response:
+        return JSONResponse(
+            {"initialized": True, "sealed": False, "standby": False, "version": "stand-in"}
+        )
+
+    async def _login(self, request: Request) -> Response:
+        roles = self.approles.get(request.path_params["mount"])
+        if roles is None:
+            return _errors(404, "no handler for route")
+        body = await request.json()
+        role_id, secret_id = body.get("role_id"), body.get("secret_id")
+        if role_id not in roles:
+            return _errors(400, "invalid role ID")
+        if roles[role_id] != secret_id:
+            return _errors(400, "invalid secret id")
+        self.logins += 1
+        token = self.issue_token(self.approle_ttl)
+        return JSONResponse(
+            {
+                "request_id": secrets.token_hex(8),
+                "lease_id": "",
+                "renewable": False,
+                "lease_duration": 0,
+                "data": None,
+                "auth": {
+                    "client_token": token,
+                    "accessor": secrets.token_hex(8),
+                    "policies": ["default"],
+                    "lease_duration": int(self.approle_ttl),
+                    "renewable": True,
+                },
+            }
+        )
+
+    def _authorized(self, request: Request) -> bool:
+        deadline = self.tokens.get(request.headers.get("x-vault-token", ""))
+        return deadline is not None and self.clock() < deadline
+
+    async def _kv(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return _errors(403, "permission denied")
+        mount_name, _, rest = request.path_params["rest"].partition("/")
+        mount = self.mounts.get(mount_name)
+        if mount is None or not rest:
+            return _errors(404, f"no handler for route '{mount_name}/{rest}'")
+        method = request.method
+        if method == "GET" and request.query_params.get("list") == "true":
+            method = "LIST"
+        if mount.version == 1:
+            return await self._kv1(mount, rest, method, request)
+        return await self._kv2(mount, rest, method, request)
+
+    async def _kv1(self, mount: KvMount, path: str, method: str, request: Request) -> Response:
+        if method == "GET":
+            if path not in mount.v1:
+                return _errors(404)
+            return JSONResponse(_envelope(mount.v1[path]))
+        if method in ("POST", "PUT"):
+            mount.v1[path] = await request.json()
+            return Response(status_code=204)
+        if method == "DELETE":
+            mount.v1.pop(path, None)
+            return Response(status_code=204)
+        prefix = path.rstrip("/") + "/"
+        keys = sorted({k[len(prefix) :].split("/")[0] for k in mount.v1 if k.startswith(prefix)})
+        return JSONResponse(_envelope({"keys": keys})) if keys else _errors(404)
+
+    async def _kv2(self, mount: KvMount, rest: str, method: str, request: Request) -> Response:
+        kind, _, path = rest.partition("/")
+        if kind == "data":
+            return await self._kv2_data(mount, path, method, request)
+        if kind == "metadata":
+            return self._kv2_metadata(mount, path, method)
+        return _errors(404, f"no handler for route '{rest}'")
+
+    async def _kv2_data(self, mount: KvMount, path: str, method: str, request: Request) -> Response:
+        versions = mount.v2.get(path)
+        if method == "GET":
+            wanted = int(request.query_params.get("version") or len(versions or []))
+            if not versions or not 1 <= wanted <= len(versions):
+                return _errors(404)
+            metadata = _version_metadata(wanted)
+            return JSONResponse(_envelope({"data": versions[wanted - 1], "metadata": metadata}))
+        if method in ("POST", "PUT"):
+            body = await request.json()
+            if not isinstance(body.get("data"), dict):
+                return _errors(400, "no data provided")
+            mount.v2.setdefault(path, []).append(body["data"])
+            return JSONResponse(_envelope(_version_metadata(len(mount.v2[path]))))
+        return _errors(405)
+
+    def _kv2_metadata(self, mount: KvMount, path: str, method: str) -> Response:
+        if method == "DELETE":
+            mount.v2.pop(path, None)
+            return Response(status_code=204)
+        versions = mount.v2.get(path)
+        if method != "GET":
+            return _errors(405)
+        if not versions:
+            return _errors(404)
+        numbers = range(1, len(versions) + 1)
+        return JSONResponse(
+            _envelope(
+                {
+                    "current_version": len(versions),
+                    "versions": {str(n): _version_metadata(n) for n in numbers},
+                }
+            )
+        )
+
+
+def _envelope(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "request_id": secrets.token_hex(8),
+        "lease_id": "",
+        "renewable": False,
+        "lease_duration": 0,
+        "data": data,
+        "wrap_info": None,
+        "warnings": None,
+        "auth": None,
+    }
+
+
+def _version_metadata(version: int) -> dict[str, Any]:
+    return {
+        "created_time": _now_text(),
+        "deletion_time": "",
+        "destroyed": False,
+        "version": version,
+    }
+
+
+class RunningStandIn:
+    """A stand-in served by uvicorn in a background thread; ``stop()`` makes it unreachable."""
+
+    def __init__(
+        self, stand_in: VaultStandIn, *, certfile: Path | None = None, keyfile: Path | None = None
+    ) -> None:
+        self.stand_in = stand_in
+        self._tls = (certfile, keyfile)
+        self.port = 0
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self._tls[0] else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        certfile, keyfile = self._tls
+        config = uvicorn.Config(
+            self.stand_in.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="error",
+            timeout_graceful_shutdown=1,
+            ssl_certfile=str(certfile) if certfile else None,
+            ssl_keyfile=str(keyfile) if keyfile else None,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise AssertionError("the Vault stand-in did not start")
+            time.sleep(0.01)
+        if not self.port:
+            self.port = self._server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(10)
+            self._server = None
