@@ -22,7 +22,6 @@ tests: only the server differs.
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,11 +29,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from standins.server import ServedApp
 
 
 @dataclass
@@ -219,47 +219,11 @@ def _version_metadata(version: int) -> dict[str, Any]:
     }
 
 
-class RunningStandIn:
-    """A stand-in served by uvicorn in a background thread; ``stop()`` makes it unreachable."""
+class RunningStandIn(ServedApp):
+    """The Vault stand-in served on loopback; ``stop()`` makes it unreachable."""
 
     def __init__(
         self, stand_in: VaultStandIn, *, certfile: Path | None = None, keyfile: Path | None = None
     ) -> None:
+        super().__init__(stand_in.app, certfile=certfile, keyfile=keyfile)
         self.stand_in = stand_in
-        self._tls = (certfile, keyfile)
-        self.port = 0
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        scheme = "https" if self._tls[0] else "http"
-        return f"{scheme}://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        certfile, keyfile = self._tls
-        config = uvicorn.Config(
-            self.stand_in.app,
-            host="127.0.0.1",
-            port=self.port,
-            log_level="error",
-            timeout_graceful_shutdown=1,
-            ssl_certfile=str(certfile) if certfile else None,
-            ssl_keyfile=str(keyfile) if keyfile else None,
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise AssertionError("the Vault stand-in did not start")
-            time.sleep(0.01)
-        if not self.port:
-            self.port = self._server.servers[0].sockets[0].getsockname()[1]
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(10)
-            self._server = None

@@ -1,0 +1,58 @@
+"""Serve a stand-in (an ASGI app) on loopback for a test."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+from starlette.types import ASGIApp
+
+
+class ServedApp:
+    """An ASGI app served by uvicorn in a background thread on a loopback port (HTTPS when given
+    a certificate); ``stop()`` makes it unreachable, ``start()`` serves it again on the same
+    port."""
+
+    def __init__(
+        self, app: ASGIApp, *, certfile: Path | None = None, keyfile: Path | None = None
+    ) -> None:
+        self.app = app
+        self._tls = (certfile, keyfile)
+        self.port = 0
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self._tls[0] else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        certfile, keyfile = self._tls
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="error",
+            timeout_graceful_shutdown=1,
+            ssl_certfile=str(certfile) if certfile else None,
+            ssl_keyfile=str(keyfile) if keyfile else None,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise AssertionError("the stand-in did not start")
+            time.sleep(0.01)
+        if not self.port:
+            self.port = self._server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(10)
+            self._server = None
