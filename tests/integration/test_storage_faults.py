@@ -20,6 +20,7 @@ from conftest import kbs_config
 from databases import fresh_postgres_database, private_redis
 from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
+from keybroker.config import KbsConfig
 from keybroker.kbs.app import create_app
 from keybroker.kbs.resource_policy import builtin_policy
 from tcp_proxy import TcpProxy
@@ -30,6 +31,17 @@ SECRET = b"\x00fault-tolerant secret\xff"
 
 def _postgres_section(db: str, port: int) -> dict[str, object]:
     return {"db": db, "host": "127.0.0.1", "port": port, "timeout": TIMEOUT}
+
+
+def _postgres_kbs(db: str, port: int) -> KbsConfig:
+    """Everything in PostgreSQL (reached on ``port``), sessions in memory."""
+    return kbs_config(
+        storage_backend={
+            "storage_type": "Postgres",
+            "session_storage_type": "Memory",
+            "backends": {"postgres": _postgres_section(db, port)},
+        }
+    )
 
 
 @pytest.fixture
@@ -82,13 +94,7 @@ def test_postgres_unreachable_gives_503_then_recovers(
     postgres_proxy: tuple[str, TcpProxy], failure: str
 ) -> None:
     db, proxy = postgres_proxy
-    config = kbs_config(
-        storage_backend={
-            "storage_type": "Postgres",
-            "session_storage_type": "Memory",
-            "backends": {"postgres": _postgres_section(db, proxy.port)},
-        }
-    )
+    config = _postgres_kbs(db, proxy.port)
     with TestClient(create_app(config)) as client:
         guest = _serve_secret(client)
         probe = _resource_probe(client)
@@ -117,13 +123,7 @@ def test_postgres_down_at_start_up_then_serving(postgres_proxy: tuple[str, TcpPr
     default policies on first use."""
     db, proxy = postgres_proxy
     proxy.refuse()
-    config = kbs_config(
-        storage_backend={
-            "storage_type": "Postgres",
-            "session_storage_type": "Memory",
-            "backends": {"postgres": _postgres_section(db, proxy.port)},
-        }
-    )
+    config = _postgres_kbs(db, proxy.port)
     with TestClient(create_app(config)) as client:
         assert client.get("/healthz").status_code == 200
         admin = AdminClient("http://testserver", http=client)

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -239,21 +241,12 @@ def _provider(
 
 def _postgres_provider(config: KbsConfig, clock: Callable[[], float]) -> StorageProvider:
     settings = config.storage_backend.backends.postgres
-    url = os.environ.get("POSTGRES_URL")
-    if settings is None and not url:
-        raise ConfigError(
-            "storage_type = Postgres needs [storage_backend.backends.postgres] (db, username, "
-            "password, host, port) or the environment variable POSTGRES_URL"
-        )
-    try:
-        from keybroker.storage import postgres  # noqa: PLC0415
-    except ImportError:  # an optional extra
-        raise ConfigError(
-            "storage_type = Postgres needs the postgres extra: pip install 'keybroker[postgres]'"
-        ) from None
+    url = _section_or_env(
+        "Postgres", settings, "POSTGRES_URL", "db, username, password, host, port"
+    )
+    postgres: Any = _driver("Postgres", "keybroker.storage.postgres", "postgres")
     settings = settings or PostgresBackendConfig()
     if url:
-        log.info("PostgreSQL storage: connection from POSTGRES_URL")
         conninfo = url
     else:
         conninfo = postgres.conninfo_from_config(
@@ -270,36 +263,48 @@ def _postgres_provider(config: KbsConfig, clock: Callable[[], float]) -> Storage
             settings.port,
             settings.db,
         )
+    timeout = settings.timeout
     return StorageProvider(
         lambda namespace: postgres.PostgresKeyValueStorage(
-            conninfo, namespace, clock=clock, timeout=settings.timeout
+            conninfo, namespace, clock=clock, timeout=timeout
         )
     )
 
 
 def _redis_provider(config: KbsConfig, clock: Callable[[], float]) -> StorageProvider:
     settings = config.storage_backend.backends.redis
-    url = os.environ.get("REDIS_URL")
-    if settings is None and not url:
-        raise ConfigError(
-            "storage_type = Redis needs [storage_backend.backends.redis] url or the "
-            "environment variable REDIS_URL"
-        )
-    try:
-        from keybroker.storage import redis  # noqa: PLC0415
-    except ImportError:  # an optional extra
-        raise ConfigError(
-            "storage_type = Redis needs the redis extra: pip install 'keybroker[redis]'"
-        ) from None
+    url = _section_or_env("Redis", settings, "REDIS_URL", "url")
+    redis: Any = _driver("Redis", "keybroker.storage.redis", "redis")
     settings = settings or RedisBackendConfig()
-    if url:
-        log.info("Redis storage: connection from REDIS_URL")
-    address = url or settings.url
+    address, timeout = url or settings.url, settings.timeout
     return StorageProvider(
         lambda namespace: redis.RedisKeyValueStorage(
-            address, namespace, clock=clock, timeout=settings.timeout
+            address, namespace, clock=clock, timeout=timeout
         )
     )
+
+
+def _section_or_env(kind: str, section: object, variable: str, keys: str) -> str | None:
+    """The URL in ``variable`` (it wins, as upstream), after checking one of the two is set."""
+    url = os.environ.get(variable) or None
+    if section is None and url is None:
+        raise ConfigError(
+            f"storage_type = {kind} needs [storage_backend.backends.{kind.lower()}] ({keys}) "
+            f"or the environment variable {variable}"
+        )
+    if url is not None:
+        log.info("%s storage: connection from %s", kind, variable)
+    return url
+
+
+def _driver(kind: str, module: str, extra: str) -> ModuleType:
+    """A storage module whose driver is an optional extra, or the line that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"storage_type = {kind} needs the {extra} extra: pip install 'keybroker[{extra}]'"
+        ) from None
 
 
 def _secret_backend(kind: str, settings: BaseModel | None) -> SecretBackend:
