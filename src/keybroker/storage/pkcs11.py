@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from keybroker.errors import ConfigError, StorageError
+from keybroker.errors import ConfigError, ServiceUnavailableError, StorageError
 from keybroker.protocol.resource_path import ResourcePath
 from keybroker.storage.secrets import DEFAULT_MAX_RESOURCE_BYTES, SecretBackend
 
@@ -89,13 +89,18 @@ class Pkcs11SecretBackend(SecretBackend):
             library = p11.lib(str(config.module))
         except (RuntimeError, OSError, p11.exceptions.PKCS11Error) as e:
             raise ConfigError(f"cannot load PKCS#11 module {config.module}: {e}") from None
-        slots = library.get_slots(token_present=True)
-        if config.slot_index >= len(slots):
+        try:
+            slots = library.get_slots(token_present=True)
+            token = slots[config.slot_index].get_token() if config.slot_index < len(slots) else None
+        except p11.exceptions.PKCS11Error as e:
+            raise ConfigError(
+                f"cannot read the slots of PKCS#11 module {config.module}: {type(e).__name__}"
+            ) from None
+        if token is None:
             raise ConfigError(
                 f"PKCS#11 slot_index {config.slot_index} is out of range: the module "
                 f"{config.module} has {len(slots)} slot(s) with a token"
             )
-        token = slots[config.slot_index].get_token()
         try:
             self._session = token.open(user_pin=config.pin, rw=True)
         except p11.exceptions.PinIncorrect:
@@ -129,7 +134,10 @@ class Pkcs11SecretBackend(SecretBackend):
                 return operation()
             except (p11.exceptions.SessionHandleInvalid, p11.exceptions.SessionClosed):
                 log.warning("the PKCS#11 session was closed by the token: opening a new one")
-                self._open()
+                try:
+                    self._open()
+                except ConfigError as e:  # the token went away: the request may be retried
+                    raise ServiceUnavailableError(f"the HSM is unavailable: {e.detail}") from None
                 return operation()
             except p11.exceptions.PKCS11Error as e:
                 raise StorageError(f"PKCS#11 operation failed: {type(e).__name__}") from e
