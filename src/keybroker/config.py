@@ -305,11 +305,11 @@ class StorageBackendConfig(_Model):
 
 
 # Secret backends of the resource plugin other than the key-value store: kind -> (module,
-# config model). An explicit table: configuration never names code to import.
+# config model, backend class). An explicit table: configuration never names code to import.
 SECRET_BACKENDS = {
-    "pkcs11": ("keybroker.storage.pkcs11", "Pkcs11Config"),
-    "vault": ("keybroker.storage.vault", "VaultConfig"),
-    "aliyun": ("keybroker.storage.aliyun_kms", "AliyunKmsConfig"),
+    "pkcs11": ("keybroker.storage.pkcs11", "Pkcs11Config", "Pkcs11SecretBackend"),
+    "vault": ("keybroker.storage.vault", "VaultConfig", "VaultSecretBackend"),
+    "aliyun": ("keybroker.storage.aliyun_kms", "AliyunKmsConfig", "AliyunKmsSecretBackend"),
 }
 _SECRET_BACKEND_SPELLINGS = {
     "kvstorage": "kvstorage",
@@ -357,7 +357,7 @@ class ResourcePluginConfig(_Model):
         entry = SECRET_BACKENDS.get(self.backend_kind())
         if entry is None:
             return None
-        module, model_name = entry
+        module, model_name, _backend = entry
         model: type[BaseModel] = getattr(importlib.import_module(module), model_name)
         return model.model_validate(self.model_extra or {})
 
@@ -383,7 +383,7 @@ class Pkcs11PluginConfig(BaseModel):
     name: Literal["pkcs11"]
 
     def backend_settings(self) -> BaseModel:
-        module, model_name = SECRET_BACKENDS["pkcs11"]
+        module, model_name, _backend = SECRET_BACKENDS["pkcs11"]
         model: type[BaseModel] = getattr(importlib.import_module(module), model_name)
         return model.model_validate(self.model_extra or {})
 

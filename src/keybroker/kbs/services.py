@@ -308,19 +308,11 @@ def _driver(kind: str, module: str, extra: str) -> ModuleType:
 
 
 def _secret_backend(kind: str, settings: BaseModel | None) -> SecretBackend:
-    """The backend of :data:`SECRET_BACKENDS` ``kind``, built from its validated settings.
-    Drivers are optional extras: a missing one is named with the install line."""
-    module_name, _ = SECRET_BACKENDS[kind]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:  # pragma: no cover - the backend module itself imports lazily
-        raise ConfigError(f"resource backend {kind}: {e}") from None
-    factory = {
-        "pkcs11": "Pkcs11SecretBackend",
-        "vault": "VaultSecretBackend",
-        "aliyun": "AliyunKmsSecretBackend",
-    }[kind]
-    backend: SecretBackend = getattr(module, factory).from_config(settings)
+    """The backend of :data:`SECRET_BACKENDS` ``kind``, built from its validated settings
+    (the backend modules import their drivers lazily and name a missing extra)."""
+    module_name, _model, class_name = SECRET_BACKENDS[kind]
+    factory = getattr(importlib.import_module(module_name), class_name)
+    backend: SecretBackend = factory.from_config(settings)
     return backend
 
 
