@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -16,10 +17,17 @@ class ServedApp:
     port."""
 
     def __init__(
-        self, app: ASGIApp, *, certfile: Path | None = None, keyfile: Path | None = None
+        self,
+        app: ASGIApp,
+        *,
+        certfile: Path | None = None,
+        keyfile: Path | None = None,
+        client_ca: Path | None = None,
     ) -> None:
+        """``client_ca``: require client certificates issued by this CA (mutual TLS)."""
         self.app = app
         self._tls = (certfile, keyfile)
+        self._client_ca = client_ca
         self.port = 0
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -39,6 +47,8 @@ class ServedApp:
             timeout_graceful_shutdown=1,
             ssl_certfile=str(certfile) if certfile else None,
             ssl_keyfile=str(keyfile) if keyfile else None,
+            ssl_ca_certs=str(self._client_ca) if self._client_ca else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if self._client_ca else ssl.CERT_NONE,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)

@@ -10,17 +10,28 @@ describes for:
 - the KV v1 engine: ``GET``/``POST``/``PUT``/``DELETE``/``LIST`` ``/v1/<mount>/<path>``;
 - the KV v2 engine: ``GET``/``POST``/``PUT`` ``/v1/<mount>/data/<path>`` (versions,
   ``?version=``), ``GET``/``DELETE`` ``/v1/<mount>/metadata/<path>``;
-- ``GET /v1/sys/health``.
+- ``GET /v1/sys/health``, and ``sealed``: then every other request is 503 ``{"errors": ["Vault
+  is sealed"]}``, as a sealed Vault answers;
+- ``GET /v1/sys/internal/ui/mounts/<path>``, the CLI's preflight: the mount's ``type`` and
+  ``options.version`` (403 for a path under no mount, or when ``preflight_allowed`` is False,
+  as for a token whose policy does not reach the mount).
 
 Response shapes follow the API documentation (``data`` envelopes, version metadata, 404 ``{"errors":
-[]}``, 204 on writes to KV v1 and deletes). It does not implement policies beyond "a valid token
-may do anything", leases on secrets, namespaces, soft deletes of KV v2 versions, check-and-set,
-or anything else. The production client (``keybroker.storage.vault`` over hvac) is unchanged in
-tests: only the server differs.
+[]}``, 204 on writes to KV v1 and deletes) and, where the documentation is silent, what Vault is
+seen to answer (a KV v1-style path on a KV v2 mount: 404 with the warning "Invalid path for a
+versioned K/V secrets engine" and no ``errors``). It does not implement policies beyond "a valid
+token may do anything", leases on secrets, namespaces, soft deletes of KV v2 versions,
+check-and-set, or anything else. The production client (``keybroker.storage.vault`` over hvac) is
+unchanged in tests: only the server differs.
+
+Test instrumentation that is not Vault: ``seen_tokens`` (every ``X-Vault-Token`` received) and
+``hold_reads`` (see :meth:`VaultStandIn._latch`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import Callable
@@ -53,6 +64,13 @@ def _errors(status: int, *messages: str) -> JSONResponse:
     return JSONResponse({"errors": list(messages)}, status_code=status)
 
 
+HOLD_LIMIT = 5.0  # seconds a held read waits for the others at most
+_VERSIONED_PATH = (
+    "Invalid path for a versioned K/V secrets engine. See the API docs for the appropriate API "
+    "endpoints to use. If using the Vault CLI, use 'vault kv get' for this operation."
+)
+
+
 class VaultStandIn:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -62,10 +80,17 @@ class VaultStandIn:
         self.approle_ttl = 3600.0
         self.root_token = self.issue_token()
         self.logins = 0
+        self.sealed = False
+        self.preflight_allowed = True
+        self.seen_tokens: set[str] = set()
+        self.hold_reads = 0
+        self._held = 0
+        self._all_held: asyncio.Event | None = None
         self.app = Starlette(
             routes=[
                 Route("/v1/sys/health", self._health, methods=["GET"]),
                 Route("/v1/auth/{mount}/login", self._login, methods=["POST"]),
+                Route("/v1/sys/internal/ui/mounts/{path:path}", self._preflight, methods=["GET"]),
                 Route(
                     "/v1/{rest:path}",
                     self._kv,
@@ -86,12 +111,60 @@ class VaultStandIn:
 
     # --- handlers ---------------------------------------------------------------------------
 
+    def _refusal(self, request: Request, *, authenticated: bool = True) -> Response | None:
+        """503 while sealed; 403 without a live token where one is needed; else None."""
+        token = request.headers.get("x-vault-token", "")
+        if token:
+            self.seen_tokens.add(token)
+        if self.sealed:
+            return _errors(503, "Vault is sealed")
+        deadline = self.tokens.get(token)
+        if authenticated and (deadline is None or self.clock() >= deadline):
+            return _errors(403, "permission denied")
+        return None
+
+    async def _latch(self) -> None:
+        """With ``hold_reads = n``, a read is answered once n reads are in flight (or after
+        HOLD_LIMIT): a test sees whether a client has n requests open at once."""
+        if self.hold_reads < 2:
+            return
+        if self._all_held is None:
+            self._all_held = asyncio.Event()
+        self._held += 1
+        if self._held >= self.hold_reads:
+            self._all_held.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_held.wait(), HOLD_LIMIT)
+
     async def _health(self, request: Request) -> Response:
         return JSONResponse(
-            {"initialized": True, "sealed": False, "standby": False, "version": "stand-in"}
+            {"initialized": True, "sealed": self.sealed, "standby": False, "version": "stand-in"},
+            status_code=503 if self.sealed else 200,
+        )
+
+    async def _preflight(self, request: Request) -> Response:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
+        name = request.path_params["path"].partition("/")[0]
+        mount = self.mounts.get(name)
+        if mount is None or not self.preflight_allowed:
+            return _errors(
+                403,
+                "preflight capability check returned 403, please ensure client's policies "
+                f'grant access to path "{name}/"',
+            )
+        options = {"version": "2"} if mount.version == 2 else None
+        return JSONResponse(
+            _envelope(
+                {"type": "kv", "path": f"{name}/", "options": options, "description": "stand-in"}
+            )
         )
 
     async def _login(self, request: Request) -> Response:
+        refusal = self._refusal(request, authenticated=False)
+        if refusal is not None:
+            return refusal
         roles = self.approles.get(request.path_params["mount"])
         if roles is None:
             return _errors(404, "no handler for route")
@@ -120,13 +193,10 @@ class VaultStandIn:
             }
         )
 
-    def _authorized(self, request: Request) -> bool:
-        deadline = self.tokens.get(request.headers.get("x-vault-token", ""))
-        return deadline is not None and self.clock() < deadline
-
     async def _kv(self, request: Request) -> Response:
-        if not self._authorized(request):
-            return _errors(403, "permission denied")
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
         mount_name, _, rest = request.path_params["rest"].partition("/")
         mount = self.mounts.get(mount_name)
         if mount is None or not rest:
@@ -140,6 +210,7 @@ class VaultStandIn:
 
     async def _kv1(self, mount: KvMount, path: str, method: str, request: Request) -> Response:
         if method == "GET":
+            await self._latch()
             if path not in mount.v1:
                 return _errors(404)
             return JSONResponse(_envelope(mount.v1[path]))
@@ -159,11 +230,13 @@ class VaultStandIn:
             return await self._kv2_data(mount, path, method, request)
         if kind == "metadata":
             return self._kv2_metadata(mount, path, method)
-        return _errors(404, f"no handler for route '{rest}'")
+        mismatch = {**_envelope({}), "data": None, "warnings": [_VERSIONED_PATH]}
+        return JSONResponse(mismatch, status_code=404)  # what Vault answers a KV v1-style path
 
     async def _kv2_data(self, mount: KvMount, path: str, method: str, request: Request) -> Response:
         versions = mount.v2.get(path)
         if method == "GET":
+            await self._latch()
             wanted = int(request.query_params.get("version") or len(versions or []))
             if not versions or not 1 <= wanted <= len(versions):
                 return _errors(404)
@@ -223,7 +296,14 @@ class RunningStandIn(ServedApp):
     """The Vault stand-in served on loopback; ``stop()`` makes it unreachable."""
 
     def __init__(
-        self, stand_in: VaultStandIn, *, certfile: Path | None = None, keyfile: Path | None = None
+        self,
+        stand_in: VaultStandIn,
+        *,
+        certfile: Path | None = None,
+        keyfile: Path | None = None,
+        client_ca: Path | None = None,
     ) -> None:
-        super().__init__(stand_in.app, certfile=certfile, keyfile=keyfile)
+        """HTTPS with ``certfile``/``keyfile``; with ``client_ca`` too, clients must present a
+        certificate it issued (mutual TLS, as Vault's ``tls_require_and_verify_client_cert``)."""
+        super().__init__(stand_in.app, certfile=certfile, keyfile=keyfile, client_ca=client_ca)
         self.stand_in = stand_in

@@ -3,21 +3,31 @@
 Resource ``repo/type/tag`` is the Vault secret ``<mount_path>/repo/type/tag`` holding one field,
 ``data``, the resource in standard base64: upstream Trustee's layout, so secrets written by
 either are read by the other. With ``kv_version = 2`` every write is a new version and a read
-returns the latest; a delete removes the secret with all its versions (metadata included).
+returns the latest; a delete removes the secret with all its versions (its metadata). A deleted
+or destroyed latest version reads as missing. Reading an older version is not offered.
+
+``kv_version`` must match the mount. On first use the backend asks Vault what the mount is
+(``sys/internal/ui/mounts``, the Vault CLI's preflight) and refuses a mismatch: through the wrong
+API a KV v2 mount reads as empty, and a KV v1 mount stores secrets under ``data/``, where
+upstream never looks. If the token may not ask, a mismatch is still recognised on a read.
 
 Authentication is a token (upstream's ``token``) or AppRole (``role_id`` + ``secret_id``): the
-client token is obtained lazily, renewed by logging in again shortly before its lease ends, and
-once more if Vault answers 403 (a revoked token).
+client token is obtained lazily, obtained again a little before its lease ends, and once more if
+Vault answers 403 (a revoked token). Nothing comes from the environment: hvac would otherwise
+send ``VAULT_TOKEN`` (or ``~/.vault-token``); the HTTP session is built from the configuration
+alone (:mod:`keybroker.storage.vault_settings`).
 
 TLS: upstream's ``verify_ssl`` defaults to false; Keybroker's defaults to true, because a KBS
-that fetches secrets over an unauthenticated channel can be fed anything. Turning it off logs a
-warning at start-up, naming the setting. ``ca_certs`` are the CAs to trust instead of the
-system's.
+that fetches secrets over an unauthenticated channel can be fed anything, and hands its token to
+whoever answers. ``ca_certs`` replace the system's trust store (upstream adds them to it). CA and
+client certificate files are loaded at start-up. ``verify_ssl = false`` and ``http://`` URLs log
+a warning naming them insecure.
 
-Failures: Vault unreachable, sealed, timing out or answering 5xx is
-:class:`ServiceUnavailableError` (503); 403 is a :class:`StorageError` naming the secret path
-(permissions); a secret without a valid ``data`` field is a :class:`StorageError` too. No secret
-bytes or tokens appear in messages. hvac is synchronous: calls run in a worker thread.
+Failures: Vault unreachable, timing out, sealed, or answering 429 or 5xx is
+:class:`ServiceUnavailableError` (503); 403 is a :class:`StorageError` saying permission denied;
+so is a secret without a valid ``data`` field, a wrong mount and a failed TLS verification. No
+secret bytes or tokens appear in messages. hvac is synchronous: calls run in worker threads, in
+parallel; only a login is serialised.
 """
 
 from __future__ import annotations
@@ -26,55 +36,32 @@ import asyncio
 import base64
 import binascii
 import logging
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from keybroker.errors import ConfigError, ServiceUnavailableError, StorageError
+from keybroker.errors import (
+    ConfigError,
+    KeybrokerError,
+    ServiceUnavailableError,
+    StorageError,
+)
 from keybroker.protocol.resource_path import ResourcePath
 from keybroker.storage.secrets import DEFAULT_MAX_RESOURCE_BYTES, SecretBackend
+from keybroker.storage.vault_settings import (
+    VaultConfig,
+    http_session,
+    tls_context,
+    warn_if_insecure,
+)
+
+__all__ = ["VaultConfig", "VaultSecretBackend"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 RENEW_MARGIN = 30.0  # seconds before an AppRole token's lease ends that we log in again
-
-
-class VaultConfig(BaseModel):
-    """Upstream's ``vault_url``, ``token``, ``mount_path``, ``verify_ssl``, ``ca_certs``;
-    Keybroker's ``kv_version``, AppRole (``role_id``, ``secret_id``, ``approle_mount``),
-    ``timeout``, and a client certificate for mutual TLS (``client_cert``, ``client_key``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    vault_url: str
-    token: str | None = Field(default=None, repr=False)
-    role_id: str | None = None
-    secret_id: str | None = Field(default=None, repr=False)
-    approle_mount: str = "approle"
-    mount_path: str = "secret"
-    kv_version: Literal[1, 2] = 1
-    verify_ssl: bool = True
-    ca_certs: list[Path] | None = None
-    client_cert: Path | None = None
-    client_key: Path | None = None
-    timeout: float = Field(default=5.0, gt=0, le=300)
-
-    @model_validator(mode="after")
-    def _one_auth_method(self) -> VaultConfig:
-        approle = self.role_id is not None or self.secret_id is not None
-        if self.token is not None and approle:
-            raise ValueError("configure either `token` or AppRole (`role_id`, `secret_id`)")
-        if self.token is None and not (self.role_id and self.secret_id):
-            raise ValueError("Vault needs `token`, or both `role_id` and `secret_id` (AppRole)")
-        if (self.client_cert is None) != (self.client_key is None):
-            raise ValueError("`client_cert` and `client_key` go together")
-        if not self.vault_url.startswith(("https://", "http://")):
-            raise ValueError("`vault_url` must be an http:// or https:// URL")
-        return self
+_VERSION_MISMATCH = "Invalid path for a versioned K/V secrets engine"
 
 
 class VaultSecretBackend(SecretBackend):
@@ -97,43 +84,33 @@ class VaultSecretBackend(SecretBackend):
         self._requests: Any = requests
         self._config = config
         self._clock = clock
-        self._lock = threading.Lock()
+        self._login_lock = threading.Lock()
         self._token_deadline: float | None = None
-        if config.vault_url.startswith("https://") and not config.verify_ssl:
-            log.warning(
-                "vault backend: verify_ssl = false, the Vault server at %s is NOT authenticated "
-                "(insecure: anyone on the path can read and forge secrets)",
-                config.vault_url,
+        self._mount_checked = False
+        warn_if_insecure(config)
+        # token "" rather than None: hvac would take VAULT_TOKEN or ~/.vault-token instead.
+        # The session's adapters ignore any client certificate hvac takes from the environment.
+        session = http_session(requests, tls_context(config), config.verify_ssl)
+
+        def client(token: str) -> Any:
+            return hvac.Client(
+                url=config.vault_url,
+                token=token,
+                verify=config.verify_ssl,
+                timeout=config.timeout,
+                session=session,
             )
-        self._client = hvac.Client(
-            url=config.vault_url,
-            token=config.token,
-            verify=self._verify(config),
-            cert=(str(config.client_cert), str(config.client_key)) if config.client_cert else None,
-            timeout=config.timeout,
-        )
+
+        self._client = client(config.token or "")
+        # AppRole logins go without a token, and the new one replaces the old in one assignment
+        self._login_client = client("")
 
     @classmethod
     def from_config(cls, config: VaultConfig) -> VaultSecretBackend:
         return cls(config)
 
-    @staticmethod
-    def _verify(config: VaultConfig) -> bool | str:
-        if not config.verify_ssl:
-            return False
-        if not config.ca_certs:
-            return True
-        if len(config.ca_certs) == 1:
-            return str(config.ca_certs[0])
-        # requests takes one bundle file: join the configured CAs into a private one
-        try:
-            pem = b"".join(Path(path).read_bytes() for path in config.ca_certs)
-        except OSError as e:
-            raise ConfigError(f"cannot read a Vault CA certificate: {e}") from None
-        bundle = tempfile.NamedTemporaryFile(prefix="kbs-vault-ca-", suffix=".pem", delete=False)  # noqa: SIM115
-        with bundle:
-            bundle.write(pem)
-        return bundle.name
+    def close(self) -> None:
+        self._client.adapter.close()
 
     # --- calls -----------------------------------------------------------------------------
 
@@ -141,67 +118,151 @@ class VaultSecretBackend(SecretBackend):
         return await asyncio.to_thread(self._call, label, operation)
 
     def _call(self, label: str, operation: Callable[[], T]) -> T:
-        hvac_errors = self._hvac.exceptions
-        with self._lock:
+        try:
+            self._prepare()
+            used = self._client.adapter.token
             try:
-                self._ensure_token()
-                try:
-                    return operation()
-                except hvac_errors.Forbidden:
-                    if self._config.token is not None:
-                        raise
-                    self._login()  # the AppRole token may have been revoked: once more
-                    return operation()
-            except hvac_errors.Forbidden:
-                raise StorageError(
-                    f"Vault denied access to {self._config.mount_path}/{label}: check the "
-                    "token's policy"
-                ) from None
-            except (
-                hvac_errors.VaultDown,
-                hvac_errors.InternalServerError,
-                hvac_errors.BadGateway,
-                hvac_errors.RateLimitExceeded,
-            ) as e:
-                raise ServiceUnavailableError(
-                    f"Vault is unavailable ({type(e).__name__}): retry later"
-                ) from None
-            except self._requests.exceptions.SSLError:
-                raise StorageError(
-                    f"TLS verification of the Vault server {self._config.vault_url} failed: "
-                    "check ca_certs"
-                ) from None
-            except (
-                self._requests.exceptions.ConnectionError,
-                self._requests.exceptions.Timeout,
-            ) as e:
-                raise ServiceUnavailableError(
-                    f"Vault is unavailable ({type(e).__name__}): retry later"
-                ) from None
-            except hvac_errors.VaultError as e:
-                raise StorageError(f"Vault refused the request: {type(e).__name__}") from None
+                return operation()
+            except self._hvac.exceptions.Forbidden:
+                if self._config.token is not None:
+                    raise
+                self._prepare(stale_token=used)  # the AppRole token may be revoked: once more
+                return operation()
+        except KeybrokerError:
+            raise
+        except Exception as e:
+            failure = self._failure(e, label)
+            if failure is e:
+                raise
+            raise failure from e
 
-    def _ensure_token(self) -> None:
-        if self._config.token is not None:
+    def _failure(self, error: Exception, label: str) -> Exception:
+        """Our error for hvac's or requests' ``error`` (or ``error`` itself if it is neither)."""
+        if isinstance(error, self._hvac.exceptions.VaultError):
+            return self._refusal(error, label)
+        if isinstance(error, self._requests.exceptions.RequestException):
+            return self._transport_failure(error)
+        return error
+
+    def _refusal(self, error: Exception, label: str) -> KeybrokerError:
+        """Vault answered with an error status."""
+        vault = self._hvac.exceptions
+        where = f"{self._config.mount_path}/{label}"
+        if isinstance(error, vault.Forbidden | vault.Unauthorized):
+            return StorageError(
+                f"Vault denied access to {where}: permission denied (check the token or AppRole "
+                "and its policy)"
+            )
+        if isinstance(error, vault.VaultDown | vault.VaultNotInitialized):
+            return ServiceUnavailableError("Vault is unavailable: sealed or not initialized")
+        if isinstance(
+            error, vault.InternalServerError | vault.BadGateway | vault.RateLimitExceeded
+        ):
+            return ServiceUnavailableError(f"Vault is unavailable ({type(error).__name__})")
+        return StorageError(f"Vault refused the request for {where}: {type(error).__name__}")
+
+    def _transport_failure(self, error: Exception) -> KeybrokerError:
+        """No answer from Vault, or none we could trust."""
+        net, config = self._requests.exceptions, self._config
+        if isinstance(error, net.SSLError):
+            return StorageError(
+                f"TLS verification of the Vault server {config.vault_url} failed: check "
+                "ca_certs (and client_cert)"
+            )
+        if isinstance(error, net.Timeout):
+            return ServiceUnavailableError(
+                f"Vault is unavailable: {config.vault_url} did not answer within "
+                f"{config.timeout:g} s"
+            )
+        if isinstance(error, net.ConnectionError):
+            return ServiceUnavailableError(f"Vault is unavailable: cannot reach {config.vault_url}")
+        return StorageError(f"the request to Vault failed: {type(error).__name__}")
+
+    def _prepare(self, stale_token: str | None = None) -> None:
+        """Log in (AppRole) if there is no live token, and check the mount once."""
+        approle = self._config.token is None
+        deadline = self._token_deadline
+        due = approle and (deadline is None or self._clock() >= deadline)
+        if not (due or stale_token is not None or not self._mount_checked):
             return
-        if self._token_deadline is None or self._clock() >= self._token_deadline:
-            self._login()
+        with self._login_lock:  # one login for many callers that found the token stale
+            if approle and (
+                self._token_deadline is None
+                or self._clock() >= self._token_deadline
+                or (stale_token is not None and self._client.adapter.token == stale_token)
+            ):
+                self._login()
+            if not self._mount_checked:
+                self._check_mount()
+                self._mount_checked = True
 
     def _login(self) -> None:
-        config = self._config
+        config, vault = self._config, self._hvac.exceptions
         try:
-            answer = self._client.auth.approle.login(
-                role_id=config.role_id, secret_id=config.secret_id, mount_point=config.approle_mount
+            answer = self._login_client.auth.approle.login(
+                role_id=config.role_id,
+                secret_id=config.secret_id,
+                use_token=False,
+                mount_point=config.approle_mount,
             )
-        except (self._hvac.exceptions.InvalidRequest, self._hvac.exceptions.Forbidden):
+        except (vault.InvalidRequest, vault.Forbidden, vault.Unauthorized):
             raise StorageError("Vault AppRole login failed: check role_id and secret_id") from None
-        lease = float(answer.get("auth", {}).get("lease_duration") or 0)
+        except vault.InvalidPath:
+            raise StorageError(
+                f"Vault AppRole login failed: no AppRole auth method at auth/"
+                f"{config.approle_mount} (check approle_mount)"
+            ) from None
+        auth = answer.get("auth") if isinstance(answer, dict) else None
+        token = auth.get("client_token") if isinstance(auth, dict) else None
+        lease = auth.get("lease_duration") if isinstance(auth, dict) else None
+        if not isinstance(token, str) or not token or not isinstance(lease, int):
+            raise StorageError("Vault AppRole login answered without a client token and lease")
+        self._client.adapter.token = token
         # a lease of 0 never expires; otherwise log in again a little before it runs out
         self._token_deadline = (
             float("inf") if lease <= 0 else self._clock() + max(lease - RENEW_MARGIN, lease / 2)
         )
 
+    def _check_mount(self) -> None:
+        """Refuse a ``kv_version`` that contradicts what Vault says the mount is.
+
+        The endpoint is Vault's internal preflight (no compatibility promise): when it is denied
+        or answers something unexpected, there is no verdict and the operation goes ahead.
+        """
+        config, vault = self._config, self._hvac.exceptions
+        try:
+            answer = self._client.adapter.get(f"/v1/sys/internal/ui/mounts/{config.mount_path}")
+        except (vault.Forbidden, vault.Unauthorized, vault.InvalidPath, vault.InvalidRequest):
+            log.debug("vault: cannot ask Vault about mount %s", config.mount_path)
+            return
+        mount = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(mount, dict) or mount.get("type") != "kv":
+            return
+        options = mount.get("options")
+        version = 2 if isinstance(options, dict) and str(options.get("version")) == "2" else 1
+        if version != config.kv_version:
+            raise StorageError(
+                f"Vault mount {config.mount_path} is KV version {version}, but kv_version = "
+                f"{config.kv_version}: set kv_version = {version}"
+            )
+
     # --- the backend -----------------------------------------------------------------------
+
+    def _absent(self, error: Any, label: str) -> None:
+        """Return if a 404 means "no such secret"; raise if it means a wrong mount or API."""
+        body = error.json if isinstance(error.json, dict) else {}
+        if body.get("errors") == []:  # Vault's answer for a path without a secret
+            return
+        data = body.get("data")
+        metadata = data.get("metadata") if isinstance(data, dict) else None
+        if isinstance(metadata, dict) and (
+            metadata.get("deletion_time") or metadata.get("destroyed")
+        ):
+            return  # KV v2: the latest version is deleted or destroyed
+        mount = self._config.mount_path
+        if any(_VERSION_MISMATCH in str(w) for w in body.get("warnings") or []):
+            raise StorageError(f"Vault mount {mount} is KV version 2: set kv_version = 2")
+        raise StorageError(f"Vault has no KV secrets engine for {mount}/{label}: check mount_path")
 
     def _read_sync(self, label: str) -> bytes | None:
         kv, mount = self._client.secrets.kv, self._config.mount_path
@@ -210,10 +271,11 @@ class VaultSecretBackend(SecretBackend):
                 answer = kv.v2.read_secret_version(
                     path=label, mount_point=mount, raise_on_deleted_version=True
                 )
-                fields = answer["data"]["data"]
+                fields = _field(_field(answer, "data"), "data")
             else:
-                fields = kv.v1.read_secret(path=label, mount_point=mount)["data"]
-        except self._hvac.exceptions.InvalidPath:
+                fields = _field(kv.v1.read_secret(path=label, mount_point=mount), "data")
+        except self._hvac.exceptions.InvalidPath as e:
+            self._absent(e, label)
             return None
         encoded = fields.get("data") if isinstance(fields, dict) else None
         if not isinstance(encoded, str):
@@ -226,16 +288,32 @@ class VaultSecretBackend(SecretBackend):
         except binascii.Error:
             raise StorageError(f"Vault secret {mount}/{label}: `data` is not base64") from None
 
+    def _exists_sync(self, label: str) -> bool:
+        """Whether there is a secret at ``label``, whatever it holds (deletes need no decoding)."""
+        kv, mount = self._client.secrets.kv, self._config.mount_path
+        try:
+            if self._config.kv_version == 2:
+                kv.v2.read_secret_metadata(path=label, mount_point=mount)
+            else:
+                kv.v1.read_secret(path=label, mount_point=mount)
+        except self._hvac.exceptions.InvalidPath as e:
+            self._absent(e, label)
+            return False
+        return True
+
     def _write_sync(self, label: str, data: bytes) -> None:
         kv, mount = self._client.secrets.kv, self._config.mount_path
         fields = {"data": base64.b64encode(data).decode("ascii")}
         if self._config.kv_version == 2:
             kv.v2.create_or_update_secret(path=label, secret=fields, mount_point=mount)
-        else:
-            kv.v1.create_or_update_secret(path=label, secret=fields, mount_point=mount)
+        else:  # PUT: without a method hvac reads the secret first to choose POST or PUT
+            kv.v1.create_or_update_secret(
+                path=label, secret=fields, method="PUT", mount_point=mount
+            )
 
     def _delete_sync(self, label: str) -> bool:
-        if self._read_sync(label) is None:
+        # two requests: Vault answers 204 to deleting nothing, and we must report a missing one
+        if not self._exists_sync(label):
             return False
         kv, mount = self._client.secrets.kv, self._config.mount_path
         if self._config.kv_version == 2:
@@ -252,3 +330,10 @@ class VaultSecretBackend(SecretBackend):
 
     async def _delete(self, path: ResourcePath) -> bool:
         return await self._run(str(path), lambda: self._delete_sync(str(path)))
+
+
+def _field(answer: Any, name: str) -> Any:
+    """``answer[name]`` of a JSON object from Vault; anything else is a StorageError."""
+    if not isinstance(answer, dict) or name not in answer:
+        raise StorageError(f"Vault answered without the field `{name}` where one is expected")
+    return answer[name]

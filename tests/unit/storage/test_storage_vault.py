@@ -140,7 +140,9 @@ def test_wrong_approle_secret_id_is_a_clear_error(tmp_path: Path) -> None:
 def test_https_with_the_vault_ca(tmp_path: Path) -> None:
     with vault_stand_in(tmp_path, tls=True) as server:
         backend = VaultSecretBackend.from_config(
-            _config(server.url, token=server.stand_in.root_token, ca_certs=[tmp_path / "vault.crt"])
+            _config(
+                server.url, token=server.stand_in.root_token, ca_certs=[tmp_path / "vault-ca.crt"]
+            )
         )
         asyncio.run(backend.write(PATH, b"over tls"))
         assert asyncio.run(backend.read(PATH)) == b"over tls"
