@@ -3,6 +3,7 @@ tampering is refused. Offline, with an injected time inside each PCK chain's val
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 from dataclasses import replace
@@ -22,6 +23,7 @@ from keybroker.verifiers.dcap import (
     verify_pck_chain,
     verify_quote,
 )
+from keybroker.verifiers.sgx_claims import sgx_claims
 from keybroker.verifiers.sgx_extensions import sgx_extension
 from keybroker.verifiers.tdx_claims import tdx_claims
 from pki import issue
@@ -164,3 +166,31 @@ def test_malformed_quotes_are_refused(change: object, message: str) -> None:
 def test_vector_files_exist() -> None:
     assert all((vectors() / "verifier" / name).is_file() for name in NOW)
     assert Path(__file__).name == "test_verifier_dcap.py"
+
+
+def test_sgx_claims_equal_upstream_token() -> None:
+    """The quote of the upstream AS request vector gives the `sgx` claims of upstream's token,
+    but for what the collateral layer adds (TCB status, advisories, dates, CRL numbers)."""
+    request = json.loads((vectors() / "attestation-service" / "coco-as-request.json").read_text())
+    evidence = json.loads(base64.b64decode(request["verification_requests"][0]["evidence"] + "=="))
+    token = json.loads((vectors() / "attestation-service" / "example.token.json").read_text())
+    expected = token["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["sgx"]
+    quote = parse_quote(base64.b64decode(evidence["quote"]))
+    claims = sgx_claims(quote, verify_quote(quote, NOW["occlum_quote.dat"]))
+    assert claims == {name: expected[name] for name in claims}
+    assert set(expected) - set(claims) == COLLATERAL_CLAIMS
+
+
+COLLATERAL_CLAIMS = {
+    "advisory_ids",
+    "collateral_expiration_status",
+    "earliest_expiration_date",
+    "earliest_issue_date",
+    "latest_issue_date",
+    "pck_crl_num",
+    "root_ca_crl_num",
+    "root_key_id",
+    "tcb_date",
+    "tcb_eval_num",
+    "tcb_status",
+}
