@@ -44,6 +44,58 @@ configuration := 2 if {
 	input.sample.debug == false
 }
 
+# --- tdx: Intel TDX (claims of keybroker.verifiers.tdx_claims plus the collateral) ------
+#
+# Reference value ids: mr_td (TD firmware), mr_seam (TDX module), rtmr_1 and rtmr_2 (kernel,
+# initrd and command line), xfam (enabled CPU features).
+
+executables := 3 if {
+	input.tdx.quote.body.rtmr_1 in query_reference_value("rtmr_1")
+	input.tdx.quote.body.rtmr_2 in query_reference_value("rtmr_2")
+}
+
+hardware := 2 if {
+	input.tdx.quote.header.tee_type == "81000000"
+	input.tdx.quote.header.vendor_id == intel_qe_vendor_id
+	input.tdx.quote.body.mr_td in query_reference_value("mr_td")
+	input.tdx.tcb_status == "UpToDate"
+	input.tdx.collateral_expiration_status == "0"
+}
+
+# A debug TD's memory is readable by the host: never trusted, whatever else matches.
+configuration := 96 if {
+	input.tdx.td_attributes.debug == true
+} else := 2 if {
+	input.tdx.td_attributes.debug == false
+	input.tdx.quote.body.xfam in query_reference_value("xfam")
+}
+
+# --- sgx: Intel SGX enclaves ---------------------------------------------------------------
+#
+# Reference value ids: mr_enclave, mr_signer.
+
+executables := 3 if {
+	input.sgx.body.mr_enclave in query_reference_value("mr_enclave")
+	input.sgx.body.mr_signer in query_reference_value("mr_signer")
+}
+
+hardware := 2 if {
+	input.sgx.header.vendor_id == intel_qe_vendor_id
+	input.sgx.tcb_status == "UpToDate"
+	input.sgx.collateral_expiration_status == "0"
+}
+
+# The DEBUG attribute is bit 1 of the first byte of attributes.flags (hex, little endian).
+sgx_debug_bytes := {sprintf("%02x", [n]) | some n in numbers.range(0, 255); bits.and(n, 2) == 2}
+
+configuration := 96 if {
+	substring(input.sgx.body["attributes.flags"], 0, 2) in sgx_debug_bytes
+} else := 2 if {
+	input.sgx.body["attributes.flags"]
+}
+
+intel_qe_vendor_id := "939a7233f79c4ca9940a0db3957f0607"
+
 # --- workload identifiers from the init-data agent policy -------------------------------
 
 extensions := [{
