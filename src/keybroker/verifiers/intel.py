@@ -1,0 +1,134 @@
+"""The TDX and SGX verifiers: DCAP quote checks, bindings, claims, collateral appraisal.
+
+Evidence, as upstream's attesters send it: TDX ``{"quote": <base64>, "cc_eventlog": <base64>?}``,
+SGX ``{"quote": <base64>}``. Steps: parse and verify the quote to the pinned Intel root
+(:mod:`keybroker.verifiers.dcap`), bind it to the session (``report_data`` = the expected
+runtime-data digest padded with zero bytes to 64; the init-data digest padded to the width of
+``mr_config_id`` (48) or ``config_id`` (64)), then let the injected :class:`TcbAppraiser` add
+the collateral results (``tcb_status``, ``advisory_ids``, dates). Without an appraiser the
+verifier refuses: a quote whose platform TCB cannot be judged is not evidence.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from cryptography import x509
+
+from keybroker.errors import EvidenceError
+from keybroker.protocol.models import JsonValue, Tee
+from keybroker.verifiers.base import TeeClaims, Verifier
+from keybroker.verifiers.dcap import (
+    Quote,
+    SgxReportBody,
+    TdReportBody,
+    parse_quote,
+    verify_quote,
+)
+from keybroker.verifiers.sgx_claims import sgx_claims
+from keybroker.verifiers.tdx_claims import tdx_claims
+
+
+class TcbAppraiser(Protocol):
+    """Judges the platform's TCB from collateral: returns the collateral claims."""
+
+    def appraise(
+        self, quote: Quote, pck: x509.Certificate, now: datetime.datetime
+    ) -> dict[str, JsonValue]: ...
+
+
+def padded(value: bytes, width: int, what: str) -> bytes:
+    """``value`` followed by zero bytes up to ``width`` (as upstream regularizes bindings)."""
+    if len(value) > width:
+        raise EvidenceError(f"{what} of {len(value)} bytes does not fit the {width}-byte field")
+    return value + bytes(width - len(value))
+
+
+def _quote_bytes(unverified_evidence: JsonValue, tee: Tee) -> bytes:
+    text = unverified_evidence.get("quote") if isinstance(unverified_evidence, dict) else None
+    if not isinstance(text, str):
+        raise EvidenceError(f"{tee.value} evidence must be an object with a base64 `quote`")
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise EvidenceError(f"{tee.value} evidence `quote` is not standard base64") from None
+
+
+class _DcapVerifier(Verifier):
+    def __init__(
+        self,
+        appraiser: TcbAppraiser | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._appraiser = appraiser
+        self._clock = clock
+
+    def _checked(
+        self,
+        unverified_evidence: JsonValue,
+        expected_report_data: bytes | None,
+    ) -> tuple[Quote, x509.Certificate, dict[str, JsonValue]]:
+        """The verified quote, its PCK certificate and the collateral claims."""
+        if self._appraiser is None:
+            raise EvidenceError(
+                f"{self.tee.value} evidence cannot be appraised: no DCAP collateral source is "
+                "configured"
+            )
+        now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+        quote = parse_quote(_quote_bytes(unverified_evidence, self.tee))
+        pck = verify_quote(quote, now)
+        if expected_report_data is not None:
+            wanted = padded(expected_report_data, 64, "the runtime-data digest")
+            if quote.body.report_data != wanted:
+                raise EvidenceError(
+                    f"{self.tee.value} quote report_data does not match the digest of the "
+                    "session's runtime data"
+                )
+        return quote, pck, self._appraiser.appraise(quote, pck, now)
+
+    @staticmethod
+    def _bind_init_data(field: bytes, expected: bytes | None, what: str) -> None:
+        if expected is not None and field != padded(expected, len(field), "the init-data digest"):
+            raise EvidenceError(f"the quote's {what} does not match the init-data digest")
+
+
+class TdxVerifier(_DcapVerifier):
+    tee = Tee.TDX
+
+    def _verify(
+        self,
+        unverified_evidence: JsonValue,
+        *,
+        expected_report_data: bytes | None,
+        expected_init_data: bytes | None,
+    ) -> list[TeeClaims]:
+        quote, pck, collateral = self._checked(unverified_evidence, expected_report_data)
+        body = quote.body
+        if not isinstance(body, TdReportBody):
+            raise EvidenceError("tdx evidence carries an SGX quote")
+        self._bind_init_data(body.mr_config_id, expected_init_data, "mr_config_id")
+        return [TeeClaims(self.tee, "cpu", {**tdx_claims(quote, pck), **collateral})]
+
+
+class SgxVerifier(_DcapVerifier):
+    tee = Tee.SGX
+
+    def _verify(
+        self,
+        unverified_evidence: JsonValue,
+        *,
+        expected_report_data: bytes | None,
+        expected_init_data: bytes | None,
+    ) -> list[TeeClaims]:
+        quote, pck, collateral = self._checked(unverified_evidence, expected_report_data)
+        body = quote.body
+        if not isinstance(body, SgxReportBody):
+            raise EvidenceError("sgx evidence carries a TDX quote")
+        self._bind_init_data(body.config_id, expected_init_data, "config_id")
+        return [TeeClaims(self.tee, "cpu", {**sgx_claims(quote, pck), **collateral})]

@@ -1,0 +1,102 @@
+"""The TDX and SGX verifiers: bindings to the session and refusal without collateral."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+
+import pytest
+from cryptography import x509
+
+from conftest import vectors
+from keybroker.errors import EvidenceError
+from keybroker.protocol.models import JsonValue
+from keybroker.verifiers.dcap import Quote, SgxReportBody, parse_quote
+from keybroker.verifiers.intel import SgxVerifier, TdxVerifier
+
+IN_VALIDITY = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC).timestamp()
+
+
+class FixedAppraisal:
+    """A TcbAppraiser that reports an up-to-date platform (the collateral layer is tested
+    on its own); it records what it was asked, to show the verifier consulted it."""
+
+    def __init__(self) -> None:
+        self.asked: list[datetime.datetime] = []
+
+    def appraise(
+        self, quote: Quote, pck: x509.Certificate, now: datetime.datetime
+    ) -> dict[str, JsonValue]:
+        self.asked.append(now)
+        return {"tcb_status": "UpToDate", "collateral_expiration_status": "0"}
+
+
+def _evidence(name: str) -> tuple[dict[str, JsonValue], Quote]:
+    raw = (vectors() / "verifier" / name).read_bytes()
+    return {"quote": base64.b64encode(raw).decode()}, parse_quote(raw)
+
+
+def test_tdx_quote_bound_to_the_session_verifies() -> None:
+    evidence, quote = _evidence("tdx_quote_4.dat")
+    appraisal = FixedAppraisal()
+    verifier = TdxVerifier(appraisal, clock=lambda: IN_VALIDITY)
+    [claims] = verifier.verify(
+        evidence,
+        expected_report_data=quote.body.report_data,
+        expected_init_data=bytes(32),  # a zero digest, padded to mr_config_id's 48 bytes
+    )
+    assert claims.tee_class == "cpu" and claims.claims["tcb_status"] == "UpToDate"
+    assert appraisal.asked == [datetime.datetime.fromtimestamp(IN_VALIDITY, datetime.UTC)]
+
+
+def test_tdx_report_data_mismatch_is_refused() -> None:
+    evidence, _quote = _evidence("tdx_quote_4.dat")
+    verifier = TdxVerifier(FixedAppraisal(), clock=lambda: IN_VALIDITY)
+    with pytest.raises(EvidenceError, match="report_data does not match"):
+        verifier.verify(evidence, expected_report_data=b"\x01" * 48, expected_init_data=None)
+
+
+def test_tdx_init_data_mismatch_is_refused() -> None:
+    evidence, quote = _evidence("tdx_quote_4.dat")
+    verifier = TdxVerifier(FixedAppraisal(), clock=lambda: IN_VALIDITY)
+    with pytest.raises(EvidenceError, match="mr_config_id does not match"):
+        verifier.verify(
+            evidence, expected_report_data=quote.body.report_data, expected_init_data=b"\x02" * 32
+        )
+
+
+def test_sgx_quote_verifies_and_binds() -> None:
+    evidence, quote = _evidence("occlum_quote.dat")
+    verifier = SgxVerifier(FixedAppraisal(), clock=lambda: IN_VALIDITY)
+    [claims] = verifier.verify(
+        evidence, expected_report_data=quote.body.report_data, expected_init_data=None
+    )
+    body = claims.claims["body"]
+    assert isinstance(body, dict) and body["mr_enclave"] == raw_enclave(quote)
+    with pytest.raises(EvidenceError, match="report_data does not match"):
+        verifier.verify(evidence, expected_report_data=b"other", expected_init_data=None)
+
+
+def test_without_collateral_source_nothing_is_vouched_for() -> None:
+    evidence, quote = _evidence("tdx_quote_4.dat")
+    with pytest.raises(EvidenceError, match="no DCAP collateral source is configured"):
+        TdxVerifier(clock=lambda: IN_VALIDITY).verify(
+            evidence, expected_report_data=quote.body.report_data, expected_init_data=None
+        )
+
+
+@pytest.mark.parametrize(
+    "evidence",
+    [{}, {"quote": 5}, {"quote": "not base64!"}, [], "x"],
+    ids=["no-quote", "number", "not-base64", "array", "string"],
+)
+def test_malformed_evidence_is_refused(evidence: JsonValue) -> None:
+    with pytest.raises(EvidenceError):
+        TdxVerifier(FixedAppraisal(), clock=lambda: IN_VALIDITY).verify(
+            evidence, expected_report_data=None, expected_init_data=None
+        )
+
+
+def raw_enclave(quote: Quote) -> str:
+    assert isinstance(quote.body, SgxReportBody)
+    return quote.body.mr_enclave.hex()
