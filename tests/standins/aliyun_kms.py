@@ -2,23 +2,29 @@
 
 Not Aliyun KMS. Over real HTTPS on a loopback port it implements the KMS instance API as the
 ``alibabacloud-dkms-gcs`` SDK speaks it (``POST /``, protobuf bodies, API version
-``dkms-gcs-0.2``): it checks the body digest header, rebuilds the canonical string from the
-request as received and verifies the RSA-SHA256 signature with the public key registered for
-the ``x-kms-acccesskeyid``, then answers ``GetSecretValueResponse`` or a protobuf ``Error``.
+``dkms-gcs-0.2``): it checks the API version, signature method, ``Date`` (within 15 minutes of
+its injectable clock) and body digest headers, rebuilds the canonical string from the request
+as received and verifies the RSA-SHA256 signature with the public key registered for the
+``x-kms-acccesskeyid``, then answers ``GetSecretValueResponse`` or a protobuf ``Error``.
 Messages are built with the protobuf runtime from a descriptor with the SDK's field numbers,
 independently of Keybroker's own hand-written wire codec.
 
-Error codes: ``Forbidden.ResourceNotFound`` (404) for an unknown secret is what the KMS
-documentation lists; the codes used for a bad signature, an unknown key id, a body digest
-mismatch and other API names (401/400) are this stand-in's choice. No rotation, versions,
-stages, extended config, rate limits or any other API.
+Error codes: ``Forbidden.ResourceNotFound`` (404) for an unknown secret, ``InvalidApiVersion``,
+``InvalidParam`` and ``RequestTimeTooSkewed`` (400) are what the KMS documentation lists; the
+codes used for a bad signature, an unknown key id, a body digest mismatch and other API names
+(401/400), and the status of ``Rejected.Throttling`` (429, answered to everything while
+``throttled`` is set), are this stand-in's choice. No rotation, versions, stages, extended
+config, permissions, real rate limits or any other API.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -96,10 +102,13 @@ MESSAGES = _messages()
 
 @dataclass
 class KmsStandIn:
-    """Secrets by name: ``(data, "text" | "binary")``; client keys by KeyId."""
+    """Secrets by name: ``(data, "text" | "binary")``; client keys by KeyId; ``now`` is the
+    gateway's clock (Unix seconds)."""
 
     secrets: dict[str, tuple[str, str]] = field(default_factory=dict)
     client_keys: dict[str, rsa.RSAPublicKey] = field(default_factory=dict)
+    now: Callable[[], float] = time.time
+    throttled: bool = False
     requests: int = 0
 
     def put_text(self, name: str, text: str) -> None:
@@ -115,7 +124,9 @@ class KmsStandIn:
         self.requests += 1
         body = await request.body()
         headers = {name.lower(): value for name, value in request.headers.items()}
-        problem = self._authenticate(headers, body)
+        if self.throttled:
+            return _error(429, "Rejected.Throttling", "too many requests")
+        problem = self._check_headers(headers) or self._authenticate(headers, body)
         if problem is not None:
             return problem
         if headers.get("x-kms-apiname") != "GetSecretValue":
@@ -137,6 +148,19 @@ class KmsStandIn:
         )
         return Response(answer.SerializeToString(), media_type="application/x-protobuf")
 
+    def _check_headers(self, headers: dict[str, str]) -> Response | None:
+        if headers.get("x-kms-apiversion") != "dkms-gcs-0.2":
+            return _error(400, "InvalidApiVersion", "the ApiVersion is invalid")
+        if headers.get("x-kms-signaturemethod") != "RSA_PKCS1_SHA_256":
+            return _error(400, "InvalidParam", "the Param x-kms-signaturemethod is invalid")
+        try:
+            sent = parsedate_to_datetime(headers["date"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            return _error(400, "InvalidParam", "the Param Date is invalid")
+        if abs(sent - self.now()) > 15 * 60:
+            return _error(400, "RequestTimeTooSkewed", "request time is more than 15 minutes off")
+        return None
+
     def _authenticate(self, headers: dict[str, str], body: bytes) -> Response | None:
         key = self.client_keys.get(headers.get("x-kms-acccesskeyid", ""))
         if key is None:
@@ -144,8 +168,8 @@ class KmsStandIn:
         if headers.get("content-sha256") != hashlib.sha256(body).hexdigest().upper():
             return _error(400, "InvalidParameter", "content-sha256 does not match the body")
         authorization = headers.get("authorization", "")
-        if not authorization.startswith("Bearer ") or "date" not in headers:
-            return _error(401, "Rejected.Unauthenticated", "missing signature or date")
+        if not authorization.startswith("Bearer "):
+            return _error(401, "Rejected.Unauthenticated", "missing signature")
         kms = "".join(
             f"{name}:{headers[name].strip()}\n"
             for name in sorted(headers)

@@ -1,24 +1,34 @@
 """Secret backend reading Aliyun KMS secrets through a KMS instance's gateway (read-only).
 
 Resource ``repo/type/tag`` is the KMS secret named ``tag``, as in upstream Trustee: the
-repository and type are ignored, so two resources that differ only there are the same secret.
-Secrets are managed in KMS itself; a write or delete through the KBS is refused with a clear
-error (upstream crashed the worker instead).
+repository and type are ignored, so two resources that differ only there are the same secret,
+and a resource policy that tells repositories apart does not make their secrets different.
+The KMS instance API has no call that writes or deletes a secret; a write or delete through the
+KBS is refused with :class:`UnsupportedOperationError` (405) before anything is sent (upstream's
+worker crashed instead).
 
 The KMS instance API ("dkms-gcs" protocol, version ``dkms-gcs-0.2``): ``POST https://<instance
 endpoint>/`` with a protobuf ``GetSecretValueRequest`` body, ``x-kms-*`` headers and an
 ``Authorization: Bearer <signature>`` header, the signature being RSA PKCS#1 v1.5 over SHA-256 of
 a canonical string (method, body digest, content type, date, the sorted ``x-kms-*`` headers and
 the resource ``/``) with the private key of the application access point's client key.
-Errors come back as a protobuf ``Error``.
+Errors come back as a protobuf ``Error`` (status, code, message, request id).
+
+``SecretDataType`` ``binary`` means ``SecretData`` holds the secret in base64; this backend
+releases the decoded bytes. (Upstream releases ``SecretData`` as it is, so a binary secret
+reached guests as its base64 text there.) ``text`` secrets are released as UTF-8.
 
 Why not Alibaba's ``alibabacloud-dkms-gcs`` SDK: its latest release (1.0.2) pins protobuf < 4
 and pyOpenSSL < 23.3 (hence cryptography 41), which cannot be installed next to Keybroker's
 gRPC stubs (protobuf 7) and cryptography 42+. The protocol is small: this module speaks it with
 httpx and a few lines of protobuf wire encoding, so the ``aliyun`` extra needs nothing more.
 
-TLS: the gateway is verified against ``cert_pem`` (the instance CA from the KMS console), never
-skipped. Timeouts and unreachable gateways are :class:`ServiceUnavailableError` (503).
+Failures: the gateway is verified against ``cert_pem`` (the instance CA from the KMS console)
+alone, never skipped, and a certificate it does not vouch for is a :class:`StorageError`. A
+gateway that is unreachable, slower than ``timeout`` for the whole call, throttling, or failing
+with a 5xx is :class:`ServiceUnavailableError` (503). Any other refusal (a bad signature, an
+unknown client key, a clock too skewed, no permission) is a :class:`StorageError` naming the KMS
+error code; KMS's own message and request id go to the log, not to the client.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import ssl
 from email.utils import formatdate
 from typing import Any
@@ -47,24 +58,35 @@ from keybroker.errors import (
 from keybroker.protocol.resource_path import ResourcePath
 from keybroker.storage.secrets import DEFAULT_MAX_RESOURCE_BYTES, SecretBackend
 
+log = logging.getLogger(__name__)
+
 API_VERSION = "dkms-gcs-0.2"
 SIGNATURE_METHOD = "RSA_PKCS1_SHA_256"
 CONTENT_TYPE = "application/x-protobuf"
-NOT_FOUND_CODES = frozenset({"Forbidden.ResourceNotFound", "ResourceNotFound"})
+NOT_FOUND_CODES = frozenset({"Forbidden.ResourceNotFound"})
+RETRY_LATER_CODES = frozenset({"Rejected.Throttling"})  # the SDK retries these
+_RESPONSE_OVERHEAD = 64 * 1024  # room for the response's fields other than SecretData
+
+# GetSecretValueRequest / GetSecretValueResponse / Error field numbers (dkms-gcs-0.2)
+_REQUEST_SECRET_NAME = 1
+_RESPONSE_SECRET_DATA, _RESPONSE_SECRET_DATA_TYPE = 3, 4
+_ERROR_CODE, _ERROR_MESSAGE, _ERROR_REQUEST_ID = 2, 3, 4
 
 
 class AliyunKmsConfig(BaseModel):
-    """Upstream's ``client_key`` (the ClientKey JSON: ``KeyId`` and ``PrivateKeyData``),
-    ``kms_instance_id``, ``password`` (of the client key) and ``cert_pem`` (the instance CA);
-    Keybroker's ``endpoint`` (``host[:port]``, default ``<kms_instance_id>.cryptoservice.kms.
-    aliyuncs.com``) and ``timeout``."""
+    """Upstream's ``client_key`` (the content of the ClientKey JSON file: ``KeyId`` and
+    ``PrivateKeyData``), ``kms_instance_id``, ``password`` (of the client key) and ``cert_pem``
+    (the instance CA); Keybroker's ``endpoint`` (``host[:port]``, default
+    ``<kms_instance_id>.cryptoservice.kms.aliyuncs.com``) and ``timeout`` (seconds, for the
+    whole call)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    client_key: str = Field(repr=False)
-    kms_instance_id: str
+    client_key: str = Field(repr=False, min_length=1)
+    kms_instance_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
     password: str = Field(repr=False)
-    cert_pem: str
-    endpoint: str | None = None
+    cert_pem: str = Field(min_length=1)
+    # A host name (or IPv4 address) and an optional port: never a scheme, path or user info.
+    endpoint: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?$")
     timeout: float = Field(default=5.0, gt=0, le=300)
 
     def host(self) -> str:
@@ -82,38 +104,30 @@ class AliyunKmsSecretBackend(SecretBackend):
         self._config = config
         self._key_id, self._key = _load_client_key(config.client_key, config.password)
         try:
+            # cadata alone: the system's trust store is not loaded, only the instance CA.
             self._tls = ssl.create_default_context(cadata=config.cert_pem)
         except (ssl.SSLError, ValueError) as e:
             raise ConfigError(
                 f"aliyun backend: cert_pem is not a usable CA certificate: {e}"
             ) from None
+        # A whole response: base64 of the largest resource plus the other fields.
+        self._max_response = (max_bytes + 2) // 3 * 4 + _RESPONSE_OVERHEAD
         self._clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
-
-    def _http(self) -> httpx.AsyncClient:
-        """This event loop's client (a connection pool belongs to one loop)."""
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = self._clients[loop] = httpx.AsyncClient(
-                base_url=f"https://{self._config.host()}",
-                verify=self._tls,
-                timeout=self._config.timeout,
-            )
-        return client
 
     @classmethod
     def from_config(cls, config: AliyunKmsConfig) -> AliyunKmsSecretBackend:
         return cls(config)
 
     async def _read(self, path: ResourcePath) -> bytes | None:
-        answer = await self._call("GetSecretValue", _encode({1: path.tag}))
-        if answer is None:
+        status, body = await self._call("GetSecretValue", _encode({_REQUEST_SECRET_NAME: path.tag}))
+        if status != 200:
+            self._raise_unless_missing(status, body, path)
             return None
-        fields = _decode(answer)
-        data = fields.get(3, "")
+        fields = _decode(body)
+        data = fields.get(_RESPONSE_SECRET_DATA, "")
         if not isinstance(data, str):
             raise StorageError(f"KMS secret {path.tag}: SecretData is not UTF-8 text")
-        if fields.get(4, "text") == "binary":
+        if fields.get(_RESPONSE_SECRET_DATA_TYPE, "text") == "binary":
             try:
                 return base64.b64decode(data, validate=True)
             except binascii.Error:
@@ -130,45 +144,70 @@ class AliyunKmsSecretBackend(SecretBackend):
             "the aliyun backend is read-only: manage secrets in Aliyun KMS itself"
         )
 
-    async def _call(self, api_name: str, body: bytes) -> bytes | None:
-        """POST one signed request; the response body, or None for "no such secret"."""
-        headers = self._signed_headers(api_name, body)
+    def _raise_unless_missing(self, status: int, body: bytes, path: ResourcePath) -> None:
+        """Return if the gateway said "no such secret"; raise for any other refusal."""
+        code, message, request_id = _error_fields(body)
+        if code in NOT_FOUND_CODES:
+            return
+        # KMS's message and request id are for the operator (and Alibaba's support), not for
+        # whoever asked the KBS for the resource.
+        log.warning(
+            "Aliyun KMS refused GetSecretValue for %s: HTTP %d %s %r (request id %s)",
+            path,
+            status,
+            code or "(no KMS error code)",
+            message,
+            request_id,
+        )
+        what = f"{code} (HTTP {status})" if code else f"HTTP {status} without a KMS error"
+        if code in RETRY_LATER_CODES or status >= 500:
+            raise ServiceUnavailableError(f"Aliyun KMS is busy or failing: {what}: retry later")
+        raise StorageError(f"Aliyun KMS refused GetSecretValue: {what}")
+
+    async def _call(self, api_name: str, body: bytes) -> tuple[int, bytes]:
+        """POST one signed request within ``timeout``; the status and the response body."""
+        host = self._config.host()
         try:
-            response = await self._http().post("/", content=body, headers=headers)
-        except httpx.TimeoutException:
+            async with asyncio.timeout(self._config.timeout):
+                return await self._post(api_name, body)
+        except (TimeoutError, httpx.TimeoutException):
             raise ServiceUnavailableError(
-                f"Aliyun KMS at {self._config.host()} did not answer within "
-                f"{self._config.timeout} s: retry later"
+                f"Aliyun KMS at {host} did not answer within {self._config.timeout} s: retry later"
             ) from None
         except httpx.ConnectError as e:
-            if isinstance(e.__cause__, ssl.SSLError) or "CERTIFICATE" in str(e).upper():
+            if _is_certificate_failure(e):
                 raise StorageError(
-                    f"TLS verification of Aliyun KMS at {self._config.host()} failed: "
-                    "check cert_pem"
+                    f"TLS verification of Aliyun KMS at {host} failed: check cert_pem "
+                    "(and that the endpoint is the name in the instance's certificate)"
                 ) from None
             raise ServiceUnavailableError(
-                f"Aliyun KMS at {self._config.host()} is unreachable: retry later"
+                f"Aliyun KMS at {host} is unreachable: retry later"
             ) from None
         except httpx.HTTPError as e:
             raise ServiceUnavailableError(
                 f"Aliyun KMS request failed: {type(e).__name__}"
             ) from None
-        if response.status_code < 400:
-            return response.content
-        error = _decode(response.content) if response.content else {}
-        code = str(error.get(2, "")) or f"HTTP {response.status_code}"
-        if response.status_code == 404 or code in NOT_FOUND_CODES:
-            return None
-        if response.status_code >= 500:
-            raise ServiceUnavailableError(f"Aliyun KMS failed ({code}): retry later")
-        raise StorageError(f"Aliyun KMS refused {api_name}: {code} {error.get(3, '')}".strip())
+
+    async def _post(self, api_name: str, body: bytes) -> tuple[int, bytes]:
+        headers = self._signed_headers(api_name, body)
+        async with self._http().stream("POST", "/", content=body, headers=headers) as response:
+            received = bytearray()
+            # Bounded read: a gateway (or whoever holds its key) cannot make the KBS buffer
+            # an unbounded answer.
+            async for chunk in response.aiter_bytes():
+                received += chunk
+                if len(received) > self._max_response:
+                    raise StorageError(
+                        f"Aliyun KMS answered with more than {self._max_response} bytes"
+                    )
+            return response.status_code, bytes(received)
 
     def _signed_headers(self, api_name: str, body: bytes) -> dict[str, str]:
         headers = {
             "accept": CONTENT_TYPE,
             "content-type": CONTENT_TYPE,
             "content-sha256": hashlib.sha256(body).hexdigest().upper(),
-            "date": formatdate(usegmt=True),
+            "date": formatdate(usegmt=True),  # RFC 1123; KMS refuses a 15-minute skew
             "x-kms-apiversion": API_VERSION,
             "x-kms-apiname": api_name,
             "x-kms-signaturemethod": SIGNATURE_METHOD,
@@ -179,6 +218,19 @@ class AliyunKmsSecretBackend(SecretBackend):
         )
         headers["authorization"] = "Bearer " + base64.b64encode(signature).decode("ascii")
         return headers
+
+    def _http(self) -> httpx.AsyncClient:
+        """This event loop's client (a connection pool belongs to one loop)."""
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = httpx.AsyncClient(
+                base_url=f"https://{self._config.host()}",
+                verify=self._tls,
+                timeout=self._config.timeout,
+                trust_env=False,  # no proxy or CA bundle from the environment
+            )
+        return client
 
     async def aclose(self) -> None:
         client = self._clients.pop(asyncio.get_running_loop(), None)
@@ -202,6 +254,26 @@ def string_to_sign(method: str, headers: dict[str, str]) -> bytes:
     return f"{head}\n{kms}/".encode()
 
 
+def _is_certificate_failure(error: httpx.ConnectError) -> bool:
+    cause = error.__cause__ or error.__context__
+    return isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(error).upper()
+
+
+def _error_fields(body: bytes) -> tuple[str, str, str]:
+    """(ErrorCode, ErrorMessage, RequestId) of a protobuf ``Error``; empty strings when the body
+    is not one (a proxy's HTML page, say)."""
+    try:
+        fields = _decode(body)
+    except StorageError:
+        return "", "", ""
+
+    def text(number: int) -> str:
+        value = fields.get(number, "")
+        return value[:200] if isinstance(value, str) else ""
+
+    return text(_ERROR_CODE), text(_ERROR_MESSAGE), text(_ERROR_REQUEST_ID)
+
+
 def _load_client_key(client_key: str, password: str) -> tuple[str, rsa.RSAPrivateKey]:
     """(KeyId, private key) from a ClientKey document: a PKCS#12 bundle, base64, in JSON."""
     try:
@@ -211,6 +283,8 @@ def _load_client_key(client_key: str, password: str) -> tuple[str, rsa.RSAPrivat
         raise ConfigError(
             "aliyun backend: client_key must be the ClientKey JSON with KeyId and PrivateKeyData"
         ) from None
+    if not isinstance(key_id, str) or not key_id:
+        raise ConfigError("aliyun backend: the ClientKey's KeyId must be a non-empty string")
     try:
         key, _cert, _extra = pkcs12.load_key_and_certificates(bundle, password.encode())
     except ValueError:
@@ -219,7 +293,7 @@ def _load_client_key(client_key: str, password: str) -> tuple[str, rsa.RSAPrivat
         ) from None
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ConfigError("aliyun backend: the client key is not an RSA key")
-    return str(key_id), key
+    return key_id, key
 
 
 def client_key_document(key: rsa.RSAPrivateKey, key_id: str, password: str) -> str:
@@ -231,7 +305,8 @@ def client_key_document(key: rsa.RSAPrivateKey, key_id: str, password: str) -> s
 
 
 # --- the few protobuf wire rules these messages need -------------------------------------------
-# Fields are strings (wire type 2), bools and int32 (wire type 0); repeated strings repeat.
+# The messages' fields are strings (wire type 2), bools and int32 (wire type 0); repeated strings
+# repeat. Fixed-width fields (wire types 1 and 5) are skipped, as protobuf skips unknown fields.
 
 
 def _varint(value: int) -> bytes:
@@ -272,16 +347,19 @@ def _decode(buffer: bytes) -> dict[int, Any]:
         number, wire_type = tag >> 3, tag & 7
         if wire_type == 0:
             fields[number], position = _read_varint(buffer, position)
-        elif wire_type == 2:
+            continue
+        if wire_type == 2:
             length, position = _read_varint(buffer, position)
-            if position + length > len(buffer):
-                raise StorageError("Aliyun KMS answered with a truncated protobuf message")
-            raw = buffer[position : position + length]
-            position += length
+        elif wire_type in (1, 5):
+            length = 8 if wire_type == 1 else 4
+        else:
+            raise StorageError(f"Aliyun KMS answered with unsupported wire type {wire_type}")
+        if position + length > len(buffer):
+            raise StorageError("Aliyun KMS answered with a truncated protobuf message")
+        raw, position = buffer[position : position + length], position + length
+        if wire_type == 2:
             try:
                 fields[number] = raw.decode("utf-8")
             except UnicodeDecodeError:
                 fields[number] = raw
-        else:
-            raise StorageError(f"Aliyun KMS answered with unsupported wire type {wire_type}")
     return fields
