@@ -7,6 +7,8 @@ submodule with the attestation policy ``<policy id>_<tee class>`` and signs the 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -22,7 +24,7 @@ from keybroker.errors import AttestationError, UnsupportedOperationError
 from keybroker.protocol.canonical import HashAlgorithm, runtime_data_digest
 from keybroker.protocol.models import InitData, JsonValue, Tee
 from keybroker.rvps.store import ReferenceValues
-from keybroker.verifiers import VERIFIERS, TeeClaims, Verifier
+from keybroker.verifiers import TeeClaims, Verifier, build_verifiers
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ class BuiltinAttestationService(AttestationBackend):
         self._policies = policies
         self._reference_values = reference_values
         self._clock = clock
-        self._verifiers: dict[Tee, Verifier] = {tee: cls() for tee, cls in VERIFIERS.items()}
+        self._verifiers: dict[Tee, Verifier] = build_verifiers(config.verifier_config, clock=clock)
 
     @property
     def signer(self) -> TokenSigner:
@@ -127,11 +129,13 @@ class BuiltinAttestationService(AttestationBackend):
                 raise AttestationError(f"no verifier for TEE {item.tee.value} in this service")
             init_data = parse_init_data(item.init_data) if item.init_data else None
             init_digest = init_data.digest if init_data else item.init_data_digest
-            for claims in verifier.verify(
+            verified = await _run_verifier(
+                verifier,
                 item.unverified_evidence,
                 expected_report_data=item.expected_report_data(),
                 expected_init_data=init_digest,
-            ):
+            )
+            for claims in verified:
                 index = class_counts.get(claims.tee_class, 0)
                 class_counts[claims.tee_class] = index + 1
                 annotated = self._annotate(
@@ -169,3 +173,28 @@ class BuiltinAttestationService(AttestationBackend):
             annotated["runtime_data_claims"] = runtime_claims
         annotated[tee_claims.tee.value] = claims
         return annotated
+
+
+async def _run_verifier(
+    verifier: Verifier,
+    unverified_evidence: JsonValue,
+    *,
+    expected_report_data: bytes | None,
+    expected_init_data: bytes | None,
+) -> list[TeeClaims]:
+    """Verifiers that may fetch collateral (or verify long chains) run in a worker thread, so
+    one guest's quote never stalls the event loop for the others."""
+    if not verifier.may_block:
+        return verifier.verify(
+            unverified_evidence,
+            expected_report_data=expected_report_data,
+            expected_init_data=expected_init_data,
+        )
+    return await asyncio.to_thread(
+        functools.partial(
+            verifier.verify,
+            unverified_evidence,
+            expected_report_data=expected_report_data,
+            expected_init_data=expected_init_data,
+        )
+    )

@@ -5,14 +5,30 @@ Registration is this explicit table; a TEE without an entry is refused with a cl
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import Any
+
 from keybroker.protocol.models import Tee
 from keybroker.verifiers.base import TeeClaims, Verifier
+from keybroker.verifiers.dcap_settings import CollateralAppraiser, build_fetcher, dcap_settings
+from keybroker.verifiers.intel import SgxVerifier, TdxVerifier
 from keybroker.verifiers.sample import SampleVerifier
 from keybroker.verifiers.sample_device import SampleDeviceVerifier
 
-VERIFIERS: dict[Tee, type[Verifier]] = {
-    Tee.SAMPLE: SampleVerifier,
-    Tee.SAMPLE_DEVICE: SampleDeviceVerifier,
-}
 
-__all__ = ["VERIFIERS", "TeeClaims", "Verifier"]
+def build_verifiers(
+    verifier_config: dict[str, Any] | None = None, *, clock: Callable[[], float] = time.time
+) -> dict[Tee, Verifier]:
+    """One verifier per supported TEE, built from ``[attestation_service.verifier_config]``.
+    Nothing here touches the network: collateral is fetched when a quote is verified."""
+    appraiser = CollateralAppraiser(build_fetcher(dcap_settings(verifier_config), clock))
+    return {
+        Tee.SAMPLE: SampleVerifier(),
+        Tee.SAMPLE_DEVICE: SampleDeviceVerifier(),
+        Tee.TDX: TdxVerifier(appraiser, clock=clock),
+        Tee.SGX: SgxVerifier(appraiser, clock=clock),
+    }
+
+
+__all__ = ["TeeClaims", "Verifier", "build_verifiers"]

@@ -32,6 +32,8 @@ class TeeClaims:
 
 class Verifier(ABC):
     tee: ClassVar[Tee]
+    # True for verifiers that may wait on I/O (a collateral fetch): run off the event loop
+    may_block: ClassVar[bool] = False
 
     def verify(
         self,

@@ -60,6 +60,8 @@ def _quote_bytes(unverified_evidence: JsonValue, tee: Tee) -> bytes:
 
 
 class _DcapVerifier(Verifier):
+    may_block = True
+
     def __init__(
         self,
         appraiser: TcbAppraiser | None = None,

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import datetime
+from pathlib import Path
 
 import pytest
 from cryptography import x509
 
 from conftest import vectors
-from keybroker.errors import EvidenceError
-from keybroker.protocol.models import JsonValue
+from keybroker.errors import ConfigError, EvidenceError, KeybrokerError
+from keybroker.protocol.models import JsonValue, Tee
+from keybroker.verifiers import build_verifiers
 from keybroker.verifiers.dcap import Quote, SgxReportBody, parse_quote
 from keybroker.verifiers.intel import SgxVerifier, TdxVerifier
 
@@ -100,3 +102,30 @@ def test_malformed_evidence_is_refused(evidence: JsonValue) -> None:
 def raw_enclave(quote: Quote) -> str:
     assert isinstance(quote.body, SgxReportBody)
     return quote.body.mr_enclave.hex()
+
+
+def test_dcap_settings_typo_is_named() -> None:
+    with pytest.raises(ConfigError, match="colateral_service"):
+        build_verifiers({"dcap": {"colateral_service": "https://pccs"}})
+
+
+def test_plain_http_collateral_service_needs_the_insecure_switch() -> None:
+    with pytest.raises(ConfigError, match="not HTTPS"):
+        build_verifiers({"dcap": {"collateral_service": "http://pccs:8081"}})
+
+
+def test_tdx_and_sgx_are_registered_without_touching_the_network() -> None:
+    verifiers = build_verifiers(None)
+    assert isinstance(verifiers[Tee.TDX], TdxVerifier)
+    assert isinstance(verifiers[Tee.SGX], SgxVerifier)
+    assert verifiers[Tee.TDX].may_block and not verifiers[Tee.SAMPLE].may_block
+
+
+def test_quote_without_reachable_collateral_fails_closed(tmp_path: Path) -> None:
+    """Offline mode with no collateral for this platform: no claims, a clear refusal."""
+    evidence, quote = _evidence("tdx_quote_4.dat")
+    verifiers = build_verifiers({"dcap": {"offline_dir": str(tmp_path)}}, clock=lambda: IN_VALIDITY)
+    with pytest.raises(KeybrokerError):
+        verifiers[Tee.TDX].verify(
+            evidence, expected_report_data=quote.body.report_data, expected_init_data=None
+        )
