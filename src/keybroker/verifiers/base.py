@@ -18,7 +18,8 @@ from typing import ClassVar
 from keybroker.errors import EvidenceError, KeybrokerError
 from keybroker.protocol.models import JsonValue, Tee
 
-MAX_EVIDENCE_BYTES = 1024 * 1024
+# A TDX CC event log table is often 1 MiB (zero-padded), 1.4 MB as base64, beside the quote
+MAX_EVIDENCE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,12 @@ from keybroker.verifiers.dcap import (
     parse_quote,
     verify_quote,
 )
+from keybroker.verifiers.eventlog import (
+    EventLog,
+    parse_event_log,
+    uefi_event_logs,
+    verify_against_rtmrs,
+)
 from keybroker.verifiers.sgx_claims import sgx_claims
 from keybroker.verifiers.tdx_claims import tdx_claims
 
@@ -57,6 +63,19 @@ def _quote_bytes(unverified_evidence: JsonValue, tee: Tee) -> bytes:
         return base64.b64decode(text, validate=True)
     except binascii.Error:
         raise EvidenceError(f"{tee.value} evidence `quote` is not standard base64") from None
+
+
+def _event_log(unverified_evidence: JsonValue) -> EventLog | None:
+    """The CC event log the TDX evidence carries (``cc_eventlog``, base64), if any."""
+    text = unverified_evidence.get("cc_eventlog") if isinstance(unverified_evidence, dict) else None
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise EvidenceError("tdx evidence `cc_eventlog` must be a base64 string")
+    try:
+        return parse_event_log(base64.b64decode(text, validate=True))
+    except binascii.Error:
+        raise EvidenceError("tdx evidence `cc_eventlog` is not standard base64") from None
 
 
 class _DcapVerifier(Verifier):
@@ -115,7 +134,13 @@ class TdxVerifier(_DcapVerifier):
         if not isinstance(body, TdReportBody):
             raise EvidenceError("tdx evidence carries an SGX quote")
         self._bind_init_data(body.mr_config_id, expected_init_data, "mr_config_id")
-        return [TeeClaims(self.tee, "cpu", {**tdx_claims(quote, pck), **collateral})]
+        claims = {**tdx_claims(quote, pck), **collateral}
+        log = _event_log(unverified_evidence)
+        if log is not None:
+            # only a log that replays to the quote's RTMRs says anything about the boot
+            verify_against_rtmrs(log.events, body.rtmrs)
+            claims["uefi_event_logs"] = uefi_event_logs(log.events)
+        return [TeeClaims(self.tee, "cpu", claims)]
 
 
 class SgxVerifier(_DcapVerifier):

@@ -129,3 +129,26 @@ def test_quote_without_reachable_collateral_fails_closed(tmp_path: Path) -> None
         verifiers[Tee.TDX].verify(
             evidence, expected_report_data=quote.body.report_data, expected_init_data=None
         )
+
+
+def test_event_log_that_does_not_replay_to_the_quote_is_refused() -> None:
+    """CCEL_data was not recorded with tdx_quote_4.dat: its RTMR0 differs, so it is refused
+    rather than reported as the TD's boot (a swapped-in log)."""
+    evidence, quote = _evidence("tdx_quote_4.dat")
+    log = (vectors() / "verifier" / "CCEL_data").read_bytes()
+    evidence["cc_eventlog"] = base64.b64encode(log).decode()
+    verifier = TdxVerifier(FixedAppraisal(), clock=lambda: IN_VALIDITY)
+    with pytest.raises(EvidenceError, match="RTMR0"):
+        verifier.verify(
+            evidence, expected_report_data=quote.body.report_data, expected_init_data=None
+        )
+
+
+def test_malformed_event_log_is_refused() -> None:
+    evidence, quote = _evidence("tdx_quote_4.dat")
+    evidence["cc_eventlog"] = "%%%"
+    verifier = TdxVerifier(FixedAppraisal(), clock=lambda: IN_VALIDITY)
+    with pytest.raises(EvidenceError, match="cc_eventlog"):
+        verifier.verify(
+            evidence, expected_report_data=quote.body.report_data, expected_init_data=None
+        )
