@@ -15,6 +15,7 @@ import base64
 import binascii
 import datetime
 import time
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Protocol
 
@@ -90,12 +91,13 @@ class _DcapVerifier(Verifier):
         self._appraiser = appraiser
         self._clock = clock
 
-    def _checked(
+    def _verify(
         self,
         unverified_evidence: JsonValue,
+        *,
         expected_report_data: bytes | None,
-    ) -> tuple[Quote, x509.Certificate, dict[str, JsonValue]]:
-        """The verified quote, its PCK certificate and the collateral claims."""
+        expected_init_data: bytes | None,
+    ) -> list[TeeClaims]:
         if self._appraiser is None:
             raise EvidenceError(
                 f"{self.tee.value} evidence cannot be appraised: no DCAP collateral source is "
@@ -111,51 +113,61 @@ class _DcapVerifier(Verifier):
                     f"{self.tee.value} quote report_data does not match the digest of the "
                     "session's runtime data"
                 )
-        return quote, pck, self._appraiser.appraise(quote, pck, now)
+        claims = self._claims(quote, pck, unverified_evidence, expected_init_data)
+        claims.update(self._appraiser.appraise(quote, pck, now))
+        return [TeeClaims(self.tee, "cpu", claims)]
 
-    @staticmethod
-    def _bind_init_data(field: bytes, expected: bytes | None, what: str) -> None:
-        if expected is not None and field != padded(expected, len(field), "the init-data digest"):
-            raise EvidenceError(f"the quote's {what} does not match the init-data digest")
+    @abstractmethod
+    def _claims(
+        self,
+        quote: Quote,
+        pck: x509.Certificate,
+        unverified_evidence: JsonValue,
+        expected_init_data: bytes | None,
+    ) -> dict[str, JsonValue]:
+        """The TEE's own checks and claims, once the quote and report_data are verified."""
+
+
+def _bind_init_data(field: bytes, expected: bytes | None, what: str) -> None:
+    if expected is not None and field != padded(expected, len(field), "the init-data digest"):
+        raise EvidenceError(f"the quote's {what} does not match the init-data digest")
 
 
 class TdxVerifier(_DcapVerifier):
     tee = Tee.TDX
 
-    def _verify(
+    def _claims(
         self,
+        quote: Quote,
+        pck: x509.Certificate,
         unverified_evidence: JsonValue,
-        *,
-        expected_report_data: bytes | None,
         expected_init_data: bytes | None,
-    ) -> list[TeeClaims]:
-        quote, pck, collateral = self._checked(unverified_evidence, expected_report_data)
+    ) -> dict[str, JsonValue]:
         body = quote.body
         if not isinstance(body, TdReportBody):
             raise EvidenceError("tdx evidence carries an SGX quote")
-        self._bind_init_data(body.mr_config_id, expected_init_data, "mr_config_id")
-        claims = {**tdx_claims(quote, pck), **collateral}
+        _bind_init_data(body.mr_config_id, expected_init_data, "mr_config_id")
+        claims = tdx_claims(quote, pck)
         log = _event_log(unverified_evidence)
         if log is not None:
             # only a log that replays to the quote's RTMRs says anything about the boot
             verify_against_rtmrs(log.events, body.rtmrs)
             claims["uefi_event_logs"] = uefi_event_logs(log.events)
-        return [TeeClaims(self.tee, "cpu", claims)]
+        return claims
 
 
 class SgxVerifier(_DcapVerifier):
     tee = Tee.SGX
 
-    def _verify(
+    def _claims(
         self,
+        quote: Quote,
+        pck: x509.Certificate,
         unverified_evidence: JsonValue,
-        *,
-        expected_report_data: bytes | None,
         expected_init_data: bytes | None,
-    ) -> list[TeeClaims]:
-        quote, pck, collateral = self._checked(unverified_evidence, expected_report_data)
+    ) -> dict[str, JsonValue]:
         body = quote.body
         if not isinstance(body, SgxReportBody):
             raise EvidenceError("sgx evidence carries a TDX quote")
-        self._bind_init_data(body.config_id, expected_init_data, "config_id")
-        return [TeeClaims(self.tee, "cpu", {**sgx_claims(quote, pck), **collateral})]
+        _bind_init_data(body.config_id, expected_init_data, "config_id")
+        return sgx_claims(quote, pck)
