@@ -303,7 +303,7 @@ def _p256(raw_key: bytes) -> ec.EllipticCurvePublicKey:
         raise EvidenceError("the quote's attestation key is not a P-256 point") from None
 
 
-def _verify_raw(
+def verify_p256(
     key: ec.EllipticCurvePublicKey, signature: bytes, message: bytes, what: str
 ) -> None:
     der = encode_dss_signature(
@@ -321,34 +321,40 @@ def verify_pck_chain(
     root: x509.Certificate | None = None,
 ) -> x509.Certificate:
     """The PCK leaf, once every link up to the pinned root verifies at ``now``."""
-    anchor = root or intel_root()
-    # the quote's own copy of a root is ignored: only the pinned key can end the chain
-    links = [c for c in chain if c.subject != anchor.subject]
+    links = verify_chain(chain, now, root or intel_root(), "PCK chain")
     if not links:
         raise EvidenceError("the quote's PCK chain holds no PCK certificate")
+    return links[0]
+
+
+def verify_chain(
+    chain: list[x509.Certificate] | tuple[x509.Certificate, ...],
+    now: datetime.datetime,
+    anchor: x509.Certificate,
+    what: str,
+) -> list[x509.Certificate]:
+    """The certificates of ``chain`` below ``anchor``, leaf first, each checked to be issued
+    and signed by the next (the last by ``anchor``), by a CA, and valid at ``now``. A copy of
+    the anchor inside the chain is dropped, never trusted: only the anchor's key ends a chain."""
+    links = [c for c in chain if c.subject != anchor.subject]
     for index, cert in enumerate(links):
         issuer = links[index + 1] if index + 1 < len(links) else anchor
+        subject = cert.subject.rfc4514_string()
         if cert.issuer != issuer.subject:
             raise EvidenceError(
-                f"PCK chain is broken: {cert.subject.rfc4514_string()} is not issued by "
-                f"{issuer.subject.rfc4514_string()}"
+                f"{what} is broken: {subject} is not issued by {issuer.subject.rfc4514_string()}"
             )
         _check_issuer_is_ca(issuer)
         try:
             cert.verify_directly_issued_by(issuer)
         except (InvalidSignature, ValueError, TypeError):
-            raise EvidenceError(
-                f"PCK chain signature of {cert.subject.rfc4514_string()} does not verify against "
-                "the pinned Intel SGX Root CA"
-                if issuer is anchor
-                else f"PCK chain signature of {cert.subject.rfc4514_string()} does not verify"
-            ) from None
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise EvidenceError(
-                f"PCK chain certificate {cert.subject.rfc4514_string()} is not valid at "
-                f"{now.isoformat()}"
+            against = (
+                f" against the root {anchor.subject.rfc4514_string()}" if issuer is anchor else ""
             )
-    return links[0]
+            raise EvidenceError(f"{what} signature of {subject} does not verify{against}") from None
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise EvidenceError(f"{what} certificate {subject} is not valid at {now.isoformat()}")
+    return links
 
 
 def _check_issuer_is_ca(issuer: x509.Certificate) -> None:
@@ -368,9 +374,9 @@ def verify_quote(
     pck_key = pck.public_key()
     if not isinstance(pck_key, ec.EllipticCurvePublicKey):
         raise EvidenceError("the PCK certificate's key is not an EC key")
-    _verify_raw(pck_key, quote.qe_report_signature, quote.qe_report.raw, "the QE report signature")
+    verify_p256(pck_key, quote.qe_report_signature, quote.qe_report.raw, "the QE report signature")
     binding = hashlib.sha256(quote.attestation_key + quote.qe_auth_data).digest() + bytes(32)
     if quote.qe_report.report_data != binding:
         raise EvidenceError("the QE report does not bind the quote's attestation key")
-    _verify_raw(_p256(quote.attestation_key), quote.signature, quote.signed, "the quote signature")
+    verify_p256(_p256(quote.attestation_key), quote.signature, quote.signed, "the quote signature")
     return pck

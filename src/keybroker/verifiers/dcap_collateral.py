@@ -34,15 +34,20 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from keybroker.errors import EvidenceError
 from keybroker.protocol.models import JsonValue
-from keybroker.verifiers.dcap import TEE_TDX, Quote, intel_root, verify_pck_chain
+from keybroker.verifiers.dcap import (
+    TEE_TDX,
+    Quote,
+    intel_root,
+    verify_chain,
+    verify_p256,
+    verify_pck_chain,
+)
 from keybroker.verifiers.dcap_tcb import PlatformTcb, TcbEvaluation, evaluate_tcb
 from keybroker.verifiers.dcap_tcb_info import (
     QeIdentity,
@@ -194,13 +199,7 @@ def _verify_p256(cert: x509.Certificate, signature: bytes, message: bytes, what:
     key = cert.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise EvidenceError(f"the certificate that signs {what} has no EC key")
-    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-    try:
-        key.verify(encode_dss_signature(r, s), message, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise EvidenceError(
-            f"the {what} signature does not verify with {cert.subject.rfc4514_string()}"
-        ) from None
+    verify_p256(key, signature, message, f"the {what} signature")
 
 
 def _certificates(pem: bytes, what: str) -> list[x509.Certificate]:
@@ -215,24 +214,12 @@ def _issued_by_root(
     pem: bytes, now: datetime.datetime, anchor: x509.Certificate, what: str
 ) -> x509.Certificate:
     """The one certificate of an issuer chain (signer, then root) that the root issued."""
-    # a copy of the root in the chain is never trusted: only the anchor's key ends the chain
-    links = [c for c in _certificates(pem, what) if c.subject != anchor.subject]
-    if len(links) != 1:
-        raise EvidenceError(f"the {what} holds {len(links)} certificates below the root, not 1")
-    cert = links[0]
-    if cert.issuer != anchor.subject:
-        raise EvidenceError(f"the {what} leaf {cert.subject.rfc4514_string()} is not the root's")
-    try:
-        cert.verify_directly_issued_by(anchor)
-    except (InvalidSignature, ValueError, TypeError):
+    below_root = [c for c in _certificates(pem, what) if c.subject != anchor.subject]
+    if len(below_root) != 1:
         raise EvidenceError(
-            f"the {what} leaf {cert.subject.rfc4514_string()} does not verify against the root"
-        ) from None
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise EvidenceError(
-            f"the {what} leaf {cert.subject.rfc4514_string()} is not valid at {now.isoformat()}"
+            f"the {what} holds {len(below_root)} certificates below the root, not 1"
         )
-    return cert
+    return verify_chain(below_root, now, anchor, f"the {what}")[0]
 
 
 def _crl(data: bytes, what: str) -> x509.CertificateRevocationList:
