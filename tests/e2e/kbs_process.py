@@ -93,3 +93,11 @@ def kbs(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "kbs"), *args], capture_output=True, text=True, timeout=60, check=False
     )
+
+
+def open_kbs_config(port: int, rest: str) -> str:
+    """A test KBS config: plain HTTP on loopback ``port``, an open admin API, then ``rest``."""
+    return (
+        f'[http_server]\nsockets = ["127.0.0.1:{port}"]\ninsecure_http = true\n\n'
+        f'[admin]\nauthorization_mode = "InsecureAllowAll"\n\n{rest}'
+    )

@@ -13,7 +13,7 @@ import httpx
 import pkcs11
 import pytest
 
-from kbs_process import free_port, kbs_client, running_kbs
+from kbs_process import free_port, kbs_client, open_kbs_config, running_kbs
 from softhsm import LABEL, SoftHsm
 
 pytestmark = pytest.mark.e2e
@@ -25,15 +25,9 @@ def _config(tmp_path: Path, port: int, softhsm: SoftHsm) -> Path:
     config = tmp_path / "kbs-config.toml"
     hsm = f'module = "{softhsm.module}"\nslot_index = 0\npin = "{softhsm.pin}"'
     config.write_text(
-        f"""
-[http_server]
-sockets = ["127.0.0.1:{port}"]
-insecure_http = true
-
-[admin]
-authorization_mode = "InsecureAllowAll"
-
-[[plugins]]
+        open_kbs_config(
+            port,
+            f"""[[plugins]]
 name = "resource"
 storage_backend_type = "pkcs11"
 {hsm}
@@ -41,7 +35,8 @@ storage_backend_type = "pkcs11"
 [[plugins]]
 name = "pkcs11"
 {hsm}
-"""
+""",
+        )
     )
     config.chmod(0o600)  # it holds the PIN
     return config

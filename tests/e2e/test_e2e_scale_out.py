@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from databases import fresh_postgres_database, private_redis
-from kbs_process import free_port, running_kbs
+from kbs_process import free_port, open_kbs_config, running_kbs
 from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
 from keybroker.errors import ClientError, KbsRejectedError
@@ -59,15 +59,9 @@ class Cluster:
 def _replica_config(workdir: Path, port: int, db: str, redis_url: str, key: Path) -> Path:
     config = workdir / f"kbs-{port}.toml"
     config.write_text(
-        f"""
-[http_server]
-sockets = ["127.0.0.1:{port}"]
-insecure_http = true
-
-[admin]
-authorization_mode = "InsecureAllowAll"
-
-[attestation_service]
+        open_kbs_config(
+            port,
+            f"""[attestation_service]
 type = "coco_as_builtin"
 timeout = 5
 
@@ -92,7 +86,8 @@ timeout = 5
 sink = "file"
 path = "{workdir / f"audit-{port}.log"}"
 fsync = "never"
-"""
+""",
+        )
     )
     return config
 
