@@ -25,12 +25,12 @@ import hashlib
 import re
 import struct
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -339,22 +339,38 @@ def verify_chain(
     links = [c for c in chain if c.subject != anchor.subject]
     for index, cert in enumerate(links):
         issuer = links[index + 1] if index + 1 < len(links) else anchor
-        subject = cert.subject.rfc4514_string()
         if cert.issuer != issuer.subject:
-            raise EvidenceError(
-                f"{what} is broken: {subject} is not issued by {issuer.subject.rfc4514_string()}"
-            )
+            raise EvidenceError(f"{what} is broken: {_name(cert)} is not issued by {_name(issuer)}")
         _check_issuer_is_ca(issuer)
-        try:
-            cert.verify_directly_issued_by(issuer)
-        except (InvalidSignature, ValueError, TypeError):
-            against = (
-                f" against the root {anchor.subject.rfc4514_string()}" if issuer is anchor else ""
-            )
-            raise EvidenceError(f"{what} signature of {subject} does not verify{against}") from None
+        if not _signed_by(
+            cert.public_bytes(serialization.Encoding.DER),
+            issuer.public_bytes(serialization.Encoding.DER),
+        ):
+            against = f" against the root {_name(anchor)}" if issuer is anchor else ""
+            raise EvidenceError(f"{what} signature of {_name(cert)} does not verify{against}")
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise EvidenceError(f"{what} certificate {subject} is not valid at {now.isoformat()}")
+            raise EvidenceError(
+                f"{what} certificate {_name(cert)} is not valid at {now.isoformat()}"
+            )
     return links
+
+
+def _name(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string()
+
+
+@lru_cache(maxsize=512)
+def _signed_by(cert_der: bytes, issuer_der: bytes) -> bool:
+    """Whether ``issuer``'s key signed ``cert``: a pure function of the two encodings, so the
+    answer is remembered. A platform's PCK CA and Intel's root recur in every quote, and a
+    PCK certificate in every quote of its platform; dates are checked on every call."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    issuer = x509.load_der_x509_certificate(issuer_der)
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
 
 
 def _check_issuer_is_ca(issuer: x509.Certificate) -> None:

@@ -31,6 +31,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from cryptography import x509
@@ -199,7 +200,24 @@ def _verify_p256(cert: x509.Certificate, signature: bytes, message: bytes, what:
     key = cert.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise EvidenceError(f"the certificate that signs {what} has no EC key")
-    verify_p256(key, signature, message, f"the {what} signature")
+    point = key.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    if not _document_signed(point, signature, message):
+        raise EvidenceError(f"the {what} signature does not verify")
+
+
+@lru_cache(maxsize=256)
+def _document_signed(point: bytes, signature: bytes, message: bytes) -> bool:
+    """Whether the P-256 key ``point`` signed ``message``: a pure function of the bytes, so
+    remembered. The same TCB Info and QE Identity are checked for every quote of a platform
+    until Intel publishes new ones."""
+    key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    try:
+        verify_p256(key, signature, message, "")
+    except EvidenceError:
+        return False
+    return True
 
 
 def _certificates(pem: bytes, what: str) -> list[x509.Certificate]:

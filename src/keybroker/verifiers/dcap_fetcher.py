@@ -242,20 +242,35 @@ class CachingFetcher(CollateralFetcher):
         clock: Callable[[], datetime.datetime],
     ) -> None:
         self._inner, self._directory, self._clock = inner, directory, clock
+        # what this process already read or fetched, with its earliest nextUpdate, so a
+        # cache hit costs neither a file read nor a parse of the CRLs
+        self._held: dict[Path, tuple[Collateral, datetime.datetime]] = {}
 
     def _path(self, request: CollateralRequest) -> Path:
         return self._directory / f"{request.tee}-{request.fmspc.hex()}-{request.pck_ca}.json"
 
     def _fetch(self, request: CollateralRequest) -> Collateral:
         path = self._path(request)
+        now = self._clock()
+        held = self._held.get(path)
+        if held is not None and now < held[1]:
+            return held[0]
         cached = self._load(path)
-        if cached is not None:
-            next_update = earliest_next_update(cached)
-            if next_update is not None and self._clock() < next_update:
-                return cached
+        if cached is not None and self._hold(path, cached, now):
+            return cached
         fresh = self._inner.fetch(request)
         self._store(path, fresh)
+        self._hold(path, fresh, now)
         return fresh
+
+    def _hold(self, path: Path, collateral: Collateral, now: datetime.datetime) -> bool:
+        """Keep ``collateral`` in memory if it is still before its nextUpdate."""
+        next_update = earliest_next_update(collateral)
+        if next_update is None or now >= next_update:
+            self._held.pop(path, None)
+            return False
+        self._held[path] = (collateral, next_update)
+        return True
 
     @staticmethod
     def _load(path: Path) -> Collateral | None:

@@ -16,6 +16,7 @@ import datetime
 import json
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 
 from keybroker.errors import EvidenceError
 
@@ -267,6 +268,7 @@ def _ordered(levels: list[TcbLevel], tdx: bool) -> tuple[TcbLevel, ...]:
     return tuple(sorted(levels, key=key, reverse=True))
 
 
+@lru_cache(maxsize=64)  # frozen results of a pure parse: one parse per published document
 def parse_tcb_info(signed_body: bytes) -> TcbInfo:
     """The ``tcbInfo`` object (versions 2 and 3, SGX and TDX) from its signed bytes."""
     info = _Fields(load_json_object(signed_body, "tcbInfo"), "tcbInfo")
@@ -299,6 +301,7 @@ def parse_tcb_info(signed_body: bytes) -> TcbInfo:
     )
 
 
+@lru_cache(maxsize=64)
 def parse_qe_identity(signed_body: bytes) -> QeIdentity:
     """The ``enclaveIdentity`` object (versions 2 and 3) from its signed bytes."""
     identity = _Fields(load_json_object(signed_body, "enclaveIdentity"), "enclaveIdentity")

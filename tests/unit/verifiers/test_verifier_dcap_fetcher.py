@@ -243,6 +243,22 @@ def test_cache_file_is_private_and_replaced_atomically(
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
 
 
+def test_second_process_reads_the_cache_file_and_then_holds_it(
+    world: World, pcs: Pcs, tmp_path: Path
+) -> None:
+    directory = tmp_path / "cache"
+    clock = Clock(NOW)
+    CachingFetcher(pcs.fetcher(), directory, clock=clock).fetch(world.request)
+    second = CachingFetcher(pcs.fetcher(), directory, clock=clock)
+    assert second.fetch(world.request) == world.collateral  # from the file: no request
+    (directory / "tdx-00a06d080000-platform.json").unlink()
+    assert second.fetch(world.request) == world.collateral  # held in memory: no file read
+    assert len(pcs.stand_in.requests) == 4
+    clock.now = NEXT_UPDATE
+    assert second.fetch(world.request) == world.collateral  # the held copy expired too
+    assert len(pcs.stand_in.requests) == 8
+
+
 def test_damaged_cache_file_is_fetched_again(world: World, pcs: Pcs, tmp_path: Path) -> None:
     directory = tmp_path / "cache"
     directory.mkdir()
