@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit integration e2e format clean protos
+.PHONY: run test lint typecheck unit integration e2e format clean protos bench bench-quick
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ typecheck: $(VENV)/.installed-test
 
 unit integration e2e: $(VENV)/.installed-test
 	$(BIN)/pytest tests/$@
+
+# The benchmark suite (docs/performance.md): real kbs processes on loopback, about 15 minutes.
+# Needs PostgreSQL and Redis on this machine and nginx for the replica rows.
+bench: $(VENV)/.installed-test
+	cd bench && PYTHONPATH=. ../$(BIN)/python -m kbsbench
+
+# The same suite in a minute, with a few hundred requests: checks that it runs, not how fast.
+bench-quick: $(VENV)/.installed-test
+	cd bench && PYTHONPATH=. ../$(BIN)/python -m kbsbench --quick
 
 format: $(VENV)/.installed-test
 	$(BIN)/ruff format src tests bench

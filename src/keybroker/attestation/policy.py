@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 
 from keybroker.attestation.ear import TRUST_CLAIMS
@@ -102,12 +103,9 @@ class AttestationPolicies:
 
     async def reference_data(self, policy: CompiledPolicy) -> dict[str, JsonValue]:
         """The reference values the policy can ask for, as its ``data``."""
-        code = _without_comments(policy.source)
-        literal = _RV_LITERAL.findall(code)
-        if len(literal) == len(_RV_CALL.findall(code)):
-            ids = sorted(set(literal))
-        else:  # an id computed at evaluation time: provide every value
-            ids = await self._reference_values.all_ids()
+        literal = _literal_reference_ids(policy.source)
+        # None: an id computed at evaluation time, so provide every value
+        ids = list(literal) if literal is not None else await self._reference_values.all_ids()
         return {"reference_value": await self._reference_values.query_many(ids)}
 
     async def appraise(self, policy_id: str, annotated_evidence: JsonValue) -> Appraised:
@@ -116,6 +114,18 @@ class AttestationPolicies:
         claims = policy.evaluate("policy/trust_claims", annotated_evidence, data)
         extensions = policy.evaluate("policy/extensions", annotated_evidence, data)
         return Appraised(_trust_vector(policy_id, claims), _extensions(policy_id, extensions))
+
+
+@lru_cache(maxsize=64)
+def _literal_reference_ids(source: str) -> tuple[str, ...] | None:
+    """The reference value ids ``source`` asks for, when every call names its id literally;
+    None otherwise. Scanning the text takes longer than evaluating the policy, so the answer
+    is kept per source text."""
+    code = _without_comments(source)
+    literal = _RV_LITERAL.findall(code)
+    if len(literal) != len(_RV_CALL.findall(code)):
+        return None
+    return tuple(sorted(set(literal)))
 
 
 def _without_comments(source: str) -> str:

@@ -4,7 +4,9 @@ Expiry uses the injected clock (monotonic by default, so a wall-clock jump neith
 kills entries). Expired entries read as missing at once and are dropped when touched, and a
 sweep over the whole dict runs after as many writes as there were entries at the last sweep
 (at least :data:`SWEEP_MIN_WRITES`): sweeping costs O(1) amortized per write, and abandoned
-entries (a handshake nobody finishes) cannot pile up beyond about twice the live set.
+entries (a handshake nobody finishes) cannot pile up beyond about twice the live set. A write
+also sweeps when the last sweep is :data:`SWEEP_MAX_INTERVAL` seconds old, so after a burst the
+expired entries go with the next write rather than after as many writes as the burst made.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from keybroker.storage.base import KeyValueStorage
 
 SWEEP_MIN_WRITES = 1024
+SWEEP_MAX_INTERVAL = 60.0
 
 
 class MemoryKeyValueStorage(KeyValueStorage):
@@ -23,6 +26,7 @@ class MemoryKeyValueStorage(KeyValueStorage):
         self._entries: dict[str, tuple[bytes, float | None]] = {}  # key -> (value, deadline)
         self._writes_since_sweep = 0
         self._sweep_after = SWEEP_MIN_WRITES
+        self._last_sweep = clock()
 
     @property
     def stored_entries(self) -> int:
@@ -46,9 +50,13 @@ class MemoryKeyValueStorage(KeyValueStorage):
         # No await between the check and the write: on one event loop this is atomic.
         if not overwrite and self._live(key) is not None:
             return False
-        self._entries[key] = (value, None if ttl is None else self._clock() + ttl)
+        now = self._clock()
+        self._entries[key] = (value, None if ttl is None else now + ttl)
         self._writes_since_sweep += 1
-        if self._writes_since_sweep >= self._sweep_after:
+        if (
+            self._writes_since_sweep >= self._sweep_after
+            or now - self._last_sweep >= SWEEP_MAX_INTERVAL
+        ):
             self._sweep()
         return True
 
@@ -71,3 +79,4 @@ class MemoryKeyValueStorage(KeyValueStorage):
             del self._entries[key]
         self._writes_since_sweep = 0
         self._sweep_after = max(SWEEP_MIN_WRITES, len(self._entries))
+        self._last_sweep = now

@@ -6,7 +6,11 @@ import asyncio
 
 from storage_clock import SteppedClock
 
-from keybroker.storage.memory import SWEEP_MIN_WRITES, MemoryKeyValueStorage
+from keybroker.storage.memory import (
+    SWEEP_MAX_INTERVAL,
+    SWEEP_MIN_WRITES,
+    MemoryKeyValueStorage,
+)
 
 
 def test_abandoned_expired_entries_do_not_pile_up(clock: SteppedClock) -> None:
@@ -38,6 +42,23 @@ def test_sweep_keeps_live_and_permanent_entries(clock: SteppedClock) -> None:
         assert storage.stored_entries == 2 + SWEEP_MIN_WRITES
         assert await storage.get("permanent") == b"p"
         assert await storage.get("long") == b"l"
+
+    asyncio.run(scenario())
+
+
+def test_burst_of_expired_entries_goes_with_the_first_write_a_minute_later(
+    clock: SteppedClock,
+) -> None:
+    """10,000 sessions of a burst expire; the next write after the sweep interval drops them
+    all, instead of waiting for another 10,000 writes."""
+    storage = MemoryKeyValueStorage(clock)
+
+    async def scenario() -> None:
+        for i in range(10 * SWEEP_MIN_WRITES):
+            await storage.set(f"burst{i}", b"s", ttl=30)
+        clock.advance(SWEEP_MAX_INTERVAL)
+        await storage.set("next", b"n", ttl=30)
+        assert storage.stored_entries == 1
 
     asyncio.run(scenario())
 

@@ -1,0 +1,270 @@
+"""``make bench`` / ``make bench-quick``: run the suite, print a table, write JSON.
+
+cd bench && ../.venv/bin/python -m kbsbench [--quick] [--output DIR] [--audit-fsync always|never]
+
+Sections (see docs/performance.md for what each measures and the targets):
+1. handshakes/s and latency percentiles at 1, 16, 64 and 256 concurrent guests (2 workers);
+   resource GETs/s on attested sessions and with bearer tokens;
+2. the crypto floor, and handshake throughput as a fraction of it;
+3. scaling: worker_count 1 and 2; memory versus Redis+PostgreSQL stores; 1, 2 and 3 replicas
+   behind nginx;
+4. memory: server RSS after 10k and after 50k handshakes, each once the sessions of the run
+   have expired and been reaped.
+``--quick`` runs every section small (a few hundred requests, no expiry waits) to show the
+suite works; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kbsbench import floor
+from kbsbench.servers import cluster
+from keybroker.client.rcar import KbsClient
+
+BENCH = Path(__file__).resolve().parents[1]
+SESSION_LIFETIME = 60.0  # the servers' [attestation_service] timeout = 1 (minute)
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, int(fraction * len(sorted_values)))
+    return sorted_values[index]
+
+
+def loadgen(
+    url: str,
+    mode: str,
+    concurrency: int,
+    *,
+    duration: float = 10.0,
+    warmup: float = 2.0,
+    count: int | None = None,
+) -> dict[str, Any]:
+    """Run the load generator in its own process; summarize what it measured."""
+    command = [sys.executable, "-m", "kbsbench.loadgen", "--url", url, "--mode", mode]
+    command += ["--concurrency", str(concurrency), "--duration", str(duration)]
+    command += ["--warmup", str(warmup)]
+    if count is not None:
+        command += ["--count", str(count)]
+    env = {**os.environ, "PYTHONPATH": str(BENCH)}
+    done = subprocess.run(
+        command, cwd=BENCH, env=env, capture_output=True, text=True, timeout=3600, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed:\n{done.stderr[-3000:]}")
+    raw = json.loads(done.stdout)
+    latencies = raw.pop("latencies_ms")
+    seconds = raw["seconds"]
+    return {
+        **raw,
+        "per_second": round(raw["completed"] / seconds, 1) if seconds else 0.0,
+        "p50_ms": _percentile(latencies, 0.50),
+        "p90_ms": _percentile(latencies, 0.90),
+        "p99_ms": _percentile(latencies, 0.99),
+    }
+
+
+def _token(url: str) -> str:
+    client = KbsClient(url)
+    try:
+        return client.attest()
+    finally:
+        client.close()
+
+
+class Bench:
+    def __init__(self, quick: bool, audit_fsync: str, workdir: Path) -> None:
+        self.quick, self.audit_fsync, self.workdir = quick, audit_fsync, workdir
+        self.duration = 1.0 if quick else 10.0
+        self.warmup = 0.3 if quick else 2.0
+        self._count = 0
+
+    def _dir(self, name: str) -> Path:
+        self._count += 1
+        path = self.workdir / f"{self._count:02d}-{name}"
+        path.mkdir()
+        return path
+
+    def _step(self, text: str) -> None:
+        print(f"  {text} ...", file=sys.stderr, flush=True)
+
+    def handshakes(self) -> dict[str, Any]:
+        levels = [1, 16] if self.quick else [1, 16, 64, 256]
+        result: dict[str, Any] = {"workers": 2, "store": "memory", "levels": {}}
+        with cluster(
+            self._dir("handshakes"),
+            replicas=1,
+            workers=2,
+            store="memory",
+            audit_fsync=self.audit_fsync,
+        ) as (url, _servers):
+            result["token"] = _token(url)
+            for level in levels:
+                self._step(f"handshakes, {level} concurrent guests")
+                result["levels"][str(level)] = loadgen(
+                    url, "handshake", level, duration=self.duration, warmup=self.warmup
+                )
+            get_level = 16 if self.quick else 64
+            for mode in ("get", "bearer"):
+                self._step(f"resource GETs ({mode}), {get_level} concurrent guests")
+                result[mode] = loadgen(
+                    url, mode, get_level, duration=self.duration, warmup=self.warmup
+                )
+        return result
+
+    def scaling(self) -> dict[str, Any]:
+        level = 16 if self.quick else 64
+        rows: list[dict[str, Any]] = []
+        setups = [(1, 1, "memory"), (1, 2, "memory"), (1, 2, "redis+postgres")]
+        setups += [(2, 1, "redis+postgres"), (3, 1, "redis+postgres")]
+        for replicas, workers, store in setups:
+            self._step(f"scaling: {replicas} replica(s) x {workers} worker(s), {store}")
+            with cluster(
+                self._dir(f"scaling-{replicas}-{workers}-{store}"),
+                replicas=replicas,
+                workers=workers,
+                store=store,
+                audit_fsync=self.audit_fsync,
+            ) as (url, _servers):
+                measured = loadgen(
+                    url, "handshake", level, duration=self.duration, warmup=self.warmup
+                )
+            rows.append({"replicas": replicas, "workers": workers, "store": store, **measured})
+        return {"concurrency": level, "rows": rows}
+
+    def memory(self) -> dict[str, Any]:
+        """RSS of a one-worker server (sessions in its own memory) at two checkpoints."""
+        first, total = (150, 300) if self.quick else (10_000, 50_000)
+        wait = 0.0 if self.quick else SESSION_LIFETIME + 2
+        result: dict[str, Any] = {"workers": 1, "store": "memory", "expiry_wait_s": wait}
+        with cluster(
+            self._dir("memory"),
+            replicas=1,
+            workers=1,
+            store="memory",
+            audit_fsync=self.audit_fsync,
+        ) as (url, servers):
+            server = servers[0]
+            result["rss_start_mib"] = server.rss_bytes() / 2**20
+
+            def checkpoint(name: str, handshakes: int) -> None:
+                self._step(f"memory: {handshakes} handshakes")
+                run = loadgen(url, "handshake", 64, warmup=0, count=handshakes)
+                result[f"rss_{name}_live_mib"] = server.rss_bytes() / 2**20
+                time.sleep(wait)  # every session of the run expires
+                loadgen(url, "handshake", 4, warmup=0, count=20)  # a write sweeps them
+                result[f"rss_{name}_mib"] = server.rss_bytes() / 2**20
+                result[f"errors_{name}"] = run["errors"]
+
+            checkpoint("first", first)
+            checkpoint("total", total - first - 20)
+        result["handshakes"] = {"first": first, "total": total}
+        growth = result["rss_total_mib"] / result["rss_first_mib"] - 1
+        result["growth_percent"] = round(100 * growth, 1)
+        return result
+
+
+def _table(results: dict[str, Any]) -> str:
+    lines = [
+        "",
+        "Keybroker benchmark" + (" (QUICK: figures are meaningless)" if results["quick"] else ""),
+    ]
+    hs = results["handshakes"]
+    lines.append(
+        f"\nFull handshakes (auth + attest + GET), {hs['workers']} workers, {hs['store']}:"
+    )
+    lines.append(
+        f"  {'guests':>6} {'per s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6}"
+    )
+    for level, row in hs["levels"].items():
+        lines.append(
+            f"  {level:>6} {row['per_second']:>8.0f} {row['p50_ms']:>8.1f} {row['p90_ms']:>8.1f}"
+            f" {row['p99_ms']:>8.1f} {row['errors']:>6}"
+        )
+    for mode in ("get", "bearer"):
+        row = hs[mode]
+        lines.append(
+            f"Resource GETs ({mode}), {row['concurrency']} guests: {row['per_second']:.0f}/s, "
+            f"p99 {row['p99_ms']:.1f} ms, errors {row['errors']}"
+        )
+    fl = results["floor"]
+    lines.append(
+        f"\nCrypto floor (one core): {fl['handshake_microseconds']:.0f} µs per handshake "
+        f"= {fl['floor_per_core']:.0f} handshakes/s"
+    )
+    for name, micros in fl["microseconds"].items():
+        lines.append(f"  {name:<20} {micros:>9.1f} µs")
+    lines.append(f"  best handshake rate / (floor x 2 workers): {fl['fraction_of_floor']:.0%}")
+    sc = results["scaling"]
+    lines.append(f"\nScaling (handshakes/s at {sc['concurrency']} guests):")
+    for row in sc["rows"]:
+        lines.append(
+            f"  {row['replicas']} replica(s) x {row['workers']} worker(s) {row['store']:<15}"
+            f" {row['per_second']:>7.0f}/s  p99 {row['p99_ms']:>6.1f} ms  errors {row['errors']}"
+        )
+    mem = results["memory"]
+    lines.append(
+        f"\nMemory (1 worker): RSS {mem['rss_first_mib']:.1f} MiB after "
+        f"{mem['handshakes']['first']}"
+        f" handshakes, {mem['rss_total_mib']:.1f} MiB after {mem['handshakes']['total']} "
+        f"({mem['growth_percent']:+.1f} %), sessions reaped after {mem['expiry_wait_s']:.0f} s"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Keybroker benchmark suite")
+    parser.add_argument("--quick", action="store_true", help="small and fast; checks the suite")
+    parser.add_argument("--output", type=Path, default=BENCH / "results")
+    parser.add_argument("--audit-fsync", choices=["always", "never"], default="always")
+    args = parser.parse_args()
+    results: dict[str, Any] = {
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "audit_fsync": args.audit_fsync,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+    }
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="kbsbench-") as tmp:
+        bench = Bench(args.quick, args.audit_fsync, Path(tmp))
+        sections: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+            ("handshakes", bench.handshakes),
+            ("scaling", bench.scaling),
+            ("memory", bench.memory),
+        ]
+        for name, section in sections:
+            print(f"{name}:", file=sys.stderr, flush=True)
+            results[name] = section()
+    token = results["handshakes"].pop("token")
+    print("crypto floor:", file=sys.stderr, flush=True)
+    results["floor"] = floor.measure(token, seconds=1.0 if args.quick else 6.0)
+    best = max(row["per_second"] for row in results["handshakes"]["levels"].values())
+    results["floor"]["fraction_of_floor"] = best / (2 * results["floor"]["floor_per_core"])
+    results["seconds"] = round(time.monotonic() - started, 1)
+    args.output.mkdir(parents=True, exist_ok=True)
+    stamp = results["when"].replace(":", "").replace("-", "")
+    path = args.output / f"{'quick' if args.quick else 'full'}-{stamp}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(_table(results))
+    print(f"\nwritten to {path} ({results['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The crypto floor: the server-side work one handshake cannot avoid, in a tight loop.
+
+One guest handshake makes the server, at the least:
+- hash the runtime data (JCS, then SHA-384) to check the evidence binds it;
+- evaluate the compiled default attestation policy on the guest's claims (both entry points,
+  the trust vector and the extensions, with the reference values it reads);
+- sign the EAR token (ES256);
+- verify that token when the guest GETs its resource;
+- wrap the resource for the guest's key as a JWE (ECDH-ES+A256KW for an EC P-256 key;
+  RSA-OAEP-256 for an RSA-2048 key, measured too).
+Each is timed on its own here, in this process, on one core. The floor is the rate of their sum
+for an EC guest: how many handshakes per second one core could do with no HTTP, no framework
+and no storage at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from keybroker.attestation.policy import AttestationPolicies
+from keybroker.attestation.signer import TokenSigner
+from keybroker.client.keys import TeeKey
+from keybroker.kbs.tokens import TokenVerifier
+from keybroker.protocol.canonical import HashAlgorithm, runtime_data, runtime_data_digest
+from keybroker.protocol.jwe import seal
+from keybroker.protocol.jwk import parse_tee_pubkey, public_jwk
+from keybroker.protocol.jws import decode_unverified
+from keybroker.storage.memory import MemoryKeyValueStorage
+
+SAMPLE_REFERENCES: dict[str, Any] = {
+    "svn": ["1"],
+    "launch_digest": ["abcde"],
+    "major_version": 1,
+    "minimum_minor_version": 1,
+}
+
+
+class _References:
+    """Reference values held in memory, as the builtin RVPS answers them."""
+
+    async def register(self, message: str) -> list[str]:
+        raise NotImplementedError
+
+    async def query(self, reference_value_id: str) -> Any:
+        return SAMPLE_REFERENCES.get(reference_value_id)
+
+    async def query_many(self, ids: list[str]) -> dict[str, Any]:
+        return {i: SAMPLE_REFERENCES[i] for i in ids if i in SAMPLE_REFERENCES}
+
+    async def all_ids(self) -> list[str]:
+        return sorted(SAMPLE_REFERENCES)
+
+
+def _per_second(work: Callable[[], object], seconds: float) -> float:
+    """Operations per second of ``work``, the median of five slices of ``seconds``/5."""
+    rates = []
+    for _ in range(5):
+        count, start = 0, time.perf_counter()
+        deadline = start + seconds / 5
+        while (now := time.perf_counter()) < deadline:
+            work()
+            count += 1
+        rates.append(count / (now - start))
+    return statistics.median(rates)
+
+
+def measure(token: str, seconds: float = 5.0) -> dict[str, Any]:
+    """Microseconds per operation and the floor; ``token`` is a real EAR token from the
+    server under test, whose claims are re-signed here (so the payload has its real size)."""
+    _, claims = decode_unverified(token)
+    signer = TokenSigner.ephemeral()
+    verifier = TokenVerifier([signer.public_key])
+    signed = signer.sign(claims)
+    ec_guest = TeeKey.generate()
+    ec_recipient = parse_tee_pubkey(ec_guest.public_jwk())
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    rsa_recipient = parse_tee_pubkey(public_jwk(rsa_key.public_key()))
+    nonce = "q0qYbH2l0pNrVt7-1h4Zsw"
+    secret = b"keybroker benchmark secret"
+    annotated = {
+        "sample": {
+            "svn": "1",
+            "launch_digest": "abcde",
+            "debug": False,
+            "platform_version": {"major": 1, "minor": 1},
+        }
+    }
+
+    loop = asyncio.new_event_loop()
+    policies = AttestationPolicies(MemoryKeyValueStorage(), _References())
+    loop.run_until_complete(policies.initialize())
+    appraised = loop.run_until_complete(policies.appraise("default_cpu", annotated))
+    assert min(appraised.trust_vector.values()) >= 0
+
+    def hash_runtime_data() -> object:
+        return runtime_data_digest(
+            runtime_data(nonce, ec_guest.public_jwk(), ""), HashAlgorithm.SHA384
+        )
+
+    operations: dict[str, Callable[[], object]] = {
+        "runtime_data_hash": hash_runtime_data,
+        "policy_evaluation": lambda: loop.run_until_complete(
+            policies.appraise("default_cpu", annotated)
+        ),
+        "ear_sign": lambda: signer.sign(claims),
+        "ear_verify": lambda: verifier.verify(signed),
+        "jwe_wrap_ec_p256": lambda: seal(ec_recipient, secret),
+        "jwe_wrap_rsa_2048": lambda: seal(rsa_recipient, secret),
+    }
+    micros = {
+        name: 1e6 / _per_second(work, seconds / len(operations))
+        for name, work in operations.items()
+    }
+    loop.close()
+    per_handshake = sum(v for k, v in micros.items() if k != "jwe_wrap_rsa_2048")
+    return {
+        "microseconds": {k: round(v, 1) for k, v in micros.items()},
+        "handshake_microseconds": round(per_handshake, 1),
+        "floor_per_core": round(1e6 / per_handshake, 1),
+    }

@@ -1,0 +1,237 @@
+"""The load generator: simulated guests against a running KBS, in a process of its own.
+
+python -m kbsbench.loadgen --url http://127.0.0.1:PORT --mode handshake --concurrency 64 \
+    --duration 10 [--warmup 2] [--count N]
+
+Modes:
+- ``handshake``: each guest runs the whole RCAR exchange as upstream's guest does (``/auth``,
+  ``/attest`` with sample evidence bound to an EC P-256 TEE key, one resource GET with the
+  session cookie), then starts again as a new guest;
+- ``get``: each guest attests once, then GETs the resource on its attested session;
+- ``bearer``: each guest attests once, then GETs the resource presenting its token
+  (passport mode, ``Authorization: Bearer``), without a cookie.
+
+Each guest decrypts its first resource reply and checks the bytes, so a run that measures
+wrong answers fails instead. Prints one JSON object: completions, errors, the measured seconds
+and the latency of every completed operation (milliseconds, sorted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import uvloop
+
+from kbsbench.wire import Connection, Reply
+from keybroker.client.attesters import SampleAttester
+from keybroker.client.keys import TeeKey
+from keybroker.protocol.canonical import HashAlgorithm, runtime_data, runtime_data_digest
+from keybroker.protocol.models import PROTOCOL_VERSION
+
+RESOURCE_PATH = "/kbs/v0/resource/default/bench/secret"
+SECRET = b"keybroker benchmark secret"
+AUTH_BODY = json.dumps(
+    {
+        "version": PROTOCOL_VERSION,
+        "tee": "sample",
+        "extra-params": {"supported-hash-algorithms": ["sha384"]},
+    }
+).encode()
+JSON = {"content-type": "application/json"}
+MAX_FAILURES_BEFORE_SUCCESS = 200
+
+
+class GuestError(Exception):
+    pass
+
+
+@dataclass
+class Tally:
+    measuring: bool = False
+    stop: bool = False
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    failures: int = 0
+
+    def record(self, seconds: float) -> None:
+        if self.measuring:
+            self.latencies.append(seconds * 1e3)
+
+    def fail(self, error: Exception) -> None:
+        self.failures += 1
+        if self.failures > MAX_FAILURES_BEFORE_SUCCESS and not self.latencies:
+            self.stop = True  # nothing works: report it instead of retrying for ever
+        if self.measuring or self.stop:
+            self.errors += 1
+            if len(self.error_samples) < 5:
+                self.error_samples.append(f"{type(error).__name__}: {error}")
+
+
+def _expect(reply: Reply, status: int, what: str) -> Reply:
+    if reply.status != status:
+        raise GuestError(f"{what}: HTTP {reply.status} {reply.body[:200]!r}")
+    return reply
+
+
+class Guest:
+    """One simulated guest on one keep-alive connection."""
+
+    def __init__(self, host: str, port: int, key: TeeKey) -> None:
+        self.connection = Connection(host, port)
+        self.key = key
+        self.jwk = key.public_jwk()
+        self.cookie = ""
+        self.token = ""
+        self.checked = False
+
+    async def attest(self) -> None:
+        reply = _expect(
+            await self.connection.request("POST", "/kbs/v0/auth", body=AUTH_BODY, headers=JSON),
+            200,
+            "auth",
+        )
+        self.cookie = reply.headers.get("set-cookie", "").split(";", 1)[0]
+        nonce = json.loads(reply.body)["nonce"]
+        data = runtime_data(nonce, self.jwk, "")
+        evidence = SampleAttester().evidence(runtime_data_digest(data, HashAlgorithm.SHA384))
+        body = json.dumps(
+            {
+                "init-data": None,
+                "runtime-data": {"nonce": nonce, "tee-pubkey": self.jwk},
+                "tee-evidence": {"primary_evidence": evidence, "additional_evidence": ""},
+            }
+        ).encode()
+        reply = _expect(
+            await self.connection.request(
+                "POST", "/kbs/v0/attest", body=body, headers={**JSON, "cookie": self.cookie}
+            ),
+            200,
+            "attest",
+        )
+        self.token = json.loads(reply.body)["token"]
+
+    async def get(self, *, bearer: bool) -> None:
+        headers = {"authorization": f"Bearer {self.token}"} if bearer else {"cookie": self.cookie}
+        reply = _expect(
+            await self.connection.request("GET", RESOURCE_PATH, headers=headers), 200, "resource"
+        )
+        if not self.checked:  # the first reply of each guest is decrypted and compared
+            if self.key.decrypt(json.loads(reply.body)) != SECRET:
+                raise GuestError("the resource decrypted to the wrong bytes")
+            self.checked = True
+
+
+async def _handshakes(guest: Guest, tally: Tally, budget: list[int]) -> None:
+    while not tally.stop:
+        if budget and budget[0] <= 0:
+            return
+        start = time.perf_counter()
+        try:
+            guest.checked = False
+            await guest.attest()
+            await guest.get(bearer=False)
+        except (GuestError, OSError, KeyError, ValueError, asyncio.IncompleteReadError) as e:
+            tally.fail(e)
+            await guest.connection.close()
+            continue
+        tally.record(time.perf_counter() - start)
+        if budget:
+            budget[0] -= 1
+            if budget[0] <= 0:
+                tally.stop = True
+
+
+async def _gets(guest: Guest, tally: Tally, bearer: bool) -> None:
+    await guest.attest()
+    while not tally.stop:
+        start = time.perf_counter()
+        try:
+            await guest.get(bearer=bearer)
+        except (GuestError, OSError, KeyError, ValueError, asyncio.IncompleteReadError) as e:
+            tally.fail(e)
+            await guest.connection.close()
+            continue
+        tally.record(time.perf_counter() - start)
+
+
+async def run(
+    url: str,
+    mode: str,
+    *,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    count: int | None,
+) -> dict[str, object]:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    keys = [TeeKey.generate() for _ in range(min(concurrency, 32))]
+    guests = [Guest(host, port, keys[i % len(keys)]) for i in range(concurrency)]
+    tally = Tally()
+    budget = [count] if count is not None else []
+    if mode == "handshake":
+        tasks = [asyncio.create_task(_handshakes(g, tally, budget)) for g in guests]
+    else:
+        tasks = [asyncio.create_task(_gets(g, tally, mode == "bearer")) for g in guests]
+    await asyncio.sleep(warmup)
+    tally.measuring = True
+    started = time.perf_counter()
+    if count is not None:
+        while not tally.stop and not all(t.done() for t in tasks):
+            await asyncio.sleep(0.05)
+    else:
+        await asyncio.sleep(duration)
+    elapsed = time.perf_counter() - started
+    tally.measuring = False
+    tally.stop = True
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    failures = [
+        r for r in results if isinstance(r, Exception) and not isinstance(r, asyncio.CancelledError)
+    ]
+    for guest in guests:
+        await guest.connection.close()
+    return {
+        "mode": mode,
+        "concurrency": concurrency,
+        "completed": len(tally.latencies),
+        "errors": tally.errors + len(failures),
+        "error_samples": tally.error_samples + [repr(f) for f in failures[:3]],
+        "seconds": elapsed,
+        "latencies_ms": sorted(round(v, 3) for v in tally.latencies),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--mode", choices=["handshake", "get", "bearer"], default="handshake")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--count", type=int, default=None, help="stop after N completions")
+    args = parser.parse_args()
+    uvloop.install()
+    result = asyncio.run(
+        run(
+            args.url,
+            args.mode,
+            concurrency=args.concurrency,
+            duration=args.duration,
+            warmup=args.warmup,
+            count=args.count,
+        )
+    )
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
