@@ -120,15 +120,15 @@ async def _admin(
     try:
         identity = _admit(request, services)
     except KeybrokerError as e:
-        record(decision="deny", subject=None, reason=e.detail)
+        await record(decision="deny", subject=None, reason=e.detail)
         raise
     services.audit.ensure_writable()  # refuse the change if it could not be recorded
     try:
         response = await operation()
     except KeybrokerError as e:
-        record(decision="failure", subject=admin_subject(identity), reason=e.detail)
+        await record(decision="failure", subject=admin_subject(identity), reason=e.detail)
         raise
-    record(decision="allow", subject=admin_subject(identity))
+    await record(decision="allow", subject=admin_subject(identity))
     return response
 
 
@@ -152,11 +152,11 @@ async def _rcar(call: ApiCall, request: Request, services: KbsServices) -> Respo
     try:
         token, session = await handshake.attest(call.body, request.cookies.get(SESSION_COOKIE))
     except KeybrokerError as e:
-        record(decision="failure", subject=None, reason=e.detail)
+        await record(decision="failure", subject=None, reason=e.detail)
         raise
     _, claims = decode_unverified(token)  # our own AS just signed it
     status = pointer(claims, "/submods/cpu0/ear.status")
-    record(decision="success", subject=guest_subject(claims, token), reason=f"cpu0 {status}")
+    await record(decision="success", subject=guest_subject(claims, token), reason=f"cpu0 {status}")
     return JSONResponse({"token": token})
 
 
@@ -183,12 +183,12 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
         token = await _guest_token(request, services)
         claims = services.tokens.verify(token)
     except KeybrokerError as e:
-        record(decision="deny", subject=None, reason=e.detail)
+        await record(decision="deny", subject=None, reason=e.detail)
         raise
     subject = guest_subject(claims, token)
     policy_data = {"plugin": call.name, "resource-path": list(call.rest), "query": call.query}
     if not await services.resource_policy.allows(claims, policy_data):
-        record(decision="deny", subject=subject, reason="denied by the resource policy")
+        await record(decision="deny", subject=subject, reason="denied by the resource policy")
         raise PolicyDeniedError("Access denied by policy")
     services.audit.ensure_writable()
     try:
@@ -200,9 +200,9 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
         )
         body = _plain(result) if recipient is None else JSONResponse(seal(recipient, result.body))
     except KeybrokerError as e:
-        record(decision="failure", subject=subject, reason=e.detail)
+        await record(decision="failure", subject=subject, reason=e.detail)
         raise
-    record(decision="allow", subject=subject)  # no record, no release: a failure answers 503
+    await record(decision="allow", subject=subject)  # no record, no release: a failure answers 503
     return body
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,11 @@ from conftest import kbs_config
 from keybroker.cli.kbs import main as kbs_main
 from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
+from keybroker.errors import ServiceUnavailableError
 from keybroker.kbs.app import create_app
-from keybroker.kbs.audit import record_hash, verify_file
+from keybroker.kbs.audit import AuditLog, FileSink, VerifyResult, record_hash, verify_file
 from keybroker.kbs.resource_policy import builtin_policy
+from keybroker.protocol.models import JsonValue
 
 SECRET = b"top-secret-value-never-logged"
 
@@ -173,3 +177,76 @@ def test_unwritable_sink_refuses_release_and_admin_change_then_recovers(tmp_path
         log.rmdir()  # the sink recovers without a restart
         assert guest.get_resource("a/b/c") == SECRET
     assert not (tmp_path / "a").exists()
+
+
+# --- group commit ------------------------------------------------------------------------------
+
+
+class CountingSink(FileSink):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.batches: list[int] = []
+
+    def append_many(self, records: Sequence[dict[str, JsonValue]]) -> None:
+        self.batches.append(len(records))
+        super().append_many(records)
+
+
+def _record(audit: AuditLog, number: int) -> Coroutine[Any, Any, None]:
+    return audit.record(
+        action="attest",
+        decision="success",
+        target=str(number),
+        subject=None,
+        request_id=f"r{number}",
+        peer=None,
+    )
+
+
+def test_concurrent_records_share_writes_and_keep_one_chain(tmp_path: Path) -> None:
+    log = tmp_path / "audit.log"
+    sink = CountingSink(log)
+    audit = AuditLog(sink)
+
+    async def scenario() -> None:
+        await asyncio.gather(*(_record(audit, n) for n in range(200)))
+
+    asyncio.run(scenario())
+    assert verify_file(log) == VerifyResult(True, 200)
+    assert sorted(int(r["target"]) for r in _records(log)) == list(range(200))
+    assert sum(sink.batches) == 200 and len(sink.batches) < 200  # one fsync per batch
+
+
+def test_two_processes_writers_extend_one_chain(tmp_path: Path) -> None:
+    """Each sink remembers the chain's tail; a record the other wrote in between is read back."""
+    log = tmp_path / "audit.log"
+    first, second = AuditLog(FileSink(log)), AuditLog(FileSink(log))
+
+    async def scenario() -> None:
+        for n in range(10):
+            await _record(first if n % 3 else second, n)
+
+    asyncio.run(scenario())
+    assert verify_file(log) == VerifyResult(True, 10)
+
+
+def test_rotated_log_is_reopened(tmp_path: Path) -> None:
+    log = tmp_path / "audit.log"
+    audit = AuditLog(FileSink(log))
+    asyncio.run(_record(audit, 1))
+    log.rename(tmp_path / "audit.log.1")
+    asyncio.run(_record(audit, 2))
+    assert [r["target"] for r in _records(log)] == ["2"]
+    assert [r["target"] for r in _records(tmp_path / "audit.log.1")] == ["1"]
+
+
+def test_failed_write_fails_every_record_of_its_batch(tmp_path: Path) -> None:
+    log = tmp_path / "audit.log"
+    log.mkdir()  # unwritable: a directory
+    audit = AuditLog(FileSink(log))
+
+    async def scenario() -> list[BaseException | None]:
+        return await asyncio.gather(*(_record(audit, n) for n in range(5)), return_exceptions=True)
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(o, ServiceUnavailableError) for o in outcomes)
