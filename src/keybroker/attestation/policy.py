@@ -111,8 +111,9 @@ class AttestationPolicies:
     async def appraise(self, policy_id: str, annotated_evidence: JsonValue) -> Appraised:
         policy = await self.compiled(policy_id)
         data = await self.reference_data(policy)
-        claims = policy.evaluate("policy/trust_claims", annotated_evidence, data)
-        extensions = policy.evaluate("policy/extensions", annotated_evidence, data)
+        claims, extensions = policy.evaluate_many(
+            ("policy/trust_claims", "policy/extensions"), annotated_evidence, data
+        )
         return Appraised(_trust_vector(policy_id, claims), _extensions(policy_id, extensions))
 
 

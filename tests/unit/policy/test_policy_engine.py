@@ -165,6 +165,22 @@ def test_input_is_never_stale() -> None:
     assert policy.cache_info().misses == 1
 
 
+def test_several_entrypoints_on_one_input_equal_separate_evaluations() -> None:
+    policy = compile_resource_policy()
+    data = resource_data(path="a/b/c")
+    for claims in (TDX, SAMPLE, TDX):
+        together = policy.evaluate_many(
+            ["policy/allow", "policy/vector", "policy/depth"], claims, data
+        )
+        alone = [
+            policy.evaluate(e, claims, data)
+            for e in ("policy/allow", "policy/vector", "policy/depth")
+        ]
+        assert together == alone
+    with pytest.raises(ValueError, match="not compiled"):
+        policy.evaluate_many(["policy/allow", "policy/nope"], TDX, data)
+
+
 def test_cache_is_bounded_and_evicts_least_recently_used() -> None:
     policy = compile_resource_policy(cache_size=3)
     for index in range(10):
