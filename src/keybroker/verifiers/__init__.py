@@ -15,6 +15,8 @@ from keybroker.verifiers.dcap_settings import CollateralAppraiser, build_fetcher
 from keybroker.verifiers.intel import SgxVerifier, TdxVerifier
 from keybroker.verifiers.sample import SampleVerifier
 from keybroker.verifiers.sample_device import SampleDeviceVerifier
+from keybroker.verifiers.snp import SnpVerifier
+from keybroker.verifiers.snp_settings import build_snp_appraiser
 
 
 def build_verifiers(
@@ -23,11 +25,13 @@ def build_verifiers(
     """One verifier per supported TEE, built from ``[attestation_service.verifier_config]``.
     Nothing here touches the network: collateral is fetched when a quote is verified."""
     appraiser = CollateralAppraiser(build_fetcher(dcap_settings(verifier_config), clock))
+    snp_appraiser = build_snp_appraiser(verifier_config, clock)
     return {
         Tee.SAMPLE: SampleVerifier(),
         Tee.SAMPLE_DEVICE: SampleDeviceVerifier(),
         Tee.TDX: TdxVerifier(appraiser, clock=clock),
         Tee.SGX: SgxVerifier(appraiser, clock=clock),
+        Tee.SNP: SnpVerifier(snp_appraiser, clock=clock),
     }
 
 

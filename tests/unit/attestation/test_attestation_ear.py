@@ -126,9 +126,9 @@ def test_no_evidence_and_unknown_tee_rejected() -> None:
     service = _service()
     with pytest.raises(AttestationError):
         asyncio.run(service.verify([]))
-    snp = EvidenceToVerify(Tee.SNP, {}, {}, HashAlgorithm.SHA384)  # no SNP verifier yet
+    cca = EvidenceToVerify(Tee.CCA, {}, {}, HashAlgorithm.SHA384)  # no CCA verifier yet
     with pytest.raises(AttestationError, match="no verifier"):
-        asyncio.run(service.verify([snp]))
+        asyncio.run(service.verify([cca]))
 
 
 def test_signer_refuses_non_p256_key() -> None:

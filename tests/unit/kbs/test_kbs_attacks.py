@@ -154,8 +154,8 @@ def test_unknown_tee_rejected(kbs: Kbs) -> None:
     _problem(reply, 400, "MalformedRequest")
 
 
-def test_known_tee_without_verifier_rejected(kbs: Kbs) -> None:  # SNP: a later issue
-    reply = kbs.client.post("/kbs/v0/auth", json={**AUTH, "tee": "snp"})
+def test_known_tee_without_verifier_rejected(kbs: Kbs) -> None:  # CCA: a later issue
+    reply = kbs.client.post("/kbs/v0/auth", json={**AUTH, "tee": "cca"})
     assert "not supported" in _problem(reply, 401, "AttestationError")
 
 
