@@ -6,11 +6,11 @@ import json
 from typing import Any
 
 import pytest
+from default_policy import appraise
 
 from conftest import vectors
 from keybroker.attestation.ear import status_of
 from keybroker.verifiers.snp_report import report_from_json, snp_claims
-from test_attestation_default_policy_intel import _appraise
 
 
 def _snp() -> dict[str, Any]:
@@ -38,7 +38,7 @@ def _references(claims: dict[str, Any]) -> dict[str, Any]:
 def test_recorded_guest_with_matching_references_is_affirming() -> None:
     claims = _snp()
     assert claims["policy_debug_allowed"] is False and claims["policy_migrate_ma"] is False
-    vector = _appraise({"snp": claims}, _references(claims))
+    vector = appraise({"snp": claims}, _references(claims))
     assert (vector["executables"], vector["hardware"], vector["configuration"]) == (3, 2, 2)
     assert status_of(vector) == "affirming"
 
@@ -47,13 +47,13 @@ def test_scalar_reference_values_match_too() -> None:
     claims = _snp()
     scalars = {k: v[0] for k, v in _references(claims).items() if k != "snp_launch_measurement"}
     references = {**scalars, "snp_launch_measurement": [claims["measurement"]]}
-    vector = _appraise({"snp": claims}, references)
+    vector = appraise({"snp": claims}, references)
     assert status_of(vector) == "affirming"
 
 
 def test_debuggable_guest_is_contraindicated_even_with_every_reference_matching() -> None:
     claims = {**_snp(), "policy_debug_allowed": True}
-    vector = _appraise({"snp": claims}, _references(claims))
+    vector = appraise({"snp": claims}, _references(claims))
     assert vector["configuration"] == 96
     assert status_of(vector) == "contraindicated"
 
@@ -61,12 +61,12 @@ def test_debuggable_guest_is_contraindicated_even_with_every_reference_matching(
 def test_guest_without_configuration_references_is_only_safe_not_approved() -> None:
     claims = _snp()
     references = {k: v for k, v in _references(claims).items() if not k.startswith("snp_guest")}
-    assert _appraise({"snp": claims}, references)["configuration"] == 3
+    assert appraise({"snp": claims}, references)["configuration"] == 3
 
 
 def test_migration_agent_leaves_the_configuration_unknown() -> None:
     claims = {**_snp(), "policy_migrate_ma": True}
-    assert _appraise({"snp": claims}, _references(claims))["configuration"] == 36
+    assert appraise({"snp": claims}, _references(claims))["configuration"] == 36
 
 
 @pytest.mark.parametrize(
@@ -76,6 +76,6 @@ def test_migration_agent_leaves_the_configuration_unknown() -> None:
 def test_unknown_measurement_or_firmware_is_not_trusted(reference: str, claim: str) -> None:
     claims = _snp()
     references = {**_references(claims), reference: ["00"]}
-    vector = _appraise({"snp": claims}, references)
+    vector = appraise({"snp": claims}, references)
     assert vector[claim] in (33, 97)
     assert status_of(vector) != "affirming"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copy
 import datetime
@@ -10,47 +9,16 @@ import json
 from typing import Any
 
 import pytest
+from default_policy import appraise
 
 from conftest import vectors
 from keybroker.attestation.ear import status_of
-from keybroker.attestation.policy import AttestationPolicies
-from keybroker.protocol.models import JsonValue
-from keybroker.storage.memory import MemoryKeyValueStorage
 from keybroker.verifiers.dcap import parse_quote, verify_quote
 from keybroker.verifiers.sgx_claims import sgx_claims
 from keybroker.verifiers.tdx_claims import tdx_claims
 
 NOW = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
 UP_TO_DATE = {"tcb_status": "UpToDate", "collateral_expiration_status": "0"}
-
-
-class References:
-    """Reference values held in a dict (the ReferenceValues interface, no provenance)."""
-
-    def __init__(self, values: dict[str, list[str]]) -> None:
-        self._values = values
-
-    async def register(self, message: str) -> list[str]:
-        raise NotImplementedError
-
-    async def query(self, reference_value_id: str) -> JsonValue | None:
-        return self._values.get(reference_value_id)
-
-    async def query_many(self, ids: list[str]) -> dict[str, JsonValue]:
-        return {i: self._values[i] for i in ids if i in self._values}
-
-    async def all_ids(self) -> list[str]:
-        return sorted(self._values)
-
-
-def _appraise(evidence: dict[str, Any], references: dict[str, list[str]]) -> dict[str, int]:
-    policies = AttestationPolicies(MemoryKeyValueStorage(), References(references))
-
-    async def run() -> dict[str, int]:
-        await policies.initialize()
-        return (await policies.appraise("default_cpu", evidence)).trust_vector
-
-    return asyncio.run(run())
 
 
 def _tdx() -> dict[str, Any]:
@@ -66,7 +34,7 @@ def _tdx_references(claims: dict[str, Any]) -> dict[str, list[str]]:
 def test_debug_td_is_contraindicated_even_with_every_reference_matching() -> None:
     claims = _tdx()
     assert claims["td_attributes"]["debug"] is True
-    vector = _appraise({"tdx": claims}, _tdx_references(claims))
+    vector = appraise({"tdx": claims}, _tdx_references(claims))
     assert vector["configuration"] == 96
     assert status_of(vector) == "contraindicated"
 
@@ -74,7 +42,7 @@ def test_debug_td_is_contraindicated_even_with_every_reference_matching() -> Non
 def test_production_td_with_matching_references_is_affirming() -> None:
     claims = _tdx()
     claims["td_attributes"] = {**claims["td_attributes"], "debug": False}
-    vector = _appraise({"tdx": claims}, _tdx_references(claims))
+    vector = appraise({"tdx": claims}, _tdx_references(claims))
     assert (vector["executables"], vector["hardware"], vector["configuration"]) == (3, 2, 2)
     assert status_of(vector) == "affirming"
 
@@ -93,7 +61,7 @@ def test_tdx_platform_not_current_is_not_trusted(
     claims = _tdx()
     claims["td_attributes"] = {**claims["td_attributes"], "debug": False}
     claims.update(change)
-    vector = _appraise({"tdx": claims}, _tdx_references(claims))
+    vector = appraise({"tdx": claims}, _tdx_references(claims))
     assert vector[claim] == value
     assert status_of(vector) == "contraindicated"
 
@@ -103,7 +71,7 @@ def test_tdx_unknown_kernel_is_not_affirmed() -> None:
     claims["td_attributes"] = {**claims["td_attributes"], "debug": False}
     references = _tdx_references(claims)
     references["rtmr_1"] = ["00" * 48]
-    vector = _appraise({"tdx": claims}, references)
+    vector = appraise({"tdx": claims}, references)
     assert vector["executables"] == 33
 
 
@@ -118,7 +86,7 @@ def test_debug_enclave_is_contraindicated() -> None:
     claims = _sgx()  # attributes.flags 07: INIT | DEBUG | MODE64BIT
     body = claims["body"]
     references = {"mr_enclave": [body["mr_enclave"]], "mr_signer": [body["mr_signer"]]}
-    vector = _appraise({"sgx": claims}, references)
+    vector = appraise({"sgx": claims}, references)
     assert vector["configuration"] == 96 and status_of(vector) == "contraindicated"
 
 
@@ -127,6 +95,6 @@ def test_production_enclave_with_matching_references_is_affirming() -> None:
     claims["body"]["attributes.flags"] = "0500000000000000"
     body = claims["body"]
     references = {"mr_enclave": [body["mr_enclave"]], "mr_signer": [body["mr_signer"]]}
-    vector = _appraise({"sgx": claims}, references)
+    vector = appraise({"sgx": claims}, references)
     assert (vector["executables"], vector["hardware"], vector["configuration"]) == (3, 2, 2)
     assert status_of(vector) == "affirming"
