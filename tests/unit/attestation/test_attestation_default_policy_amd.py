@@ -10,6 +10,7 @@ from default_policy import appraise
 
 from conftest import vectors
 from keybroker.attestation.ear import status_of
+from keybroker.attestation.policy import _literal_reference_ids, builtin_attestation_policy
 from keybroker.verifiers.snp_report import report_from_json, snp_claims
 
 
@@ -79,3 +80,9 @@ def test_unknown_measurement_or_firmware_is_not_trusted(reference: str, claim: s
     vector = appraise({"snp": claims}, references)
     assert vector[claim] in (33, 97)
     assert status_of(vector) != "affirming"
+
+
+def test_default_policy_names_every_reference_value_id_literally() -> None:
+    """Otherwise each appraisal would list and read the whole reference value store."""
+    ids = _literal_reference_ids(builtin_attestation_policy("default_cpu"))
+    assert ids is not None and {"snp_launch_measurement", "snp_pcr11", "mr_td"} <= set(ids)

@@ -109,10 +109,10 @@ executables := 3 if {
 }
 
 hardware := 2 if {
-	reference_matches(input.snp.reported_tcb_bootloader, "snp_bootloader")
-	reference_matches(input.snp.reported_tcb_tee, "snp_tee_svn")
-	reference_matches(input.snp.reported_tcb_snp, "snp_snp_svn")
-	reference_matches(input.snp.reported_tcb_microcode, "snp_microcode")
+	reference_matches(input.snp.reported_tcb_bootloader, query_reference_value("snp_bootloader"))
+	reference_matches(input.snp.reported_tcb_tee, query_reference_value("snp_tee_svn"))
+	reference_matches(input.snp.reported_tcb_snp, query_reference_value("snp_snp_svn"))
+	reference_matches(input.snp.reported_tcb_microcode, query_reference_value("snp_microcode"))
 }
 
 # A guest whose policy lets the host debug it is readable by the host: never trusted.
@@ -120,12 +120,12 @@ configuration := 96 if {
 	input.snp.policy_debug_allowed == true
 } else := 2 if {
 	input.snp.policy_migrate_ma == false
-	reference_matches(input.snp.platform_smt_enabled, "snp_smt_enabled")
-	reference_matches(input.snp.platform_tsme_enabled, "snp_tsme_enabled")
-	reference_matches(input.snp.policy_abi_major, "snp_guest_abi_major")
-	reference_matches(input.snp.policy_abi_minor, "snp_guest_abi_minor")
-	reference_matches(input.snp.policy_single_socket, "snp_single_socket")
-	reference_matches(input.snp.policy_smt_allowed, "snp_smt_allowed")
+	reference_matches(input.snp.platform_smt_enabled, query_reference_value("snp_smt_enabled"))
+	reference_matches(input.snp.platform_tsme_enabled, query_reference_value("snp_tsme_enabled"))
+	reference_matches(input.snp.policy_abi_major, query_reference_value("snp_guest_abi_major"))
+	reference_matches(input.snp.policy_abi_minor, query_reference_value("snp_guest_abi_minor"))
+	reference_matches(input.snp.policy_single_socket, query_reference_value("snp_single_socket"))
+	reference_matches(input.snp.policy_smt_allowed, query_reference_value("snp_smt_allowed"))
 } else := 3 if {
 	# no debugging and no migration agent: no known weakness, but not a reviewed config
 	input.snp.policy_debug_allowed == false
@@ -147,22 +147,22 @@ executables := 3 if {
 }
 
 hardware := 2 if {
-	reference_matches(az_snp.reported_tcb_bootloader, "tcb_bootloader")
-	reference_matches(az_snp.reported_tcb_tee, "tcb_tee")
-	reference_matches(az_snp.reported_tcb_snp, "tcb_snp")
-	reference_matches(az_snp.reported_tcb_microcode, "tcb_microcode")
+	reference_matches(az_snp.reported_tcb_bootloader, query_reference_value("tcb_bootloader"))
+	reference_matches(az_snp.reported_tcb_tee, query_reference_value("tcb_tee"))
+	reference_matches(az_snp.reported_tcb_snp, query_reference_value("tcb_snp"))
+	reference_matches(az_snp.reported_tcb_microcode, query_reference_value("tcb_microcode"))
 }
 
 configuration := 96 if {
 	az_snp.policy_debug_allowed == true
 } else := 2 if {
 	az_snp.policy_debug_allowed == false
-	reference_matches(az_snp.platform_smt_enabled, "smt_enabled")
-	reference_matches(az_snp.platform_tsme_enabled, "tsme_enabled")
-	reference_matches(az_snp.policy_abi_major, "abi_major")
-	reference_matches(az_snp.policy_abi_minor, "abi_minor")
-	reference_matches(az_snp.policy_single_socket, "single_socket")
-	reference_matches(az_snp.policy_smt_allowed, "smt_allowed")
+	reference_matches(az_snp.platform_smt_enabled, query_reference_value("smt_enabled"))
+	reference_matches(az_snp.platform_tsme_enabled, query_reference_value("tsme_enabled"))
+	reference_matches(az_snp.policy_abi_major, query_reference_value("abi_major"))
+	reference_matches(az_snp.policy_abi_minor, query_reference_value("abi_minor"))
+	reference_matches(az_snp.policy_single_socket, query_reference_value("single_socket"))
+	reference_matches(az_snp.policy_smt_allowed, query_reference_value("smt_allowed"))
 }
 
 # --- az-tdx-vtpm: Azure confidential VMs on TDX (TDX claims plus tpm.pcrNN) --------------
@@ -193,9 +193,10 @@ configuration := 96 if {
 }
 
 # A reference value registered as a list holds every accepted value; a scalar, the one.
-reference_matches(value, id) if value in query_reference_value(id)
+# (Each caller names its reference value id literally, so only those ids are fetched.)
+reference_matches(value, reference) if value in reference
 
-reference_matches(value, id) if value == query_reference_value(id)
+reference_matches(value, reference) if value == reference
 
 # --- workload identifiers from the init-data agent policy -------------------------------
 
