@@ -78,10 +78,11 @@ class ReferenceValueStore:
 
     async def query_many(self, ids: list[str]) -> dict[str, JsonValue]:
         found: dict[str, JsonValue] = {}
-        for reference_value_id in ids:
-            value = await self.query(reference_value_id)
-            if value is not None:
-                found[reference_value_id] = value
+        now = self._clock()
+        for reference_value_id, raw in (await self._storage.get_many(ids)).items():
+            value = ReferenceValue.from_bytes(raw)
+            if value.expiration > now:
+                found[reference_value_id] = value.value
         return found
 
     async def all_ids(self) -> list[str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 from keybroker.errors import KeybrokerError, StorageError
@@ -94,6 +94,14 @@ class KeyValueStorage(ABC):
         """The value stored under ``key``, or None if there is none (or it expired)."""
         return await self._guarded("get", self._get(validate_key(key)))
 
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The live values of ``keys`` (missing and expired ones left out), in one round trip
+        where the backend can (PostgreSQL, Redis)."""
+        unique = list(dict.fromkeys(validate_key(key) for key in keys))
+        if not unique:
+            return {}
+        return await self._guarded("get", self._get_many(unique))
+
     async def set(
         self, key: str, value: bytes, *, overwrite: bool = True, ttl: float | None = None
     ) -> bool:
@@ -124,6 +132,14 @@ class KeyValueStorage(ABC):
 
     @abstractmethod
     async def _get(self, key: str) -> bytes | None: ...
+
+    async def _get_many(self, keys: list[str]) -> dict[str, bytes]:
+        found = {}
+        for key in keys:
+            value = await self._get(key)
+            if value is not None:
+                found[key] = value
+        return found
 
     @abstractmethod
     async def _set(self, key: str, value: bytes, overwrite: bool, ttl: float | None) -> bool: ...

@@ -131,6 +131,21 @@ class PostgresKeyValueStorage(KeyValueStorage):
             return None
         return bytes(value)
 
+    async def _get_many(self, keys: list[str]) -> dict[str, bytes]:
+        rows = await self._call(
+            sql.SQL("SELECT key, value, expires_at FROM {} WHERE key = ANY(%s)").format(
+                self._table
+            ),
+            (keys,),
+        )
+        now = self._clock()
+        # expired rows read as missing; the single-key read purges them
+        return {
+            key: bytes(value)
+            for key, value, expires_at in rows
+            if expires_at is None or expires_at > now
+        }
+
     async def _set(self, key: str, value: bytes, overwrite: bool, ttl: float | None) -> bool:
         now = self._clock()
         expires_at = None if ttl is None else now + ttl

@@ -99,6 +99,23 @@ class RedisKeyValueStorage(KeyValueStorage):
             await self._do("delete", self._prefix + key)
         return live
 
+    async def _get_many(self, keys: list[str]) -> dict[str, bytes]:
+        pipeline = self._client().pipeline(transaction=False)
+        for key in keys:
+            pipeline.hmget(self._prefix + key, ["v", "e"])
+        try:
+            replies = await pipeline.execute()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            raise ServiceUnavailableError(
+                f"Redis is unavailable ({type(e).__name__}): retry later"
+            ) from None
+        found = {}
+        for key, (value, deadline) in zip(keys, replies, strict=True):
+            live = self._live(value, deadline)
+            if live is not None:
+                found[key] = live
+        return found
+
     async def _set(self, key: str, value: bytes, overwrite: bool, ttl: float | None) -> bool:
         now = self._clock()
         deadline = "" if ttl is None else repr(now + ttl)

@@ -209,6 +209,27 @@ def test_ttl_expiry(run: Runner[Any], storage: KeyValueStorage, clock: SteppedCl
     run(scenario())
 
 
+def test_get_many_returns_the_live_values_only(
+    run: Runner[Any], storage: KeyValueStorage, clock: SteppedClock
+) -> None:
+    async def scenario() -> None:
+        await storage.set("a", b"1")
+        await storage.set("b", b"\x00\xff")
+        await storage.set("soon", b"s", ttl=5)
+        assert await storage.get_many([]) == {}
+        assert await storage.get_many(["a", "missing", "b", "a", "soon"]) == {
+            "a": b"1",
+            "b": b"\x00\xff",
+            "soon": b"s",
+        }
+        clock.advance(5)
+        assert await storage.get_many(["a", "soon"]) == {"a": b"1"}
+        with pytest.raises(StorageError):
+            await storage.get_many(["a", "../etc/passwd"])
+
+    run(scenario())
+
+
 def test_expired_entry_not_listed_before_it_is_read(
     run: Runner[Any], storage: KeyValueStorage, clock: SteppedClock
 ) -> None:
