@@ -11,6 +11,8 @@ from typing import Any
 
 from keybroker.protocol.models import Tee
 from keybroker.verifiers.base import TeeClaims, Verifier
+from keybroker.verifiers.az_snp_vtpm import AzSnpVtpmVerifier
+from keybroker.verifiers.az_tdx_vtpm import AzTdxVtpmVerifier
 from keybroker.verifiers.dcap_settings import CollateralAppraiser, build_fetcher, dcap_settings
 from keybroker.verifiers.intel import SgxVerifier, TdxVerifier
 from keybroker.verifiers.sample import SampleVerifier
@@ -32,6 +34,8 @@ def build_verifiers(
         Tee.TDX: TdxVerifier(appraiser, clock=clock),
         Tee.SGX: SgxVerifier(appraiser, clock=clock),
         Tee.SNP: SnpVerifier(snp_appraiser, clock=clock),
+        Tee.AZ_SNP_VTPM: AzSnpVtpmVerifier(snp_appraiser, clock=clock),
+        Tee.AZ_TDX_VTPM: AzTdxVtpmVerifier(appraiser, clock=clock),
     }
 
 

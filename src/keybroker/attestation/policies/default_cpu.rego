@@ -134,10 +134,10 @@ configuration := 96 if {
 
 # --- az-snp-vtpm: Azure confidential VMs on SEV-SNP (SNP claims plus tpm.pcrNN) ----------
 #
-# The claims sit under the TEE's name, "az-snp-vtpm" (upstream's own policy names them
-# az_snp_vtpm, a key its tokens never carry). Reference value ids as upstream's: measurement,
-# snp_pcr11, tcb_bootloader, tcb_tee, tcb_snp, tcb_microcode, smt_enabled, tsme_enabled,
-# abi_major, abi_minor, single_socket, smt_allowed.
+# The claims sit under the TEE's name, "az-snp-vtpm". As upstream's, every SNP claim of this
+# TEE is a string: numbers in decimal, flags "true" / "false", the measurement in base64.
+# Reference value ids as upstream's: measurement, snp_pcr11, tcb_bootloader, tcb_tee, tcb_snp,
+# tcb_microcode, smt_enabled, tsme_enabled, abi_major, abi_minor, single_socket, smt_allowed.
 
 az_snp := input["az-snp-vtpm"]
 
@@ -154,9 +154,9 @@ hardware := 2 if {
 }
 
 configuration := 96 if {
-	az_snp.policy_debug_allowed == true
+	az_snp.policy_debug_allowed == "true"
 } else := 2 if {
-	az_snp.policy_debug_allowed == false
+	az_snp.policy_debug_allowed == "false"
 	reference_matches(az_snp.platform_smt_enabled, query_reference_value("smt_enabled"))
 	reference_matches(az_snp.platform_tsme_enabled, query_reference_value("tsme_enabled"))
 	reference_matches(az_snp.policy_abi_major, query_reference_value("abi_major"))
