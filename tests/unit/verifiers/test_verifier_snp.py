@@ -20,6 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from conftest import vectors
 from keybroker.errors import EvidenceError, ServiceUnavailableError
 from keybroker.protocol.models import Tee
+from keybroker.verifiers import build_verifiers
+from keybroker.verifiers.az_snp_vtpm import AzSnpVtpmVerifier
+from keybroker.verifiers.az_tdx_vtpm import AzTdxVtpmVerifier
 from keybroker.verifiers.snp import (
     SnpAppraiser,
     SnpVerifier,
@@ -500,3 +503,12 @@ def test_malformed_cert_chain_is_refused(world: World, chain: Any, reason: str) 
     document["cert_chain"] = chain
     with pytest.raises(EvidenceError, match=reason):
         _verifier(world).verify(document, expected_report_data=None, expected_init_data=None)
+
+
+def test_snp_and_azure_verifiers_are_registered_without_touching_the_network() -> None:
+    config = {"snp": {"kds_url": "https://kds.invalid", "timeout": 1}}
+    verifiers = build_verifiers(config)
+    assert isinstance(verifiers[Tee.SNP], SnpVerifier)
+    assert isinstance(verifiers[Tee.AZ_SNP_VTPM], AzSnpVtpmVerifier)
+    assert isinstance(verifiers[Tee.AZ_TDX_VTPM], AzTdxVtpmVerifier)
+    assert all(verifiers[t].may_block for t in (Tee.SNP, Tee.AZ_SNP_VTPM, Tee.AZ_TDX_VTPM))
