@@ -249,9 +249,12 @@ def main() -> None:
             ("scaling", bench.scaling),
             ("memory", bench.memory),
         ]
+        args.output.mkdir(parents=True, exist_ok=True)
+        partial = args.output / "partial.json"
         for name, section in sections:
             print(f"{name}:", file=sys.stderr, flush=True)
             results[name] = section()
+            partial.write_text(json.dumps(results, indent=2) + "\n")  # kept if a later one fails
     token = results["handshakes"].pop("token")
     print("crypto floor:", file=sys.stderr, flush=True)
     results["floor"] = floor.measure(token, seconds=1.0 if args.quick else 6.0)
@@ -262,6 +265,7 @@ def main() -> None:
     stamp = results["when"].replace(":", "").replace("-", "")
     path = args.output / f"{'quick' if args.quick else 'full'}-{stamp}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
+    partial.unlink(missing_ok=True)
     print(_table(results))
     print(f"\nwritten to {path} ({results['seconds']:.0f} s)")
 

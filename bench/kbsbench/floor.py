@@ -74,6 +74,8 @@ def measure(token: str, seconds: float = 5.0) -> dict[str, Any]:
     """Microseconds per operation and the floor; ``token`` is a real EAR token from the
     server under test, whose claims are re-signed here (so the payload has its real size)."""
     _, claims = decode_unverified(token)
+    now = int(time.time())  # the token may be older than its lifetime by now: renew its dates
+    claims = {**claims, "iat": now, "exp": now + 3600}
     signer = TokenSigner.ephemeral()
     verifier = TokenVerifier([signer.public_key])
     signed = signer.sign(claims)
