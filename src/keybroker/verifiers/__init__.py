@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from keybroker.protocol.models import Tee
-from keybroker.verifiers.base import TeeClaims, Verifier
 from keybroker.verifiers.az_snp_vtpm import AzSnpVtpmVerifier
 from keybroker.verifiers.az_tdx_vtpm import AzTdxVtpmVerifier
+from keybroker.verifiers.base import TeeClaims, Verifier
 from keybroker.verifiers.dcap_settings import CollateralAppraiser, build_fetcher, dcap_settings
 from keybroker.verifiers.intel import SgxVerifier, TdxVerifier
 from keybroker.verifiers.sample import SampleVerifier

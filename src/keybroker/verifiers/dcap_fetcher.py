@@ -23,10 +23,8 @@ import binascii
 import datetime
 import json
 import logging
-import os
 import re
 import ssl
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import fields
@@ -37,6 +35,7 @@ from urllib.parse import unquote
 import httpx
 
 from keybroker.errors import ConfigError, ServiceUnavailableError
+from keybroker.storage.local_fs import write_atomically
 from keybroker.verifiers.dcap_collateral import (
     MAX_ITEM_BYTES,
     Collateral,
@@ -292,15 +291,4 @@ class CachingFetcher(CollateralFetcher):
             for f in fields(Collateral)
         }
         self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # mkstemp creates the file 0600 in the same directory, so the rename is atomic and
-        # a reader never sees half a file
-        handle, temporary = tempfile.mkstemp(dir=self._directory, prefix=".collateral-")
-        try:
-            with os.fdopen(handle, "w", encoding="ascii") as file:
-                json.dump(record, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomically(path, json.dumps(record).encode("ascii"))  # 0600, all or nothing

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import ssl
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ import httpx
 from cryptography import x509
 
 from keybroker.errors import ConfigError, EvidenceError, ServiceUnavailableError
+from keybroker.storage.local_fs import write_atomically
 from keybroker.verifiers.snp_certs import KeyKind, load_certificates
 from keybroker.verifiers.snp_report import Product, TcbVersion
 
@@ -331,18 +330,7 @@ class SnpCachingFetcher(SnpCollateralFetcher):
 
     def _store(self, path: Path, data: bytes) -> None:
         self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # mkstemp creates the file 0600 in the same directory, so the rename is atomic and a
-        # reader never sees half a file
-        handle, temporary = tempfile.mkstemp(dir=self._directory, prefix=".snp-")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomically(path, data)  # 0600; a reader never sees half a file
 
 
 def _forever_if_certificate(data: bytes) -> datetime.datetime | None:
