@@ -1,7 +1,9 @@
 """The KBS's client for a remote Attestation Service over gRPC (``type = "coco_as_grpc"``).
 
 Each call has a deadline. gRPC channels reconnect by themselves with exponential backoff, so
-an AS that comes back is used again without restarting the KBS. An AS that is down or too slow
+an AS that comes back is used again without restarting the KBS; the backoff is capped at one
+second (:data:`RECONNECT_OPTIONS`), so that is within a second of its return rather than after
+gRPC's default of up to two minutes. An AS that is down or too slow
 answers 503 with the address and the reason; an AS that refuses the evidence answers 401.
 """
 
@@ -23,7 +25,7 @@ from keybroker.errors import (
     ServiceUnavailableError,
     UnsupportedOperationError,
 )
-from keybroker.grpc_api import attestation_pb2, attestation_pb2_grpc
+from keybroker.grpc_api import RECONNECT_OPTIONS, attestation_pb2, attestation_pb2_grpc
 from keybroker.protocol.models import JsonValue, Tee
 from keybroker.rvps.grpc_service import RemoteReferenceValues
 
@@ -83,9 +85,9 @@ class GrpcAttestationService(AttestationBackend):
         # Created on first use, inside the worker's event loop.
         if self._stub is None:
             channel = (
-                grpc.aio.secure_channel(self._target, _tls_credentials())
+                grpc.aio.secure_channel(self._target, _tls_credentials(), options=RECONNECT_OPTIONS)
                 if self._tls
-                else grpc.aio.insecure_channel(self._target)
+                else grpc.aio.insecure_channel(self._target, options=RECONNECT_OPTIONS)
             )
             self._stub = attestation_pb2_grpc.AttestationServiceStub(channel)
         return self._stub

@@ -19,7 +19,7 @@ from keybroker.errors import (
     KeybrokerError,
     ServiceUnavailableError,
 )
-from keybroker.grpc_api import reference_pb2, reference_pb2_grpc
+from keybroker.grpc_api import RECONNECT_OPTIONS, reference_pb2, reference_pb2_grpc
 from keybroker.protocol.models import JsonValue
 from keybroker.rvps.store import ReferenceValueStore
 
@@ -74,7 +74,7 @@ class RemoteReferenceValues:
 
     def _client(self) -> reference_pb2_grpc.ReferenceValueProviderServiceStub:
         if self._stub is None:  # created inside the running event loop
-            channel = grpc.aio.insecure_channel(self._target)
+            channel = grpc.aio.insecure_channel(self._target, options=RECONNECT_OPTIONS)
             self._stub = reference_pb2_grpc.ReferenceValueProviderServiceStub(channel)
         return self._stub
 
