@@ -254,10 +254,11 @@ class AuditLog:
                 items, batch.pending = batch.pending, []
                 try:
                     await asyncio.to_thread(self._sink.append_many, [e for e, _ in items])
-                except OSError as e:
+                except Exception as e:  # every waiter learns it; none is left hanging
+                    failure = _unavailable(e) if isinstance(e, OSError) else e
                     for _, done in items:
                         if not done.done():
-                            done.set_exception(_unavailable(e))
+                            done.set_exception(failure)
                 else:
                     for _, done in items:
                         if not done.done():

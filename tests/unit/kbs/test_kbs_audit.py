@@ -250,3 +250,18 @@ def test_failed_write_fails_every_record_of_its_batch(tmp_path: Path) -> None:
 
     outcomes = asyncio.run(scenario())
     assert all(isinstance(o, ServiceUnavailableError) for o in outcomes)
+
+
+class BrokenSink(FileSink):
+    def append_many(self, records: Sequence[dict[str, JsonValue]]) -> None:
+        raise TypeError("a bug in a sink")
+
+
+def test_sink_bug_fails_its_records_instead_of_leaving_them_waiting(tmp_path: Path) -> None:
+    audit = AuditLog(BrokenSink(tmp_path / "audit.log"))
+
+    async def scenario() -> list[BaseException | None]:
+        records = (_record(audit, n) for n in range(3))
+        return await asyncio.wait_for(asyncio.gather(*records, return_exceptions=True), 5)
+
+    assert all(isinstance(o, TypeError) for o in asyncio.run(scenario()))
