@@ -10,7 +10,8 @@ evaluation re-reads the stored text (one small read) and recompiles only when it
 
 Decisions are remembered per policy text, claims and request (a guest fetching again with the
 same token asks the same question), unless the policy calls a built-in whose answer can change
-between two calls (``time.*``, ``rand.*``, ``uuid.*``, ``http.*``, ``opa.*``): then every request
+between two calls (``time.*``, ``rand.*``, ``uuid.*``, ``http.*``, ``opa.*``, ``net.*``,
+``io.jwt.*``, whose checks read the clock): then every request
 is evaluated. A changed policy text starts from an empty memory.
 """
 
@@ -35,7 +36,7 @@ POLICY_ID = "resource-policy"
 _POLICY_SUFFIX = ".rego"
 _RULE = "policy/allow"
 DECISION_CACHE_SIZE = 4096
-_UNSTABLE_BUILTIN = re.compile(r"\b(?:time|rand|uuid|http|opa)\.[a-z_]")
+_UNSTABLE_BUILTIN = re.compile(r"\b(?:time|rand|uuid|http|opa|net|io\.jwt)\.[a-z_]")
 
 
 def builtin_policy(name: str) -> str:
@@ -109,6 +110,11 @@ class ResourcePolicy:
     def _adopt(self, compiled: CompiledPolicy) -> CompiledPolicy:
         self._compiled = compiled
         self._decisions.clear()
-        # the whole text, comments included: a false alarm only costs the memory
-        self._remember = _UNSTABLE_BUILTIN.search(compiled.source) is None
+        self._remember = self._remembers(compiled.source)
         return compiled
+
+    @staticmethod
+    def _remembers(source: str) -> bool:
+        """Whether decisions of the policy ``source`` may be remembered: the whole text is
+        searched, comments included (a false alarm only costs the memory)."""
+        return _UNSTABLE_BUILTIN.search(source) is None

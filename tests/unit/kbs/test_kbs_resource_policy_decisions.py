@@ -51,6 +51,13 @@ def test_changed_policy_forgets_every_decision() -> None:
     assert asyncio.run(policy.allows(WARNING, DATA)) is False
 
 
+def test_clock_reading_built_ins_disable_the_memory() -> None:
+    for call in ("time.now_ns()", "io.jwt.decode_verify(t, {})", "net.lookup_ip_addr(h)"):
+        source = f"package policy\n\nallow if {{ x := {call}; x }}\n"
+        assert ResourcePolicy._remembers(source) is False
+    assert ResourcePolicy._remembers(builtin_policy("affirming")) is True
+
+
 def test_time_dependent_policy_is_always_evaluated() -> None:
     source = (
         "package policy\n\nimport rego.v1\n\ndefault allow := false\n\nallow if time.now_ns() > 0\n"
