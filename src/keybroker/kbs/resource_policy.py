@@ -8,20 +8,15 @@ The policy text lives in the ``kbs`` namespace of the shared store under upstrea
 (``resource-policy.rego``), so every worker and replica enforces the same policy. Each
 evaluation re-reads the stored text (one small read) and recompiles only when it changed.
 
-Decisions are remembered per policy text, claims and request (a guest fetching again with the
-same token asks the same question), unless the policy calls a built-in whose answer can change
-between two calls (``time.*``, ``rand.*``, ``uuid.*``, ``http.*``, ``opa.*``, ``net.*``,
-``io.jwt.*``, whose checks read the clock): then every request
-is evaluated. A changed policy text starts from an empty memory.
+Decisions are remembered per claims and request by the compiled policy (a guest fetching again
+with the same token asks the same question), unless the policy calls a built-in whose answer can
+change between two calls (see ``CompiledPolicy.compile``). A changed policy text is a new
+compiled policy, with an empty memory.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
-from collections import OrderedDict
 from importlib import resources
 
 from keybroker.errors import PolicyParseError, StorageError
@@ -36,7 +31,6 @@ POLICY_ID = "resource-policy"
 _POLICY_SUFFIX = ".rego"
 _RULE = "policy/allow"
 DECISION_CACHE_SIZE = 4096
-_UNSTABLE_BUILTIN = re.compile(r"\b(?:time|rand|uuid|http|opa|net|io\.jwt)\.[a-z_]")
 
 
 def builtin_policy(name: str) -> str:
@@ -45,7 +39,7 @@ def builtin_policy(name: str) -> str:
 
 
 def compile_resource_policy(source: str) -> CompiledPolicy:
-    policy = CompiledPolicy.compile(source, entrypoints=[_RULE])
+    policy = CompiledPolicy.compile(source, entrypoints=[_RULE], remember=DECISION_CACHE_SIZE)
     if policy.package != "policy":
         raise PolicyParseError(
             f"a resource policy must declare `package policy`, found `package {policy.package}`"
@@ -57,8 +51,6 @@ class ResourcePolicy:
     def __init__(self, storage: KeyValueStorage) -> None:
         self._storage = storage
         self._compiled: CompiledPolicy | None = None
-        self._decisions: OrderedDict[bytes, bool] = OrderedDict()
-        self._remember = False
 
     async def initialize(self) -> None:
         """Install the default policy unless an operator's policy is already stored."""
@@ -69,7 +61,7 @@ class ResourcePolicy:
     async def set(self, source: str) -> None:
         compiled = compile_resource_policy(source)  # refuse before storing
         await self._storage.set(POLICY_ID + _POLICY_SUFFIX, source.encode())
-        self._adopt(compiled)
+        self._compiled = compiled
 
     async def list_ids(self) -> list[str]:
         keys = await self._storage.list_keys()
@@ -77,23 +69,12 @@ class ResourcePolicy:
 
     async def allows(self, claims: JsonValue, data: JsonValue) -> bool:
         policy = await self.current()
-        key = b""
-        if self._remember:
-            question = json.dumps([claims, data], sort_keys=True, separators=(",", ":"))
-            key = hashlib.sha256(question.encode()).digest()
-            known = self._decisions.get(key)
-            if known is not None:
-                self._decisions.move_to_end(key)
-                return known
         result = policy.evaluate(_RULE, claims, data)
-        allowed = result is True
-        if result is not True and result is not False:
+        if result is True:
+            return True
+        if result is not False:
             log.warning("resource policy rule allow gave %r, not a boolean: denying", result)
-        if self._remember:
-            self._decisions[key] = allowed
-            if len(self._decisions) > DECISION_CACHE_SIZE:
-                self._decisions.popitem(last=False)
-        return allowed
+        return False
 
     async def current(self) -> CompiledPolicy:
         raw = await self._storage.get(POLICY_ID + _POLICY_SUFFIX)
@@ -104,17 +85,5 @@ class ResourcePolicy:
             raise StorageError("the resource policy is missing from the store")
         source = raw.decode("utf-8", errors="replace")
         if self._compiled is None or self._compiled.source != source:
-            return self._adopt(compile_resource_policy(source))
+            self._compiled = compile_resource_policy(source)
         return self._compiled
-
-    def _adopt(self, compiled: CompiledPolicy) -> CompiledPolicy:
-        self._compiled = compiled
-        self._decisions.clear()
-        self._remember = self._remembers(compiled.source)
-        return compiled
-
-    @staticmethod
-    def _remembers(source: str) -> bool:
-        """Whether decisions of the policy ``source`` may be remembered: the whole text is
-        searched, comments included (a false alarm only costs the memory)."""
-        return _UNSTABLE_BUILTIN.search(source) is None

@@ -37,6 +37,7 @@ What rego-cpp does, measured with regopy 1.5.2, and what this module does about 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -58,6 +59,7 @@ JsonValue: TypeAlias = (
 _PACKAGE = re.compile(r"package\s+([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*(?:#.*)?")
 _MAX_DETAIL = 800
 _EMPTY_DOCUMENT = "{}"
+_UNSTABLE_BUILTIN = re.compile(r"\b(?:time|rand|uuid|http|opa|net|io\.jwt)\.[a-z_]")
 
 
 class CacheInfo(NamedTuple):
@@ -84,6 +86,7 @@ class CompiledPolicy:
         packages: tuple[str, ...],
         entrypoints: frozenset[str],
         cache_size: int,
+        remember: int,
     ) -> None:
         self._modules = dict(modules)
         self._name = name
@@ -92,6 +95,10 @@ class CompiledPolicy:
         self._entrypoints = entrypoints
         self._cache_size = cache_size
         self._bundles: OrderedDict[str, Any] = OrderedDict()  # canonical data JSON -> Bundle
+        # answers remembered by (entrypoints, input, data), when the policy is deterministic
+        deterministic = not any(_UNSTABLE_BUILTIN.search(m) for m in self._modules.values())
+        self._remember = remember if deterministic else 0
+        self._answers: OrderedDict[bytes, list[JsonValue | None]] = OrderedDict()
         self._runner = _new_interpreter()
         self._hits = 0
         self._misses = 0
@@ -106,12 +113,21 @@ class CompiledPolicy:
         name: str = "policy.rego",
         cache_size: int = 1024,
         helpers: Mapping[str, str] | None = None,
+        remember: int = 0,
     ) -> CompiledPolicy:
         """Parse and check ``source``; raise ``PolicyParseError`` with rego-cpp's message.
 
         ``entrypoints`` are in regopy's form (``"policy/allow"`` for ``data.policy.allow``).
         ``helpers`` are extra modules (file name -> Rego) compiled alongside ``source``.
+        ``remember``: how many answers to keep, per entrypoints, input and data, for a caller
+        that asks the same question again (a guest fetching with the same token). Nothing is
+        remembered when a module calls a built-in whose answer can change between two calls
+        (``time.*``, ``rand.*``, ``uuid.*``, ``http.*``, ``opa.*``, ``net.*``, ``io.jwt.*``,
+        whose checks read the clock; found anywhere in the text, comments included, where a
+        false alarm only costs the memory). Remembered answers are shared: do not mutate them.
         """
+        if remember < 0:
+            raise ValueError(f"remember must not be negative, got {remember}")
         if cache_size < 1:
             raise ValueError(f"cache_size must be at least 1, got {cache_size}")
         if not entrypoints:
@@ -129,6 +145,7 @@ class CompiledPolicy:
             packages=packages,
             entrypoints=frozenset(entrypoints),
             cache_size=cache_size,
+            remember=remember,
         )
         policy._check()
         return policy
@@ -142,6 +159,15 @@ class CompiledPolicy:
         """The package ``source`` declares, e.g. ``"policy"``."""
         return self._packages[-1]
 
+    @property
+    def remembers(self) -> bool:
+        """Whether answers are remembered (asked for, and the policy is deterministic)."""
+        return self._remember > 0
+
+    def remembered(self) -> int:
+        with self._lock:
+            return len(self._answers)
+
     def cache_info(self) -> CacheInfo:
         with self._lock:
             return CacheInfo(self._hits, self._misses, self._cache_size, len(self._bundles))
@@ -150,32 +176,41 @@ class CompiledPolicy:
         self, entrypoint: str, input: JsonValue, data: JsonValue | None = None
     ) -> JsonValue | None:
         """The entrypoint's value; None when the rule is undefined (or its value is null)."""
-        if entrypoint not in self._entrypoints:
-            raise ValueError(
-                f"entrypoint {entrypoint!r} was not compiled; "
-                f"expected one of {', '.join(sorted(self._entrypoints))}"
-            )
-        document = self._data_json(data)
-        input_json = _to_json(input, "input")
-        with self._lock:
-            ok, text = self._query(self._bundle_for(document), entrypoint, input_json)
-        return self._value(ok, text)
+        return self.evaluate_many([entrypoint], input, data)[0]
 
     def evaluate_many(
         self, entrypoints: Sequence[str], input: JsonValue, data: JsonValue | None = None
     ) -> list[JsonValue | None]:
-        """:meth:`evaluate` of several entrypoints on one input: the input is handed to
-        rego-cpp once (that costs as much as a query)."""
+        """The values of several entrypoints on one input: the input is handed to rego-cpp
+        once (that costs as much as a query)."""
         unknown = sorted(set(entrypoints) - self._entrypoints)
         if unknown:
-            raise ValueError(f"entrypoint {unknown[0]!r} was not compiled")
+            raise ValueError(
+                f"entrypoint {unknown[0]!r} was not compiled; "
+                f"expected one of {', '.join(sorted(self._entrypoints))}"
+            )
         document = self._data_json(data)
         input_json = _to_json(input, "input")
+        key = b""
+        if self._remember:
+            question = "\0".join([*entrypoints, input_json, document])
+            key = hashlib.sha256(question.encode()).digest()
+            with self._lock:
+                known = self._answers.get(key)
+                if known is not None:
+                    self._answers.move_to_end(key)
+                    return known
         with self._lock:
             bundle = self._bundle_for(document)
             self._set_input(input_json)
             results = [self._run_entrypoint(bundle, e) for e in entrypoints]
-        return [self._value(ok, text) for ok, text in results]
+        answers = [self._value(ok, text) for ok, text in results]
+        if self._remember:
+            with self._lock:
+                self._answers[key] = answers
+                if len(self._answers) > self._remember:
+                    self._answers.popitem(last=False)
+        return answers
 
     def explain(self, input: JsonValue, data: JsonValue | None = None) -> dict[str, JsonValue]:
         """Every rule of the package with its value for this input (undefined rules absent).

@@ -38,8 +38,10 @@ def resource_data(plugin: str = "resource", path: str = "default/key/one") -> di
     return {"plugin": plugin, "resource-path": path.split("/"), "query": {}}
 
 
-def compile_resource_policy(cache_size: int = 1024) -> CompiledPolicy:
-    return CompiledPolicy.compile(RESOURCE_POLICY, entrypoints=ENTRYPOINTS, cache_size=cache_size)
+def compile_resource_policy(cache_size: int = 1024, remember: int = 0) -> CompiledPolicy:
+    return CompiledPolicy.compile(
+        RESOURCE_POLICY, entrypoints=ENTRYPOINTS, cache_size=cache_size, remember=remember
+    )
 
 
 # --- decisions -------------------------------------------------------------------------------
@@ -179,6 +181,61 @@ def test_several_entrypoints_on_one_input_equal_separate_evaluations() -> None:
         assert together == alone
     with pytest.raises(ValueError, match="not compiled"):
         policy.evaluate_many(["policy/allow", "policy/nope"], TDX, data)
+
+
+def _counting(policy: CompiledPolicy) -> list[int]:
+    """Count the inputs handed to rego-cpp: one per evaluation that was not remembered."""
+    calls = [0]
+    original = policy._set_input
+
+    def counted(input_json: str) -> None:
+        calls[0] += 1
+        original(input_json)
+
+    policy._set_input = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_remembered_answers_equal_evaluated_ones() -> None:
+    policy = compile_resource_policy(remember=8)
+    calls = _counting(policy)
+    data = resource_data(path="a/b/c")
+    for claims, expected in [(TDX, True), (SAMPLE, False)] * 3:
+        assert policy.evaluate("policy/allow", claims, data) is expected
+    assert calls[0] == 2
+    assert policy.evaluate("policy/allow", TDX, resource_data(path="a/b/d")) is True
+    assert policy.evaluate_many(["policy/allow", "policy/vector"], TDX, data)[0] is True
+    assert calls[0] == 4  # another path, another set of entrypoints: new questions
+
+
+def test_nothing_is_remembered_unless_asked() -> None:
+    policy = compile_resource_policy()
+    calls = _counting(policy)
+    for _ in range(3):
+        policy.evaluate("policy/allow", TDX, resource_data())
+    assert (calls[0], policy.remembers, policy.remembered()) == (3, False, 0)
+
+
+@pytest.mark.parametrize(
+    "call", ["time.now_ns()", "io.jwt.decode_verify(input.t, {})", "net.lookup_ip_addr(input.h)"]
+)
+def test_policies_reading_the_clock_or_the_network_are_always_evaluated(call: str) -> None:
+    policy = CompiledPolicy.compile(
+        f"package policy\n\nimport rego.v1\n\nallow if {{\n\tx := {call}\n\tx\n}}\n",
+        entrypoints=["policy/allow"],
+        remember=8,
+    )
+    calls = _counting(policy)
+    for _ in range(3):
+        policy.evaluate("policy/allow", {}, {})
+    assert (calls[0], policy.remembers) == (3, False)
+
+
+def test_remembered_answers_are_bounded() -> None:
+    policy = compile_resource_policy(remember=3)
+    for index in range(10):
+        policy.evaluate("policy/allow", TDX, resource_data(path=f"p/{index}"))
+    assert policy.remembered() == 3
 
 
 def test_cache_is_bounded_and_evicts_least_recently_used() -> None:
