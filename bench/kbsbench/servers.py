@@ -10,35 +10,27 @@ provision.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kbsbench.loadgen import SECRET
-from keybroker.client.admin import AdminClient
-from keybroker.kbs.resource_policy import builtin_policy
-
-BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
-STORES = ("memory", "redis+postgres")
+# the test suite's helpers for real processes: PostgreSQL, Redis, kbs, nginx
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
+from nginx import running_nginx  # noqa: E402
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from databases import fresh_postgres_database, private_redis  # noqa: E402
+from kbs_process import free_port, running_kbs  # noqa: E402
+from kbsbench.loadgen import SECRET  # noqa: E402
+from keybroker.client.admin import AdminClient  # noqa: E402
+from keybroker.kbs.resource_policy import builtin_policy  # noqa: E402
 
 
 def signing_key(workdir: Path) -> Path:
@@ -117,20 +109,6 @@ fsync = "{audit_fsync}"
     return config
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"kbs exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"kbs did not become healthy:\n{log.read_text()}")
-
-
 @dataclass
 class Kbs:
     url: str
@@ -160,27 +138,10 @@ def _rss(pid: int) -> int:
 
 
 @contextmanager
-def running_kbs(config: Path, port: int, workdir: Path) -> Iterator[Kbs]:
-    log = workdir / f"kbs-{port}.log"
+def running_server(config: Path, port: int, workdir: Path) -> Iterator[Kbs]:
     url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(BIN / "kbs"), "-c", str(config)],
-            cwd=workdir,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    try:
-        _wait_healthy(url, process, log)
+    with running_kbs(["-c", str(config)], workdir, url, log_name=f"kbs-{port}.log") as process:
         yield Kbs(url, process)
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def provision(url: str) -> None:
@@ -200,9 +161,6 @@ def provision(url: str) -> None:
 
 @contextmanager
 def shared_stores(workdir: Path) -> Iterator[Shared]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from databases import fresh_postgres_database, private_redis  # noqa: PLC0415
-
     with fresh_postgres_database() as database, private_redis(workdir) as redis_server:
         yield Shared(redis_server.url, database)
 
@@ -220,73 +178,12 @@ def cluster(
             config = write_config(
                 workdir, port, workers=workers, store=store, shared=shared, audit_fsync=audit_fsync
             )
-            servers.append(stack.enter_context(running_kbs(config, port, workdir)))
+            servers.append(stack.enter_context(running_server(config, port, workdir)))
         provision(servers[0].url)
         url = servers[0].url
         if replicas > 1:
-            url = stack.enter_context(nginx(workdir, [s.url for s in servers]))
+            proxy_dir = workdir / "nginx"
+            proxy_dir.mkdir()
+            ports = [int(s.url.rsplit(":", 1)[1]) for s in servers]
+            url = stack.enter_context(running_nginx(proxy_dir, ports))
         yield url, servers
-
-
-@contextmanager
-def nginx(workdir: Path, upstreams: list[str]) -> Iterator[str]:
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(binary).exists():
-        raise RuntimeError("nginx is not installed (apt-get install nginx-light)")
-    port = free_port()
-    root = workdir / f"nginx-{port}"
-    root.mkdir()
-    servers = "\n".join(f"    server {u.removeprefix('http://')};" for u in upstreams)
-    conf = root / "nginx.conf"
-    conf.write_text(
-        f"""
-worker_processes 1;
-daemon off;
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {root}/body;
-  proxy_temp_path {root}/proxy;
-  fastcgi_temp_path {root}/fastcgi;
-  uwsgi_temp_path {root}/uwsgi;
-  scgi_temp_path {root}/scgi;
-  upstream kbs {{
-{servers}
-    keepalive 512;
-  }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://kbs;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $host;
-    }}
-  }}
-}}
-"""
-    )
-    user = ["-g", "user root;"] if os.geteuid() == 0 else []
-    process = subprocess.Popen(
-        [binary, "-c", str(conf), "-p", str(root), "-e", str(root / "error.log"), *user],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"nginx did not start: {(root / 'error.log').read_text()}")
-            time.sleep(0.05)
-        yield url
-    finally:
-        process.send_signal(signal.SIGQUIT)
-        process.wait(timeout=10)

@@ -12,11 +12,9 @@ The counts are printed (run with ``-s``) and quoted in docs/storage.md.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +26,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from nginx import running_nginx
 
 from databases import fresh_postgres_database, private_redis
 from kbs_process import free_port, open_kbs_config, running_kbs
@@ -136,61 +135,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture
 def nginx(cluster: Cluster, tmp_path: Path) -> Iterator[str]:
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    port = free_port()
-    servers = "\n".join(f"    server 127.0.0.1:{p};" for p in cluster.ports)
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(
-        f"""
-user root;
-worker_processes 1;
-daemon off;
-pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  log_format upstream '$request_method $uri $status $upstream_addr';
-  access_log {tmp_path}/access.log upstream;
-  client_body_temp_path {tmp_path}/body;
-  proxy_temp_path {tmp_path}/proxy;
-  fastcgi_temp_path {tmp_path}/fastcgi;
-  uwsgi_temp_path {tmp_path}/uwsgi;
-  scgi_temp_path {tmp_path}/scgi;
-  upstream kbs {{
-{servers}
-  }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://kbs;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $host;
-    }}
-  }}
-}}
-"""
-    )
-    process = subprocess.Popen(
-        [binary, "-c", str(conf), "-p", str(tmp_path), "-e", str(tmp_path / "error.log")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        else:
-            raise AssertionError((tmp_path / "error.log").read_text())
+    with running_nginx(tmp_path, cluster.ports, access_log=True) as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGQUIT)
-        process.wait(timeout=10)
 
 
 def test_guests_behind_nginx_round_robin(cluster: Cluster, nginx: str, tmp_path: Path) -> None:
