@@ -54,6 +54,16 @@ PCK_CRL_CHAIN = "SGX-PCK-CRL-Issuer-Chain"
 _API_SUFFIX = re.compile(r"/(sgx|tdx)/certification/v[34]/?$")
 
 
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of an offline collateral file, refused when larger than ``limit``;
+    FileNotFoundError when there is none (callers fall back or report it)."""
+    with path.open("rb") as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise ServiceUnavailableError(f"{path} is larger than {limit} bytes")
+    return data
+
+
 class CollateralFetcher(ABC):
     """The collateral a quote needs, from wherever this fetcher keeps it."""
 
@@ -207,12 +217,7 @@ class DirectoryFetcher(CollateralFetcher):
         self._directory = directory
 
     def _read(self, relative: str) -> bytes:
-        path = self._directory / relative
-        with path.open("rb") as file:
-            data = file.read(MAX_ITEM_BYTES + 1)
-        if len(data) > MAX_ITEM_BYTES:
-            raise ServiceUnavailableError(f"{path} is larger than {MAX_ITEM_BYTES} bytes")
-        return data
+        return read_bounded(self._directory / relative, MAX_ITEM_BYTES)
 
     def _fetch(self, request: CollateralRequest) -> Collateral:
         tee, fmspc, ca = request.tee, request.fmspc.hex().upper(), request.pck_ca

@@ -38,6 +38,7 @@ from cryptography import x509
 
 from keybroker.errors import ConfigError, EvidenceError, ServiceUnavailableError
 from keybroker.storage.local_fs import write_atomically
+from keybroker.verifiers.dcap_fetcher import read_bounded
 from keybroker.verifiers.snp_certs import KeyKind, load_certificates
 from keybroker.verifiers.snp_report import Product, TcbVersion
 
@@ -199,12 +200,7 @@ class SnpDirectoryFetcher(SnpCollateralFetcher):
         self._directory = directory
 
     def _read(self, relative: str) -> bytes:
-        path = self._directory / relative
-        with path.open("rb") as file:
-            data = file.read(MAX_KDS_BYTES + 1)
-        if len(data) > MAX_KDS_BYTES:
-            raise ServiceUnavailableError(f"{path} is larger than {MAX_KDS_BYTES} bytes")
-        return data
+        return read_bounded(self._directory / relative, MAX_KDS_BYTES)
 
     def _vcek(self, request: VcekRequest) -> bytes:
         folder = f"vcek/{request.hwid.hex()}"
