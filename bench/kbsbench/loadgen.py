@@ -23,6 +23,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -128,21 +129,27 @@ class Guest:
             self.checked = True
 
 
+async def _timed(guest: Guest, tally: Tally, operation: Callable[[], Awaitable[None]]) -> bool:
+    """Run one measured operation; a failure is counted and the connection reopened."""
+    start = time.perf_counter()
+    try:
+        await operation()
+    except (GuestError, OSError, KeyError, ValueError, asyncio.IncompleteReadError) as e:
+        tally.fail(e)
+        await guest.connection.close()
+        return False
+    tally.record(time.perf_counter() - start)
+    return True
+
+
 async def _handshakes(guest: Guest, tally: Tally, budget: list[int]) -> None:
-    while not tally.stop:
-        if budget and budget[0] <= 0:
-            return
-        start = time.perf_counter()
-        try:
-            guest.checked = False
-            await guest.attest()
-            await guest.get(bearer=False)
-        except (GuestError, OSError, KeyError, ValueError, asyncio.IncompleteReadError) as e:
-            tally.fail(e)
-            await guest.connection.close()
-            continue
-        tally.record(time.perf_counter() - start)
-        if budget:
+    async def handshake() -> None:
+        guest.checked = False  # each handshake is a new guest: check its secret again
+        await guest.attest()
+        await guest.get(bearer=False)
+
+    while not tally.stop and not (budget and budget[0] <= 0):
+        if await _timed(guest, tally, handshake) and budget:
             budget[0] -= 1
             if budget[0] <= 0:
                 tally.stop = True
@@ -151,14 +158,7 @@ async def _handshakes(guest: Guest, tally: Tally, budget: list[int]) -> None:
 async def _gets(guest: Guest, tally: Tally, bearer: bool) -> None:
     await guest.attest()
     while not tally.stop:
-        start = time.perf_counter()
-        try:
-            await guest.get(bearer=bearer)
-        except (GuestError, OSError, KeyError, ValueError, asyncio.IncompleteReadError) as e:
-            tally.fail(e)
-            await guest.connection.close()
-            continue
-        tally.record(time.perf_counter() - start)
+        await _timed(guest, tally, lambda: guest.get(bearer=bearer))
 
 
 async def run(
