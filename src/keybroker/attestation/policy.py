@@ -29,6 +29,9 @@ NAMESPACE = "attestation_service_policy"
 DEFAULT_POLICIES = ("default_cpu", "default_gpu")
 _SUFFIX = ".rego"
 _ENTRYPOINTS = ("policy/trust_claims", "policy/extensions")
+# Appraisals remembered per policy (deterministic policies only): guests of one image differ
+# only in what a policy does not read (nonces, keys), so they share one answer.
+DECISION_CACHE_SIZE = 4096
 _POLICY_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _RV_CALL = re.compile(r"query_reference_value\s*\(")
 _RV_LITERAL = re.compile(r"query_reference_value\s*\(\s*\"([^\"\\]+)\"\s*\)")
@@ -45,7 +48,9 @@ def builtin_attestation_policy(policy_id: str) -> str:
 
 
 def compile_attestation_policy(source: str) -> CompiledPolicy:
-    policy = CompiledPolicy.compile(source, entrypoints=_ENTRYPOINTS, helpers=HELPERS)
+    policy = CompiledPolicy.compile(
+        source, entrypoints=_ENTRYPOINTS, helpers=HELPERS, remember=DECISION_CACHE_SIZE
+    )
     if policy.package != "policy":
         raise PolicyParseError(
             f"an attestation policy must declare `package policy`, found `package {policy.package}`"

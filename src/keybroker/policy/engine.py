@@ -49,6 +49,7 @@ import regopy
 from regopy import rego_shared
 
 from keybroker.errors import PolicyEvaluationError, PolicyParseError
+from keybroker.policy.input_paths import InputPaths
 
 # Read-only (covariant) shapes, so a caller's ``dict[str, list[str]]`` is a JsonValue.
 # Values coming back from rego-cpp are plain dicts, lists and scalars.
@@ -99,6 +100,8 @@ class CompiledPolicy:
         deterministic = not any(_UNSTABLE_BUILTIN.search(m) for m in self._modules.values())
         self._remember = remember if deterministic else 0
         self._answers: OrderedDict[bytes, list[JsonValue | None]] = OrderedDict()
+        # what of input the modules can read (None: maybe all of it); rego-cpp is handed that
+        self._input_paths = InputPaths.of(self._modules.values())
         self._runner = _new_interpreter()
         self._hits = 0
         self._misses = 0
@@ -160,6 +163,11 @@ class CompiledPolicy:
         return self._packages[-1]
 
     @property
+    def input_paths(self) -> list[str] | None:
+        """The parts of input the policy can read, one per line; None when it may read all."""
+        return None if self._input_paths is None else self._input_paths.describe()
+
+    @property
     def remembers(self) -> bool:
         """Whether answers are remembered (asked for, and the policy is deterministic)."""
         return self._remember > 0
@@ -190,7 +198,9 @@ class CompiledPolicy:
                 f"expected one of {', '.join(sorted(self._entrypoints))}"
             )
         document = self._data_json(data)
-        input_json = _to_json(input, "input")
+        input_json = _to_json(input, "input")  # all of it must be JSON, read or not
+        if self._input_paths is not None:
+            input_json = _to_json(self._input_paths.project(input), "input")
         key = b""
         if self._remember:
             question = "\0".join([*entrypoints, input_json, document])

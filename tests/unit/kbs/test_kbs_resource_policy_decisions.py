@@ -36,7 +36,19 @@ def test_changed_policy_forgets_every_decision() -> None:
 
 
 def test_resource_policies_remember_a_bounded_number() -> None:
-    compiled = asyncio.run(_policy(builtin_policy("allow_all")).current())
+    compiled = asyncio.run(_policy(builtin_policy("affirming")).current())
     for index in range(DECISION_CACHE_SIZE + 10):
-        compiled.evaluate("policy/allow", {"n": index}, DATA)
+        claims = {"submods": {f"cpu{index}": {"ear.status": "affirming"}}}
+        compiled.evaluate("policy/allow", claims, DATA)
     assert compiled.remembered() == DECISION_CACHE_SIZE
+
+
+def test_guests_differing_only_in_what_the_policy_never_reads_share_one_answer() -> None:
+    policy = _policy(builtin_policy("affirming"))
+    for nonce in range(50):
+        claims = {
+            "iat": nonce,
+            "submods": {"cpu0": {"ear.status": "affirming", "runtime": {"nonce": str(nonce)}}},
+        }
+        assert asyncio.run(policy.allows(claims, DATA)) is True
+    assert asyncio.run(policy.current()).remembered() == 1
