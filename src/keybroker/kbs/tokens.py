@@ -12,6 +12,12 @@ Where the verification key comes from (upstream's ``[attestation_token]`` semant
 
 The token must not be expired or not yet valid. No trust material at all means every token is
 rejected, and a resource-only KBS refuses to start that way.
+
+A guest fetching several resources presents the same token each time. A token whose signature
+verified with one of the fixed trusted keys (the builtin AS's, or ``trusted_keys`` given here) is
+remembered, by its exact text, in a bounded LRU: the signature is not checked again, its
+``exp``/``nbf`` are, on every use. Tokens accepted through a header ``x5c`` chain or a JWK set
+are verified every time, since certificates expire and key sets rotate.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +39,13 @@ from keybroker.errors import BadRequestError, ConfigError, TokenVerificationErro
 from keybroker.kbs.admin_auth import Fetch, IdentityProviderKeys, https_fetch
 from keybroker.kbs.cert_chain import chains_to_trusted
 from keybroker.protocol.jwk import TeePublicKey, parse_tee_pubkey
-from keybroker.protocol.jws import PublicKey, decode_unverified, public_key_from_jwk, verify_jwt
+from keybroker.protocol.jws import (
+    PublicKey,
+    check_time_window,
+    decode_unverified,
+    public_key_from_jwk,
+    verify_jwt,
+)
 from keybroker.protocol.models import JsonValue
 
 log = logging.getLogger(__name__)
@@ -44,6 +58,7 @@ DEFAULT_TEE_PUBKEY_PATHS = (
     "/submods/cpu0/ear.veraison.annotated-evidence/runtime_data_claims/tee-pubkey",
     "/tee-pubkey",
 )
+VERIFIED_CACHE_SIZE = 2048
 
 
 def load_trusted_certs(paths: Sequence[str]) -> list[x509.Certificate]:
@@ -76,6 +91,8 @@ class TokenVerifier:
         self._insecure_header_jwk = insecure_header_jwk
         self._paths = [*extra_teekey_paths, *DEFAULT_TEE_PUBKEY_PATHS]
         self._clock = clock
+        self._verified: OrderedDict[str, dict[str, JsonValue]] = OrderedDict()
+        self._verified_lock = threading.Lock()
         if insecure_header_jwk:
             log.warning(
                 "attestation_token.insecure_header_jwk = true: tokens are verified with the key "
@@ -111,19 +128,48 @@ class TokenVerifier:
         )
 
     def verify(self, token: str) -> dict[str, JsonValue]:
+        """The token's claims once it verifies. They may be shared with later calls for the
+        same token: do not mutate them."""
         if not self.has_trust_anchors:
             raise TokenVerificationError(
                 "no trusted token issuers are configured, so no attestation token is accepted"
             )
+        with self._verified_lock:
+            known = self._verified.get(token)
+            if known is not None:
+                self._verified.move_to_end(token)
+        if known is not None:
+            try:
+                check_time_window(known, self._clock())
+            except TokenVerificationError as e:
+                raise TokenVerificationError(
+                    f"attestation token not accepted: {e.detail}"
+                ) from None
+            return known
         header, _ = decode_unverified(token)
         errors: list[str] = []
         for key in self._candidate_keys(header, errors):
             try:
-                return verify_jwt(token, key, now=self._clock())
+                claims: dict[str, JsonValue] = verify_jwt(token, key, now=self._clock())
             except TokenVerificationError as e:
                 errors.append(e.detail)
+                continue
+            if any(key is trusted for trusted in self._trusted_keys):
+                self._remember(token, claims)
+            return claims
         reason = errors[-1] if errors else "no trusted key for this token"
         raise TokenVerificationError(f"attestation token not accepted: {reason}")
+
+    def remembered(self) -> int:
+        """How many verified tokens are remembered."""
+        with self._verified_lock:
+            return len(self._verified)
+
+    def _remember(self, token: str, claims: dict[str, JsonValue]) -> None:
+        with self._verified_lock:
+            self._verified[token] = claims
+            while len(self._verified) > VERIFIED_CACHE_SIZE:
+                self._verified.popitem(last=False)
 
     def _candidate_keys(self, header: Mapping[str, object], errors: list[str]) -> list[PublicKey]:
         header_jwk = header.get("jwk")
@@ -141,8 +187,9 @@ class TokenVerifier:
     def trusted_header_key(self, header_jwk: Mapping[str, object]) -> PublicKey:
         """The key a token header carries, if we may trust it; else TokenVerificationError."""
         key = public_key_from_jwk(header_jwk)
-        if any(key == trusted for trusted in self._trusted_keys):
-            return key
+        for trusted in self._trusted_keys:
+            if key == trusted:
+                return trusted  # the very object: `verify` remembers what it verified
         if self._insecure_header_jwk:
             log.warning("accepting a token signer from its own header (insecure_header_jwk)")
             return key

@@ -189,7 +189,7 @@ def verify_jwt(
         _verify_signature(alg, public_key, signing_input, signature)
     except InvalidSignature:
         raise TokenVerificationError("token signature does not verify") from None
-    _check_time_window(claims, now, leeway)
+    check_time_window(claims, now, leeway)
     return claims
 
 
@@ -233,7 +233,8 @@ def _verify_signature(alg: str, key: PublicKey, signing_input: bytes, signature:
         key.verify(signature, signing_input)
 
 
-def _check_time_window(claims: Mapping[str, object], now: float, leeway: float) -> None:
+def check_time_window(claims: Mapping[str, object], now: float, leeway: float = 0.0) -> None:
+    """Raise TokenVerificationError unless ``now`` is inside the claims' ``nbf``/``exp``."""
     exp = _numeric_date(claims, "exp")
     if exp is not None and exp <= now - leeway:
         raise TokenVerificationError(f"token expired at {_when(exp)} (now {_when(now)})")
