@@ -44,7 +44,6 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 from keybroker.errors import StorageError
 from keybroker.storage.base import KeyValueStorage, validate_key, validate_namespace
@@ -80,8 +79,9 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, value: bytes) -> None:
-    """Replace ``path`` with a 0600 file holding ``value``; readers see all old or all new."""
+def write_atomically(path: Path, value: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with a 0600 file holding ``value``; readers see all old or all new.
+    ``durable``: on disk (fsync'd, directory too) before returning."""
     # O_EXCL on a random name: never follows a planted symlink, never shares another writer's
     # temp file. The dot prefix keeps it out of every key listing.
     temp = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
@@ -89,14 +89,16 @@ def write_atomically(path: Path, value: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(value)
-            out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-    fsync_directory(path.parent)
+    if durable:
+        fsync_directory(path.parent)
 
 
 def unlink_if_exists(path: Path) -> bool:
@@ -109,7 +111,8 @@ def unlink_if_exists(path: Path) -> bool:
 
 def _open_regular(
     path: Path, *, what: str, max_bytes: int | None, follow_symlinks: bool
-) -> tuple[BinaryIO, os.stat_result] | None:
+) -> tuple[int, os.stat_result] | None:
+    """A descriptor open on the regular file at ``path`` (the caller closes it), or None."""
     # O_NONBLOCK: opening a FIFO planted in the tree would otherwise hang the worker forever.
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
     if not follow_symlinks:
@@ -118,7 +121,6 @@ def _open_regular(
         fd = os.open(path, flags)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    file = os.fdopen(fd, "rb")
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -126,17 +128,29 @@ def _open_regular(
         if max_bytes is not None and info.st_size > max_bytes:
             raise StorageError(f"{what} is larger than the limit of {max_bytes} bytes")
     except BaseException:
-        file.close()
+        os.close(fd)
         raise
-    return file, info
+    return fd, info
 
 
-def _read_limited(file: BinaryIO, what: str, max_bytes: int | None) -> bytes:
-    with file:
-        data = file.read(-1 if max_bytes is None else max_bytes + 1)
-    if max_bytes is not None and len(data) > max_bytes:  # it grew after the size check
+def _read_limited(fd: int, size_hint: int, what: str, max_bytes: int | None) -> bytes:
+    """Everything ``fd`` holds, then close it (plain reads: no buffered file object)."""
+    limit = None if max_bytes is None else max_bytes + 1
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        while limit is None or total < limit:
+            want = max(size_hint - total, 0) + 1  # one byte more shows the end (or growth)
+            chunk = os.read(fd, want if limit is None else min(want, limit - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    finally:
+        os.close(fd)
+    if max_bytes is not None and total > max_bytes:  # it grew after the size check
         raise StorageError(f"{what} is larger than the limit of {max_bytes} bytes")
-    return data
+    return b"".join(chunks)
 
 
 def read_file_sync(
@@ -144,7 +158,10 @@ def read_file_sync(
 ) -> bytes | None:
     """The bytes of the regular file at ``path``, or None if there is none."""
     opened = _open_regular(path, what=what, max_bytes=max_bytes, follow_symlinks=follow_symlinks)
-    return None if opened is None else _read_limited(opened[0], what, max_bytes)
+    if opened is None:
+        return None
+    fd, info = opened
+    return _read_limited(fd, info.st_size, what, max_bytes)
 
 
 async def read_file(
@@ -154,25 +171,33 @@ async def read_file(
     opened = _open_regular(path, what=what, max_bytes=max_bytes, follow_symlinks=follow_symlinks)
     if opened is None:
         return None
-    file, info = opened
+    fd, info = opened
     if info.st_size <= INLINE_READ_MAX:
-        return _read_limited(file, what, max_bytes)
-    return await asyncio.to_thread(_read_limited, file, what, max_bytes)
+        return _read_limited(fd, info.st_size, what, max_bytes)
+    return await asyncio.to_thread(_read_limited, fd, info.st_size, what, max_bytes)
 
 
 # --- the key-value store ----------------------------------------------------------------------
 
 
 class LocalFsKeyValueStorage(KeyValueStorage):
+    """``volatile``: the directory is in memory (tmpfs), shared by worker processes as their
+    "memory" store. Nothing there survives a reboot, so nothing is fsync'd, and writes run on
+    the event loop: a write to tmpfs never waits on a disk, and handing it to a thread costs
+    more CPU than the write itself."""
+
     def __init__(
         self,
         dir_path: Path = DEFAULT_DIR_PATH,
         namespace: str = "default",
         clock: Callable[[], float] = time.time,
+        *,
+        volatile: bool = False,
     ) -> None:
         # The clock must be wall time: deadlines outlive the process.
         self._dir = Path(dir_path) / validate_namespace(namespace)
         self._clock = clock
+        self._durable = not volatile
         self._writes_since_sweep = 0
         self._sweep_after = SWEEP_MIN_WRITES
         try:
@@ -231,9 +256,9 @@ class LocalFsKeyValueStorage(KeyValueStorage):
 
     # operations
 
-    async def _get(self, key: str) -> bytes | None:
+    async def _get(self, key: str, *, may_expire: bool = True) -> bytes | None:
         value = await read_file(self._file(key), what="stored value")
-        if value is None or not self._expired(key):
+        if value is None or not may_expire or not self._expired(key):
             return value
         # Purge only if no writer is busy, and only if the entry is still expired under the
         # lock (a writer may have replaced it since): a reader never waits on an fsync.
@@ -242,7 +267,29 @@ class LocalFsKeyValueStorage(KeyValueStorage):
                 self._remove(key)
         return None
 
+    async def _get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """One directory listing first: a policy asks for dozens of reference values of which
+        a few exist, and a failed open costs as much as a read. A value listed without a
+        deadline sidecar was permanent when listed; a deadline written since belongs to a
+        newer value, which is live."""
+        try:
+            names = set(os.listdir(self._dir))
+        except FileNotFoundError:
+            return {}
+        found: dict[str, bytes] = {}
+        for key in keys:
+            name = key.replace("/", SLASH)
+            if name not in names:
+                continue
+            may_expire = f".{name}{EXPIRY_SUFFIX}" in names
+            value = await self._get(key, may_expire=may_expire)
+            if value is not None:
+                found[key] = value
+        return found
+
     async def _set(self, key: str, value: bytes, overwrite: bool, ttl: float | None) -> bool:
+        if not self._durable:
+            return self._set_locked(key, value, overwrite, ttl)
         return await asyncio.to_thread(self._set_locked, key, value, overwrite, ttl)
 
     def _set_locked(self, key: str, value: bytes, overwrite: bool, ttl: float | None) -> bool:
@@ -258,14 +305,17 @@ class LocalFsKeyValueStorage(KeyValueStorage):
             if ttl is None:
                 unlink_if_exists(self._expiry_file(key))
             else:
-                write_atomically(self._expiry_file(key), repr(self._clock() + ttl).encode())
-            write_atomically(file, value)
+                deadline = repr(self._clock() + ttl).encode()
+                write_atomically(self._expiry_file(key), deadline, durable=self._durable)
+            write_atomically(file, value, durable=self._durable)
             self._writes_since_sweep += 1
             if self._writes_since_sweep >= self._sweep_after:
                 self._sweep()
         return True
 
     async def _delete(self, key: str) -> bytes | None:
+        if not self._durable:
+            return self._delete_locked(key)
         return await asyncio.to_thread(self._delete_locked, key)
 
     def _delete_locked(self, key: str) -> bytes | None:
@@ -276,7 +326,8 @@ class LocalFsKeyValueStorage(KeyValueStorage):
                 return None
             live = not self._expired(key)
             self._remove(key)
-        fsync_directory(self._dir)  # a deleted secret must not come back after a power cut
+        if self._durable:
+            fsync_directory(self._dir)  # a deleted secret must not come back after a power cut
         return value if live else None
 
     async def _list(self) -> list[str]:

@@ -48,9 +48,15 @@ def memory_provider(*, clock: Callable[[], float] = time.monotonic) -> StoragePr
 
 
 def local_fs_provider(
-    dir_path: Path = DEFAULT_DIR_PATH, *, clock: Callable[[], float] = time.time
+    dir_path: Path = DEFAULT_DIR_PATH,
+    *,
+    clock: Callable[[], float] = time.time,
+    volatile: bool = False,
 ) -> StorageProvider:
-    return StorageProvider(lambda namespace: LocalFsKeyValueStorage(dir_path, namespace, clock))
+    """``volatile``: ``dir_path`` is in memory (see ``LocalFsKeyValueStorage``)."""
+    return StorageProvider(
+        lambda namespace: LocalFsKeyValueStorage(dir_path, namespace, clock, volatile=volatile)
+    )
 
 
 def local_json_provider(

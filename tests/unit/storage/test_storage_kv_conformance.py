@@ -60,7 +60,9 @@ def run(opened: list[KeyValueStorage]) -> Runner[Any]:
     return runner
 
 
-@pytest.fixture(params=["memory", "local_fs", "local_json", "postgres", "redis"])
+@pytest.fixture(
+    params=["memory", "local_fs", "local_fs_volatile", "local_json", "postgres", "redis"]
+)
 def new_storage(
     request: pytest.FixtureRequest, tmp_path: Path, clock: SteppedClock
 ) -> Iterator[Factory]:
@@ -74,6 +76,10 @@ def new_storage(
         yield lambda: shared
     elif request.param == "local_fs":
         yield lambda: _opened(opened, LocalFsKeyValueStorage(tmp_path, "repository", clock))
+    elif request.param == "local_fs_volatile":  # the workers' shared "memory" store
+        yield lambda: _opened(
+            opened, LocalFsKeyValueStorage(tmp_path, "repository", clock, volatile=True)
+        )
     elif request.param == "local_json":
         yield lambda: _opened(opened, LocalJsonKeyValueStorage(tmp_path, "repository", clock))
     elif request.param == "postgres":

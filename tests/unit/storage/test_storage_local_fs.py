@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from storage_clock import SteppedClock
@@ -187,3 +189,70 @@ def test_unwritable_directory_is_a_storage_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(StorageError, match="cannot create storage directory"):
         LocalFsKeyValueStorage(tmp_path / "file", "repository")
+
+
+def test_durable_writes_are_fsynced_in_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced, threads = _watch_writes(monkeypatch)
+    store = LocalFsKeyValueStorage(tmp_path, "repository")
+    asyncio.run(store.set("a/b", b"value", ttl=60))
+    asyncio.run(store.delete("a/b"))
+    assert synced and threads == {"worker"}
+
+
+def test_volatile_writes_skip_fsync_and_stay_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers' shared "memory" store lives on tmpfs: a write there needs no fsync, and
+    a thread hop would cost more than the write."""
+    synced, threads = _watch_writes(monkeypatch)
+    store = LocalFsKeyValueStorage(tmp_path, "sessions", volatile=True)
+    assert asyncio.run(store.set("s", b"one", ttl=60)) is True
+    assert asyncio.run(store.set("s", b"two", overwrite=False)) is False
+    assert asyncio.run(store.delete("s")) == b"one"
+    assert synced == [] and threads == {"loop"}
+
+
+def _watch_writes(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], set[str]]:
+    """Record fsync calls, and whether values are written on the loop's thread or another."""
+    synced: list[int] = []
+    threads: set[str] = set()
+    real_fsync, real_replace = os.fsync, os.replace
+    loop_thread = threading.get_ident()
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    def replace(source: Any, target: Any) -> None:
+        threads.add("loop" if threading.get_ident() == loop_thread else "worker")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return synced, threads
+
+
+def test_get_many_opens_only_the_files_a_listing_shows(
+    tmp_path: Path, clock: SteppedClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A policy asks for dozens of reference values of which a few exist: one listing, then
+    an open for each value present (and its deadline, if it has one), none for the rest."""
+    store = LocalFsKeyValueStorage(tmp_path, "reference", clock)
+    asyncio.run(store.set("rv/kept", b"1"))
+    asyncio.run(store.set("rv/soon", b"2", ttl=5))
+    asyncio.run(store.set("rv/later", b"3", ttl=60))
+    clock.advance(10)
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        opened.append(os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    wanted = [f"rv/absent-{index}" for index in range(40)] + ["rv/kept", "rv/soon", "rv/later"]
+    assert asyncio.run(store.get_many(wanted)) == {"rv/kept": b"1", "rv/later": b"3"}
+    assert not any("absent" in path for path in opened)
+    assert len(opened) <= 5  # kept; soon and its deadline; later and its deadline
