@@ -69,6 +69,7 @@ def test_quick_bench_runs_every_section_and_writes_results(tmp_path: Path) -> No
     assert all(r["errors"] == 0 and r["completed"] > 0 for r in rows)
 
     memory = results["memory"]
-    assert memory["errors_first"] == 0 and memory["errors_total"] == 0
+    assert memory["errors"] == 0 and memory["handshakes"] == {"first": 150, "total": 300}
+    assert len(memory["rss_after_each_round_mib"]) == 2
     assert _positive(memory["rss_first_mib"]) and _positive(memory["rss_total_mib"])
     assert "Crypto floor" in done.stdout and "written to" in done.stdout
