@@ -79,8 +79,13 @@ class PostgresKeyValueStorage(KeyValueStorage):
         """Create the namespace's table, or add the expiry column to one made by upstream's
         KBS (``key``, ``value`` only): its rows read as permanent entries."""
         # Two replicas creating the table at the same moment can collide even with IF NOT
-        # EXISTS (the catalog insert is not atomic): the loser finds the table made.
-        with contextlib.suppress(psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+        # EXISTS (the catalog insert is not atomic): the loser finds the table made, or the
+        # table's row type ("type ... already exists", DuplicateObject).
+        with contextlib.suppress(
+            psycopg.errors.UniqueViolation,
+            psycopg.errors.DuplicateTable,
+            psycopg.errors.DuplicateObject,
+        ):
             await self._run(
                 sql.SQL(
                     "CREATE TABLE IF NOT EXISTS {} (key TEXT PRIMARY KEY, "

@@ -63,3 +63,32 @@ def test_wrong_database_is_unavailable_with_a_clear_message() -> None:
 
     with pytest.raises(ServiceUnavailableError, match="PostgreSQL is unavailable"):
         asyncio.run(scenario())
+
+
+def test_replicas_creating_one_table_at_once_all_succeed() -> None:
+    """Replicas starting together each create the namespace's table on their first request.
+    PostgreSQL's IF NOT EXISTS does not stop two concurrent creations from colliding on the
+    catalog (the table, or its row type): the losers must find the table made, not fail the
+    request. Many fresh tables, eight replicas each, so the race is met."""
+    tables = [f"t_{uuid.uuid4().hex[:12]}" for _ in range(30)]
+
+    async def replicas_start(table: str) -> list[bool]:
+        stores = [PostgresKeyValueStorage(POSTGRES, table) for _ in range(8)]
+        try:
+            return await asyncio.gather(
+                *(store.set(f"k{i}", b"v") for i, store in enumerate(stores))
+            )
+        finally:
+            for store in stores:
+                await store.close()
+
+    async def scenario() -> None:
+        for table in tables:
+            assert await replicas_start(table) == [True] * 8
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        with psycopg.connect(POSTGRES, autocommit=True) as connection:
+            for table in tables:
+                connection.execute(f"DROP TABLE IF EXISTS {table}")
