@@ -181,10 +181,10 @@ async def read_file(
 
 
 class LocalFsKeyValueStorage(KeyValueStorage):
-    """``volatile``: the directory is in memory (tmpfs), shared by worker processes as their
-    "memory" store. Nothing there survives a reboot, so nothing is fsync'd, and writes run on
-    the event loop: a write to tmpfs never waits on a disk, and handing it to a thread costs
-    more CPU than the write itself."""
+    """``volatile``: the directory is the worker processes' shared "memory" store (a private
+    directory in /dev/shm where there is one), removed when the server stops. Nothing there
+    has to survive a crash, so nothing is fsync'd, and writes run on the event loop: such a
+    write does not wait on a disk, and handing it to a thread costs more CPU than the write."""
 
     def __init__(
         self,

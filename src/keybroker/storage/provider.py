@@ -53,7 +53,7 @@ def local_fs_provider(
     clock: Callable[[], float] = time.time,
     volatile: bool = False,
 ) -> StorageProvider:
-    """``volatile``: ``dir_path`` is in memory (see ``LocalFsKeyValueStorage``)."""
+    """``volatile``: ``dir_path`` need not survive a crash (see ``LocalFsKeyValueStorage``)."""
     return StorageProvider(
         lambda namespace: LocalFsKeyValueStorage(dir_path, namespace, clock, volatile=volatile)
     )
