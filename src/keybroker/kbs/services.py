@@ -218,7 +218,7 @@ def _provider(
     kind: StorageType, config: KbsConfig, clock: Callable[[], float], memory_dir: Path | None
 ) -> StorageProvider:
     if kind is StorageType.MEMORY:
-        if memory_dir is not None:  # the server's private tmpfs directory (server.py)
+        if memory_dir is not None:  # the server's private directory (server.py)
             return local_fs_provider(memory_dir, clock=clock, volatile=True)
         return memory_provider(clock=clock)
     backends = config.storage_backend.backends

@@ -184,7 +184,9 @@ class LocalFsKeyValueStorage(KeyValueStorage):
     """``volatile``: the directory is the worker processes' shared "memory" store (a private
     directory in /dev/shm where there is one), removed when the server stops. Nothing there
     has to survive a crash, so nothing is fsync'd, and writes run on the event loop: such a
-    write does not wait on a disk, and handing it to a thread costs more CPU than the write."""
+    write does not wait on a disk, and handing it to a thread costs more CPU than the write.
+    The occasional sweep of expired entries, which reads every deadline, still runs in a
+    thread."""
 
     def __init__(
         self,
@@ -288,11 +290,22 @@ class LocalFsKeyValueStorage(KeyValueStorage):
         return found
 
     async def _set(self, key: str, value: bytes, overwrite: bool, ttl: float | None) -> bool:
-        if not self._durable:
-            return self._set_locked(key, value, overwrite, ttl)
-        return await asyncio.to_thread(self._set_locked, key, value, overwrite, ttl)
+        if self._durable:
+            return await asyncio.to_thread(self._set_locked, key, value, overwrite, ttl)
+        written = self._set_locked(key, value, overwrite, ttl, sweep=False)
+        if self._writes_since_sweep >= self._sweep_after:
+            # A sweep reads every deadline in the directory: not on the event loop.
+            await asyncio.to_thread(self._sweep_locked)
+        return written
 
-    def _set_locked(self, key: str, value: bytes, overwrite: bool, ttl: float | None) -> bool:
+    def _sweep_locked(self) -> None:
+        with self._locked():
+            if self._writes_since_sweep >= self._sweep_after:  # not swept by a concurrent call
+                self._sweep()
+
+    def _set_locked(
+        self, key: str, value: bytes, overwrite: bool, ttl: float | None, *, sweep: bool = True
+    ) -> bool:
         file = self._file(key)
         with self._locked():
             exists = file.exists()
@@ -309,7 +322,7 @@ class LocalFsKeyValueStorage(KeyValueStorage):
                 write_atomically(self._expiry_file(key), deadline, durable=self._durable)
             write_atomically(file, value, durable=self._durable)
             self._writes_since_sweep += 1
-            if self._writes_since_sweep >= self._sweep_after:
+            if sweep and self._writes_since_sweep >= self._sweep_after:
                 self._sweep()
         return True
 

@@ -115,12 +115,24 @@ def test_ttl_value_keeps_upstream_bytes_and_a_hidden_sidecar(
     asyncio.run(scenario())
 
 
-def test_abandoned_expired_entries_are_swept(
-    tmp_path: Path, clock: SteppedClock, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("volatile", [False, True])
+def test_abandoned_expired_entries_are_swept_off_the_event_loop(
+    tmp_path: Path, clock: SteppedClock, monkeypatch: pytest.MonkeyPatch, volatile: bool
 ) -> None:
-    """Handshakes nobody finishes must not fill the disk."""
+    """Handshakes nobody finishes must not fill the disk. A sweep reads every deadline in the
+    directory, so it runs in a worker thread, even for the volatile store whose writes stay on
+    the event loop."""
     monkeypatch.setattr(local_fs, "SWEEP_MIN_WRITES", 8)
-    storage = LocalFsKeyValueStorage(tmp_path, "kbs_protocol_session", clock)
+    storage = LocalFsKeyValueStorage(tmp_path, "kbs_protocol_session", clock, volatile=volatile)
+    loop_thread = threading.get_ident()
+    sweeps: list[bool] = []
+    sweep = storage._sweep
+
+    def watched_sweep() -> None:
+        sweeps.append(threading.get_ident() == loop_thread)
+        sweep()
+
+    monkeypatch.setattr(storage, "_sweep", watched_sweep)
 
     async def scenario() -> None:
         for i in range(7):
@@ -130,6 +142,7 @@ def test_abandoned_expired_entries_are_swept(
 
     asyncio.run(scenario())
     assert sorted(os.listdir(tmp_path / "kbs_protocol_session")) == [".fresh.expires", "fresh"]
+    assert sweeps == [False]  # swept once, not on the loop's thread
 
 
 @pytest.mark.parametrize("deadline", [b"garbage", b"nan", b"-inf", b""])
