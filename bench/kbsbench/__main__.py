@@ -169,8 +169,8 @@ class Bench:
             result["rss_start_mib"] = server.rss_bytes() / 2**20
             rounds_rss: list[float] = []
             errors = 0
-            for done in range(per_round, per_round * rounds + 1, per_round):
-                self._step(f"memory: handshakes {done - per_round + 1} to {done}")
+            for index in range(rounds):
+                self._step(f"memory: round {index + 1} of {rounds}, {per_round} handshakes")
                 errors += loadgen(url, "handshake", 64, warmup=0, count=per_round)["errors"]
                 time.sleep(wait)  # every session of the round expires
                 loadgen(url, "handshake", 1, warmup=0, count=1)  # a write sweeps them
