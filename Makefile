@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit integration e2e format clean protos bench bench-quick
+.PHONY: run test system-deps lint typecheck unit integration e2e format clean protos bench bench-quick
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,14 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/kbs --insecure-dev
 
-test: $(VENV)/.installed-test lint typecheck
-	$(BIN)/pytest
+# The Debian packages the tests need (softhsm2, nginx-light, ...): installed when missing as
+# root, otherwise the exact apt-get line is printed and make stops.
+system-deps:
+	scripts/system-deps
+
+# --no-skips: a skipped test (missing vector or tool) fails the run.
+test: system-deps $(VENV)/.installed-test lint typecheck
+	$(BIN)/pytest --no-skips
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench
@@ -35,11 +41,11 @@ unit integration e2e: $(VENV)/.installed-test
 
 # The benchmark suite (docs/performance.md): real kbs processes on loopback, about 15 minutes.
 # Needs PostgreSQL and Redis on this machine and nginx for the replica rows.
-bench: $(VENV)/.installed-test
+bench: system-deps $(VENV)/.installed-test
 	cd bench && PYTHONPATH=. ../$(BIN)/python -m kbsbench
 
 # The same suite in a minute, with a few hundred requests: checks that it runs, not how fast.
-bench-quick: $(VENV)/.installed-test
+bench-quick: system-deps $(VENV)/.installed-test
 	cd bench && PYTHONPATH=. ../$(BIN)/python -m kbsbench --quick
 
 format: $(VENV)/.installed-test

@@ -2,7 +2,7 @@
 
 .venv/bin/python bench/dcap_verify.py [ROUNDS]
 
-1. Quote only, for each recorded quote in ../shared/vectors/verifier: parse, PCK chain to the
+1. Quote only, for each recorded quote in tests/vectors/verifier: parse, PCK chain to the
    pinned Intel root, QE report, quote signature.
 2. Full verification with cached collateral, for TDX quote 6 (the quote whose FMSPC the
    recorded TCB Info is for): the quote as in 1, then the collateral read from an on-disk
@@ -41,7 +41,7 @@ from keybroker.verifiers.dcap_collateral import (  # noqa: E402
 from keybroker.verifiers.dcap_fetcher import CachingFetcher, CollateralFetcher  # noqa: E402
 from standins.intel_pki import IntelPki  # noqa: E402
 
-VECTORS = ROOT.parent / "shared" / "vectors" / "verifier"
+VECTORS = ROOT / "tests" / "vectors" / "verifier"
 UTC = datetime.UTC
 NOW = {
     "tdx_quote_4.dat": datetime.datetime(2025, 1, 1, tzinfo=UTC),

@@ -13,7 +13,8 @@ from keybroker.config import KbsConfig, parse_config
 from keybroker.kbs.app import create_app
 from softhsm import SoftHsm, init_token
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+# Upstream's recorded test data, copied into the repository with its provenance (README there).
+VECTORS = Path(__file__).resolve().parent / "vectors"
 
 
 @dataclass
@@ -58,13 +59,56 @@ def kbs(clock: FakeClock) -> Iterator[Kbs]:
         yield Kbs(client, clock, config)
 
 
-def vectors() -> Path:
-    if not VECTORS.is_dir():
-        pytest.skip(f"upstream test vectors not found at {VECTORS} (../shared/vectors)")
-    return VECTORS
+def vector(*parts: str) -> Path:
+    """The path of one file or folder under ``tests/vectors``.
+
+    If it is absent the calling test (or, at import time, its module) is skipped with a message
+    naming the missing file, never a collection error. ``make test`` fails on any skip, so a
+    fresh clone must carry every vector."""
+    path = VECTORS.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(
+            f"test vector missing: {path.relative_to(VECTORS.parent.parent)}",
+            allow_module_level=True,
+        )
+    return path
 
 
 @pytest.fixture(scope="session")
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
     """One SoftHSM2 token for the session (SoftHSM reads its configuration once per process)."""
     return init_token(tmp_path_factory.mktemp("softhsm"))
+
+
+# --- make test fails on any skip -------------------------------------------------------------
+# A skip on a fresh clone means missing data or a missing tool, which the project's own files
+# must provide: `make test` (and so CI) runs with --no-skips and fails on the first such sign.
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--no-skips",
+        action="store_true",
+        help="fail the run if any test is skipped (make test and CI run this way)",
+    )
+
+
+def _skipped(config: pytest.Config) -> list[pytest.TestReport]:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    return list(reporter.stats.get("skipped", [])) if reporter is not None else []
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    skipped = _skipped(config)
+    if config.getoption("--no-skips") and skipped:
+        terminalreporter.write_line(
+            f"--no-skips: {len(skipped)} skipped test(s) fail this run (reasons above)", red=True
+        )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if session.config.getoption("--no-skips") and _skipped(session.config) and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

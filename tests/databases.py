@@ -7,7 +7,6 @@ namespaces) and, where a test stops Redis, its own ``redis-server`` process.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import psycopg
 import redis
+
+from system_tools import require
 
 POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
@@ -55,7 +56,7 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        binary = str(require("redis-server", "redis-server", default="/usr/bin/redis-server"))
         self._process = subprocess.Popen(
             [
                 binary,

@@ -1,4 +1,4 @@
-"""A SoftHSM2 token of the test session's own (Debian's softhsm2, installed by .ci/run).
+"""A SoftHSM2 token of the test session's own (Debian's softhsm2, installed by scripts/system-deps).
 
 SoftHSM reads ``SOFTHSM2_CONF`` once, when a process first loads the module, so one token
 directory serves the whole test session; tests keep apart by resource names. Child processes
@@ -8,10 +8,11 @@ directory serves the whole test session; tests keep apart by resource names. Chi
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from system_tools import require
 
 MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 LABEL = "keybroker-test"
@@ -36,7 +37,8 @@ def init_token(directory: Path) -> SoftHsm:
     )
     pin = os.urandom(6).hex()
     os.environ["SOFTHSM2_CONF"] = str(conf)
-    tool = shutil.which("softhsm2-util") or "/usr/bin/softhsm2-util"
+    tool = str(require("softhsm2-util", "softhsm2", default="/usr/bin/softhsm2-util"))
+    require(str(MODULE), "softhsm2")
     subprocess.run(
         [
             tool,

@@ -1,4 +1,10 @@
-"""Start ``kbs`` as a real process on a free loopback port, wait for it, stop it."""
+"""Start ``kbs`` as a real process on a free loopback port, wait for it, stop it.
+
+A test only ever talks to a server it started: ``running_kbs`` names the process with a fresh
+``KBS_INSTANCE_ID`` and waits until ``/healthz`` answers with that name (another server on the
+port, such as a developer's ``make run``, never does); ``wait_listening`` checks that a gRPC
+server's port is held by the process the test started.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,15 @@ import ssl
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from keybroker.kbs.app import INSTANCE_HEADER
+from keybroker.kbs.server import INSTANCE_ENV
 
 BIN = Path(sys.executable).parent
 
@@ -25,22 +35,68 @@ def free_port() -> int:
 
 
 def wait_healthy(
-    url: str, process: subprocess.Popen[bytes], log: Path, verify: str | bool = True
+    url: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    verify: str | bool = True,
+    *,
+    instance: str,
 ) -> None:
-    deadline = time.monotonic() + 30
+    """Until ``url`` answers ``/healthz`` as ``instance``; fails at once if the process exits
+    and when a server that is not ours answers."""
+    context = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+    deadline = time.monotonic() + 60  # a generous start-up bound for a loaded machine
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"kbs exited with {process.returncode}:\n{log.read_text()}")
         try:
-            context = (
-                ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
-            )
-            if httpx.get(f"{url}/healthz", timeout=1, verify=context).status_code == 200:
-                return
+            response = httpx.get(f"{url}/healthz", timeout=1, verify=context)
         except httpx.HTTPError:
-            pass
+            time.sleep(0.1)
+            continue
+        answered = response.headers.get(INSTANCE_HEADER)
+        if answered != instance:
+            raise AssertionError(
+                f"{url} is answered by another server (instance {answered!r}, not {instance!r})"
+            )
+        if response.status_code == 200:
+            return
         time.sleep(0.1)
     raise AssertionError(f"kbs did not become healthy:\n{log.read_text()}")
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """The socket inodes listening on TCP ``port`` (Linux ``/proc/net/tcp*``)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    return inodes
+
+
+def holds_listening_port(process: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether ``process`` itself holds the socket listening on ``port``."""
+    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    fds = Path(f"/proc/{process.pid}/fd")
+    try:
+        return any(os.readlink(fd) in wanted for fd in fds.iterdir())
+    except FileNotFoundError:  # the process is gone (or one of its fds closed meanwhile)
+        return False
+
+
+def wait_listening(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    """Until ``process`` listens on ``port``; fails at once if it exits first."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}:\n{log.read_text()}")
+        if holds_listening_port(process, port):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"server did not listen on {port}:\n{log.read_text()}")
 
 
 @contextmanager
@@ -54,16 +110,17 @@ def running_kbs(
     env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     log = workdir / log_name
+    instance = f"test-{uuid.uuid4().hex}"
     with log.open("wb") as out:
         process = subprocess.Popen(
             [str(BIN / "kbs"), *args],
             cwd=workdir,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {}), INSTANCE_ENV: instance},
         )
     try:
-        wait_healthy(url, process, log, verify)
+        wait_healthy(url, process, log, verify, instance=instance)
         yield process
     finally:
         process.send_signal(signal.SIGINT)

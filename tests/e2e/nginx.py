@@ -4,7 +4,6 @@ in a directory of its own and stopped afterwards."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from kbs_process import free_port
+from system_tools import require
 
 # what a log line says: the method, the path, the status and which replica answered
 UPSTREAM_LOG_FORMAT = "$request_method $uri $status $upstream_addr"
@@ -27,9 +27,7 @@ def running_nginx(
     """The URL of nginx balancing over ``upstream_ports`` on loopback, with keep-alive
     connections to them. ``access_log``: write ``workdir/access.log`` in
     :data:`UPSTREAM_LOG_FORMAT`."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(binary).exists():
-        raise RuntimeError("nginx is not installed (apt-get install nginx-light)")
+    binary = str(require("nginx", "nginx-light", default="/usr/sbin/nginx"))
     port = free_port()
     servers = "\n".join(f"    server 127.0.0.1:{p};" for p in upstream_ports)
     logging = (

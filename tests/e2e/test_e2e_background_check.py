@@ -157,10 +157,12 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_readme_quick_start(tmp_path: Path) -> None:
-    """`make run`'s server, then the README's quick start commands, literally."""
+    """`make run`'s server, then the README's quick start commands, literally, against a KBS on
+    a port of the test's own (a developer's `make run` may hold 8080): the server is told with
+    ``--listen`` and the commands with ``KBS_URL``, as the server's start-up hint says."""
     root = Path(__file__).resolve().parents[2]
     makefile = (root / "Makefile").read_text()
-    # `make run` is exactly the server started below
+    # `make run` is exactly the server started below, less the port
     assert re.search(r"^run:.*\n\t\$\(BIN\)/kbs --insecure-dev$", makefile, re.M)
     readme = (root / "README.md").read_text()
     block = re.search(r"<!-- quick-start -->\s*```sh\n(.*?)```", readme, re.S)
@@ -169,7 +171,10 @@ def test_readme_quick_start(tmp_path: Path) -> None:
     assert any("get-resource" in c for c in commands)
     (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
     env_path = "/usr/bin:/bin"
-    with running_kbs(["--insecure-dev"], tmp_path, "http://127.0.0.1:8080"):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["--insecure-dev", "--listen", f"127.0.0.1:{port}"]
+    with running_kbs(args, tmp_path, url):
         output = ""
         for command in commands:
             done = subprocess.run(  # noqa: S602 - the README's shell lines, as a user runs them
@@ -179,10 +184,11 @@ def test_readme_quick_start(tmp_path: Path) -> None:
                 capture_output=True,
                 text=True,
                 timeout=60,
-                env={"PATH": env_path, "HOME": str(tmp_path)},
+                env={"PATH": env_path, "HOME": str(tmp_path), "KBS_URL": url},
                 check=False,
             )
             assert done.returncode == 0, f"{command}\n{done.stderr}"
             output = done.stdout
     assert output.strip() == "s3cr3t"
     assert (tmp_path / ".kbs" / "repository").is_dir()
+    assert f"export KBS_URL={url}" in (tmp_path / "kbs.log").read_text()  # the hint says how

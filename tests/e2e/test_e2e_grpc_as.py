@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kbs_process import BIN, free_port, kbs_client, running_kbs
+from kbs_process import BIN, free_port, kbs_client, running_kbs, wait_listening
 from keybroker.grpc_api import (
     attestation_pb2,
     attestation_pb2_grpc,
@@ -33,7 +33,8 @@ trust_claims := {"executables": 3, "hardware": 2, "configuration": 2}
 def grpc_as(
     tmp_path: Path, port: int, *, tls: tuple[Path, Path] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    log = (tmp_path / "grpc-as.log").open("ab")
+    log_path = tmp_path / "grpc-as.log"
+    log = log_path.open("ab")
     tls_args = ["-t", str(tls[0]), "-k", str(tls[1])] if tls else []
     process = subprocess.Popen(
         [
@@ -48,6 +49,7 @@ def grpc_as(
         stderr=subprocess.STDOUT,
     )
     try:
+        wait_listening(process, port, log_path)
         channel = (
             grpc.secure_channel(
                 f"127.0.0.1:{port}", grpc.ssl_channel_credentials(tls[0].read_bytes())
@@ -188,11 +190,13 @@ def test_raw_protobuf_client_calls_every_rpc(tmp_path: Path) -> None:
 
 @contextmanager
 def rvps(tmp_path: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    log = (tmp_path / "rvps.log").open("ab")
+    log_path = tmp_path / "rvps.log"
+    log = log_path.open("ab")
     process = subprocess.Popen(
         [str(BIN / "rvps"), "-a", f"127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT
     )
     try:
+        wait_listening(process, port, log_path)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=30)
         channel.close()

@@ -44,6 +44,7 @@ class ServedApp:
             host="127.0.0.1",
             port=self.port,
             log_level="error",
+            lifespan="off",  # stand-ins keep their state in the test, not in a lifespan
             timeout_graceful_shutdown=1,
             ssl_certfile=str(certfile) if certfile else None,
             ssl_keyfile=str(keyfile) if keyfile else None,
@@ -64,5 +65,8 @@ class ServedApp:
     def stop(self) -> None:
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
+            # Do not wait for clients to close their keep-alive connections: a client whose
+            # event loop has ended never will, and uvicorn would wait its whole grace period.
+            self._server.force_exit = True
             self._thread.join(10)
             self._server = None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kbs_config, vectors
+from conftest import kbs_config, vector
 from keybroker.config import (
     AdminDenyAll,
     BuiltinAsConfig,
@@ -46,7 +46,7 @@ EXPECTED_REFUSAL = {
 
 
 def _vector_configs() -> list[Path]:
-    return sorted((vectors() / "kbs" / "configs").iterdir())
+    return sorted(vector("kbs", "configs").iterdir())
 
 
 def test_every_upstream_config_is_listed() -> None:
@@ -55,7 +55,7 @@ def test_every_upstream_config_is_listed() -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_REFUSAL))
 def test_upstream_config_loads(name: str, tmp_path: Path) -> None:
-    config = load_config(vectors() / "kbs" / "configs" / name)
+    config = load_config(vector("kbs", "configs", name))
     expected = EXPECTED_REFUSAL[name]
     if expected is None:
         services = build_services(config)
@@ -67,7 +67,7 @@ def test_upstream_config_loads(name: str, tmp_path: Path) -> None:
 
 
 def test_upstream_sections_parse_to_their_meaning() -> None:
-    base = vectors() / "kbs" / "configs"
+    base = vector("kbs", "configs")
     builtin = load_config(base / "coco-as-builtin-1.toml")
     assert isinstance(builtin.attestation_service, BuiltinAsConfig)
     assert builtin.attestation_service.attestation_token_broker.duration_min == 5

@@ -3,6 +3,7 @@
 kbs -c /etc/kbs/kbs-config.toml     # an upstream config file (TOML or JSON)
 KBS_CONFIG_FILE=... kbs             # the same, from the environment
 kbs --insecure-dev                  # laptop defaults: see DEV_DEFAULTS
+kbs --insecure-dev --listen 127.0.0.1:9090   # the same on another port
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import sys
 from pathlib import Path
 
 from keybroker import __version__
-from keybroker.config import KbsConfig, load_config, parse_config
+from keybroker.config import DEFAULT_SOCKET, KbsConfig, load_config, parse_config
 from keybroker.errors import KeybrokerError
 from keybroker.kbs.audit import verify_file
-from keybroker.kbs.server import serve
+from keybroker.kbs.server import parse_socket, serve
 from keybroker.kbs.tls import self_signed_certificate
+
+DEFAULT_URL = f"http://{DEFAULT_SOCKET}"
 
 # Builtin AS, resources in ./.kbs, sessions in memory, plain HTTP on loopback, open admin API.
 DEV_DEFAULTS: dict[str, object] = {
-    "http_server": {"sockets": ["127.0.0.1:8080"], "insecure_http": True},
+    "http_server": {"sockets": [DEFAULT_SOCKET], "insecure_http": True},
     "admin": {"authorization_mode": "InsecureAllowAll"},
     "storage_backend": {
         "storage_type": "LocalFs",
@@ -41,11 +44,25 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="laptop mode: plain HTTP on 127.0.0.1:8080, open admin API, resources in ./.kbs",
     )
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="serve on this address instead of the config's [http_server] sockets",
+    )
     parser.add_argument("--version", action="version", version=f"kbs (keybroker) {__version__}")
     return parser
 
 
 def _config(args: argparse.Namespace) -> KbsConfig:
+    config = _loaded_config(args)
+    if args.listen is None:
+        return config
+    parse_socket(args.listen)  # refuse a malformed address with a clear message
+    http = config.http_server.model_copy(update={"sockets": [args.listen]})
+    return config.model_copy(update={"http_server": http})
+
+
+def _loaded_config(args: argparse.Namespace) -> KbsConfig:
     path = args.config_file or (
         Path(os.environ["KBS_CONFIG_FILE"]) if os.environ.get("KBS_CONFIG_FILE") else None
     )
@@ -67,9 +84,12 @@ def _config(args: argparse.Namespace) -> KbsConfig:
 def _hint(config: KbsConfig) -> None:
     url = f"http://{config.http_server.sockets[0]}"
     client = _sibling("kbs-client")
+    # kbs-client's default URL is the default socket's; on any other, say how to point it here
+    point = "" if url == DEFAULT_URL else f"  export KBS_URL={url}\n"
     print(
         f"Keybroker KBS on {url}\n"
         f"Try it from another terminal in this directory:\n"
+        f"{point}"
         f"  printf 's3cr3t' > secret.txt\n"
         f"  {client} config set-resource --path default/demo/key --resource-file secret.txt\n"
         f"  {client} config set-resource-policy --allow-all\n"

@@ -43,7 +43,11 @@ PRESET_POLICIES = {
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kbs-client", description="A client for KBS APIs")
-    parser.add_argument("--url", default="http://127.0.0.1:8080", help="KBS root URL")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("KBS_URL") or "http://127.0.0.1:8080",
+        help="KBS root URL (default: $KBS_URL, else http://127.0.0.1:8080)",
+    )
     parser.add_argument("--cert-file", type=Path, help="CA certificate (PEM) of an HTTPS KBS")
     parser.add_argument("--version", action="version", version=f"kbs-client {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)

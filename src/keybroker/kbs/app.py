@@ -49,6 +49,7 @@ from keybroker.storage.provider import StorageProvider
 log = logging.getLogger(__name__)
 
 PREFIX = "/kbs/v0/"
+INSTANCE_HEADER = "Keybroker-Instance"
 _PROBLEM_JSON = "application/problem+json"
 _INIT_DATA_CLAIMS = "/submods/cpu0/ear.veraison.annotated-evidence/init_data_claims"
 
@@ -59,7 +60,9 @@ def create_app(
     clock: Callable[[], float] = time.time,
     storage: StorageProvider | None = None,
     memory_dir: Path | None = None,
+    instance_id: str = "in-process",
 ) -> Starlette:
+    """The KBS app. ``instance_id`` names this server in ``/healthz`` (see ``server.serve``)."""
     services = build_services(config, clock=clock, storage=storage, memory_dir=memory_dir)
     app = Starlette(
         routes=[
@@ -70,6 +73,7 @@ def create_app(
         lifespan=_lifespan,
     )
     app.state.kbs = services
+    app.state.instance_id = instance_id
     return app
 
 
@@ -84,7 +88,9 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
 
 
 async def _healthz(request: Request) -> Response:
-    return PlainTextResponse("ok")
+    # The instance header lets a caller tell which server answered: a test, that it reached
+    # the process it started; an operator, which replica a load balancer picked.
+    return PlainTextResponse("ok", headers={INSTANCE_HEADER: request.app.state.instance_id})
 
 
 async def _kbs(request: Request) -> Response:

@@ -13,6 +13,8 @@ import ipaddress
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import socket
 import ssl
@@ -42,6 +44,21 @@ log = logging.getLogger(__name__)
 
 _CONFIG_ENV = "KEYBROKER_WORKER_CONFIG"
 _MEMORY_DIR_ENV = "KEYBROKER_WORKER_MEMORY_DIR"
+INSTANCE_ENV = "KBS_INSTANCE_ID"
+_INSTANCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def instance_id() -> str:
+    """This server's name in ``/healthz``: ``KBS_INSTANCE_ID`` when set (a pod name, a name a
+    test chose), else random. It tells a client which server answered, never a secret."""
+    chosen = os.environ.get(INSTANCE_ENV)
+    if chosen is None:
+        return secrets.token_hex(8)
+    if not _INSTANCE.fullmatch(chosen):
+        raise ConfigError(
+            f"{INSTANCE_ENV} must be 1 to 64 letters, digits, '.', '_' or '-', not {chosen[:80]!r}"
+        )
+    return chosen
 
 
 def parse_socket(text: str) -> tuple[str, int]:
@@ -79,17 +96,19 @@ def serve(config: KbsConfig) -> None:
     else:
         server_context(http)  # refuse a bad TLS setup before binding anything
     workers = http.worker_count or 1
+    instance = instance_id()
     sockets = [bind(text) for text in http.sockets]
     for text in http.sockets:
-        log.info("Keybroker KBS listening on %s://%s", scheme, text)
+        log.info("Keybroker KBS listening on %s://%s (instance %s)", scheme, text, instance)
     if workers == 1:
-        app = create_app(config)
+        app = create_app(config, instance_id=instance)
         uvicorn.Server(_uvicorn_config(app, workers, http)).run(sockets=sockets)
         return
     runtime_dir = _private_runtime_dir()
     try:
         config = _shared_signer(config, runtime_dir)
         os.environ[_CONFIG_ENV] = config.model_dump_json()
+        os.environ[INSTANCE_ENV] = instance  # every worker answers with the server's name
         if _uses_memory(config):
             log.info("worker_count > 1: memory stores are shared by the workers in %s", runtime_dir)
             os.environ[_MEMORY_DIR_ENV] = str(runtime_dir / "memory")
@@ -103,7 +122,11 @@ def worker_app() -> Starlette:
     """The app factory each worker process calls (uvicorn ``factory=True``)."""
     config = parse_config(json.loads(os.environ[_CONFIG_ENV]), source="worker configuration")
     memory_dir = os.environ.get(_MEMORY_DIR_ENV)
-    return create_app(config, memory_dir=Path(memory_dir) if memory_dir else None)
+    return create_app(
+        config,
+        memory_dir=Path(memory_dir) if memory_dir else None,
+        instance_id=os.environ[INSTANCE_ENV],
+    )
 
 
 def _uses_memory(config: KbsConfig) -> bool:

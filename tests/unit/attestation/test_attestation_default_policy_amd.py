@@ -8,14 +8,14 @@ from typing import Any
 import pytest
 from default_policy import appraise
 
-from conftest import vectors
+from conftest import vector
 from keybroker.attestation.ear import status_of
 from keybroker.attestation.policy import _literal_reference_ids, builtin_attestation_policy
 from keybroker.verifiers.snp_report import report_from_json, snp_claims
 
 
 def _snp() -> dict[str, Any]:
-    evidence = json.loads((vectors() / "attestation-service" / "e2e-evidence.json").read_text())
+    evidence = json.loads(vector("attestation-service", "e2e-evidence.json").read_text())
     return dict(snp_claims(report_from_json(evidence["attestation_report"])))
 
 

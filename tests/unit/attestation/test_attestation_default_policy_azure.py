@@ -10,7 +10,7 @@ from typing import Any
 from cryptography import x509
 from default_policy import appraise
 
-from conftest import vectors
+from conftest import vector
 from keybroker.attestation.ear import status_of
 from keybroker.protocol.models import JsonValue
 from keybroker.verifiers.az_snp_vtpm import AzSnpVtpmVerifier
@@ -46,7 +46,7 @@ class UpToDate:
 
 
 def _evidence(tee: str) -> Any:
-    return json.loads((vectors() / "verifier" / tee / "evidence-v1.json").read_text())
+    return json.loads(vector("verifier", tee, "evidence-v1.json").read_text())
 
 
 def _az_snp() -> dict[str, Any]:

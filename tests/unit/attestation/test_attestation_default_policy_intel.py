@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from default_policy import appraise
 
-from conftest import vectors
+from conftest import vector
 from keybroker.attestation.ear import status_of
 from keybroker.verifiers.dcap import parse_quote, verify_quote
 from keybroker.verifiers.sgx_claims import sgx_claims
@@ -22,7 +22,7 @@ UP_TO_DATE = {"tcb_status": "UpToDate", "collateral_expiration_status": "0"}
 
 
 def _tdx() -> dict[str, Any]:
-    quote = parse_quote((vectors() / "verifier" / "tdx_quote_4.dat").read_bytes())
+    quote = parse_quote(vector("verifier", "tdx_quote_4.dat").read_bytes())
     return {**tdx_claims(quote, verify_quote(quote, NOW)), **UP_TO_DATE}
 
 
@@ -76,7 +76,7 @@ def test_tdx_unknown_kernel_is_not_affirmed() -> None:
 
 
 def _sgx() -> dict[str, Any]:
-    request = json.loads((vectors() / "attestation-service" / "coco-as-request.json").read_text())
+    request = json.loads(vector("attestation-service", "coco-as-request.json").read_text())
     evidence = json.loads(base64.b64decode(request["verification_requests"][0]["evidence"] + "=="))
     quote = parse_quote(base64.b64decode(evidence["quote"]))
     return {**sgx_claims(quote, verify_quote(quote, NOW)), **UP_TO_DATE}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from conftest import vectors
+from conftest import vector
 from keybroker.attestation.signer import TokenSigner
 from keybroker.config import TokenSignerConfig
 from keybroker.errors import ConfigError
@@ -16,7 +16,7 @@ from keybroker.protocol.jws import decode_unverified, verify_jwt
 
 
 def _fixture() -> Path:
-    return vectors() / "attestation-service" / "fixtures" / "jwk"
+    return vector("attestation-service", "fixtures", "jwk")
 
 
 def test_configured_signer_matches_upstream_jwks_fixture() -> None:

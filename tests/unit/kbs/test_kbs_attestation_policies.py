@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from conftest import Kbs, kbs_config, vectors
+from conftest import Kbs, kbs_config, vector
 from keybroker.client.admin import AdminClient
 from keybroker.client.attesters import SampleDeviceAttester
 from keybroker.client.rcar import KbsClient
@@ -131,7 +131,7 @@ def test_sample_device_needs_its_own_reference_value_and_policy(kbs: Kbs) -> Non
 
 
 def _init_data() -> str:
-    return (vectors() / "integration" / "init-data-with-policy.toml").read_text()
+    return vector("integration", "init-data-with-policy.toml").read_text()
 
 
 def test_agent_policy_identifiers_extension(kbs: Kbs) -> None:

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.testclient import TestClient
 
-from conftest import FakeClock, kbs_config, vectors
+from conftest import FakeClock, kbs_config, vector
 from keybroker.attestation.signer import TokenSigner
 from keybroker.client.admin import AdminClient
 from keybroker.client.keys import TeeKey
@@ -159,7 +159,7 @@ SCENARIOS = {"01": True, "02": False, "03": False, "04": False, "05": True, "06"
 
 @pytest.mark.parametrize(("scenario", "accepted"), sorted(SCENARIOS.items()))
 def test_upstream_jwk_trust_scenarios(scenario: str, accepted: bool) -> None:
-    folder = vectors() / "kbs" / "jwk"
+    folder = vector("kbs", "jwk")
     jwk = json.loads((folder / f"scenario{scenario}-jwk.json").read_text())
     verifier = TokenVerifier.from_config(
         AttestationTokenConfig(trusted_certs_paths=[str(folder / f"scenario{scenario}-trust.pem")]),

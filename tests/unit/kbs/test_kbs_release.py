@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -15,9 +16,10 @@ from conftest import Kbs, kbs_config
 from keybroker.client.admin import AdminClient
 from keybroker.client.keys import TeeKey
 from keybroker.client.rcar import KbsClient
-from keybroker.errors import KbsRejectedError
+from keybroker.errors import ConfigError, KbsRejectedError
 from keybroker.kbs.app import create_app
 from keybroker.kbs.resource_policy import builtin_policy
+from keybroker.kbs.server import INSTANCE_ENV, instance_id
 from keybroker.protocol.jws import decode_unverified
 
 SECRET = bytes(range(256)) + b"the secret"
@@ -148,7 +150,25 @@ def test_deny_all_admin_refuses_writes(clock: object) -> None:
 
 
 def test_healthz(kbs: Kbs) -> None:
-    assert kbs.client.get("/healthz").text == "ok"
+    response = kbs.client.get("/healthz")
+    assert response.text == "ok"
+    assert response.headers["Keybroker-Instance"] == "in-process"
+
+
+def test_instance_id_is_the_environment_s_or_random(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(INSTANCE_ENV, raising=False)
+    first, second = instance_id(), instance_id()
+    assert re.fullmatch(r"[0-9a-f]{16}", first) and first != second
+    monkeypatch.setenv(INSTANCE_ENV, "kbs-0.pod_a")
+    assert instance_id() == "kbs-0.pod_a"
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x" * 65, "-leading", "new\nline", "tab\there"])
+def test_malformed_instance_id_is_refused(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    """It goes into a response header: nothing that could split or forge one."""
+    monkeypatch.setenv(INSTANCE_ENV, bad)
+    with pytest.raises(ConfigError, match="KBS_INSTANCE_ID must be"):
+        instance_id()
 
 
 def test_unknown_plugin_is_404(kbs: Kbs) -> None:

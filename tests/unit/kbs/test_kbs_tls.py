@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import vectors
+from conftest import vector
 from keybroker.cli.kbs import main as kbs_main
 from keybroker.config import parse_config
 from keybroker.errors import ConfigError
@@ -26,7 +26,7 @@ def key_pair(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _profile(name: str, key_pair: tuple[Path, Path]) -> ssl.SSLContext:
-    document = tomllib.loads((vectors() / "kbs" / "configs" / name).read_text())
+    document = tomllib.loads(vector("kbs", "configs", name).read_text())
     document["http_server"]["private_key"] = str(key_pair[0])
     document["http_server"]["certificate"] = str(key_pair[1])
     return server_context(parse_config(document).http_server)

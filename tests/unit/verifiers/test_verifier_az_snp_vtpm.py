@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from conftest import vectors
+from conftest import vector
 from keybroker.errors import EvidenceError
 from keybroker.protocol.models import JsonValue, Tee
 from keybroker.verifiers.az_hcl import HclReportType, check_runtime_data_binding, parse_hcl_report
@@ -97,7 +97,7 @@ class RecordingKds(SnpCollateralFetcher):
 
 
 def _folder() -> Path:
-    return vectors() / "verifier" / "az-snp-vtpm"
+    return vector("verifier", "az-snp-vtpm")
 
 
 def _recording(name: str) -> dict[str, Any]:
@@ -215,7 +215,7 @@ def test_flipped_bit_in_tpm_quote_signature_is_refused() -> None:
 def test_tpm_quote_signed_by_an_ak_not_in_the_hcl_runtime_data_is_refused() -> None:
     """Another VM's vTPM quote (same nonce), carried with this VM's HCL report."""
     evidence = _recording("evidence-v1.json")
-    other = json.loads((vectors() / "verifier" / "az-tdx-vtpm" / "evidence-v1.json").read_text())
+    other = json.loads(vector("verifier", "az-tdx-vtpm", "evidence-v1.json").read_text())
     evidence["tpm_quote"] = other["tpm_quote"]
     with pytest.raises(EvidenceError, match="not signed by the attestation key"):
         _verify(evidence)
@@ -243,7 +243,7 @@ def test_flipped_bit_in_the_hcl_snp_report_is_refused() -> None:
 
 def test_hcl_report_of_a_tdx_vm_is_refused() -> None:
     evidence = _recording("evidence-v1.json")
-    other = json.loads((vectors() / "verifier" / "az-tdx-vtpm" / "evidence-v1.json").read_text())
+    other = json.loads(vector("verifier", "az-tdx-vtpm", "evidence-v1.json").read_text())
     evidence["hcl_report"] = other["hcl_report"]
     with pytest.raises(EvidenceError, match="type 4, expected SNP"):
         _verify(evidence)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from conftest import vectors
+from conftest import vector
 from keybroker.errors import EvidenceError
 from keybroker.protocol.models import JsonValue, Tee
 from keybroker.verifiers.az_hcl import HclReportType, check_runtime_data_binding, parse_hcl_report
@@ -49,7 +49,7 @@ class FixedAppraisal:
 
 
 def _folder() -> Path:
-    return vectors() / "verifier" / "az-tdx-vtpm"
+    return vector("verifier", "az-tdx-vtpm")
 
 
 def _recording(name: str) -> dict[str, Any]:
@@ -161,7 +161,7 @@ def test_flipped_bit_in_tpm_quote_signature_is_refused() -> None:
 
 def test_tpm_quote_signed_by_an_ak_not_in_the_hcl_runtime_data_is_refused() -> None:
     evidence = _recording("evidence-v1.json")
-    other = json.loads((vectors() / "verifier" / "az-snp-vtpm" / "evidence-v1.json").read_text())
+    other = json.loads(vector("verifier", "az-snp-vtpm", "evidence-v1.json").read_text())
     evidence["tpm_quote"] = other["tpm_quote"]  # another VM's quote, same nonce
     with pytest.raises(EvidenceError, match="not signed by the attestation key"):
         _verify(evidence)
@@ -195,7 +195,7 @@ def test_td_quote_verified_after_its_pck_expired_is_refused() -> None:
 
 def test_sgx_quote_in_place_of_the_td_quote_is_refused() -> None:
     evidence = _recording("evidence-v1.json")
-    sgx = (vectors() / "verifier" / "occlum_quote.dat").read_bytes()
+    sgx = vector("verifier", "occlum_quote.dat").read_bytes()
     evidence["td_quote"] = base64.urlsafe_b64encode(sgx).decode()
     with pytest.raises(EvidenceError, match="SGX quote"):
         _verify(evidence)
@@ -203,7 +203,7 @@ def test_sgx_quote_in_place_of_the_td_quote_is_refused() -> None:
 
 def test_hcl_report_of_an_snp_vm_is_refused() -> None:
     evidence = _recording("evidence-v1.json")
-    other = json.loads((vectors() / "verifier" / "az-snp-vtpm" / "evidence-v1.json").read_text())
+    other = json.loads(vector("verifier", "az-snp-vtpm", "evidence-v1.json").read_text())
     evidence["hcl_report"] = other["hcl_report"]
     with pytest.raises(EvidenceError, match="type 2, expected TDX"):
         _verify(evidence)

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from conftest import vectors
+from conftest import vector
 from keybroker.errors import EvidenceError
 from keybroker.verifiers.dcap import (
     TdReportBody,
@@ -40,7 +40,7 @@ QE_REPORT_OFFSET = SIGNATURE_OFFSET + 64 + 64 + 2 + 4
 
 
 def _quote(name: str) -> bytes:
-    return (vectors() / "verifier" / name).read_bytes()
+    return vector("verifier", name).read_bytes()
 
 
 def _flip(data: bytes, offset: int) -> bytes:
@@ -72,7 +72,7 @@ def test_tdx_1_5_body_of_a_v5_quote() -> None:
 
 def test_tdx_claims_equal_upstream_parse() -> None:
     """Everything upstream's parser reports for this quote, but the event log (its own step)."""
-    expected = json.loads((vectors() / "verifier" / "parse_tdx_claims_expected.json").read_text())
+    expected = json.loads(vector("verifier", "parse_tdx_claims_expected.json").read_text())
     expected.pop("uefi_event_logs")
     quote = parse_quote(_quote("tdx_quote_4.dat"))
     pck = verify_quote(quote, NOW["tdx_quote_4.dat"])
@@ -165,9 +165,9 @@ def test_malformed_quotes_are_refused(change: object, message: str) -> None:
 def test_sgx_claims_equal_upstream_token() -> None:
     """The quote of the upstream AS request vector gives the `sgx` claims of upstream's token,
     but for what the collateral layer adds (TCB status, advisories, dates, CRL numbers)."""
-    request = json.loads((vectors() / "attestation-service" / "coco-as-request.json").read_text())
+    request = json.loads(vector("attestation-service", "coco-as-request.json").read_text())
     evidence = json.loads(base64.b64decode(request["verification_requests"][0]["evidence"] + "=="))
-    token = json.loads((vectors() / "attestation-service" / "example.token.json").read_text())
+    token = json.loads(vector("attestation-service", "example.token.json").read_text())
     expected = token["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["sgx"]
     quote = parse_quote(base64.b64decode(evidence["quote"]))
     claims = sgx_claims(quote, verify_quote(quote, NOW["occlum_quote.dat"]))

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 
-from conftest import vectors
+from conftest import vector
 from keybroker.errors import EvidenceError
 from keybroker.verifiers.dcap import Quote, TdReportBody, intel_root, parse_quote
 from keybroker.verifiers.dcap_collateral import (
@@ -35,7 +35,7 @@ UTC = datetime.UTC
 
 
 def _vector(name: str) -> bytes:
-    return (vectors() / "verifier" / name).read_bytes()
+    return vector("verifier", name).read_bytes()
 
 
 def _quote(name: str) -> Quote:
@@ -47,7 +47,7 @@ QE_BODY, QE_SIGNATURE = signed_member(_vector("enclaveIdentity.json"), "enclaveI
 
 
 def _upstream_sgx_claims() -> dict[str, object]:
-    path = vectors() / "attestation-service" / "example.token.json"
+    path = vector("attestation-service", "example.token.json")
     token = json.loads(path.read_text())
     claims: dict[str, object] = token["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["sgx"]
     return claims

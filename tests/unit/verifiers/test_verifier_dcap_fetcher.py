@@ -17,7 +17,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from conftest import vectors
+from conftest import vector
 from keybroker.errors import ConfigError, ServiceUnavailableError
 from keybroker.kbs.tls import self_signed_certificate
 from keybroker.verifiers.dcap import Quote, parse_quote
@@ -54,9 +54,9 @@ class World:
 @pytest.fixture(scope="module")
 def world() -> World:
     pki = IntelPki()
-    recorded = parse_quote((vectors() / "verifier" / "tdx_quote_6.dat").read_bytes())
+    recorded = parse_quote(vector("verifier", "tdx_quote_6.dat").read_bytes())
     quote = pki.quote(recorded, pki.pck(recorded.pck_chain[0]))
-    verifier = vectors() / "verifier"
+    verifier = vector("verifier")
     collateral = pki.collateral(
         tcb_info_body=signed_member((verifier / "tcbInfo.json").read_bytes(), "tcbInfo")[0],
         qe_identity_body=signed_member(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import vectors
+from conftest import vector
 from keybroker.errors import EvidenceError
 from keybroker.verifiers.dcap import TdReportBody, parse_quote
 from keybroker.verifiers.eventlog import (
@@ -78,7 +78,7 @@ END = b"\xff" * 8
 
 
 def _eventlog(name: str) -> bytes:
-    return (vectors() / "eventlog" / name).read_bytes()
+    return vector("eventlog", name).read_bytes()
 
 
 def _expected(path: Path) -> object:
@@ -135,13 +135,13 @@ END_NODE = _node(0x7F, 0xFF, b"")
 @pytest.mark.parametrize("name", WITH_EXPECTED_OUTPUT)
 def test_uefi_event_logs_equal_upstream(name: str) -> None:
     log = parse_event_log(_eventlog(name))
-    expected = _expected(vectors() / "eventlog" / f"{name}_out.json")
+    expected = _expected(vector("eventlog", f"{name}_out.json"))
     assert uefi_event_logs(log.events) == expected
 
 
 def test_tdx_claims_fixture_event_log_equals_upstream() -> None:
-    log = parse_event_log((vectors() / "verifier" / "CCEL_data").read_bytes())
-    expected = _expected(vectors() / "verifier" / "parse_tdx_claims_expected.json")
+    log = parse_event_log(vector("verifier", "CCEL_data").read_bytes())
+    expected = _expected(vector("verifier", "parse_tdx_claims_expected.json"))
     assert uefi_event_logs(log.events) == expected
 
 
@@ -257,13 +257,13 @@ def test_csv_log_replays_its_sm3_registers() -> None:
 def test_quote_4_rtmrs_do_not_match_the_ccel_data_log() -> None:
     """Upstream's claims fixture pairs this log with tdx_quote_4, but the quote's RTMR0/1 are
     not the log's replay (upstream builds the claims without the replay check)."""
-    quote = parse_quote((vectors() / "verifier" / "tdx_quote_4.dat").read_bytes())
+    quote = parse_quote(vector("verifier", "tdx_quote_4.dat").read_bytes())
     assert isinstance(quote.body, TdReportBody)
-    claims = json.loads((vectors() / "verifier" / "parse_tdx_claims_expected.json").read_text())
+    claims = json.loads(vector("verifier", "parse_tdx_claims_expected.json").read_text())
     assert [rtmr.hex() for rtmr in quote.body.rtmrs] == [
         claims["quote"]["body"][f"rtmr_{i}"] for i in range(4)
     ]
-    events = parse_event_log((vectors() / "verifier" / "CCEL_data").read_bytes()).events
+    events = parse_event_log(vector("verifier", "CCEL_data").read_bytes()).events
     replayed = replay_rtmrs(events)
     assert replayed[0] != quote.body.rtmrs[0] and replayed[1] != quote.body.rtmrs[1]
     assert replayed[2:] == list(quote.body.rtmrs[2:])
@@ -331,7 +331,7 @@ def test_records_after_the_end_marker_are_ignored_as_upstream() -> None:
 
 def test_spec_id_signature_is_not_required_as_attestation_agent_zeroes_it() -> None:
     """Hygon CSV evidence carries a log whose spec-ID event has an all-zero signature."""
-    evidence = json.loads((vectors() / "verifier" / "csv_evidence.json").read_text())
+    evidence = json.loads(vector("verifier", "csv_evidence.json").read_text())
     log = parse_event_log(base64.b64decode(evidence["cc_eventlog"]))
     assert log.algorithms == ("SHA-384", "SM3") and log.events == ()
 

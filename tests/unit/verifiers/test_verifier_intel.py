@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from conftest import vectors
+from conftest import vector
 from keybroker.errors import ConfigError, EvidenceError, KeybrokerError
 from keybroker.protocol.models import JsonValue, Tee
 from keybroker.verifiers import build_verifiers
@@ -34,7 +34,7 @@ class FixedAppraisal:
 
 
 def _evidence(name: str) -> tuple[dict[str, JsonValue], Quote]:
-    raw = (vectors() / "verifier" / name).read_bytes()
+    raw = vector("verifier", name).read_bytes()
     return {"quote": base64.b64encode(raw).decode()}, parse_quote(raw)
 
 
@@ -135,7 +135,7 @@ def test_event_log_that_does_not_replay_to_the_quote_is_refused() -> None:
     """CCEL_data was not recorded with tdx_quote_4.dat: its RTMR0 differs, so it is refused
     rather than reported as the TD's boot (a swapped-in log)."""
     evidence, quote = _evidence("tdx_quote_4.dat")
-    log = (vectors() / "verifier" / "CCEL_data").read_bytes()
+    log = vector("verifier", "CCEL_data").read_bytes()
     evidence["cc_eventlog"] = base64.b64encode(log).decode()
     verifier = TdxVerifier(FixedAppraisal(), clock=lambda: IN_VALIDITY)
     with pytest.raises(EvidenceError, match="RTMR0"):

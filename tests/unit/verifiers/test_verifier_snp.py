@@ -17,7 +17,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from conftest import vectors
+from conftest import vector
 from keybroker.errors import EvidenceError, ServiceUnavailableError
 from keybroker.protocol.models import Tee
 from keybroker.verifiers import build_verifiers
@@ -44,8 +44,8 @@ from standins.amd_pki import AmdPki, Issued, build_report, evidence
 _DER = serialization.Encoding.DER
 
 NOW = datetime.datetime(2025, 6, 1, tzinfo=datetime.UTC)  # the vectors' VCEKs and VLEK are valid
-SNP = vectors() / "verifier" / "snp"
-AZURE = vectors() / "verifier" / "az-snp-vtpm"
+SNP = vector("verifier", "snp")
+AZURE = vector("verifier", "az-snp-vtpm")
 TCB = TcbVersion(bootloader=10, tee=0, snp=23, microcode=25)
 CHIP = bytes(range(64, 128))
 
@@ -118,7 +118,7 @@ def _skip_crl_appraiser(kds: SnpCollateralFetcher | None = None) -> SnpAppraiser
 
 
 def _e2e() -> dict[str, Any]:
-    document = json.loads((vectors() / "attestation-service" / "e2e-evidence.json").read_text())
+    document = json.loads(vector("attestation-service", "e2e-evidence.json").read_text())
     assert isinstance(document, dict)
     return document
 

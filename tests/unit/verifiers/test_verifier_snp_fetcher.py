@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import FakeClock, vectors
+from conftest import FakeClock, vector
 from keybroker.errors import ConfigError, ServiceUnavailableError
 from keybroker.kbs.tls import self_signed_certificate
 from keybroker.verifiers.snp import SnpAppraiser, SnpVerifier, parse_evidence, parse_report
@@ -41,7 +41,7 @@ NEXT_UPDATE = NOW + datetime.timedelta(days=7)
 
 
 def _e2e() -> dict[str, Any]:
-    document = json.loads((vectors() / "attestation-service" / "e2e-evidence.json").read_text())
+    document = json.loads(vector("attestation-service", "e2e-evidence.json").read_text())
     assert isinstance(document, dict)
     return document
 

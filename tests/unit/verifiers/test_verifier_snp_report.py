@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from conftest import vectors
+from conftest import vector
 from keybroker.errors import EvidenceError
 from keybroker.verifiers.snp import parse_report, report_from_json, snp_claims
 from keybroker.verifiers.snp_certs import EndorsementKey, KeyKind, load_certificates
@@ -20,7 +20,7 @@ from keybroker.verifiers.snp_certs import verify_report_signature as _verify
 from keybroker.verifiers.snp_report import FirmwareVersion, Product, SnpReport, TcbVersion
 from standins.amd_pki import build_report, report_json
 
-SNP = vectors() / "verifier" / "snp"
+SNP = vector("verifier", "snp")
 
 
 def _signed_by(report: SnpReport, der: bytes) -> None:
@@ -29,7 +29,7 @@ def _signed_by(report: SnpReport, der: bytes) -> None:
 
 
 def _e2e() -> dict[str, Any]:
-    document = json.loads((vectors() / "attestation-service" / "e2e-evidence.json").read_text())
+    document = json.loads(vector("attestation-service", "e2e-evidence.json").read_text())
     assert isinstance(document, dict)
     return document
 
@@ -58,10 +58,10 @@ def test_version_3_vlek_report_names_its_processor() -> None:
 
 
 def test_azure_hcl_report_carries_a_version_2_report() -> None:
-    hcl = (vectors() / "verifier" / "az-snp-vtpm" / "hcl-report.bin").read_bytes()
+    hcl = vector("verifier", "az-snp-vtpm", "hcl-report.bin").read_bytes()
     report = parse_report(hcl[32 : 32 + 0x4A0])
     assert report.version == 2
-    pem = (vectors() / "verifier" / "az-snp-vtpm" / "vcek.pem").read_bytes()
+    pem = vector("verifier", "az-snp-vtpm", "vcek.pem").read_bytes()
     cert = load_certificates(pem)[0]  # the VCEK, then AMD's chain
     _verify(report, EndorsementKey(cert, KeyKind.VCEK, report.reported_tcb, None))
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from conftest import vectors
+from conftest import vector
 from keybroker.errors import EvidenceError
 from keybroker.verifiers.az_hcl import HclReportType, parse_hcl_report
 from keybroker.verifiers.tpm_quote import (
@@ -36,7 +36,7 @@ TPM_ALG_RSAPSS = 0x0016
 
 
 def _azure(tee: str) -> Path:
-    return vectors() / "verifier" / tee
+    return vector("verifier", tee)
 
 
 def _ak(tee: str) -> rsa.RSAPublicKey:
@@ -128,7 +128,7 @@ def test_recorded_quote_message_and_signature_files_verify() -> None:
 
 def test_plain_tpm_evidence_with_a_tpmt_signature_verifies() -> None:
     """The ``tpm`` attester's evidence: base64 message, marshalled TPMT_SIGNATURE, DER AK."""
-    document = json.loads((vectors() / "verifier" / "tpm_evidence.json").read_text())
+    document = json.loads(vector("verifier", "tpm_evidence.json").read_text())
     quote = document["tpm_quote"]
     key = serialization.load_der_public_key(base64.b64decode(document["ak_public"]))
     assert isinstance(key, rsa.RSAPublicKey)
