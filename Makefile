@@ -25,9 +25,14 @@ run: $(VENV)/.installed
 system-deps:
 	scripts/system-deps
 
+# Tests run in 3 pytest-xdist workers (most wait on real servers, so 3 beat 2 on 2 cores);
+# worksteal keeps the long end-to-end tests from piling up on one worker. Each test owns its
+# database, Redis namespace and ports (tests/ports.py), so workers never meet.
+PYTEST_PARALLEL ?= -n 3 --dist worksteal
+
 # --no-skips: a skipped test (missing vector or tool) fails the run.
 test: system-deps $(VENV)/.installed-test lint typecheck
-	$(BIN)/pytest --no-skips
+	$(BIN)/pytest --no-skips $(PYTEST_PARALLEL)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench
@@ -37,7 +42,7 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 unit integration e2e: $(VENV)/.installed-test
-	$(BIN)/pytest tests/$@
+	$(BIN)/pytest $(PYTEST_PARALLEL) tests/$@
 
 # The benchmark suite (docs/performance.md): real kbs processes on loopback, about 15 minutes.
 # Needs PostgreSQL and Redis on this machine and nginx for the replica rows.

@@ -104,7 +104,8 @@ def pytest_terminal_summary(
     skipped = _skipped(config)
     if config.getoption("--no-skips") and skipped:
         terminalreporter.write_line(
-            f"--no-skips: {len(skipped)} skipped test(s) fail this run (reasons above)", red=True
+            f"--no-skips: {len(skipped)} skipped test(s) fail this run (reasons in the summary)",
+            red=True,
         )
 
 

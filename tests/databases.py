@@ -7,7 +7,6 @@ namespaces) and, where a test stops Redis, its own ``redis-server`` process.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 import uuid
@@ -18,6 +17,7 @@ from pathlib import Path
 import psycopg
 import redis
 
+from ports import free_port
 from system_tools import require
 
 POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
@@ -37,17 +37,11 @@ def fresh_postgres_database() -> Iterator[str]:
             connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PrivateRedis:
     """A ``redis-server`` of this test's own, which the test may stop and start again."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self._workdir = workdir
         self._process: subprocess.Popen[bytes] | None = None
 

@@ -27,10 +27,11 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 from nginx import running_nginx  # noqa: E402
 
 from databases import fresh_postgres_database, private_redis  # noqa: E402
-from kbs_process import free_port, running_kbs  # noqa: E402
+from kbs_process import running_kbs  # noqa: E402
 from kbsbench.loadgen import SECRET  # noqa: E402
 from keybroker.client.admin import AdminClient  # noqa: E402
 from keybroker.kbs.resource_policy import builtin_policy  # noqa: E402
+from ports import free_port  # noqa: E402
 
 
 def signing_key(workdir: Path) -> Path:

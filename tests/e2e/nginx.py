@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from kbs_process import free_port
+from ports import free_port
 from system_tools import require
 
 # what a log line says: the method, the path, the status and which replica answered

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kbs_process import free_port, kbs_client, running_kbs
+from kbs_process import kbs_client, running_kbs
+from ports import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -14,10 +14,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from kbs_process import free_port, kbs_client, running_kbs
+from kbs_process import kbs_client, running_kbs
 from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
 from keybroker.kbs.resource_policy import builtin_policy
+from ports import free_port
 
 pytestmark = pytest.mark.e2e
 

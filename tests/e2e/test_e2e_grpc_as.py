@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kbs_process import BIN, free_port, kbs_client, running_kbs, wait_listening
+from kbs_process import BIN, kbs_client, running_kbs, wait_listening
 from keybroker.grpc_api import (
     attestation_pb2,
     attestation_pb2_grpc,
@@ -21,6 +21,7 @@ from keybroker.grpc_api import (
     reference_pb2_grpc,
 )
 from pki import issue, write
+from ports import free_port
 
 pytestmark = pytest.mark.e2e
 

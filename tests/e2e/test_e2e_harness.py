@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kbs_process import free_port, holds_listening_port, open_kbs_config, running_kbs, wait_healthy
+from kbs_process import holds_listening_port, open_kbs_config, running_kbs, wait_healthy
+from ports import free_port, worker_block
 
 
 @contextmanager
@@ -65,3 +66,14 @@ def test_port_holder_is_the_process_itself() -> None:
         _child("import time; time.sleep(60)") as other,
     ):
         assert not holds_listening_port(other, mine.getsockname()[1])
+
+
+def test_parallel_workers_draw_ports_from_disjoint_blocks_below_the_ephemeral_range() -> None:
+    blocks = [set(worker_block(index)) for index in range(8)]
+    assert all(len(block) > 1000 for block in blocks)
+    assert all(not a & b for i, a in enumerate(blocks) for b in blocks[i + 1 :])
+    floor = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert max(max(block) for block in blocks) < floor
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port)):  # free when handed out
+        pass

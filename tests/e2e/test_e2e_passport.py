@@ -12,8 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kbs_process import free_port, kbs, kbs_client, running_kbs
+from kbs_process import kbs, kbs_client, running_kbs
 from pki import issue, write
+from ports import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,8 @@ import httpx
 import pkcs11
 import pytest
 
-from kbs_process import free_port, kbs_client, open_kbs_config, running_kbs
+from kbs_process import kbs_client, open_kbs_config, running_kbs
+from ports import free_port
 from softhsm import LABEL, SoftHsm
 
 pytestmark = pytest.mark.e2e

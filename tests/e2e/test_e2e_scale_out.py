@@ -29,11 +29,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from nginx import running_nginx
 
 from databases import fresh_postgres_database, private_redis
-from kbs_process import free_port, open_kbs_config, running_kbs
+from kbs_process import open_kbs_config, running_kbs
 from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
 from keybroker.errors import ClientError, KbsRejectedError
 from keybroker.kbs.resource_policy import builtin_policy
+from ports import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -13,6 +13,8 @@ import socket
 import threading
 from typing import Literal
 
+from ports import free_port
+
 Mode = Literal["forward", "refuse", "blackhole"]
 
 
@@ -23,10 +25,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = int(probe.getsockname()[1])
-        probe.close()
+        self.port = free_port()
         self._listen()
 
     def _listen(self) -> None:
