@@ -12,7 +12,7 @@ from conftest import VECTORS
 ROOT = VECTORS.parents[1]
 ROW = re.compile(r"^\| `(?P<file>[^`]+)` \| `(?P<upstream>[^`]+)` \| `(?P<blob>[0-9a-f]{40})` \|$")
 # How code reached the folder beside the repository (this file is the one exception).
-NEEDLES = ("../shared", '"shared" / "vectors"')
+NEEDLES = (str(Path("..", "shared")), '"shared" / "vectors"')
 
 
 def _git_blob_id(data: bytes) -> str:

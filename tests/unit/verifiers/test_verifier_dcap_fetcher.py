@@ -179,7 +179,7 @@ def test_plain_http_is_refused_unless_insecure(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(ConfigError, match="not HTTPS"):
-        PcsFetcher("http://127.0.0.1:8081")
+        PcsFetcher("http://pcs.example")
     stand_in = PcsStandIn()
     stand_in.serve(world.request, world.collateral)
     server = ServedApp(stand_in.app())

@@ -184,7 +184,7 @@ def test_plain_http_is_refused_unless_insecure(
     real: Real, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(ConfigError, match="not HTTPS"):
-        KdsFetcher("http://127.0.0.1:8080")
+        KdsFetcher("http://kds.example")
     stand_in = KdsStandIn()
     stand_in.serve_vcek(Product.GENOA, real.report.chip_id, real.report.reported_tcb, real.vcek)
     server = ServedApp(stand_in.app())
