@@ -176,7 +176,8 @@ class _Search:
         ]
         if not named and not candidates:
             known = [name(c) for c in [*self.anchors, *self.pool] if c not in path]
-            self._note(depth, f"{name(cert)} is not issued by {' or '.join(known) or 'anyone'}")
+            listed = " or ".join(known[:3]) + (" or others" if len(known) > 3 else "")
+            self._note(depth, f"{name(cert)} is not issued by {listed or 'anyone'}")
         if len(path) + 2 > MAX_DEPTH and candidates:
             self._note(depth, f"no trusted certificate within {MAX_DEPTH} certificates")
             return None
