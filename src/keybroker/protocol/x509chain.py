@@ -39,7 +39,7 @@ from cryptography.x509.oid import ExtensionOID
 
 from keybroker.errors import UnauthenticatedError
 
-MAX_CHAIN_LENGTH = 5  # untrusted certificates beside the leaf: upstream's chains have <= 4
+MAX_CHAIN_LENGTH = 4  # untrusted certificates beside the leaf (upstream's x5c: <= 4 in all)
 MAX_DEPTH = 6  # certificates in one path, leaf and anchor included
 SIGNATURE_BUDGET = 32  # signature checks per path search
 # Critical extensions this module processes (basicConstraints, keyUsage) or that restrict

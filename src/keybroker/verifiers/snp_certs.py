@@ -42,6 +42,7 @@ from cryptography.x509.oid import NameOID
 
 from keybroker.errors import EvidenceError
 from keybroker.protocol.x509chain import build_path
+from keybroker.verifiers import der
 from keybroker.verifiers.snp_report import (
     COMPONENT_SIZE,
     Product,
@@ -145,21 +146,6 @@ def pinned_roots() -> Mapping[Product, AmdRoots]:
 # --- the endorsement key's extensions ------------------------------------------------------
 
 
-def _der_value(data: bytes, tag: int, what: str) -> bytes:
-    """The content of one DER TLV of type ``tag`` that makes up all of ``data``."""
-    if len(data) < 2 or data[0] != tag:
-        raise EvidenceError(f"{what} is not DER of tag 0x{tag:02x}")
-    length, offset = data[1], 2
-    if length & 0x80:
-        octets = length & 0x7F
-        if octets == 0 or octets > 2 or len(data) < 2 + octets:
-            raise EvidenceError(f"{what} has a bad DER length")
-        length, offset = int.from_bytes(data[2 : 2 + octets], "big"), 2 + octets
-    if offset + length != len(data):
-        raise EvidenceError(f"{what} has a DER length that does not match its size")
-    return data[offset:]
-
-
 def _extension(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bytes | None:
     try:
         value = cert.extensions.get_extension_for_oid(oid).value
@@ -174,7 +160,7 @@ def _spl(cert: x509.Certificate, oid: x509.ObjectIdentifier, name: str) -> int:
     raw = _extension(cert, oid)
     if raw is None:
         raise EvidenceError(f"the endorsement key certificate has no {name} extension")
-    content = _der_value(raw, 0x02, f"the {name} extension")
+    content = der.single(raw, der.INTEGER, f"the {name} extension")
     value = int.from_bytes(content, "big", signed=True) if content else -1
     if not 0 <= value <= 0xFF:
         raise EvidenceError(f"the {name} extension holds {value}, not a security patch level")
@@ -187,7 +173,7 @@ def _hwid(cert: x509.Certificate, sizes: tuple[int, ...]) -> bytes | None:
         return None
     if len(raw) in sizes:  # the first KDS certificates held the bytes themselves
         return raw
-    value = _der_value(raw, 0x04, "the hwID extension")
+    value = der.single(raw, der.OCTET_STRING, "the hwID extension")
     if len(value) not in sizes:
         raise EvidenceError(f"the hwID extension holds {len(value)} bytes")
     return value
