@@ -9,7 +9,8 @@ ends at an anchor: a certificate equal to an anchor, or one the anchor's key sig
 may be a root or an intermediate: partial chains are accepted). Every certificate of the path is
 valid at the injected ``now`` and carries no critical extension this module does not process.
 Every issuer, anchors included, is a CA: basicConstraints ``cA`` true, ``keyCertSign`` when it
-has a keyUsage, and no more CA certificates below it than its pathLenConstraint allows.
+has a keyUsage, and no more CA certificates below it than its pathLenConstraint allows
+(self-issued ones count too, stricter than RFC 5280).
 
 Bounds, against an attacker who sends certificates built to make the search explode (say
 eight CAs sharing one name and one key, each a valid issuer of every other): at most
@@ -87,7 +88,7 @@ def build_path(
     raise error(f"{what} does not lead to a trusted certificate: {problem}")
 
 
-def name(cert: x509.Certificate | x509.Name) -> str:
+def _name(cert: x509.Certificate | x509.Name) -> str:
     return (cert.subject if isinstance(cert, x509.Certificate) else cert).rfc4514_string()
 
 
@@ -132,15 +133,15 @@ class _Search:
     def usable(self, cert: x509.Certificate) -> str | None:
         """Why ``cert`` cannot be on any path at ``now``, or None."""
         if not cert.not_valid_before_utc <= self.now <= cert.not_valid_after_utc:
-            return f"{name(cert)} is not valid at {self.now.isoformat()}"
+            return f"{_name(cert)} is not valid at {self.now.isoformat()}"
         try:
             extensions = cert.extensions
         except ValueError as e:
-            return f"{name(cert)} has malformed extensions: {e}"
+            return f"{_name(cert)} has malformed extensions: {e}"
         for extension in extensions:
             if extension.critical and extension.oid not in _UNDERSTOOD_CRITICAL:
                 return (
-                    f"{name(cert)} has a critical extension {extension.oid.dotted_string} "
+                    f"{_name(cert)} has a critical extension {extension.oid.dotted_string} "
                     "that Keybroker does not process"
                 )
         return None
@@ -175,9 +176,13 @@ class _Search:
             c for c in self.pool if c.subject == cert.issuer and _identity(c) not in on_path
         ]
         if not named and not candidates:
-            known = [name(c) for c in [*self.anchors, *self.pool] if c not in path]
-            listed = " or ".join(known[:3]) + (" or others" if len(known) > 3 else "")
-            self._note(depth, f"{name(cert)} is not issued by {listed or 'anyone'}")
+            # names the issuer the certificate claims, never the trusted ones: the reason
+            # reaches unauthenticated callers
+            self._note(
+                depth,
+                f"{_name(cert)} is not issued by a trusted certificate nor by one of the chain "
+                f"(its issuer: {_name(cert.issuer)})",
+            )
         if len(path) + 2 > MAX_DEPTH and candidates:
             self._note(depth, f"no trusted certificate within {MAX_DEPTH} certificates")
             return None
@@ -213,7 +218,7 @@ class _Search:
             against = ": the chain does not verify against the root" if is_anchor else ""
             self._note(
                 depth,
-                f"the signature of {name(cert)} does not verify with {name(issuer)}{against}",
+                f"the signature of {_name(cert)} does not verify with {_name(issuer)}{against}",
             )
             return False
         return True
@@ -224,18 +229,18 @@ def _ca_problem(issuer: x509.Certificate, below: int) -> str | None:
     try:
         constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
-        return f"{name(issuer)} is not a CA (it has no basicConstraints)"
+        return f"{_name(issuer)} is not a CA (it has no basicConstraints)"
     if not constraints.ca:
-        return f"{name(issuer)} is not a CA"
+        return f"{_name(issuer)} is not a CA"
     try:
         usage = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         usage = None
     if usage is not None and not usage.key_cert_sign:
-        return f"{name(issuer)} is a CA whose keyUsage does not allow keyCertSign"
+        return f"{_name(issuer)} is a CA whose keyUsage does not allow keyCertSign"
     if constraints.path_length is not None and below > constraints.path_length:
         return (
-            f"{name(issuer)} allows {constraints.path_length} CA certificates below it "
+            f"{_name(issuer)} allows {constraints.path_length} CA certificates below it "
             f"(pathLenConstraint), the chain has {below}"
         )
     return None
