@@ -11,6 +11,7 @@ The services are built once, here, and kept in ``app.state.kbs`` (no module glob
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -187,7 +188,9 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
     )
     try:
         token = await _guest_token(request, services)
-        claims = services.tokens.verify(token)
+        # signature and certificate-chain checks are CPU work: off the event loop, so a costly
+        # token delays only its own request, never /healthz or other guests
+        claims = await asyncio.to_thread(services.tokens.verify, token)
     except KeybrokerError as e:
         await record(decision="deny", subject=None, reason=e.detail)
         raise

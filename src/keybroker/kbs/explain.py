@@ -8,6 +8,7 @@ policy can be evaluated before it is installed.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from typing import Literal
@@ -51,7 +52,7 @@ async def explain(
     attestation_policies: AttestationPolicies | None,
     tokens: TokenVerifier,
 ) -> dict[str, JsonValue]:
-    policy_input = _input(request, tokens)
+    policy_input = await asyncio.to_thread(_input, request, tokens)  # token checks: CPU work
     if request.kind == "resource":
         policy = (
             compile_resource_policy(_draft(request.policy))

@@ -5,8 +5,10 @@ Where the verification key comes from (upstream's ``[attestation_token]`` semant
 - the builtin Attestation Service's own key, trusted automatically (it lives in this process);
 - a header ``jwk``: trusted only if the header's ``x5c`` chain starts with a certificate for
   that very key and leads to a certificate in ``trusted_certs_paths`` (any order, partial
-  chains accepted); with ``insecure_header_jwk = true`` the chain check is skipped (logged on
-  every use) but the signature is still checked;
+  chains accepted, bounded by ``keybroker.protocol.x509chain``); the token's signature is
+  checked with that key first, so a forged token costs no chain search; with
+  ``insecure_header_jwk = true`` the chain check is skipped (logged on every use) but the
+  signature is still checked;
 - a header ``kid``: looked up in the ``trusted_jwk_sets`` (files or https, cached, refreshed on
   an unknown kid).
 
@@ -37,7 +39,6 @@ from cryptography import x509
 from keybroker.config import AttestationTokenConfig, IdentityProvider
 from keybroker.errors import BadRequestError, ConfigError, TokenVerificationError
 from keybroker.kbs.admin_auth import Fetch, IdentityProviderKeys, https_fetch
-from keybroker.kbs.cert_chain import chains_to_trusted
 from keybroker.protocol.jwk import TeePublicKey, parse_tee_pubkey
 from keybroker.protocol.jws import (
     PublicKey,
@@ -47,6 +48,7 @@ from keybroker.protocol.jws import (
     verify_jwt,
 )
 from keybroker.protocol.models import JsonValue
+from keybroker.protocol.x509chain import MAX_CHAIN_LENGTH, build_path
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,9 @@ class TokenVerifier:
             return known
         header, _ = decode_unverified(token)
         errors: list[str] = []
+        header_jwk = header.get("jwk")
+        if isinstance(header_jwk, Mapping):
+            return self._verify_with_header_key(token, header_jwk)
         for key in self._candidate_keys(header, errors):
             try:
                 claims: dict[str, JsonValue] = verify_jwt(token, key, now=self._clock())
@@ -171,14 +176,23 @@ class TokenVerifier:
             while len(self._verified) > VERIFIED_CACHE_SIZE:
                 self._verified.popitem(last=False)
 
+    def _verify_with_header_key(
+        self, token: str, header_jwk: Mapping[str, object]
+    ) -> dict[str, JsonValue]:
+        """A token that carries its signer key: its signature is checked with that key before
+        the key's certificate chain is looked at, so a token nobody signed (built to make the
+        path search expensive, say) is refused for the price of one signature check."""
+        try:
+            unverified_key = public_key_from_jwk(header_jwk)
+            claims: dict[str, JsonValue] = verify_jwt(token, unverified_key, now=self._clock())
+            key = self.trusted_header_key(header_jwk)
+        except TokenVerificationError as e:
+            raise TokenVerificationError(f"attestation token not accepted: {e.detail}") from None
+        if any(key is trusted for trusted in self._trusted_keys):
+            self._remember(token, claims)
+        return claims
+
     def _candidate_keys(self, header: Mapping[str, object], errors: list[str]) -> list[PublicKey]:
-        header_jwk = header.get("jwk")
-        if isinstance(header_jwk, Mapping):
-            try:
-                return [self.trusted_header_key(header_jwk)]
-            except TokenVerificationError as e:
-                errors.append(e.detail)
-                return []
         kid = header.get("kid")
         if isinstance(kid, str) and self._jwk_sets:
             return [k for jwk_set in self._jwk_sets for k in jwk_set.keys_for(kid)]
@@ -204,6 +218,11 @@ class TokenVerifier:
         x5c = header_jwk.get("x5c")
         if not isinstance(x5c, list) or not x5c or not all(isinstance(c, str) for c in x5c):
             raise TokenVerificationError("the token's header jwk has no x5c certificate chain")
+        if len(x5c) > 1 + MAX_CHAIN_LENGTH:  # refused before any certificate is even parsed
+            raise TokenVerificationError(
+                f"the token's x5c holds {len(x5c)} certificates, at most "
+                f"{1 + MAX_CHAIN_LENGTH} are accepted"
+            )
         try:
             chain = [x509.load_der_x509_certificate(base64.b64decode(c)) for c in x5c]
         except (binascii.Error, ValueError):
@@ -211,7 +230,14 @@ class TokenVerifier:
         if chain[0].public_key() != key:
             raise TokenVerificationError("the x5c leaf certificate does not match the header jwk")
         now = datetime.fromtimestamp(self._clock(), UTC)
-        chains_to_trusted(chain[0], chain[1:], self._trusted_certs, now=now)
+        build_path(
+            chain[0],
+            chain[1:],
+            self._trusted_certs,
+            now=now,
+            error=TokenVerificationError,
+            what="the token signer's certificate chain",
+        )
 
     def tee_pubkey(self, claims: dict[str, JsonValue]) -> TeePublicKey:
         for path in self._paths:

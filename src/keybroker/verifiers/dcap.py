@@ -7,8 +7,9 @@ about an ``unverified`` quote, in order (each step fails closed with :class:`Evi
    size; no trailing or missing bytes;
 2. the PCK certificate chain carried in the quote (certification data type 5) ends in a
    certificate issued by the Intel SGX Root CA **pinned in this package**
-   (``data/intel-sgx-root-ca.pem``); the root the quote carries is never trusted; every
-   certificate is valid at the injected time and each issuer is a CA;
+   (``data/intel-sgx-root-ca.pem``); the root the quote carries is never trusted; the path
+   is built and checked by ``keybroker.protocol.x509chain`` (validity at the injected time,
+   CA constraints, critical extensions, bounds);
 3. the QE report is signed by the PCK certificate's key;
 4. the QE report binds the attestation key: its ``report_data`` is SHA-256(attestation key ||
    QE authentication data) followed by 32 zero bytes;
@@ -25,16 +26,17 @@ import hashlib
 import re
 import struct
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache
 from importlib import resources
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from keybroker.errors import EvidenceError
+from keybroker.protocol.x509chain import build_path
 
 HEADER_SIZE = 48
 SGX_REPORT_SIZE = 384
@@ -320,11 +322,8 @@ def verify_pck_chain(
     now: datetime.datetime,
     root: x509.Certificate | None = None,
 ) -> x509.Certificate:
-    """The PCK leaf, once every link up to the pinned root verifies at ``now``."""
-    links = verify_chain(chain, now, root or intel_root(), "PCK chain")
-    if not links:
-        raise EvidenceError("the quote's PCK chain holds no PCK certificate")
-    return links[0]
+    """The PCK leaf, once it chains to the pinned root at ``now``."""
+    return verify_chain(chain, now, root or intel_root(), "the PCK chain")[0]
 
 
 def verify_chain(
@@ -333,53 +332,15 @@ def verify_chain(
     anchor: x509.Certificate,
     what: str,
 ) -> list[x509.Certificate]:
-    """The certificates of ``chain`` below ``anchor``, leaf first, each checked to be issued
-    and signed by the next (the last by ``anchor``), by a CA, and valid at ``now``. A copy of
-    the anchor inside the chain is dropped, never trusted: only the anchor's key ends a chain."""
-    links = [c for c in chain if c.subject != anchor.subject]
-    for index, cert in enumerate(links):
-        issuer = links[index + 1] if index + 1 < len(links) else anchor
-        if cert.issuer != issuer.subject:
-            raise EvidenceError(f"{what} is broken: {_name(cert)} is not issued by {_name(issuer)}")
-        _check_issuer_is_ca(issuer)
-        if not _signed_by(
-            cert.public_bytes(serialization.Encoding.DER),
-            issuer.public_bytes(serialization.Encoding.DER),
-        ):
-            against = f" against the root {_name(anchor)}" if issuer is anchor else ""
-            raise EvidenceError(f"{what} signature of {_name(cert)} does not verify{against}")
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise EvidenceError(
-                f"{what} certificate {_name(cert)} is not valid at {now.isoformat()}"
-            )
-    return links
-
-
-def _name(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string()
-
-
-@lru_cache(maxsize=512)
-def _signed_by(cert_der: bytes, issuer_der: bytes) -> bool:
-    """Whether ``issuer``'s key signed ``cert``: a pure function of the two encodings, so the
-    answer is remembered. A platform's PCK CA and Intel's root recur in every quote, and a
-    PCK certificate in every quote of its platform; dates are checked on every call."""
-    cert = x509.load_der_x509_certificate(cert_der)
-    issuer = x509.load_der_x509_certificate(issuer_der)
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True
-
-
-def _check_issuer_is_ca(issuer: x509.Certificate) -> None:
-    try:
-        constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        raise EvidenceError(f"{issuer.subject.rfc4514_string()} is not a CA") from None
-    if not constraints.ca:
-        raise EvidenceError(f"{issuer.subject.rfc4514_string()} is not a CA")
+    """The path from ``chain``'s first certificate up to, not including, ``anchor``, leaf
+    first (``keybroker.protocol.x509chain``: each link signed by a CA, valid at ``now``). A
+    root the chain carries is never trusted: only the anchor's key ends a path."""
+    if not chain:
+        raise EvidenceError(f"{what} holds no certificate")
+    path = build_path(chain[0], chain[1:], [anchor], now=now, error=EvidenceError, what=what)
+    if len(path) < 2:
+        raise EvidenceError(f"{what} holds only the root")
+    return path[:-1]
 
 
 def verify_quote(

@@ -47,7 +47,6 @@ from keybroker.verifiers.dcap import (
     intel_root,
     verify_chain,
     verify_p256,
-    verify_pck_chain,
 )
 from keybroker.verifiers.dcap_tcb import PlatformTcb, TcbEvaluation, evaluate_tcb
 from keybroker.verifiers.dcap_tcb_info import (
@@ -285,11 +284,10 @@ class _Crls:
 def _check_pck_and_crls(
     quote: Quote, collateral: Collateral, now: datetime.datetime, anchor: x509.Certificate
 ) -> tuple[x509.Certificate, _Crls]:
-    pck = verify_pck_chain(quote.pck_chain, now, anchor)
-    links = [c for c in quote.pck_chain if c.subject != anchor.subject]
+    links = verify_chain(quote.pck_chain, now, anchor, "the PCK chain")
     if len(links) != 2:
         raise EvidenceError("the PCK chain is not PCK certificate, PCK CA, root")
-    pck_ca = links[1]
+    pck, pck_ca = links
     root_crl = _crl(collateral.root_ca_crl, "Root CA CRL")
     root_number = _check_crl(root_crl, anchor, "Root CA CRL")
     crl_signer = _issued_by_root(collateral.pck_crl_issuer_chain, now, anchor, "PCK CRL chain")

@@ -4,7 +4,8 @@ TCB components, PPID, platform instance id and the rest, as a flat ``{name: valu
 The extension is a DER SEQUENCE of ``SEQUENCE { OID, value }`` entries, some of whose values are
 again such sequences (TCB, Configuration). This module reads exactly that shape and nothing
 else: a value that is not an OCTET STRING, INTEGER, ENUMERATED, BOOLEAN or such a nested
-sequence is refused. Only call it on a certificate whose chain has been verified.
+sequence is refused; elements are read by the strict DER reader of ``der``. Only call it on a
+certificate whose chain has been verified.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from cryptography import x509
 
 from keybroker.errors import EvidenceError
+from keybroker.verifiers import der
 
 SGX_EXTENSION = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
 _NAMES = {
@@ -28,47 +30,21 @@ _NAMES = {
     "1.2.840.113741.1.13.1.7.2": "cached_keys",
     "1.2.840.113741.1.13.1.7.3": "smt_enabled",
 }
-_SEQUENCE, _OID, _OCTETS, _INTEGER, _ENUMERATED, _BOOLEAN = 0x30, 0x06, 0x04, 0x02, 0x0A, 0x01
 Value = bytes | int | bool
-
-
-def _tlv(data: bytes, offset: int) -> tuple[int, bytes, int]:
-    """(tag, content, next offset) of the DER element at ``offset``."""
-    if offset + 2 > len(data):
-        raise EvidenceError("the PCK certificate's SGX extension is truncated")
-    tag, length, offset = data[offset], data[offset + 1], offset + 2
-    if length & 0x80:
-        count = length & 0x7F
-        if count == 0 or count > 4 or offset + count > len(data):
-            raise EvidenceError("the PCK certificate's SGX extension has a bad length")
-        length, offset = int.from_bytes(data[offset : offset + count], "big"), offset + count
-    if offset + length > len(data):
-        raise EvidenceError("the PCK certificate's SGX extension is truncated")
-    return tag, data[offset : offset + length], offset + length
-
-
-def _oid(content: bytes) -> str:
-    first, parts, value = content[0], [], 0
-    parts += [str(first // 40), str(first % 40)]
-    for byte in content[1:]:
-        value = value << 7 | (byte & 0x7F)
-        if not byte & 0x80:
-            parts.append(str(value))
-            value = 0
-    return ".".join(parts)
+_WHAT = "the PCK certificate's SGX extension"
 
 
 def _entries(sequence: bytes, out: dict[str, Value]) -> None:
     offset = 0
     while offset < len(sequence):
-        tag, entry, offset = _tlv(sequence, offset)
-        if tag != _SEQUENCE:
+        tag, entry, offset = der.read_tlv(sequence, offset, _WHAT)
+        if tag != der.SEQUENCE:
             raise EvidenceError("an SGX extension entry is not a SEQUENCE")
-        oid_tag, oid, rest = _tlv(entry, 0)
-        value_tag, value, end = _tlv(entry, rest)
-        if oid_tag != _OID or end != len(entry):
+        oid_tag, oid, rest = der.read_tlv(entry, 0, _WHAT)
+        value_tag, value, end = der.read_tlv(entry, rest, _WHAT)
+        if oid_tag != der.OID or end != len(entry):
             raise EvidenceError("an SGX extension entry is not { OID, value }")
-        dotted = _oid(oid)
+        dotted = der.object_identifier(oid, _WHAT)
         name = _NAMES.get(dotted)
         if name is None:  # e.g. the 16 TCB component SVNs: keep them by their arc
             name = (
@@ -76,13 +52,13 @@ def _entries(sequence: bytes, out: dict[str, Value]) -> None:
                 if dotted.startswith("1.2.840.113741.1.13.1.2.")
                 else dotted
             )
-        if value_tag == _SEQUENCE:
+        if value_tag == der.SEQUENCE:
             _entries(value, out)
-        elif value_tag == _OCTETS:
+        elif value_tag == der.OCTET_STRING:
             out[name] = value
-        elif value_tag in (_INTEGER, _ENUMERATED):
-            out[name] = int.from_bytes(value, "big", signed=value_tag == _INTEGER)
-        elif value_tag == _BOOLEAN:
+        elif value_tag in (der.INTEGER, der.ENUMERATED):
+            out[name] = int.from_bytes(value, "big", signed=value_tag == der.INTEGER)
+        elif value_tag == der.BOOLEAN:
             out[name] = value != b"\x00"
         else:
             raise EvidenceError(f"SGX extension {dotted} has an unexpected value type {value_tag}")
@@ -95,8 +71,8 @@ def sgx_extension(certificate: x509.Certificate) -> dict[str, Value]:
         raise EvidenceError("the PCK certificate has no SGX extension") from None
     if not isinstance(raw, x509.UnrecognizedExtension):
         raise EvidenceError("the PCK certificate's SGX extension is not raw DER")
-    tag, content, end = _tlv(raw.value, 0)
-    if tag != _SEQUENCE or end != len(raw.value):
+    tag, content, end = der.read_tlv(raw.value, 0, _WHAT)
+    if tag != der.SEQUENCE or end != len(raw.value):
         raise EvidenceError("the PCK certificate's SGX extension is not a SEQUENCE")
     out: dict[str, Value] = {}
     _entries(content, out)

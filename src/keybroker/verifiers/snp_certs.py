@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import cache, lru_cache
+from functools import cache
 from importlib import resources
 
 from cryptography import x509
@@ -41,6 +41,8 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
 from keybroker.errors import EvidenceError
+from keybroker.protocol.x509chain import build_path
+from keybroker.verifiers import der
 from keybroker.verifiers.snp_report import (
     COMPONENT_SIZE,
     Product,
@@ -144,21 +146,6 @@ def pinned_roots() -> Mapping[Product, AmdRoots]:
 # --- the endorsement key's extensions ------------------------------------------------------
 
 
-def _der_value(data: bytes, tag: int, what: str) -> bytes:
-    """The content of one DER TLV of type ``tag`` that makes up all of ``data``."""
-    if len(data) < 2 or data[0] != tag:
-        raise EvidenceError(f"{what} is not DER of tag 0x{tag:02x}")
-    length, offset = data[1], 2
-    if length & 0x80:
-        octets = length & 0x7F
-        if octets == 0 or octets > 2 or len(data) < 2 + octets:
-            raise EvidenceError(f"{what} has a bad DER length")
-        length, offset = int.from_bytes(data[2 : 2 + octets], "big"), 2 + octets
-    if offset + length != len(data):
-        raise EvidenceError(f"{what} has a DER length that does not match its size")
-    return data[offset:]
-
-
 def _extension(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bytes | None:
     try:
         value = cert.extensions.get_extension_for_oid(oid).value
@@ -173,7 +160,7 @@ def _spl(cert: x509.Certificate, oid: x509.ObjectIdentifier, name: str) -> int:
     raw = _extension(cert, oid)
     if raw is None:
         raise EvidenceError(f"the endorsement key certificate has no {name} extension")
-    content = _der_value(raw, 0x02, f"the {name} extension")
+    content = der.single(raw, der.INTEGER, f"the {name} extension")
     value = int.from_bytes(content, "big", signed=True) if content else -1
     if not 0 <= value <= 0xFF:
         raise EvidenceError(f"the {name} extension holds {value}, not a security patch level")
@@ -186,7 +173,7 @@ def _hwid(cert: x509.Certificate, sizes: tuple[int, ...]) -> bytes | None:
         return None
     if len(raw) in sizes:  # the first KDS certificates held the bytes themselves
         return raw
-    value = _der_value(raw, 0x04, "the hwID extension")
+    value = der.single(raw, der.OCTET_STRING, "the hwID extension")
     if len(value) not in sizes:
         raise EvidenceError(f"the hwID extension holds {len(value)} bytes")
     return value
@@ -263,50 +250,6 @@ def same_key(a: x509.Certificate, b: x509.Certificate) -> bool:
     return a.public_key().public_bytes(der, spki) == b.public_key().public_bytes(der, spki)
 
 
-def _issuer_is_ca(issuer: x509.Certificate) -> None:
-    try:
-        constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        constraints = None
-    if constraints is None or not constraints.ca:
-        raise EvidenceError(f"{issuer.subject.rfc4514_string()} is not a CA")
-
-
-@lru_cache(maxsize=256)
-def _signed_by(cert_der: bytes, issuer_der: bytes) -> bool:
-    """Whether ``issuer``'s key signed ``cert`` (RSA-PSS for every AMD link): a pure function
-    of the two encodings, so a chip's VCEK and its ASK are checked once per process."""
-    (cert,) = load_certificates(cert_der)
-    (issuer,) = load_certificates(issuer_der)
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True
-
-
-def _check_link(
-    cert: x509.Certificate, issuer: x509.Certificate, now: datetime.datetime, what: str
-) -> None:
-    """``cert`` is issued and signed by ``issuer``, a CA, and valid at ``now``."""
-    if cert.issuer != issuer.subject:
-        raise EvidenceError(
-            f"{what} is broken: {cert.subject.rfc4514_string()} is not issued by "
-            f"{issuer.subject.rfc4514_string()}"
-        )
-    _issuer_is_ca(issuer)
-    der = serialization.Encoding.DER
-    if not _signed_by(cert.public_bytes(der), issuer.public_bytes(der)):
-        raise EvidenceError(
-            f"{what}: the signature of {cert.subject.rfc4514_string()} does not verify with "
-            f"{issuer.subject.rfc4514_string()}"
-        )
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise EvidenceError(
-            f"{what}: {cert.subject.rfc4514_string()} is not valid at {now.isoformat()}"
-        )
-
-
 def verify_intermediate(
     candidate: x509.Certificate, roots: AmdRoots, kind: KeyKind, now: datetime.datetime
 ) -> x509.Certificate:
@@ -318,7 +261,7 @@ def verify_intermediate(
             f"{candidate.subject.rfc4514_string()} is not the {roots.product} "
             f"{'ASK' if kind is KeyKind.VCEK else 'ASVK'}"
         )
-    _check_link(candidate, roots.ark, now, f"the AMD {roots.product} chain")
+    _path(candidate, [], roots, now)
     return candidate
 
 
@@ -329,10 +272,23 @@ def verify_key_chain(
     now: datetime.datetime,
 ) -> None:
     """VCEK → ASK → pinned ARK (or VLEK → ASVK → pinned ARK), each link signed (RSA-PSS),
-    issued by a CA and valid at ``now``."""
+    issued by a CA and valid at ``now`` (``keybroker.protocol.x509chain``)."""
+    path = _path(key, [intermediate], roots, now)
+    if len(path) != 3 or path[1] != intermediate:
+        raise EvidenceError(
+            f"the AMD {roots.product} chain is broken: {key.subject.rfc4514_string()} is not "
+            f"issued by {intermediate.subject.rfc4514_string()}"
+        )
+
+
+def _path(
+    cert: x509.Certificate,
+    intermediates: list[x509.Certificate],
+    roots: AmdRoots,
+    now: datetime.datetime,
+) -> list[x509.Certificate]:
     what = f"the AMD {roots.product} chain"
-    _check_link(key, intermediate, now, what)
-    _check_link(intermediate, roots.ark, now, what)
+    return build_path(cert, intermediates, [roots.ark], now=now, error=EvidenceError, what=what)
 
 
 def load_crl(unverified: bytes) -> x509.CertificateRevocationList:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from conftest import FakeClock, kbs_config, vector
@@ -21,6 +29,7 @@ from keybroker.kbs.app import create_app
 from keybroker.kbs.resource_policy import builtin_policy
 from keybroker.kbs.tokens import TokenVerifier
 from keybroker.protocol.jws import jwk_of, public_key_from_jwk, sign_jwt
+from keybroker.protocol.x509chain import MAX_CHAIN_LENGTH
 from pki import Issued, issue, write
 
 SECRET = b"passport secret"
@@ -47,14 +56,17 @@ def _kbs1(tmp_path: Path, ca: Issued) -> tuple[TestClient, FakeClock]:
     return TestClient(create_app(config, clock=clock)), clock
 
 
-def _kbs2(trust: Path, clock: FakeClock) -> TestClient:
+def _kbs2(trust: Path, clock: Callable[[], float]) -> TestClient:
     """A resource-only KBS trusting the CA in ``trust``."""
+    return TestClient(_kbs2_app(trust, clock))
+
+
+def _kbs2_app(trust: Path, clock: Callable[[], float]) -> Starlette:
     config = kbs_config(
         attestation_service={"type": "none"},
         attestation_token={"trusted_certs_paths": [str(trust)]},
     )
-    client = TestClient(create_app(config, clock=clock))
-    return client
+    return create_app(config, clock=clock)
 
 
 def _token(kbs1: TestClient, key: TeeKey) -> str:
@@ -201,3 +213,133 @@ def test_tee_pubkey_found_at_default_and_extra_paths() -> None:
     assert custom.tee_pubkey({"custom": {"guest/key": key}}).to_jwk() == key
     with pytest.raises(TokenVerificationError, match="no tee-pubkey"):
         default.tee_pubkey({"custom": {"guest/key": key}})
+
+
+# --- an x5c built to make the certificate path search explode (issue 17) ---------------------
+
+
+def _same_name_cas_token(count: int) -> str:
+    """A token whose x5c is its signer's certificate and ``count`` CAs sharing one name and one
+    key, each a valid issuer of every other, none leading to the trusted CA. The token is
+    validly signed by the leaf's key: anyone can send it, no trusted key is needed."""
+    shared = issue("same-name CA", issuer_name="same-name CA")
+    copies = [
+        issue("same-name CA", key=shared.key, issuer_name="same-name CA") for _ in range(count - 1)
+    ]
+    signer = issue("token signer", shared, ca=False)
+    x5c = [
+        base64.b64encode(c.cert.public_bytes(serialization.Encoding.DER)).decode()
+        for c in (signer, shared, *copies)
+    ]
+    jwk = {**jwk_of(signer.key.public_key()), "x5c": x5c}
+    return sign_jwt({"exp": NOW + 600}, signer.key, header={"jwk": jwk})
+
+
+@pytest.mark.parametrize("count", [MAX_CHAIN_LENGTH, 8])
+def test_x5c_of_same_name_cas_is_refused_without_search_blowup(tmp_path: Path, count: int) -> None:
+    """Before the fix every ordering of the CAs was tried, on the event loop: 7 CAs took over
+    a minute of CPU. The bound only rules out a hang; the search now costs a few checks."""
+    token = _same_name_cas_token(count)
+    with _kbs2(write(tmp_path / "ca.pem", issue("passport CA")), FakeClock(NOW)) as kbs2:
+        started = time.monotonic()
+        reply = kbs2.get("/kbs/v0/resource/a/b/c", headers={"Authorization": f"Bearer {token}"})
+        elapsed = time.monotonic() - started
+    assert reply.status_code == 401, reply.text
+    assert "not accepted" in reply.json()["detail"]
+    assert elapsed < 10, f"refusing {count} same-name CAs took {elapsed:.1f} s"
+
+
+class _ParkingClock:
+    """The injected clock. Once armed, the first call from a thread other than the event loop's
+    (the token verification, when it runs off the loop) parks until released."""
+
+    def __init__(self) -> None:
+        self.loop_thread = threading.get_ident()
+        self.armed = False
+        self.parked = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self) -> float:
+        if self.armed and threading.get_ident() != self.loop_thread and not self.parked.is_set():
+            self.parked.set()
+            self.release.wait(30)
+        return float(NOW)
+
+
+def test_x5c_chain_work_runs_off_the_event_loop_and_healthz_answers(tmp_path: Path) -> None:
+    """While one request's token is being verified (parked here, as a costly chain would
+    keep it), the same worker answers /healthz: verification does not block the loop."""
+    clock = _ParkingClock()
+    app = _kbs2_app(write(tmp_path / "ca.pem", issue("passport CA")), clock)
+    token = _same_name_cas_token(MAX_CHAIN_LENGTH)
+
+    async def scenario() -> tuple[int, int]:
+        clock.loop_thread = threading.get_ident()
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://kbs") as client,
+        ):
+            clock.armed = True
+            pending = asyncio.create_task(
+                client.get("/kbs/v0/resource/a/b/c", headers={"Authorization": f"Bearer {token}"})
+            )
+            try:
+                parked = await asyncio.to_thread(clock.parked.wait, 20)
+                assert parked, "the token was verified on the event loop's thread"
+                health = await asyncio.wait_for(client.get("/healthz"), 20)
+            finally:
+                clock.release.set()
+            reply = await pending
+        return health.status_code, reply.status_code
+
+    assert asyncio.run(scenario()) == (200, 401)
+
+
+_UNKNOWN = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\x05\x00")
+_SIGN_ONLY = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
+
+
+@pytest.mark.parametrize(
+    ("attack", "reason"),
+    [
+        ("ca-without-keycertsign", "does not allow keyCertSign"),
+        ("pathlen-exceeded", "pathLenConstraint"),
+        ("unknown-critical-extension", "critical extension 1.3.6.1.4.1.55555.1"),
+    ],
+)
+def test_x5c_through_a_ca_that_may_not_issue_it_is_refused(attack: str, reason: str) -> None:
+    root = issue("passport CA", path_length=0 if attack == "pathlen-exceeded" else None)
+    by_attack: dict[str, list[tuple[x509.ExtensionType, bool]]] = {
+        "ca-without-keycertsign": [(_SIGN_ONLY, True)],
+        "unknown-critical-extension": [(_UNKNOWN, True)],
+    }
+    extensions = by_attack.get(attack, [])
+    intermediate = issue("issuing CA", root, extensions=extensions)
+    signer = issue("token signer", intermediate, ca=False)
+    x5c = [
+        base64.b64encode(c.cert.public_bytes(serialization.Encoding.DER)).decode()
+        for c in (signer, intermediate)
+    ]
+    verifier = TokenVerifier([], trusted_certs=[root.cert], clock=lambda: float(NOW))
+    jwk = {**jwk_of(signer.key.public_key()), "x5c": x5c}
+    with pytest.raises(TokenVerificationError, match=reason):
+        verifier.trusted_header_key(jwk)
+
+
+def test_over_long_x5c_is_refused_before_parsing() -> None:
+    verifier = TokenVerifier([], trusted_certs=[issue("passport CA").cert])
+    signer = issue("token signer", ca=False)
+    jwk = {**jwk_of(signer.key.public_key()), "x5c": ["not base64!"] * (MAX_CHAIN_LENGTH + 2)}
+    with pytest.raises(TokenVerificationError, match=f"at most {MAX_CHAIN_LENGTH + 1}"):
+        verifier.trusted_header_key(jwk)
+
+
+def test_header_jwk_token_with_a_bad_signature_is_refused_before_its_chain() -> None:
+    """A forged token is refused for its signature, whatever its x5c: no chain work for it."""
+    token = _same_name_cas_token(MAX_CHAIN_LENGTH)
+    head, body, _ = token.split(".")
+    verifier = TokenVerifier([], trusted_certs=[issue("passport CA").cert], clock=lambda: NOW)
+    with pytest.raises(TokenVerificationError, match="signature") as refused:
+        verifier.verify(f"{head}.{body}.{'A' * 86}")
+    assert "certificate" not in refused.value.detail
