@@ -16,6 +16,10 @@ Beyond upstream:
   on the injected wall clock, as text); a value without one is byte-for-byte upstream's.
   Expired entries read as missing, are removed when read, and a sweep after every batch of
   writes removes the ones nobody reads again (abandoned handshakes).
+- **No symlinks.** Every file is opened with ``O_NOFOLLOW`` and a namespace directory that is a
+  link is refused: a link planted in the store (say ``default\x2Fkey\x2Fhost`` pointing at
+  ``/etc/hostname``) is a :class:`StorageError` for reads, writes and deletes, never a way to
+  hand a guest a file from outside the store. Links are not listed as keys.
 - **Cross-process consistency.** Writers (set, delete, sweep) hold an exclusive ``flock`` on the
   namespace directory, so ``set(overwrite=False)`` has exactly one winner across worker
   processes. Readers take no lock: ``os.replace`` gives them whole values. The deadline is
@@ -36,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
+import logging
 import math
 import os
 import secrets
@@ -47,6 +53,8 @@ from pathlib import Path
 
 from keybroker.errors import StorageError
 from keybroker.storage.base import KeyValueStorage, validate_key, validate_namespace
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DIR_PATH = Path("/opt/confidential-containers/storage/local_fs")
 SLASH = "\\x2F"  # four characters: backslash, x, 2, F (upstream's escape of "/")
@@ -109,18 +117,33 @@ def unlink_if_exists(path: Path) -> bool:
     return True
 
 
+def refuse_symlink(path: Path, what: str) -> None:
+    """Raise :class:`StorageError` if ``path`` is a symbolic link (it is never followed)."""
+    if path.is_symlink():
+        raise _symlink_refused(path, what)
+
+
+def _symlink_refused(path: Path, what: str) -> StorageError:
+    # A link planted in the store must not make the KBS read or write a file outside it.
+    log.warning("refusing %s at %s: it is a symbolic link, which is never followed", what, path)
+    return StorageError(f"{what} is a symbolic link, which is never followed")
+
+
 def _open_regular(
-    path: Path, *, what: str, max_bytes: int | None, follow_symlinks: bool
+    path: Path, *, what: str, max_bytes: int | None
 ) -> tuple[int, os.stat_result] | None:
-    """A descriptor open on the regular file at ``path`` (the caller closes it), or None."""
+    """A descriptor open on the regular file at ``path`` (the caller closes it), or None.
+    ``O_NOFOLLOW``: a symlink is refused, never followed."""
     # O_NONBLOCK: opening a FIFO planted in the tree would otherwise hang the worker forever.
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
-    if not follow_symlinks:
-        flags |= os.O_NOFOLLOW
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
     try:
         fd = os.open(path, flags)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _symlink_refused(path, what) from None
+        raise
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -153,22 +176,18 @@ def _read_limited(fd: int, size_hint: int, what: str, max_bytes: int | None) -> 
     return b"".join(chunks)
 
 
-def read_file_sync(
-    path: Path, *, what: str, max_bytes: int | None = None, follow_symlinks: bool = True
-) -> bytes | None:
+def read_file_sync(path: Path, *, what: str, max_bytes: int | None = None) -> bytes | None:
     """The bytes of the regular file at ``path``, or None if there is none."""
-    opened = _open_regular(path, what=what, max_bytes=max_bytes, follow_symlinks=follow_symlinks)
+    opened = _open_regular(path, what=what, max_bytes=max_bytes)
     if opened is None:
         return None
     fd, info = opened
     return _read_limited(fd, info.st_size, what, max_bytes)
 
 
-async def read_file(
-    path: Path, *, what: str, max_bytes: int | None = None, follow_symlinks: bool = True
-) -> bytes | None:
+async def read_file(path: Path, *, what: str, max_bytes: int | None = None) -> bytes | None:
     """:func:`read_file_sync` for the event loop: small files inline, large ones in a thread."""
-    opened = _open_regular(path, what=what, max_bytes=max_bytes, follow_symlinks=follow_symlinks)
+    opened = _open_regular(path, what=what, max_bytes=max_bytes)
     if opened is None:
         return None
     fd, info = opened
@@ -202,6 +221,7 @@ class LocalFsKeyValueStorage(KeyValueStorage):
         self._durable = not volatile
         self._writes_since_sweep = 0
         self._sweep_after = SWEEP_MIN_WRITES
+        refuse_symlink(self._dir, "a storage namespace directory")
         try:
             make_private_dirs(self._dir)
         except OSError as e:
@@ -227,9 +247,8 @@ class LocalFsKeyValueStorage(KeyValueStorage):
     # expiry
 
     def _expired(self, key: str) -> bool:
-        try:
-            text = self._expiry_file(key).read_bytes()
-        except FileNotFoundError:
+        text = read_file_sync(self._expiry_file(key), what="a stored deadline", max_bytes=64)
+        if text is None:
             return False
         try:
             deadline = float(text)
@@ -308,6 +327,8 @@ class LocalFsKeyValueStorage(KeyValueStorage):
     ) -> bool:
         file = self._file(key)
         with self._locked():
+            refuse_symlink(file, "a stored value")  # os.replace would not follow it, but
+            refuse_symlink(self._expiry_file(key), "a stored deadline")  # fail closed anyway
             exists = file.exists()
             if exists and self._expired(key):
                 self._remove(key)
@@ -351,7 +372,11 @@ class LocalFsKeyValueStorage(KeyValueStorage):
         with os.scandir(self._dir) as entries:
             for entry in entries:
                 key = self._key_of(entry.name)
-                if key is not None and entry.is_file() and not self._expired(key):
+                if (
+                    key is not None
+                    and entry.is_file(follow_symlinks=False)  # a link is never a key
+                    and not self._expired(key)
+                ):
                     keys.append(key)
         return keys
 
