@@ -49,7 +49,9 @@ import secrets
 import stat
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from keybroker.errors import StorageError
 from keybroker.storage.base import KeyValueStorage, validate_key, validate_namespace
@@ -198,14 +200,24 @@ async def read_file(path: Path, *, what: str, max_bytes: int | None = None) -> b
 
 # --- the key-value store ----------------------------------------------------------------------
 
+T = TypeVar("T")
+
+
+class _Busy:
+    """The writer lock is held elsewhere and the caller chose not to wait for it."""
+
+
+BUSY = _Busy()
+
 
 class LocalFsKeyValueStorage(KeyValueStorage):
     """``volatile``: the directory is the worker processes' shared "memory" store (a private
     directory in /dev/shm where there is one), removed when the server stops. Nothing there
-    has to survive a crash, so nothing is fsync'd, and writes run on the event loop: such a
-    write does not wait on a disk, and handing it to a thread costs more CPU than the write.
-    The occasional sweep of expired entries, which reads every deadline, still runs in a
-    thread."""
+    has to survive a crash, so nothing is fsync'd, and writes run on the event loop when the
+    writer lock is free at once: such a write does not wait on a disk, and handing it to a
+    thread costs more CPU than the write. When another worker holds the lock, the write waits
+    for it in a thread, never on the loop. The occasional sweep of expired entries, which
+    reads every deadline, also runs in a thread."""
 
     def __init__(
         self,
@@ -308,11 +320,23 @@ class LocalFsKeyValueStorage(KeyValueStorage):
                 found[key] = value
         return found
 
+    async def _write(self, operation: Callable[[bool], T | _Busy]) -> T:
+        """Run ``operation(wait)`` under the writer lock, never blocking the event loop: a
+        durable store always in a thread (it fsyncs); a volatile one on the loop when the
+        lock is free at once, as it nearly always is, else in a thread that waits for it."""
+        if not self._durable:
+            result = operation(False)
+            if not isinstance(result, _Busy):
+                return result
+        result = await asyncio.to_thread(operation, True)
+        if isinstance(result, _Busy):  # a caller that waits always gets the lock
+            raise StorageError("the storage writer lock could not be taken")
+        return result
+
     async def _set(self, key: str, value: bytes, overwrite: bool, ttl: float | None) -> bool:
-        if self._durable:
-            return await asyncio.to_thread(self._set_locked, key, value, overwrite, ttl)
-        written = self._set_locked(key, value, overwrite, ttl, sweep=False)
-        if self._writes_since_sweep >= self._sweep_after:
+        operation = partial(self._set_locked, key, value, overwrite, ttl, sweep=self._durable)
+        written = await self._write(operation)
+        if not self._durable and self._writes_since_sweep >= self._sweep_after:
             # A sweep reads every deadline in the directory: not on the event loop.
             await asyncio.to_thread(self._sweep_locked)
         return written
@@ -323,10 +347,19 @@ class LocalFsKeyValueStorage(KeyValueStorage):
                 self._sweep()
 
     def _set_locked(
-        self, key: str, value: bytes, overwrite: bool, ttl: float | None, *, sweep: bool = True
-    ) -> bool:
+        self,
+        key: str,
+        value: bytes,
+        overwrite: bool,
+        ttl: float | None,
+        wait: bool,
+        *,
+        sweep: bool = True,
+    ) -> bool | _Busy:
         file = self._file(key)
-        with self._locked():
+        with self._locked(wait=wait) as locked:
+            if not locked:
+                return BUSY
             refuse_symlink(file, "a stored value")  # os.replace would not follow it, but
             refuse_symlink(self._expiry_file(key), "a stored deadline")  # fail closed anyway
             exists = file.exists()
@@ -348,12 +381,12 @@ class LocalFsKeyValueStorage(KeyValueStorage):
         return True
 
     async def _delete(self, key: str) -> bytes | None:
-        if not self._durable:
-            return self._delete_locked(key)
-        return await asyncio.to_thread(self._delete_locked, key)
+        return await self._write(partial(self._delete_locked, key))
 
-    def _delete_locked(self, key: str) -> bytes | None:
-        with self._locked():
+    def _delete_locked(self, key: str, wait: bool) -> bytes | _Busy | None:
+        with self._locked(wait=wait) as locked:
+            if not locked:
+                return BUSY
             value = read_file_sync(self._file(key), what="stored value")
             if value is None:
                 unlink_if_exists(self._expiry_file(key))  # an orphan a crash left behind

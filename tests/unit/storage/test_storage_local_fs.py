@@ -3,6 +3,7 @@ r"""The local-filesystem store: upstream's on-disk layout, atomic writes, TTL si
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import stat
 import threading
@@ -225,6 +226,46 @@ def test_volatile_writes_skip_fsync_and_stay_on_the_event_loop(
     assert asyncio.run(store.set("s", b"two", overwrite=False)) is False
     assert asyncio.run(store.delete("s")) == b"one"
     assert synced == [] and threads == {"loop"}
+
+
+@pytest.mark.parametrize("operation", ["set", "delete"])
+def test_lock_held_by_another_worker_does_not_block_the_event_loop(
+    tmp_path: Path, operation: str
+) -> None:
+    """Another worker process holds the namespace's writer lock (a slow sweep, say): a volatile
+    write waits for it in a thread, and the event loop keeps serving meanwhile."""
+    store = LocalFsKeyValueStorage(tmp_path, "sessions", volatile=True)
+    asyncio.run(store.set("s", b"one"))
+    other_worker = os.open(tmp_path / "sessions", os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(other_worker, fcntl.LOCK_EX)  # another open file: flock excludes it too
+    loop_ticked = threading.Event()
+
+    def release() -> None:
+        # Waits for the loop to show it is alive; a loop stuck in flock never does, so the
+        # lock is released anyway after a generous bound and the test fails instead of hanging.
+        loop_ticked.wait(timeout=10)
+        os.close(other_worker)
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+
+    async def scenario() -> tuple[bool, object]:
+        write: asyncio.Future[object] = asyncio.ensure_future(
+            store.set("s", b"two") if operation == "set" else store.delete("s")
+        )
+        for _ in range(5):
+            await asyncio.sleep(0)
+        loop_ran_while_locked = not write.done()
+        loop_ticked.set()
+        return loop_ran_while_locked, await asyncio.wait_for(write, timeout=60)
+
+    try:
+        loop_ran_while_locked, result = asyncio.run(scenario())
+    finally:
+        loop_ticked.set()
+        releaser.join()
+    assert loop_ran_while_locked
+    assert result == (True if operation == "set" else b"one")
 
 
 def _watch_writes(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], set[str]]:
