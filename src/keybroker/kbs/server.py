@@ -42,6 +42,7 @@ from keybroker.config import (
 )
 from keybroker.errors import ConfigError
 from keybroker.kbs.app import create_app
+from keybroker.kbs.key_permissions import check_private_key_permissions
 from keybroker.kbs.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def serve(config: KbsConfig) -> None:
     """Run the KBS until interrupted. Raises ConfigError before serving if it cannot start."""
     http = config.http_server
     scheme = "http" if http.insecure_http else "https"
+    check_private_key_permissions(config)  # before a key is read or a socket bound
     if http.insecure_http:
         log.warning(
             "insecure_http = true: secrets cross the network only JWE-encrypted, but "
