@@ -76,7 +76,7 @@ async def https_fetch(url: str) -> bytes:
             async with asyncio.timeout(FETCH_TIMEOUT_SECONDS):
                 return await _read_bounded(client, url)
     except (httpx.HTTPError, TimeoutError) as e:
-        raise ServiceUnavailableError(f"cannot fetch {url}: {e or 'timed out'}") from None
+        raise ServiceUnavailableError(f"cannot fetch {url}: {str(e) or 'timed out'}") from None
 
 
 async def _read_bounded(client: httpx.AsyncClient, url: str) -> bytes:

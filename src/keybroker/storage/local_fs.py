@@ -207,7 +207,7 @@ class _Busy:
     """The writer lock is held elsewhere and the caller chose not to wait for it."""
 
 
-BUSY = _Busy()
+_BUSY = _Busy()
 
 
 class LocalFsKeyValueStorage(KeyValueStorage):
@@ -359,7 +359,7 @@ class LocalFsKeyValueStorage(KeyValueStorage):
         file = self._file(key)
         with self._locked(wait=wait) as locked:
             if not locked:
-                return BUSY
+                return _BUSY
             refuse_symlink(file, "a stored value")  # os.replace would not follow it, but
             refuse_symlink(self._expiry_file(key), "a stored deadline")  # fail closed anyway
             exists = file.exists()
@@ -386,7 +386,7 @@ class LocalFsKeyValueStorage(KeyValueStorage):
     def _delete_locked(self, key: str, wait: bool) -> bytes | _Busy | None:
         with self._locked(wait=wait) as locked:
             if not locked:
-                return BUSY
+                return _BUSY
             value = read_file_sync(self._file(key), what="stored value")
             if value is None:
                 unlink_if_exists(self._expiry_file(key))  # an orphan a crash left behind
