@@ -467,6 +467,8 @@ class KbsConfig(_Model):
     admin: AdminConfig = AdminDenyAll()
     storage_backend: StorageBackendConfig = StorageBackendConfig()
     session_storage_type: StorageTypeField | None = None
+    # Keybroker's: start even if a private key file is readable by other users (logged)
+    insecure_key_permissions: bool = False
     audit: AuditConfig = AuditConfig()
     plugins: list[PluginConfig] = Field(default_factory=_default_plugins)
 

@@ -51,6 +51,7 @@ def test_passport_over_https(tmp_path: Path) -> None:
     ca = issue("passport CA")
     signer = issue("kbs1 token signer", ca, ca=False)
     (tmp_path / "signer.key").write_bytes(signer.key_pem())
+    (tmp_path / "signer.key").chmod(0o600)  # kbs refuses a private key others can read
     write(tmp_path / "signer-chain.pem", signer, ca)
     write(tmp_path / "ca.pem", ca)
     rsa_key = rsa.generate_private_key(65537, 2048)

@@ -10,7 +10,6 @@ and the detail names the problem without echoing evidence.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import secrets
 from typing import Any
@@ -21,6 +20,7 @@ from keybroker.attestation.service import BuiltinAttestationService, EvidenceToV
 from keybroker.attestation.wire import b64url_decode, evidence_from_parts
 from keybroker.errors import AttestationError, BadRequestError, KeybrokerError
 from keybroker.grpc_api import attestation_pb2, attestation_pb2_grpc
+from keybroker.protocol.untrusted_json import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 def evidence_from_wire(request: attestation_pb2.IndividualAttestationRequest) -> EvidenceToVerify:
     structured = None
     if request.WhichOneof("runtime_data") == "structured_runtime_data":
-        try:
-            structured = json.loads(request.structured_runtime_data)
-        except json.JSONDecodeError:
-            raise BadRequestError("structured_runtime_data is not JSON") from None
+        structured = parse_json(request.structured_runtime_data, what="structured_runtime_data")
     return evidence_from_parts(
         tee=request.tee,
         evidence=request.evidence,

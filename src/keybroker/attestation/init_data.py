@@ -10,13 +10,12 @@ and a ``policy.rego`` that declares ``policy_data := {...}`` replaced by that JS
 from __future__ import annotations
 
 import contextlib
-import json
-import tomllib
 from dataclasses import dataclass
 
 from keybroker.errors import BadRequestError
 from keybroker.protocol.canonical import HashAlgorithm
 from keybroker.protocol.models import InitData, JsonValue
+from keybroker.protocol.untrusted_json import parse_json, parse_json_prefix, parse_toml
 
 _TOML_CLAIMS = ("cdh.toml", "aa.toml")
 _POLICY_DATA = "policy_data := {"
@@ -41,16 +40,13 @@ def parse_init_data(init_data: InitData) -> ParsedInitData:
 
 
 def _document(init_data: InitData) -> dict[str, JsonValue]:
-    try:
-        if init_data.format == "toml":
-            return tomllib.loads(init_data.body)
-        if init_data.format == "json":
-            document = json.loads(init_data.body)
-            if isinstance(document, dict):
-                return document
-            raise BadRequestError("JSON init-data must be an object")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise BadRequestError(f"init-data is not valid {init_data.format}: {e}") from None
+    if init_data.format == "toml":
+        return parse_toml(init_data.body, what="init-data")
+    if init_data.format == "json":
+        document = parse_json(init_data.body, what="init-data")
+        if isinstance(document, dict):
+            return document
+        raise BadRequestError("JSON init-data must be an object")
     raise BadRequestError(f"init-data format must be toml or json, found {init_data.format[:16]!r}")
 
 
@@ -59,9 +55,10 @@ def _claims(data: dict[str, JsonValue]) -> dict[str, JsonValue]:
     for name in _TOML_CLAIMS:
         text = claims.get(name)
         if isinstance(text, str):
-            # a document that does not parse is kept as text, as upstream does
-            with contextlib.suppress(tomllib.TOMLDecodeError):
-                claims[name] = tomllib.loads(text)
+            # a document that does not parse (or nests too deep) is kept as text, as upstream
+            # keeps one that does not parse
+            with contextlib.suppress(BadRequestError):
+                claims[name] = parse_toml(text, what=f"init-data {name}")
     policy = claims.get("policy.rego")
     if isinstance(policy, str):
         policy_data = agent_policy_data(policy)
@@ -77,7 +74,6 @@ def agent_policy_data(rego: str) -> JsonValue | None:
     if start < 0:
         return None
     try:
-        value, _ = json.JSONDecoder().raw_decode(rego, start + len(_POLICY_DATA) - 1)
-    except json.JSONDecodeError:
+        return parse_json_prefix(rego, start + len(_POLICY_DATA) - 1, what="policy_data")
+    except BadRequestError:
         return None
-    return value

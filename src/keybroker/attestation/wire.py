@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 
 from keybroker.attestation.service import EvidenceToVerify
 from keybroker.errors import BadRequestError
 from keybroker.protocol.canonical import HashAlgorithm
 from keybroker.protocol.models import InitData, JsonValue, Tee
+from keybroker.protocol.untrusted_json import parse_json
 
 
 def b64url_decode(text: str, what: str) -> bytes:
@@ -34,10 +34,7 @@ def evidence_from_parts(
         parsed_tee = Tee(tee)
     except ValueError:
         raise BadRequestError(f"unknown TEE {tee[:32]!r}") from None
-    try:
-        unverified = json.loads(b64url_decode(evidence, "evidence"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequestError("evidence is not base64url of JSON") from None
+    unverified = parse_json(b64url_decode(evidence, "evidence"), what="evidence")
     try:
         algorithm = HashAlgorithm.parse(hash_algorithm or "sha384")
     except ValueError as e:

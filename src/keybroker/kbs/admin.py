@@ -55,7 +55,7 @@ class AdminGuard:
         else:
             assert isinstance(config, AdminDenyAll)  # noqa: S101 - the union is exhausted
 
-    def check(self, uri: str, authorization: str | None) -> AdminIdentity:
+    async def check(self, uri: str, authorization: str | None) -> AdminIdentity:
         """Admit the admin request for ``uri`` (path and query) or raise."""
         if self._allow_all:
             log.warning("admin request to %s admitted by InsecureAllowAll", uri[:200])
@@ -65,6 +65,6 @@ class AdminGuard:
                 f"admin access denied for {uri[:200]}: the admin API is disabled "
                 "(authorization_mode = DenyAll)"
             )
-        identity = self._authenticator.authenticate(authorization)
+        identity = await self._authenticator.authenticate(authorization)
         self._acl.authorize(identity, uri)
         return identity

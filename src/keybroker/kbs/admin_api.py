@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from keybroker.errors import (
 )
 from keybroker.kbs.explain import explain, parse_explain_request
 from keybroker.kbs.services import KbsServices
+from keybroker.protocol.untrusted_json import parse_json
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,7 @@ ADMIN_ENDPOINTS: dict[str, Callable[[ApiCall, KbsServices], Awaitable[Response]]
 
 
 def _json_object(body: bytes, what: str) -> dict[str, object]:
-    try:
-        document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequestError(f"the {what} is not JSON") from None
+    document = parse_json(body, what=f"the {what}")
     if not isinstance(document, dict):
         raise BadRequestError(f"the {what} must be a JSON object")
     return document

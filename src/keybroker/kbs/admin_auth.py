@@ -6,7 +6,11 @@ An identity provider is trusted through PEM public keys (``public_key_uri``: a p
 ``https://``, or an ``https://.../.well-known/openid-configuration`` discovery document).
 Remote key material is fetched with a timeout, cached, and re-fetched when a token names a
 ``kid`` the cached set lacks (at most once per ``REFRESH_INTERVAL``, so unknown kids cannot be
-used to hammer the provider).
+used to hammer the provider). Fetches are asynchronous (``httpx.AsyncClient``), on first use
+rather than at start-up, one at a time per provider: a slow identity provider delays the
+requests that need its keys, never the event loop and so never the other requests. Callers
+await :meth:`IdentityProviderKeys.ensure_keys` before the synchronous, cache-only
+:meth:`IdentityProviderKeys.keys_for`.
 
 A token is accepted when its signature verifies with one provider's key (the algorithm must
 fit the key: no ``none``, no HMAC with a public key), it has an ``exp`` (60 s leeway) and a
@@ -15,11 +19,12 @@ string ``role``, and the provider's ``issuer``/``audience`` match when configure
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -49,7 +54,7 @@ _DISCOVERY = "/.well-known/openid-configuration"
 # of them is not confined to the KBS API.
 _OUTSIDE_KBS = ("/", "/healthz", "/metrics", "/kbs", "/kbsx/v0/resource", "/other/kbs/v0/x")
 
-Fetch = Callable[[str], bytes]
+Fetch = Callable[[str], Awaitable[bytes]]
 
 
 @dataclass(frozen=True)
@@ -61,17 +66,31 @@ class AdminIdentity:
     subject: str | None
 
 
-def https_fetch(url: str) -> bytes:
+async def https_fetch(url: str) -> bytes:
     """GET ``url`` over HTTPS (system trust, or ``SSL_CERT_FILE``), bounded in time and size."""
     try:
-        response = httpx.get(url, timeout=FETCH_TIMEOUT_SECONDS, follow_redirects=False)
-    except httpx.HTTPError as e:
-        raise ServiceUnavailableError(f"cannot fetch {url}: {e}") from None
-    if response.status_code != 200:
-        raise ServiceUnavailableError(f"cannot fetch {url}: HTTP {response.status_code}")
-    if len(response.content) > _MAX_DOCUMENT_BYTES:
-        raise ServiceUnavailableError(f"{url} returned more than {_MAX_DOCUMENT_BYTES} bytes")
-    return response.content
+        async with httpx.AsyncClient(
+            timeout=FETCH_TIMEOUT_SECONDS, follow_redirects=False
+        ) as client:
+            # the whole exchange, not each read: a provider trickling bytes cannot hold us
+            async with asyncio.timeout(FETCH_TIMEOUT_SECONDS):
+                return await _read_bounded(client, url)
+    except (httpx.HTTPError, TimeoutError) as e:
+        raise ServiceUnavailableError(f"cannot fetch {url}: {str(e) or 'timed out'}") from None
+
+
+async def _read_bounded(client: httpx.AsyncClient, url: str) -> bytes:
+    async with client.stream("GET", url) as response:
+        if response.status_code != 200:
+            raise ServiceUnavailableError(f"cannot fetch {url}: HTTP {response.status_code}")
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > _MAX_DOCUMENT_BYTES:
+                raise ServiceUnavailableError(
+                    f"{url} returned more than {_MAX_DOCUMENT_BYTES} bytes"
+                )
+        return bytes(body)
 
 
 def _read_local(uri: str) -> bytes:
@@ -130,27 +149,53 @@ class IdentityProviderKeys:
         self._jwk: dict[str | None, PublicKey] = {}
         self._fetched_at: float | None = None
         self._loaded = False
-        if config.public_key_uri is not None:
-            uri = config.public_key_uri
-            data = self._fetch(uri) if _is_remote(uri) else _read_local(uri)
-            self._pem = _pem_keys(data, uri)
-        if config.jwk_set_uri is not None:
-            if _is_remote(config.jwk_set_uri):
-                try:
-                    self._refresh()
-                except ServiceUnavailableError as e:  # retried on first use
-                    log.warning("identity provider keys not loaded yet: %s", e.detail)
-            else:
-                self._jwk = _jwks(_read_local(config.jwk_set_uri), config.jwk_set_uri)
-                self._loaded = True
+        self._pem_loaded = False
+        self._fetching = asyncio.Lock()  # one fetch at a time; the others wait and reuse it
+        if config.public_key_uri is not None and not _is_remote(config.public_key_uri):
+            self._pem = _pem_keys(_read_local(config.public_key_uri), config.public_key_uri)
+            self._pem_loaded = True
+        if config.public_key_uri is None:
+            self._pem_loaded = True
+        if config.jwk_set_uri is not None and not _is_remote(config.jwk_set_uri):
+            self._jwk = _jwks(_read_local(config.jwk_set_uri), config.jwk_set_uri)
+            self._loaded = True
+
+    async def ensure_keys(self, kid: str | None) -> None:
+        """Fetch what :meth:`keys_for` will need for a token naming ``kid``: remote keys never
+        fetched yet, or a key set lacking ``kid`` (at most once per ``REFRESH_INTERVAL``).
+        Raises ServiceUnavailableError when a remote provider cannot be reached."""
+        if not self._needs_fetch(kid):
+            return
+        async with self._fetching:
+            if not self._needs_fetch(kid):  # fetched while this request waited
+                return
+            uri = self.config.public_key_uri
+            if not self._pem_loaded and uri is not None:
+                self._pem = _pem_keys(await self._fetch(uri), uri)
+                self._pem_loaded = True
+            if self.config.jwk_set_uri is not None and self._jwk_needs_fetch(kid):
+                await self._refresh()
+
+    def _needs_fetch(self, kid: str | None) -> bool:
+        return not self._pem_loaded or (
+            self.config.jwk_set_uri is not None and self._jwk_needs_fetch(kid)
+        )
+
+    def _jwk_needs_fetch(self, kid: str | None) -> bool:
+        return not self._loaded or (
+            kid is not None and kid not in self._jwk and self._may_refresh()
+        )
 
     def keys_for(self, kid: str | None) -> list[PublicKey]:
-        """Keys that may have signed a token naming ``kid``. Raises ServiceUnavailableError
-        while a remote key set has never been fetched successfully."""
+        """Keys that may have signed a token naming ``kid``, from the cache (await
+        :meth:`ensure_keys` first). Raises ServiceUnavailableError while remote keys have
+        never been fetched successfully."""
+        if not self._pem_loaded or (self.config.jwk_set_uri is not None and not self._loaded):
+            raise ServiceUnavailableError(
+                "the identity provider's keys could not be fetched yet: retry shortly"
+            )
         if self.config.jwk_set_uri is None:
             return list(self._pem)
-        if not self._loaded or (kid is not None and kid not in self._jwk and self._may_refresh()):
-            self._refresh()
         if kid is not None:
             found = self._jwk.get(kid)
             return [*([found] if found else []), *self._pem]
@@ -162,20 +207,20 @@ class IdentityProviderKeys:
             return False
         return self._fetched_at is None or self._clock() - self._fetched_at >= REFRESH_INTERVAL
 
-    def _refresh(self) -> None:
+    async def _refresh(self) -> None:
         uri = self.config.jwk_set_uri
         assert uri is not None  # noqa: S101 - only called for JWK-set providers
         self._fetched_at = self._clock()
         if urlparse(uri).path.endswith(_DISCOVERY):
             try:
-                jwks_uri = json.loads(self._fetch(uri))["jwks_uri"]
+                jwks_uri = json.loads(await self._fetch(uri))["jwks_uri"]
             except (ValueError, KeyError, TypeError):
                 raise ServiceUnavailableError(f"{uri} has no jwks_uri") from None
             if not isinstance(jwks_uri, str) or not jwks_uri.startswith("https://"):
                 raise ServiceUnavailableError(f"{uri}: jwks_uri must be an https URL")
             uri = jwks_uri
         try:
-            self._jwk = _jwks(self._fetch(uri), uri)
+            self._jwk = _jwks(await self._fetch(uri), uri)
         except ConfigError as e:  # a bad document from a remote provider is an outage, not config
             raise ServiceUnavailableError(e.detail) from None
         self._loaded = True
@@ -196,7 +241,7 @@ class BearerJwtAuthenticator:
         self._providers = list(providers)
         self._clock = clock
 
-    def authenticate(self, authorization: str | None) -> AdminIdentity:
+    async def authenticate(self, authorization: str | None) -> AdminIdentity:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AdminUnauthenticatedError("admin requests need an Authorization: Bearer token")
@@ -209,6 +254,7 @@ class BearerJwtAuthenticator:
         kid = raw_kid if isinstance(raw_kid, str) else None
         reasons: list[str] = []
         for provider in self._providers:
+            await provider.ensure_keys(kid)
             identity = self._try(provider, token, kid, reasons)
             if identity is not None:
                 return identity

@@ -125,7 +125,7 @@ async def _admin(
         services.audit.record, action=action, target=target, request_id=request_id, peer=peer
     )
     try:
-        identity = _admit(request, services)
+        identity = await _admit(request, services)
     except KeybrokerError as e:
         await record(decision="deny", subject=None, reason=e.detail)
         raise
@@ -188,6 +188,7 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
     )
     try:
         token = await _guest_token(request, services)
+        await services.tokens.ensure_keys(token)  # a JWK-set fetch, if any, off the loop
         # signature and certificate-chain checks are CPU work: off the event loop, so a costly
         # token delays only its own request, never /healthz or other guests
         claims = await asyncio.to_thread(services.tokens.verify, token)
@@ -219,12 +220,12 @@ async def _handle_plain(plugin: Plugin, request: PluginRequest) -> Response:
     return _plain(await plugin.handle(request))
 
 
-def _admit(request: Request, services: KbsServices) -> AdminIdentity:
+async def _admit(request: Request, services: KbsServices) -> AdminIdentity:
     """Admin access check on the request's path and query, exactly as sent."""
     raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
     query = request.scope.get("query_string", b"")
     uri = raw.decode("latin-1") + (f"?{query.decode('latin-1')}" if query else "")
-    return services.admin.check(uri, request.headers.get("authorization"))
+    return await services.admin.check(uri, request.headers.get("authorization"))
 
 
 async def _guest_token(request: Request, services: KbsServices) -> str:

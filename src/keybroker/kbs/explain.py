@@ -52,6 +52,8 @@ async def explain(
     attestation_policies: AttestationPolicies | None,
     tokens: TokenVerifier,
 ) -> dict[str, JsonValue]:
+    if request.token is not None:
+        await tokens.ensure_keys(request.token)  # a JWK-set fetch, if any, off the loop
     policy_input = await asyncio.to_thread(_input, request, tokens)  # token checks: CPU work
     if request.kind == "resource":
         policy = (

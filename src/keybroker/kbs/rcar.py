@@ -10,7 +10,6 @@ it. Only then is the session attested and the token returned.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from typing import TypeVar
 
@@ -29,6 +28,7 @@ from keybroker.protocol.models import (
     Request,
     Tee,
 )
+from keybroker.protocol.untrusted_json import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +142,7 @@ class Handshake:
 
 
 def _parse_additional(text: str) -> dict[Tee, JsonValue]:
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError:
-        raise BadRequestError("additional_evidence is not a JSON document") from None
+    parsed = parse_json(text, what="additional_evidence")
     if not isinstance(parsed, dict):
         raise BadRequestError("additional_evidence must map TEE names to evidence")
     result: dict[Tee, JsonValue] = {}

@@ -4,7 +4,12 @@ Workers are processes. A "memory" store in one worker is invisible to the others
 handshake whose ``/auth`` and ``/attest`` land on different workers would fail at random. With
 ``worker_count > 1`` every store configured as memory therefore lives in a private directory
 (mode 0700) that the server creates, shares with its workers and removes at exit: still
-ephemeral, now shared.
+ephemeral, now shared. Which stores are memory stores is decided in one place only
+(``services.build_services``, from ``KbsConfig``): the workers are always given the directory.
+
+The workers' configuration (which may hold a database password or a PKCS#11 PIN) reaches them
+as a 0600 file in that directory; only its path travels in the environment, which any process
+of the same user can read in ``/proc/<pid>/environ``.
 """
 
 from __future__ import annotations
@@ -32,17 +37,17 @@ from keybroker.config import (
     BuiltinAsConfig,
     HttpServerConfig,
     KbsConfig,
-    StorageType,
     TokenSignerConfig,
     parse_config,
 )
 from keybroker.errors import ConfigError
 from keybroker.kbs.app import create_app
+from keybroker.kbs.key_permissions import check_private_key_permissions
 from keybroker.kbs.tls import server_context
 
 log = logging.getLogger(__name__)
 
-_CONFIG_ENV = "KEYBROKER_WORKER_CONFIG"
+_CONFIG_ENV = "KEYBROKER_WORKER_CONFIG_FILE"
 _MEMORY_DIR_ENV = "KEYBROKER_WORKER_MEMORY_DIR"
 INSTANCE_ENV = "KBS_INSTANCE_ID"
 _INSTANCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -88,6 +93,7 @@ def serve(config: KbsConfig) -> None:
     """Run the KBS until interrupted. Raises ConfigError before serving if it cannot start."""
     http = config.http_server
     scheme = "http" if http.insecure_http else "https"
+    check_private_key_permissions(config)  # before a key is read or a socket bound
     if http.insecure_http:
         log.warning(
             "insecure_http = true: secrets cross the network only JWE-encrypted, but "
@@ -107,11 +113,12 @@ def serve(config: KbsConfig) -> None:
     runtime_dir = _private_runtime_dir()
     try:
         config = _shared_signer(config, runtime_dir)
-        os.environ[_CONFIG_ENV] = config.model_dump_json()
+        os.environ[_CONFIG_ENV] = str(_write_private(runtime_dir / "worker-config.json", config))
         os.environ[INSTANCE_ENV] = instance  # every worker answers with the server's name
-        if _uses_memory(config):
-            log.info("worker_count > 1: memory stores are shared by the workers in %s", runtime_dir)
-            os.environ[_MEMORY_DIR_ENV] = str(runtime_dir / "memory")
+        log.info(
+            "worker_count > 1: memory stores, if any, are shared by the workers in %s", runtime_dir
+        )
+        os.environ[_MEMORY_DIR_ENV] = str(runtime_dir / "memory")
         uv_config = _uvicorn_config("keybroker.kbs.server:worker_app", workers, http)
         Multiprocess(uv_config, sockets=sockets).run()
     finally:
@@ -120,7 +127,8 @@ def serve(config: KbsConfig) -> None:
 
 def worker_app() -> Starlette:
     """The app factory each worker process calls (uvicorn ``factory=True``)."""
-    config = parse_config(json.loads(os.environ[_CONFIG_ENV]), source="worker configuration")
+    path = Path(os.environ[_CONFIG_ENV])
+    config = parse_config(json.loads(path.read_bytes()), source="worker configuration")
     memory_dir = os.environ.get(_MEMORY_DIR_ENV)
     return create_app(
         config,
@@ -129,8 +137,12 @@ def worker_app() -> Starlette:
     )
 
 
-def _uses_memory(config: KbsConfig) -> bool:
-    return StorageType.MEMORY in {config.storage_backend.storage_type, config.session_storage_type}
+def _write_private(path: Path, config: KbsConfig) -> Path:
+    """``config`` as JSON in a new 0600 file at ``path`` (inside the 0700 runtime directory)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(config.model_dump_json())
+    return path
 
 
 def _private_runtime_dir() -> Path:

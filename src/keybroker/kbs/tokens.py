@@ -129,6 +129,20 @@ class TokenVerifier:
             self._trusted_keys or self._trusted_certs or self._jwk_sets or self._insecure_header_jwk
         )
 
+    async def ensure_keys(self, token: str) -> None:
+        """Fetch the ``trusted_jwk_sets`` keys a token's ``kid`` needs (asynchronously: see
+        :mod:`keybroker.kbs.admin_auth`), before the synchronous :meth:`verify`."""
+        if not self._jwk_sets:
+            return
+        try:
+            header, _ = decode_unverified(token)
+        except TokenVerificationError:
+            return  # verify() reports it
+        kid = header.get("kid")
+        if isinstance(kid, str) and not isinstance(header.get("jwk"), Mapping):
+            for jwk_set in self._jwk_sets:
+                await jwk_set.ensure_keys(kid)
+
     def verify(self, token: str) -> dict[str, JsonValue]:
         """The token's claims once it verifies. They may be shared with later calls for the
         same token: do not mutate them."""

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from collections.abc import Callable
 
 from keybroker.errors import BadRequestError
+from keybroker.protocol.untrusted_json import parse_json
 from keybroker.rvps.reference_value import ReferenceValue
 
 VALIDITY_SECONDS = 365 * 24 * 3600
@@ -22,9 +22,10 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 def sample(payload: str, now: float) -> list[ReferenceValue]:
     try:
-        document = json.loads(base64.b64decode(payload, validate=True))
+        raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequestError("the sample payload is not base64 of a JSON object") from None
+    document = parse_json(raw, what="the sample payload")
     if not isinstance(document, dict):
         raise BadRequestError("the sample payload must be a JSON object {name: value}")
     values = []

@@ -9,13 +9,13 @@ measurement must not keep vouching for a guest.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 from keybroker.errors import BadRequestError, ConfigError
 from keybroker.protocol.models import JsonValue
+from keybroker.protocol.untrusted_json import parse_json
 from keybroker.rvps.extractors import EXTRACTORS
 from keybroker.rvps.reference_value import ReferenceValue
 from keybroker.storage.base import KeyValueStorage
@@ -43,10 +43,7 @@ class ReferenceValueStore:
 
     async def register(self, message: str) -> list[str]:
         """Verify and store the values a provenance message carries; return their names."""
-        try:
-            document = json.loads(message)
-        except json.JSONDecodeError:
-            raise BadRequestError("the reference-value message is not JSON") from None
+        document = parse_json(message, what="the reference-value message")
         if not isinstance(document, dict):
             raise BadRequestError("the reference-value message must be a JSON object")
         version = document.get("version", MESSAGE_VERSION)

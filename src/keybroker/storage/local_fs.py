@@ -16,6 +16,10 @@ Beyond upstream:
   on the injected wall clock, as text); a value without one is byte-for-byte upstream's.
   Expired entries read as missing, are removed when read, and a sweep after every batch of
   writes removes the ones nobody reads again (abandoned handshakes).
+- **No symlinks.** Every file is opened with ``O_NOFOLLOW`` and a namespace directory that is a
+  link is refused: a link planted in the store (say ``default\x2Fkey\x2Fhost`` pointing at
+  ``/etc/hostname``) is a :class:`StorageError` for reads, writes and deletes, never a way to
+  hand a guest a file from outside the store. Links are not listed as keys.
 - **Cross-process consistency.** Writers (set, delete, sweep) hold an exclusive ``flock`` on the
   namespace directory, so ``set(overwrite=False)`` has exactly one winner across worker
   processes. Readers take no lock: ``os.replace`` gives them whole values. The deadline is
@@ -36,17 +40,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
+import logging
 import math
 import os
 import secrets
 import stat
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from keybroker.errors import StorageError
 from keybroker.storage.base import KeyValueStorage, validate_key, validate_namespace
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DIR_PATH = Path("/opt/confidential-containers/storage/local_fs")
 SLASH = "\\x2F"  # four characters: backslash, x, 2, F (upstream's escape of "/")
@@ -109,18 +119,33 @@ def unlink_if_exists(path: Path) -> bool:
     return True
 
 
+def refuse_symlink(path: Path, what: str) -> None:
+    """Raise :class:`StorageError` if ``path`` is a symbolic link (it is never followed)."""
+    if path.is_symlink():
+        raise _symlink_refused(path, what)
+
+
+def _symlink_refused(path: Path, what: str) -> StorageError:
+    # A link planted in the store must not make the KBS read or write a file outside it.
+    log.warning("refusing %s at %s: it is a symbolic link, which is never followed", what, path)
+    return StorageError(f"{what} is a symbolic link, which is never followed")
+
+
 def _open_regular(
-    path: Path, *, what: str, max_bytes: int | None, follow_symlinks: bool
+    path: Path, *, what: str, max_bytes: int | None
 ) -> tuple[int, os.stat_result] | None:
-    """A descriptor open on the regular file at ``path`` (the caller closes it), or None."""
+    """A descriptor open on the regular file at ``path`` (the caller closes it), or None.
+    ``O_NOFOLLOW``: a symlink is refused, never followed."""
     # O_NONBLOCK: opening a FIFO planted in the tree would otherwise hang the worker forever.
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
-    if not follow_symlinks:
-        flags |= os.O_NOFOLLOW
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
     try:
         fd = os.open(path, flags)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _symlink_refused(path, what) from None
+        raise
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -153,22 +178,18 @@ def _read_limited(fd: int, size_hint: int, what: str, max_bytes: int | None) -> 
     return b"".join(chunks)
 
 
-def read_file_sync(
-    path: Path, *, what: str, max_bytes: int | None = None, follow_symlinks: bool = True
-) -> bytes | None:
+def read_file_sync(path: Path, *, what: str, max_bytes: int | None = None) -> bytes | None:
     """The bytes of the regular file at ``path``, or None if there is none."""
-    opened = _open_regular(path, what=what, max_bytes=max_bytes, follow_symlinks=follow_symlinks)
+    opened = _open_regular(path, what=what, max_bytes=max_bytes)
     if opened is None:
         return None
     fd, info = opened
     return _read_limited(fd, info.st_size, what, max_bytes)
 
 
-async def read_file(
-    path: Path, *, what: str, max_bytes: int | None = None, follow_symlinks: bool = True
-) -> bytes | None:
+async def read_file(path: Path, *, what: str, max_bytes: int | None = None) -> bytes | None:
     """:func:`read_file_sync` for the event loop: small files inline, large ones in a thread."""
-    opened = _open_regular(path, what=what, max_bytes=max_bytes, follow_symlinks=follow_symlinks)
+    opened = _open_regular(path, what=what, max_bytes=max_bytes)
     if opened is None:
         return None
     fd, info = opened
@@ -179,14 +200,24 @@ async def read_file(
 
 # --- the key-value store ----------------------------------------------------------------------
 
+T = TypeVar("T")
+
+
+class _Busy:
+    """The writer lock is held elsewhere and the caller chose not to wait for it."""
+
+
+_BUSY = _Busy()
+
 
 class LocalFsKeyValueStorage(KeyValueStorage):
     """``volatile``: the directory is the worker processes' shared "memory" store (a private
     directory in /dev/shm where there is one), removed when the server stops. Nothing there
-    has to survive a crash, so nothing is fsync'd, and writes run on the event loop: such a
-    write does not wait on a disk, and handing it to a thread costs more CPU than the write.
-    The occasional sweep of expired entries, which reads every deadline, still runs in a
-    thread."""
+    has to survive a crash, so nothing is fsync'd, and writes run on the event loop when the
+    writer lock is free at once: such a write does not wait on a disk, and handing it to a
+    thread costs more CPU than the write. When another worker holds the lock, the write waits
+    for it in a thread, never on the loop. The occasional sweep of expired entries, which
+    reads every deadline, also runs in a thread."""
 
     def __init__(
         self,
@@ -202,6 +233,7 @@ class LocalFsKeyValueStorage(KeyValueStorage):
         self._durable = not volatile
         self._writes_since_sweep = 0
         self._sweep_after = SWEEP_MIN_WRITES
+        refuse_symlink(self._dir, "a storage namespace directory")
         try:
             make_private_dirs(self._dir)
         except OSError as e:
@@ -227,9 +259,8 @@ class LocalFsKeyValueStorage(KeyValueStorage):
     # expiry
 
     def _expired(self, key: str) -> bool:
-        try:
-            text = self._expiry_file(key).read_bytes()
-        except FileNotFoundError:
+        text = read_file_sync(self._expiry_file(key), what="a stored deadline", max_bytes=64)
+        if text is None:
             return False
         try:
             deadline = float(text)
@@ -289,11 +320,23 @@ class LocalFsKeyValueStorage(KeyValueStorage):
                 found[key] = value
         return found
 
+    async def _write(self, operation: Callable[[bool], T | _Busy]) -> T:
+        """Run ``operation(wait)`` under the writer lock, never blocking the event loop: a
+        durable store always in a thread (it fsyncs); a volatile one on the loop when the
+        lock is free at once, as it nearly always is, else in a thread that waits for it."""
+        if not self._durable:
+            result = operation(False)
+            if not isinstance(result, _Busy):
+                return result
+        result = await asyncio.to_thread(operation, True)
+        if isinstance(result, _Busy):  # a caller that waits always gets the lock
+            raise StorageError("the storage writer lock could not be taken")
+        return result
+
     async def _set(self, key: str, value: bytes, overwrite: bool, ttl: float | None) -> bool:
-        if self._durable:
-            return await asyncio.to_thread(self._set_locked, key, value, overwrite, ttl)
-        written = self._set_locked(key, value, overwrite, ttl, sweep=False)
-        if self._writes_since_sweep >= self._sweep_after:
+        operation = partial(self._set_locked, key, value, overwrite, ttl, sweep=self._durable)
+        written = await self._write(operation)
+        if not self._durable and self._writes_since_sweep >= self._sweep_after:
             # A sweep reads every deadline in the directory: not on the event loop.
             await asyncio.to_thread(self._sweep_locked)
         return written
@@ -304,10 +347,21 @@ class LocalFsKeyValueStorage(KeyValueStorage):
                 self._sweep()
 
     def _set_locked(
-        self, key: str, value: bytes, overwrite: bool, ttl: float | None, *, sweep: bool = True
-    ) -> bool:
+        self,
+        key: str,
+        value: bytes,
+        overwrite: bool,
+        ttl: float | None,
+        wait: bool,
+        *,
+        sweep: bool = True,
+    ) -> bool | _Busy:
         file = self._file(key)
-        with self._locked():
+        with self._locked(wait=wait) as locked:
+            if not locked:
+                return _BUSY
+            refuse_symlink(file, "a stored value")  # os.replace would not follow it, but
+            refuse_symlink(self._expiry_file(key), "a stored deadline")  # fail closed anyway
             exists = file.exists()
             if exists and self._expired(key):
                 self._remove(key)
@@ -327,12 +381,12 @@ class LocalFsKeyValueStorage(KeyValueStorage):
         return True
 
     async def _delete(self, key: str) -> bytes | None:
-        if not self._durable:
-            return self._delete_locked(key)
-        return await asyncio.to_thread(self._delete_locked, key)
+        return await self._write(partial(self._delete_locked, key))
 
-    def _delete_locked(self, key: str) -> bytes | None:
-        with self._locked():
+    def _delete_locked(self, key: str, wait: bool) -> bytes | _Busy | None:
+        with self._locked(wait=wait) as locked:
+            if not locked:
+                return _BUSY
             value = read_file_sync(self._file(key), what="stored value")
             if value is None:
                 unlink_if_exists(self._expiry_file(key))  # an orphan a crash left behind
@@ -351,7 +405,11 @@ class LocalFsKeyValueStorage(KeyValueStorage):
         with os.scandir(self._dir) as entries:
             for entry in entries:
                 key = self._key_of(entry.name)
-                if key is not None and entry.is_file() and not self._expired(key):
+                if (
+                    key is not None
+                    and entry.is_file(follow_symlinks=False)  # a link is never a key
+                    and not self._expired(key)
+                ):
                     keys.append(key)
         return keys
 

@@ -60,9 +60,7 @@ class LocalJsonKeyValueStorage(KeyValueStorage):
     # --- file format ---------------------------------------------------------------------
 
     def _load(self) -> dict[str, Entry]:
-        raw = read_file_sync(
-            self._path, what="LocalJson file", max_bytes=MAX_FILE_BYTES, follow_symlinks=False
-        )
+        raw = read_file_sync(self._path, what="LocalJson file", max_bytes=MAX_FILE_BYTES)
         if raw is None:
             return {}
         try:

@@ -134,9 +134,7 @@ class DirectoryTreeSecretBackend(SecretBackend):
 
     async def _read(self, path: ResourcePath) -> bytes | None:
         _, target = self._locate(path)
-        return await read_file(
-            target, what=f"resource {path}", max_bytes=self.max_bytes, follow_symlinks=False
-        )
+        return await read_file(target, what=f"resource {path}", max_bytes=self.max_bytes)
 
     async def _write(self, path: ResourcePath, data: bytes) -> None:
         _, target = self._locate(path)

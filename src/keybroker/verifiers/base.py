@@ -5,18 +5,23 @@ must bind, checks signatures and bindings, and returns named claims. It never op
 collateral (certificates, CRLs, TCB info) reaches it through an injected fetcher.
 
 The public :meth:`Verifier.verify` enforces a size limit and turns any foreign exception into
-``EvidenceError``, so a malformed report can never surface as a 500.
+``EvidenceError``, so a malformed report can never surface as a 500. The foreign exception's
+text goes to the log, not to the client: it may describe the verifier's internals (a library's
+message, a file path, a parser state) to whoever sent the evidence.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
 from keybroker.errors import EvidenceError, KeybrokerError
 from keybroker.protocol.models import JsonValue, Tee
+
+log = logging.getLogger(__name__)
 
 # A TDX CC event log table is often 1 MiB (zero-padded), 1.4 MB as base64, beside the quote
 MAX_EVIDENCE_BYTES = 4 * 1024 * 1024
@@ -57,7 +62,17 @@ class Verifier(ABC):
         except KeybrokerError:
             raise
         except Exception as e:  # a parser bug or odd input must deny, never crash
-            raise EvidenceError(f"{self.tee} evidence could not be verified: {e}") from e
+            log.warning(
+                "%s verifier failed on the evidence (%s: %s)",
+                self.tee,
+                type(e).__name__,
+                e,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+            raise EvidenceError(
+                f"{self.tee} evidence could not be verified: it is malformed or unsupported "
+                "(details in the KBS log)"
+            ) from e
 
     @abstractmethod
     def _verify(

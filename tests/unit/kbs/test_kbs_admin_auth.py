@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,4 +262,56 @@ def test_configuration_mistakes_stop_startup(tmp_path: Path) -> None:
 
 def test_fetch_failure_is_service_unavailable() -> None:
     with pytest.raises(ServiceUnavailableError, match="cannot fetch"):
-        https_fetch("https://127.0.0.1:9/keys")
+        asyncio.run(https_fetch("https://127.0.0.1:9/keys"))
+
+
+class _SlowDocuments(dict[str, bytes]):
+    """The identity provider's documents; once ``slow``, served only when the test releases
+    them."""
+
+    def __init__(self, documents: dict[str, bytes]) -> None:
+        super().__init__(documents)
+        self.slow = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def get(self, key: str, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
+        if self.slow:
+            self.entered.set()
+            self.release.wait(timeout=30)  # a generous no-hang bound
+        return super().get(key, default)
+
+
+def test_slow_identity_provider_does_not_block_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a JWKS fetch hangs on the provider, the KBS keeps answering other requests."""
+    signer, rotated = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    documents = _SlowDocuments({"/keys": jwks_document(signer, "k1")})
+    with https_server(tmp_path, documents) as (base, ca_file):
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+        clock = FakeClock(NOW)
+        with TestClient(create_app(_jwks_config(f"{base}/keys"), clock=clock)) as client:
+            # the provider rotates its key and turns slow: a token naming the new kid makes
+            # the KBS fetch the set again while serving the request
+            documents["/keys"] = jwks_document(rotated, "k2")
+            documents.slow = True
+            clock.advance(31)
+            admin: list[tuple[int, str]] = []
+            request = threading.Thread(
+                target=lambda: admin.append(_post(client, "set resource", mint(rotated, kid="k2")))
+            )
+            request.start()
+            try:
+                assert documents.entered.wait(timeout=60)  # the fetch reached the provider
+                health = client.get("/healthz")
+                answered_during_fetch = not admin
+            finally:
+                documents.release.set()
+                request.join(timeout=60)
+    assert health.status_code == 200
+    assert answered_during_fetch
+    assert admin == [(200, "")]

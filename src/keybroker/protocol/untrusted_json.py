@@ -1,0 +1,81 @@
+"""Parsing JSON and TOML documents that come from outside (guests, attestation clients, admins,
+identity providers) with a bound on their nesting depth.
+
+Python's parsers recurse once per level: a few hundred kilobytes of ``[`` exhaust the
+interpreter's stack and raise ``RecursionError``, which no handler expects (a 500, and no audit
+record). A document that parses but is nested a few hundred levels deep breaks the next
+recursive walk instead (canonical JSON, policy input, the audit record). Every untrusted
+document therefore goes through these functions: they answer :class:`BadRequestError` for
+malformed text and for more than :data:`MAX_DEPTH` levels of arrays and objects (tables).
+
+Bodies parsed by pydantic (``model_validate_json``) are bounded by pydantic itself (200 levels).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from typing import Any
+
+from keybroker.errors import BadRequestError
+from keybroker.protocol.models import JsonValue
+
+# Evidence, init-data and policies nest a handful of levels; 64 leaves room to spare.
+MAX_DEPTH = 64
+
+
+def parse_json(text: str | bytes, *, what: str, max_depth: int = MAX_DEPTH) -> JsonValue:
+    """The JSON value of ``text``; ``what`` names the document in the error message."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise _too_deep(what, max_depth) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequestError(f"{what} is not valid json: {e}") from None
+    check_depth(value, what=what, max_depth=max_depth)
+    return value
+
+
+def parse_json_prefix(text: str, start: int, *, what: str, max_depth: int = MAX_DEPTH) -> JsonValue:
+    """The JSON value that begins at ``text[start]``; whatever follows it is ignored."""
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text, start)
+    except RecursionError:
+        raise _too_deep(what, max_depth) from None
+    except json.JSONDecodeError as e:
+        raise BadRequestError(f"{what} is not valid json: {e}") from None
+    check_depth(value, what=what, max_depth=max_depth)
+    return value
+
+
+def parse_toml(text: str, *, what: str, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
+    """The table of the TOML document ``text``."""
+    try:
+        value = tomllib.loads(text)
+    except RecursionError:
+        raise _too_deep(what, max_depth) from None
+    except tomllib.TOMLDecodeError as e:
+        raise BadRequestError(f"{what} is not valid toml: {e}") from None
+    check_depth(value, what=what, max_depth=max_depth)
+    return value
+
+
+def check_depth(value: object, *, what: str, max_depth: int = MAX_DEPTH) -> None:
+    """Refuse ``value`` if its arrays and objects nest more than ``max_depth`` levels
+    (iterative: the check itself never recurses)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: list[object] = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > max_depth:
+            raise _too_deep(what, max_depth)
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _too_deep(what: str, max_depth: int) -> BadRequestError:
+    return BadRequestError(f"{what} is nested more than {max_depth} levels deep")
