@@ -40,6 +40,13 @@ from keybroker.config import (
 from keybroker.errors import ConfigError, ServiceUnavailableError, UnsupportedFeatureError
 from keybroker.kbs.admin import AdminGuard
 from keybroker.kbs.audit import AuditLog, AuditSink, FileSink, StdoutSink
+from keybroker.kbs.limits import (
+    RATE_LIMIT_NAMESPACE,
+    UNATTESTED_NAMESPACE,
+    GuestLimits,
+    UnattestedSessions,
+    build_limits,
+)
 from keybroker.kbs.rcar import Handshake
 from keybroker.kbs.resource_policy import KBS_NAMESPACE, ResourcePolicy
 from keybroker.kbs.sessions import SESSION_NAMESPACE, SessionStore
@@ -77,6 +84,7 @@ class KbsServices:
     providers: list[StorageProvider]
     audit: AuditLog
     attestation: AttestationBackend | None = None
+    limits: GuestLimits | None = None
 
     async def start(self) -> None:
         try:
@@ -114,6 +122,7 @@ def build_services(
     )
     providers = [storage] if session_storage is storage else [storage, session_storage]
     admin = AdminGuard(config.admin, clock=clock)
+    limits, unattested = _limits(config, session_storage, clock)
     trusted_keys = []
     handshake: Handshake | None = None
     sessions: SessionStore | None = None
@@ -139,13 +148,19 @@ def build_services(
             clock=clock,
         )
         sessions = SessionStore(
-            session_storage.get(SESSION_NAMESPACE), timeout_min=as_config.timeout, clock=clock
+            session_storage.get(SESSION_NAMESPACE),
+            timeout_min=as_config.timeout,
+            clock=clock,
+            unattested=unattested,
         )
         handshake = Handshake(attestation, sessions)
     elif isinstance(as_config, GrpcAsConfig):
         attestation = _grpc_backend(as_config)
         sessions = SessionStore(
-            session_storage.get(SESSION_NAMESPACE), timeout_min=as_config.timeout, clock=clock
+            session_storage.get(SESSION_NAMESPACE),
+            timeout_min=as_config.timeout,
+            clock=clock,
+            unattested=unattested,
         )
         handshake = Handshake(attestation, sessions)
     elif isinstance(as_config, NoAsConfig):
@@ -170,7 +185,32 @@ def build_services(
         providers=providers,
         audit=_audit_log(config, clock),
         attestation=attestation,
+        limits=limits,
     )
+
+
+def _limits(
+    config: KbsConfig, session_storage: StorageProvider, clock: Callable[[], float]
+) -> tuple[GuestLimits, UnattestedSessions]:
+    """Shared by workers and replicas in Redis when sessions are there, else per process."""
+    shared = config.session_storage is StorageType.REDIS
+    limits = build_limits(
+        config.rate_limit,
+        clock=clock,
+        session_lifetime=config.session_timeout_min * 60.0,
+        buckets_store=session_storage.get(RATE_LIMIT_NAMESPACE) if shared else None,
+        index_store=session_storage.get(UNATTESTED_NAMESPACE) if shared else None,
+    )
+    log.info(
+        "handshake limits: %s; at most %d unattested sessions (%s)",
+        f"{config.rate_limit.requests_per_second:g}/s per client, bursts of "
+        f"{config.rate_limit.burst}"
+        if config.rate_limit.enabled
+        else "no rate limit",
+        config.rate_limit.max_unattested_sessions,
+        "shared in Redis" if shared else "per process",
+    )
+    return limits
 
 
 def _audit_log(config: KbsConfig, clock: Callable[[], float]) -> AuditLog:
