@@ -31,6 +31,7 @@ reads a handshake body, and ``kbs.sessions`` registers and sheds sessions throug
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -40,6 +41,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from keybroker.config import RateLimitConfig
 from keybroker.errors import TooManyRequestsError
+
+log = logging.getLogger(__name__)
 
 RATE_LIMIT_NAMESPACE = "kbs_rate_limit"
 UNATTESTED_NAMESPACE = "kbs_unattested_sessions"
@@ -313,7 +316,26 @@ def build_limits(
         index: UnattestedSessions = RedisUnattested(
             index_store, config.max_unattested_sessions, session_lifetime
         )
+        where = "shared by every process using this Redis"
     else:
         buckets = LocalBuckets(config.requests_per_second, config.burst)
         index = LocalUnattested(config.max_unattested_sessions)
+        where = "per process"
+    rate = (
+        f"{config.requests_per_second:g} requests/s per client, bursts of {config.burst}"
+        if config.enabled
+        else "no rate limit"
+    )
+    if any(network.prefixlen == 0 for network in config.trusted_proxies):
+        # Every peer may then name its own client address: the per-client limit is void.
+        log.warning(
+            "[rate_limit] trusted_proxies lists a whole address family: any client can set "
+            "X-Forwarded-For to choose its own rate-limit bucket; list only your proxies"
+        )
+    log.info(
+        "handshake limits (%s): %s; at most %d unattested sessions",
+        where,
+        rate,
+        config.max_unattested_sessions,
+    )
     return GuestLimits(config, buckets, clock), index

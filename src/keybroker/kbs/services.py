@@ -192,25 +192,15 @@ def build_services(
 def _limits(
     config: KbsConfig, session_storage: StorageProvider, clock: Callable[[], float]
 ) -> tuple[GuestLimits, UnattestedSessions]:
-    """Shared by workers and replicas in Redis when sessions are there, else per process."""
-    shared = config.session_storage is StorageType.REDIS
-    limits = build_limits(
+    """In Redis, shared by workers and replicas, when sessions are there; else per process."""
+    in_redis = config.session_storage is StorageType.REDIS
+    return build_limits(
         config.rate_limit,
         clock=clock,
         session_lifetime=config.session_timeout_min * 60.0,
-        buckets_store=session_storage.get(RATE_LIMIT_NAMESPACE) if shared else None,
-        index_store=session_storage.get(UNATTESTED_NAMESPACE) if shared else None,
+        buckets_store=session_storage.get(RATE_LIMIT_NAMESPACE) if in_redis else None,
+        index_store=session_storage.get(UNATTESTED_NAMESPACE) if in_redis else None,
     )
-    log.info(
-        "handshake limits: %s; at most %d unattested sessions (%s)",
-        f"{config.rate_limit.requests_per_second:g}/s per client, bursts of "
-        f"{config.rate_limit.burst}"
-        if config.rate_limit.enabled
-        else "no rate limit",
-        config.rate_limit.max_unattested_sessions,
-        "shared in Redis" if shared else "per process",
-    )
-    return limits
 
 
 def _audit_log(config: KbsConfig, clock: Callable[[], float]) -> AuditLog:

@@ -142,6 +142,11 @@ def test_x_forwarded_for_from_trusted_proxy_is_used(clock: FakeClock) -> None:
         assert _auth(proxy, {"X-Forwarded-For": "203.0.113.7, 10.9.9.9"}) == 429
 
 
+def test_trusting_every_peer_as_a_proxy_is_named_unsafe(caplog: pytest.LogCaptureFixture) -> None:
+    create_app(_config(trusted_proxies=["10.0.0.0/8", "::/0"]))
+    assert "any client can set X-Forwarded-For" in caplog.text
+
+
 def test_forwarded_for_garbage_or_overlong_chain_buys_no_fresh_bucket() -> None:
     trusted = [ipaddress.ip_network("10.0.0.0/8")]
     assert client_key("10.0.0.1", ["not-an-ip"], trusted_proxies=trusted) == "ip:10.0.0.1"
