@@ -18,10 +18,14 @@ Where the state lives (and so what is shared):
 - sessions in Redis: the buckets (namespace ``kbs_rate_limit``) and the index of unattested
   sessions (``kbs_unattested_sessions``) are in that Redis, updated by Lua scripts, so every
   worker and every replica using it shares one limit per client and one cap;
-- any other session store: both are in each process's memory, so a client's limit and the
-  cap apply per worker process (with ``worker_count = N`` a client may get up to N times its
-  limit, and up to N times the cap of sessions may be live). Sessions are still shed from the
-  shared store: each process sheds the oldest of the sessions it opened.
+- otherwise, when the server shares a private directory with its workers (``worker_count > 1``
+  with a "memory" store, see ``kbs.server``): the buckets are a fixed table in a file there
+  (:class:`SharedFileBuckets`), shared by the workers; the index is per worker;
+- otherwise both are in this process's memory: with ``worker_count = N`` a client may get up
+  to N times its limit.
+
+A per-worker index lets up to N times the cap of sessions be live; each process sheds the
+oldest of the sessions it opened, from the shared session store.
 
 This module decides; it does no HTTP. ``kbs.app`` calls :meth:`GuestLimits.admit` before it
 reads a handshake body, and ``kbs.sessions`` registers and sheds sessions through
@@ -30,17 +34,26 @@ reads a handshake body, and ``kbs.sessions`` registers and sheds sessions throug
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import ipaddress
 import logging
 import math
+import mmap
+import os
+import secrets
+import struct
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from keybroker.config import RateLimitConfig
 from keybroker.errors import TooManyRequestsError
+from keybroker.storage.local_fs import make_private_dirs
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +159,9 @@ class Buckets(ABC):
     async def take(self, client: str, now: float) -> float:
         """Take a token from ``client``'s bucket: 0.0, or the seconds to wait for one."""
 
+    def close(self) -> None:  # noqa: B027 - most buckets hold nothing open
+        """Release what the buckets hold open (nothing by default)."""
+
 
 class LocalBuckets(Buckets):
     """Buckets in this process's memory, at most ``max_clients`` of them."""
@@ -165,6 +181,83 @@ class LocalBuckets(Buckets):
         if len(self._buckets) > self._max:
             self._buckets.popitem(last=False)
         return wait
+
+
+SHARED_SLOTS = 65_536
+SHARED_PROBES = 8
+_MAGIC = b"kbs-rate-limit-1"
+_KEY_BYTES = 32
+_HEADER_BYTES = len(_MAGIC) + _KEY_BYTES
+_DIGEST = 16
+_EMPTY = bytes(_DIGEST)
+_SLOT = struct.Struct(f"<{_DIGEST}sdd")
+SHARED_TABLE_NAME = ".rate-limit-buckets"
+
+
+class SharedFileBuckets(Buckets):
+    """Buckets in a table shared by the worker processes of one server: a file of fixed size
+    in the server's private "memory" directory (``kbs.server``), mapped into each worker and
+    changed under an exclusive ``flock``.
+
+    The table has :data:`SHARED_SLOTS` slots; a client's slot is found by a keyed hash (the key
+    is random, in the file's header) and up to :data:`SHARED_PROBES` neighbours. When all are
+    taken by others, the least recently updated one is reused: that client starts again with
+    a full bucket, as a client the table never saw. The lock is held for a few microseconds
+    and the file is in memory, so this runs on the event loop (as the memory store's writes do).
+    """
+
+    def __init__(self, path: Path, rate: float, burst: int, *, slots: int = SHARED_SLOTS) -> None:
+        self._rate, self._burst, self._slots = rate, burst, slots
+        size = _HEADER_BYTES + slots * _SLOT.size
+        make_private_dirs(path.parent)  # the workers' directory exists once a store wrote there
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with _locked(fd):
+                if os.fstat(fd).st_size < size:
+                    os.ftruncate(fd, size)
+                self._table = mmap.mmap(fd, size)
+                if self._table[: len(_MAGIC)] != _MAGIC:  # the first worker here: a fresh key
+                    self._table[:_HEADER_BYTES] = _MAGIC + secrets.token_bytes(_KEY_BYTES)
+        finally:
+            os.close(fd)
+        self._lock_fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._key = bytes(self._table[len(_MAGIC) : _HEADER_BYTES])
+
+    async def take(self, client: str, now: float) -> float:
+        digest = hashlib.blake2b(client.encode(), key=self._key, digest_size=_DIGEST).digest()
+        start = int.from_bytes(digest[:8], "big") % self._slots
+        with _locked(self._lock_fd):
+            offset, bucket = self._find(digest, start)
+            bucket, wait = spend(bucket, now, self._rate, self._burst)
+            _SLOT.pack_into(self._table, offset, digest, bucket.tokens, bucket.updated)
+        return wait
+
+    def _find(self, digest: bytes, start: int) -> tuple[int, Bucket | None]:
+        """The offset of ``digest``'s slot and its bucket, or of the slot to reuse and None."""
+        reuse, oldest = -1, math.inf
+        for probe in range(SHARED_PROBES):
+            offset = _HEADER_BYTES + ((start + probe) % self._slots) * _SLOT.size
+            owner, tokens, updated = _SLOT.unpack_from(self._table, offset)
+            if owner == digest:
+                return offset, Bucket(tokens, updated)
+            age = -math.inf if owner == _EMPTY else updated
+            if age < oldest:
+                reuse, oldest = offset, age
+        return reuse, None
+
+    def close(self) -> None:
+        if not self._table.closed:
+            self._table.close()
+            os.close(self._lock_fd)
+
+
+@contextmanager
+def _locked(fd: int) -> Iterator[None]:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 # KEYS[1] = bucket; ARGV = now, rate, burst, expiry in ms. The arithmetic of ``spend``.
@@ -300,6 +393,9 @@ class GuestLimits:
                 retry_after=retry_after,
             )
 
+    def close(self) -> None:
+        self._buckets.close()
+
 
 def build_limits(
     config: RateLimitConfig,
@@ -308,23 +404,28 @@ def build_limits(
     session_lifetime: float,
     buckets_store: object | None = None,
     index_store: object | None = None,
+    workers_dir: Path | None = None,
 ) -> tuple[GuestLimits, UnattestedSessions]:
-    """The limits of one process: in Redis when given its stores (sessions in Redis), else
-    in this process's memory."""
+    """The limits of one process: in Redis when given its stores (sessions in Redis); else
+    the buckets in ``workers_dir`` (the directory the server shares with its workers) when
+    there is one, and the rest in this process's memory."""
+    rate, burst = config.requests_per_second, config.burst
     if isinstance(buckets_store, ScriptStore) and isinstance(index_store, ScriptStore):
-        buckets: Buckets = RedisBuckets(buckets_store, config.requests_per_second, config.burst)
+        buckets: Buckets = RedisBuckets(buckets_store, rate, burst)
         index: UnattestedSessions = RedisUnattested(
             index_store, config.max_unattested_sessions, session_lifetime
         )
         where = "shared by every process using this Redis"
+    elif workers_dir is not None:
+        buckets = SharedFileBuckets(workers_dir / SHARED_TABLE_NAME, rate, burst)
+        index = LocalUnattested(config.max_unattested_sessions)
+        where = "rate shared by the workers, session cap per worker"
     else:
-        buckets = LocalBuckets(config.requests_per_second, config.burst)
+        buckets = LocalBuckets(rate, burst)
         index = LocalUnattested(config.max_unattested_sessions)
         where = "per process"
-    rate = (
-        f"{config.requests_per_second:g} requests/s per client, bursts of {config.burst}"
-        if config.enabled
-        else "no rate limit"
+    summary = (
+        f"{rate:g} requests/s per client, bursts of {burst}" if config.enabled else "no rate limit"
     )
     if any(network.prefixlen == 0 for network in config.trusted_proxies):
         # Every peer may then name its own client address: the per-client limit is void.
@@ -335,7 +436,7 @@ def build_limits(
     log.info(
         "handshake limits (%s): %s; at most %d unattested sessions",
         where,
-        rate,
+        summary,
         config.max_unattested_sessions,
     )
     return GuestLimits(config, buckets, clock), index

@@ -99,6 +99,8 @@ class KbsServices:
             log.error("%s; serving anyway: default policies are installed on first use", e.detail)
 
     async def stop(self) -> None:
+        if self.limits is not None:
+            self.limits.close()
         for provider in self.providers:
             await provider.close()
 
@@ -122,7 +124,7 @@ def build_services(
     )
     providers = [storage] if session_storage is storage else [storage, session_storage]
     admin = AdminGuard(config.admin, clock=clock)
-    limits, unattested = _limits(config, session_storage, clock)
+    limits, unattested = _limits(config, session_storage, clock, memory_dir)
     trusted_keys = []
     handshake: Handshake | None = None
     sessions: SessionStore | None = None
@@ -190,9 +192,13 @@ def build_services(
 
 
 def _limits(
-    config: KbsConfig, session_storage: StorageProvider, clock: Callable[[], float]
+    config: KbsConfig,
+    session_storage: StorageProvider,
+    clock: Callable[[], float],
+    memory_dir: Path | None,
 ) -> tuple[GuestLimits, UnattestedSessions]:
-    """In Redis, shared by workers and replicas, when sessions are there; else per process."""
+    """In Redis, shared by workers and replicas, when sessions are there; else the rate in
+    the workers' shared directory when there is one (see ``kbs.limits``)."""
     in_redis = config.session_storage is StorageType.REDIS
     return build_limits(
         config.rate_limit,
@@ -200,6 +206,7 @@ def _limits(
         session_lifetime=config.session_timeout_min * 60.0,
         buckets_store=session_storage.get(RATE_LIMIT_NAMESPACE) if in_redis else None,
         index_store=session_storage.get(UNATTESTED_NAMESPACE) if in_redis else None,
+        workers_dir=memory_dir,
     )
 
 

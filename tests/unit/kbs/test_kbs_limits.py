@@ -25,6 +25,7 @@ from keybroker.kbs.limits import (
     Bucket,
     LocalBuckets,
     LocalUnattested,
+    SharedFileBuckets,
     client_key,
     spend,
 )
@@ -179,6 +180,43 @@ def test_tracked_clients_are_bounded() -> None:
 
     asyncio.run(scenario())
     assert buckets.tracked_clients == 3
+
+
+# --- across the workers of one server -----------------------------------------------------------
+
+
+def test_rate_limit_holds_across_workers_sharing_the_memory_dir(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    # Each worker process builds its own app on the directory the server shares with them
+    # (kbs.server.worker_app); two apps on one directory are two workers.
+    config = _config(requests_per_second=1, burst=4)
+    workers = [create_app(config, clock=clock, memory_dir=tmp_path) for _ in range(2)]
+    with _clients(workers[0], FLOODER) as [on_1], _clients(workers[1], FLOODER) as [on_2]:
+        assert [_auth(c) for c in (on_1, on_2, on_1, on_2, on_1, on_2)] == [200] * 4 + [429] * 2
+        with _clients(workers[1], NEIGHBOUR) as [neighbour]:
+            assert _auth(neighbour) == 200
+
+
+def test_shared_bucket_table_is_bounded_and_reuses_the_stalest_slot(tmp_path: Path) -> None:
+    table = tmp_path / "buckets"
+    first = SharedFileBuckets(table, rate=0.001, burst=1, slots=4)
+    second = SharedFileBuckets(table, rate=0.001, burst=1, slots=4)  # another worker
+
+    async def scenario() -> list[bool]:
+        for now, client in enumerate("abcd"):
+            assert await first.take(client, float(now)) == 0.0
+        admitted = [await second.take("d", 4.0) == 0.0]  # d is known: its bucket is empty
+        admitted.append(await second.take("e", 5.0) == 0.0)  # a fifth client: a's slot goes
+        admitted.append(await first.take("a", 6.0) == 0.0)  # so a starts again, full
+        return admitted
+
+    try:
+        assert asyncio.run(scenario()) == [False, True, True]
+        assert table.stat().st_size == 48 + 4 * 32 and table.stat().st_mode & 0o777 == 0o600
+    finally:
+        first.close()
+        second.close()
 
 
 # --- unattested sessions ----------------------------------------------------------------------
