@@ -24,7 +24,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    ValidationError,
+    model_validator,
+)
 
 from keybroker.errors import ConfigError
 
@@ -425,6 +433,26 @@ class AuditConfig(_Model):
     fsync: Literal["always", "never"] = "always"
 
 
+# --- [rate_limit] (Keybroker) ----------------------------------------------------------------
+
+
+class RateLimitConfig(_Model):
+    """Keybroker's limits on the unauthenticated handshake endpoints (no upstream counterpart;
+    see ``keybroker.kbs.limits``). The defaults are generous: a guest makes two requests per
+    handshake, so they throttle only a client that floods."""
+
+    enabled: bool = True
+    # Token bucket per client address, over /auth and /attest together.
+    requests_per_second: float = Field(default=20.0, gt=0, le=1_000_000)
+    burst: int = Field(default=2000, ge=1, le=10_000_000)
+    # IPv6 clients are counted per prefix: one host usually holds a whole /64.
+    ipv6_prefix_length: int = Field(default=64, ge=16, le=128)
+    # Direct peers whose X-Forwarded-For is believed (addresses or networks). Empty: none.
+    trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list, max_length=256)
+    # Live sessions that have not attested; past this, the oldest is shed.
+    max_unattested_sessions: int = Field(default=10_000, ge=1, le=10_000_000)
+
+
 # --- the whole file --------------------------------------------------------------------------
 
 
@@ -470,6 +498,7 @@ class KbsConfig(_Model):
     # Keybroker's: start even if a private key file is readable by other users (logged)
     insecure_key_permissions: bool = False
     audit: AuditConfig = AuditConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
     plugins: list[PluginConfig] = Field(default_factory=_default_plugins)
 
     @property

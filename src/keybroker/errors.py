@@ -31,6 +31,7 @@ no resource bytes, no private keys, no tokens, no policy bodies.
     │   └── ResourceNotFoundError (404)
     ├── MethodNotAllowedError (405)
     │   └── UnsupportedOperationError  this deployment does not offer the operation
+    ├── TooManyRequestsError (429)     a client is over its rate limit (carries Retry-After)
     ├── StorageError (500)             a storage backend failed (not a missing key)
     ├── JweError (500)                 the response could not be encrypted
     ├── PolicyEvaluationError (500)    a compiled policy failed while evaluating
@@ -64,6 +65,10 @@ class KeybrokerError(Exception):
     def problem(self) -> dict[str, str]:
         """The RFC 7807 body (upstream's ``ErrorInformation``)."""
         return {"type": self.problem_type, "detail": self.detail}
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the rendered error carries besides its body (none by default)."""
+        return {}
 
 
 class ConfigError(KeybrokerError):
@@ -157,6 +162,20 @@ class MethodNotAllowedError(KeybrokerError):
 
 class UnsupportedOperationError(MethodNotAllowedError):
     variant = "UnsupportedOperation"
+
+
+class TooManyRequestsError(KeybrokerError):
+    """Over a rate limit; ``retry_after`` whole seconds until a request would be admitted."""
+
+    status = 429
+    variant = "TooManyRequests"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = max(1, retry_after)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class StorageError(KeybrokerError):

@@ -97,6 +97,10 @@ async def _healthz(request: Request) -> Response:
 async def _kbs(request: Request) -> Response:
     services: KbsServices = request.app.state.kbs
     name, *rest = _segments(request)
+    if name in ("auth", "attest") and services.limits is not None:
+        # Before the body is read: a flooding client costs as little as possible.
+        peer = request.client.host if request.client else None
+        await services.limits.admit(peer, request.headers.getlist("x-forwarded-for"))
     call = ApiCall(
         method=request.method,
         name=name,
@@ -301,7 +305,9 @@ async def _render_error(request: Request, exc: Exception) -> Response:
         exc.variant,
         exc.detail,
     )
-    return JSONResponse(exc.problem(), status_code=exc.status, media_type=_PROBLEM_JSON)
+    return JSONResponse(
+        exc.problem(), status_code=exc.status, media_type=_PROBLEM_JSON, headers=exc.headers()
+    )
 
 
 async def _render_unexpected(request: Request, exc: Exception) -> Response:

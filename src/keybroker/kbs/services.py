@@ -40,6 +40,13 @@ from keybroker.config import (
 from keybroker.errors import ConfigError, ServiceUnavailableError, UnsupportedFeatureError
 from keybroker.kbs.admin import AdminGuard
 from keybroker.kbs.audit import AuditLog, AuditSink, FileSink, StdoutSink
+from keybroker.kbs.limits import (
+    RATE_LIMIT_NAMESPACE,
+    UNATTESTED_NAMESPACE,
+    GuestLimits,
+    UnattestedSessions,
+    build_limits,
+)
 from keybroker.kbs.rcar import Handshake
 from keybroker.kbs.resource_policy import KBS_NAMESPACE, ResourcePolicy
 from keybroker.kbs.sessions import SESSION_NAMESPACE, SessionStore
@@ -77,6 +84,7 @@ class KbsServices:
     providers: list[StorageProvider]
     audit: AuditLog
     attestation: AttestationBackend | None = None
+    limits: GuestLimits | None = None
 
     async def start(self) -> None:
         try:
@@ -91,6 +99,8 @@ class KbsServices:
             log.error("%s; serving anyway: default policies are installed on first use", e.detail)
 
     async def stop(self) -> None:
+        if self.limits is not None:
+            self.limits.close()
         for provider in self.providers:
             await provider.close()
 
@@ -114,6 +124,7 @@ def build_services(
     )
     providers = [storage] if session_storage is storage else [storage, session_storage]
     admin = AdminGuard(config.admin, clock=clock)
+    limits, unattested = _limits(config, session_storage, clock, memory_dir)
     trusted_keys = []
     handshake: Handshake | None = None
     sessions: SessionStore | None = None
@@ -139,13 +150,19 @@ def build_services(
             clock=clock,
         )
         sessions = SessionStore(
-            session_storage.get(SESSION_NAMESPACE), timeout_min=as_config.timeout, clock=clock
+            session_storage.get(SESSION_NAMESPACE),
+            timeout_min=as_config.timeout,
+            clock=clock,
+            unattested=unattested,
         )
         handshake = Handshake(attestation, sessions)
     elif isinstance(as_config, GrpcAsConfig):
         attestation = _grpc_backend(as_config)
         sessions = SessionStore(
-            session_storage.get(SESSION_NAMESPACE), timeout_min=as_config.timeout, clock=clock
+            session_storage.get(SESSION_NAMESPACE),
+            timeout_min=as_config.timeout,
+            clock=clock,
+            unattested=unattested,
         )
         handshake = Handshake(attestation, sessions)
     elif isinstance(as_config, NoAsConfig):
@@ -170,6 +187,26 @@ def build_services(
         providers=providers,
         audit=_audit_log(config, clock),
         attestation=attestation,
+        limits=limits,
+    )
+
+
+def _limits(
+    config: KbsConfig,
+    session_storage: StorageProvider,
+    clock: Callable[[], float],
+    memory_dir: Path | None,
+) -> tuple[GuestLimits, UnattestedSessions]:
+    """In Redis, shared by workers and replicas, when sessions are there; else the rate in
+    the workers' shared directory when there is one (see ``kbs.limits``)."""
+    in_redis = config.session_storage is StorageType.REDIS
+    return build_limits(
+        config.rate_limit,
+        clock=clock,
+        session_lifetime=config.session_timeout_min * 60.0,
+        buckets_store=session_storage.get(RATE_LIMIT_NAMESPACE) if in_redis else None,
+        index_store=session_storage.get(UNATTESTED_NAMESPACE) if in_redis else None,
+        workers_dir=memory_dir,
     )
 
 

@@ -10,6 +10,10 @@ Replay defences:
   so a nonce serves at most one attestation attempt: a replayed or concurrent second attempt
   is refused whatever the outcome of the first;
 - every read checks the expiry with the injected clock, independent of the store's TTL.
+
+Flood defence: with an ``UnattestedSessions`` index (``keybroker.kbs.limits``), opening a
+session past the cap on unattested sessions deletes the oldest unattested ones; a guest whose
+session was shed is told at ``/attest`` to start again.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 
 from keybroker.errors import AttestationError, StorageError
+from keybroker.kbs.limits import UnattestedSessions
 from keybroker.protocol.canonical import HashAlgorithm
 from keybroker.protocol.models import Tee
 from keybroker.storage.base import KeyValueStorage
@@ -78,10 +83,13 @@ class SessionStore:
         *,
         timeout_min: int,
         clock: Callable[[], float] = time.time,
+        unattested: UnattestedSessions | None = None,
     ) -> None:
+        """``unattested``: the cap on sessions that have not attested (None: no cap)."""
         self._storage = storage
         self._lifetime = timeout_min * 60.0
         self._clock = clock
+        self._unattested = unattested
 
     async def open(self, tee: Tee, hash_algorithm: HashAlgorithm) -> Session:
         session = Session(
@@ -92,7 +100,16 @@ class SessionStore:
             expires_at=self._clock() + self._lifetime,
         )
         await self._storage.set(session.id, session.to_bytes(), ttl=self._lifetime)
+        if self._unattested is not None:
+            for shed in await self._unattested.add(session.id):
+                await self._shed(shed)
         return session
+
+    async def _shed(self, session_id: str) -> None:
+        # The index holds our own ids only; a shed session was never claimed, so it has no
+        # attempt record to remove (claiming takes it out of the index).
+        if _valid_session_id(session_id):
+            await self._storage.delete(session_id)
 
     async def get(self, session_id: str | None) -> Session | None:
         """The live session with this id, or None (unknown, malformed id or expired)."""
@@ -119,6 +136,8 @@ class SessionStore:
                 "this session's nonce has already been used for an attestation: "
                 "start a new handshake with /auth"
             )
+        if self._unattested is not None:  # consumed: no longer counts against the cap
+            await self._unattested.remove(session.id)
 
     async def mark_attested(self, session: Session, token: str) -> Session:
         attested = Session(

@@ -161,6 +161,13 @@ class RedisKeyValueStorage(KeyValueStorage):
                 live.append(key)
         return live
 
+    async def run_script(self, script: str, keys: list[str], args: list[str]) -> Any:
+        """Run a Lua ``script`` atomically on keys of this namespace (``keys`` are prefixed;
+        they are the caller's own, never session keys). For state that needs an atomic
+        read-modify-write across replicas, such as ``keybroker.kbs.limits``."""
+        names = [self._prefix + key for key in keys]
+        return await self._guarded("script", self._do("eval", script, len(names), *names, *args))
+
     async def _close(self) -> None:
         client = self._clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
