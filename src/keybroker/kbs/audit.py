@@ -9,11 +9,12 @@ anyone can recompute: it detects corruption, not tampering.
 
 A keyed chain also holds checkpoints (``"action": "audit.checkpoint"``), keyed like any record:
 
-- ``interval``: every ``checkpoint_records`` records or ``checkpoint_seconds`` seconds; the
-  latest is also written to ``<log>.checkpoint``, so removing records from the end back past it
-  is detectable;
+- ``interval``: after the chain's first batch, then every ``checkpoint_records`` records or
+  ``checkpoint_seconds`` seconds. The latest is also written to ``<log>.checkpoint``: removing
+  records from the end back past it is detectable, and the writer refuses to extend such a log;
 - ``rotated``: the last record of a log file that was rotated away while the KBS ran;
-- ``continued``: the first record of the file that replaced it, chained to the ``rotated`` one.
+- ``continued``: the first record of the file that replaced it, chained to the ``rotated``
+  one (or, for a file found empty, to the checkpoint in ``<log>.checkpoint``).
 
 A log verifies only when it starts at seq 1 or with a ``continued`` checkpoint; truncation after
 the last checkpoint, and anything done by someone who holds the key, are not detectable.
@@ -183,11 +184,21 @@ class Chain:
         if self._key is None or previous is None:
             return lines, previous, None
         end, every = int(str(previous["seq"])), self._checkpoints.every_records
-        due = end // every != start // every
+        # the first batch of a chain gets one too, so that every keyed log has a checkpoint
+        due = start == 0 or end // every != start // every
         if due or self._clock() - self._last_checkpoint >= self._checkpoints.every_seconds:
             line, checkpoint = self.checkpoint("interval", previous)
             return [*lines, line], checkpoint, checkpoint
         return lines, previous, None
+
+    def verifies(self, record: Record) -> bool:
+        """Whether ``record`` is a checkpoint sealed with this chain's key."""
+        return (
+            self._key is not None
+            and record.get("alg") == HMAC_ALG
+            and is_checkpoint(record)
+            and hmac.compare_digest(record_hash(record, self._key), str(record.get("hash")))
+        )
 
     def checkpoint(self, kind: str, previous: Record | None) -> tuple[str, Record]:
         now = self._clock()
@@ -335,6 +346,7 @@ class FileSink(AuditSink):
                     previous = self._tail[1]
                 else:
                     previous = _last_record(fd, size)
+                    carried = carried or self._beyond_end(previous)
                 if size == 0 and carried is not None:
                     line, previous = self._chain.checkpoint("continued", carried)
                     lines, published = [line], previous
@@ -349,6 +361,28 @@ class FileSink(AuditSink):
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
+    def _beyond_end(self, last: Record | None) -> Record | None:
+        """The published checkpoint when the file ends before it. Records removed from the end
+        (a truncation) are refused: writing on would hide them at the next checkpoint. An
+        empty file (rotated while no KBS ran, or emptied) gets a chain continued from the
+        checkpoint, which the ``continued`` record says."""
+        target = checkpoint_path(self._path)
+        if not self._chain.keyed or not target.exists():
+            return None
+        published = read_json_record(target)
+        if not self._chain.verifies(published):
+            raise OSError(f"{target} does not verify with the audit key: run `kbs audit verify`")
+        seq, end = int(str(published["seq"])), int(str(last["seq"])) if last else 0
+        if seq <= end:
+            return None
+        if last is not None:
+            raise OSError(
+                f"the audit log ends at seq {end} but its last checkpoint is seq {seq}: records "
+                "were removed from its end; move it aside and run `kbs audit verify`"
+            )
+        log.warning("the audit log %s is empty: continuing the chain from seq %s", self._path, seq)
+        return published
+
     def _publish(self, checkpoint: Record | None) -> None:
         """Keep the latest checkpoint beside the log (under the log's lock): a log cut back
         past it no longer holds it. The checkpoint also goes to the service log, which an
@@ -358,13 +392,29 @@ class FileSink(AuditSink):
         log.info("audit checkpoint: seq %s hash %s", checkpoint["seq"], checkpoint["hash"])
         target = checkpoint_path(self._path)
         temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(json.dumps(checkpoint, separators=(",", ":"), sort_keys=True) + "\n")
-            if self._fsync:
-                out.flush()
-                os.fsync(out.fileno())
-        os.replace(temporary, target)
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps(checkpoint, separators=(",", ":"), sort_keys=True) + "\n")
+                if self._fsync:
+                    out.flush()
+                    os.fsync(out.fileno())
+            os.replace(temporary, target)
+        except OSError as e:
+            # the records are written and chained; the file only names an older checkpoint
+            log.error("cannot update the audit checkpoint file %s: %s", target, e.strerror or e)
+
+
+def read_json_record(path: Path) -> Record:
+    with path.open("rb") as source:
+        raw = source.read(_TAIL_BYTES)
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict) or "seq" not in record or "hash" not in record:
+        raise OSError(f"{path} is not an audit checkpoint")
+    return record
 
 
 def _last_record(fd: int, size: int) -> Record | None:

@@ -21,10 +21,9 @@ from keybroker.kbs.audit import (
     Record,
     checkpoint_path,
     is_checkpoint,
+    read_json_record,
     record_hash,
 )
-
-_MAX_CHECKPOINT_FILE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -54,21 +53,9 @@ def verify_file(
     if key is not None and check_end:
         default = checkpoint_path(path)
         if checkpoint_file is not None or default.exists():
-            last_checkpoint = _read_checkpoint(checkpoint_file or default)
+            last_checkpoint = read_json_record(checkpoint_file or default)
     with path.open("rb") as lines:
         return verify_lines(lines, key=key, last_checkpoint=last_checkpoint, check_end=check_end)
-
-
-def _read_checkpoint(path: Path) -> Record:
-    with path.open("rb") as source:
-        raw = source.read(_MAX_CHECKPOINT_FILE)
-    try:
-        record = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        record = None
-    if not isinstance(record, dict):
-        raise OSError(f"{path} is not an audit checkpoint")
-    return record
 
 
 def verify_lines(

@@ -206,10 +206,13 @@ def test_wrong_key_fails_verification(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_time_based_checkpoint(tmp_path: Path) -> None:
     clock = FakeClock()
     log, key_file, audit = _keyed_log(tmp_path, 2, every=1000, clock=clock)
-    assert _checkpoints(log) == []
-    clock.advance(3600)
+    assert _checkpoints(log) == [1]  # the chain's first batch gets one
+    clock.advance(3599)
+    asyncio.run(_record(audit, 2))
+    assert _checkpoints(log) == [1]
+    clock.advance(1)
     asyncio.run(_record(audit, 3))
-    assert _checkpoints(log) == [3]
+    assert _checkpoints(log) == [1, 5]
     assert _verify(log, "--key", str(key_file)) == 0
 
 
@@ -259,3 +262,43 @@ def test_keygen_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert kbs_main(["audit", "keygen", "--out", str(key_file)]) == 1
     assert "File exists" in capsys.readouterr().err
     assert load_key(key_file) == key
+
+
+def test_truncated_tail_is_not_extended_to_hide_the_truncation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Writing on would put a new checkpoint in the checkpoint file, and the cut would then
+    verify: the KBS refuses (503) instead."""
+    log, key_file, audit = _keyed_log(tmp_path, 14)
+    _write(log, _lines(log)[: _checkpoints(log)[-1]])
+    restarted = AuditLog(FileSink(log, chain=Chain(load_key(key_file), Checkpoints(5, 3600))))
+    for writer in (audit, restarted):
+        with pytest.raises(ServiceUnavailableError, match="records were removed from its end"):
+            asyncio.run(_record(writer, 99))
+    assert _verify(log, "--key", str(key_file)) == 2
+    assert "records removed from the end" in capsys.readouterr().err
+
+
+def test_emptied_log_is_continued_from_the_checkpoint_file(tmp_path: Path) -> None:
+    """Emptied (or rotated while no KBS ran): the next record continues the chain from the
+    checkpoint file rather than starting a second seq 1; until then it does not verify."""
+    log, key_file, _ = _keyed_log(tmp_path, 7)
+    published = json.loads(checkpoint_path(log).read_text())
+    log.write_bytes(b"")
+    assert _verify(log, "--key", str(key_file)) == 2
+    restarted = AuditLog(FileSink(log, chain=Chain(load_key(key_file), Checkpoints(5, 3600))))
+    asyncio.run(_record(restarted, 99))
+    first = json.loads(_lines(log)[0])
+    assert first["checkpoint"] == "continued" and first["prev"] == published["hash"]
+    assert first["seq"] == published["seq"] + 1
+    assert _verify(log, "--key", str(key_file)) == 0
+
+
+def test_forged_checkpoint_file_is_refused(tmp_path: Path) -> None:
+    log, key_file, _ = _keyed_log(tmp_path, 3)
+    published = json.loads(checkpoint_path(log).read_text())
+    published["seq"] = 1000
+    checkpoint_path(log).write_text(json.dumps(published))
+    assert _verify(log, "--key", str(key_file)) == 2
+    with pytest.raises(ServiceUnavailableError, match="does not verify with the audit key"):
+        asyncio.run(_record(AuditLog(FileSink(log, chain=Chain(load_key(key_file)))), 4))
