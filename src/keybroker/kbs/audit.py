@@ -367,8 +367,19 @@ class FileSink(AuditSink):
         empty file (rotated while no KBS ran, or emptied) gets a chain continued from the
         checkpoint, which the ``continued`` record says."""
         target = checkpoint_path(self._path)
-        if not self._chain.keyed or not target.exists():
+        if not self._chain.keyed:
             return None
+        self._chain.refuse_mixed(last)
+        if not target.exists():
+            if last is None:
+                return None  # a new log
+            # written after the log: a crash in between leaves the log ending with the
+            # checkpoint, the state an earlier checkpoint file would name, so it is restored.
+            # Otherwise it was removed, and a cut end would be covered by the next checkpoint.
+            if self._chain.verifies(last) and not is_checkpoint(last, "rotated"):
+                self._publish(last)
+                return None
+            raise OSError(f"the audit checkpoint file {target} is missing: run `kbs audit verify`")
         published = read_json_record(target)
         if not self._chain.verifies(published):
             raise OSError(f"{target} does not verify with the audit key: run `kbs audit verify`")

@@ -302,3 +302,24 @@ def test_forged_checkpoint_file_is_refused(tmp_path: Path) -> None:
     assert _verify(log, "--key", str(key_file)) == 2
     with pytest.raises(ServiceUnavailableError, match="does not verify with the audit key"):
         asyncio.run(_record(AuditLog(FileSink(log, chain=Chain(load_key(key_file)))), 4))
+
+
+def test_removed_checkpoint_file_is_not_recreated_over_a_cut_log(tmp_path: Path) -> None:
+    log, key_file, _ = _keyed_log(tmp_path, 14)
+    checkpoint_path(log).unlink()
+    _write(log, _lines(log)[:-1])  # the cut ends on a record, not a checkpoint
+    assert _checkpoints(log)[-1] < len(_lines(log)) - 1
+    restarted = AuditLog(FileSink(log, chain=Chain(load_key(key_file), Checkpoints(5, 3600))))
+    with pytest.raises(ServiceUnavailableError, match=r"checkpoint file .* is missing"):
+        asyncio.run(_record(restarted, 99))
+
+
+def test_checkpoint_file_lost_in_a_crash_is_restored_from_the_log_end(tmp_path: Path) -> None:
+    """A crash between the log's write and the checkpoint file's leaves the log ending with
+    the checkpoint: writing goes on, and the file names it again."""
+    log, key_file, _ = _keyed_log(tmp_path, 4)  # ends with the checkpoint after seq 5
+    assert _checkpoints(log)[-1] == len(_lines(log)) - 1
+    checkpoint_path(log).unlink()
+    restarted = AuditLog(FileSink(log, chain=Chain(load_key(key_file), Checkpoints(5, 3600))))
+    asyncio.run(_record(restarted, 99))
+    assert _verify(log, "--key", str(key_file)) == 0
