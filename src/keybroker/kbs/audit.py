@@ -124,6 +124,15 @@ def record_hash(record: Record, key: bytes | None = None) -> str:
     return hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
+def hash_matches(unverified: Record, key: bytes | None) -> bool:
+    """Whether ``unverified`` carries its own hash (an HMAC under ``key`` when given)."""
+    try:
+        expected = record_hash(unverified, key)
+    except (ValueError, TypeError):  # not canonicalizable: NaN, huge integers
+        return False
+    return hmac.compare_digest(expected, str(unverified.get("hash")))
+
+
 def _chain(record: Record, previous: Record | None, key: bytes | None = None) -> str:
     record["seq"] = int(str(previous["seq"])) + 1 if previous else 1
     record["prev"] = str(previous["hash"]) if previous else GENESIS
@@ -197,7 +206,7 @@ class Chain:
             self._key is not None
             and record.get("alg") == HMAC_ALG
             and is_checkpoint(record)
-            and hmac.compare_digest(record_hash(record, self._key), str(record.get("hash")))
+            and hash_matches(record, self._key)
         )
 
     def checkpoint(self, kind: str, previous: Record | None) -> tuple[str, Record]:
@@ -421,7 +430,7 @@ def read_json_record(path: Path) -> Record:
         raw = source.read(_TAIL_BYTES)
     try:
         record = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         record = None
     if not isinstance(record, dict) or "seq" not in record or "hash" not in record:
         raise OSError(f"{path} is not an audit checkpoint")
@@ -440,9 +449,13 @@ def _last_record(fd: int, size: int) -> Record | None:
     last = tail.rstrip(b"\n").rsplit(b"\n", 1)[-1]
     try:
         record = json.loads(last)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         raise OSError("the audit log's last record is damaged; run `kbs audit verify`") from None
-    if not isinstance(record, dict) or "hash" not in record or "seq" not in record:
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("hash"), str)
+        or type(record.get("seq")) is not int
+    ):
         raise OSError("the audit log's last line is not an audit record")
     return record
 

@@ -9,7 +9,6 @@ removed, or anything done by someone who holds the key. Without a key, only corr
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ from keybroker.kbs.audit import (
     HMAC_ALG,
     Record,
     checkpoint_path,
+    hash_matches,
     is_checkpoint,
     read_json_record,
-    record_hash,
 )
 
 
@@ -91,8 +90,9 @@ def _parse(unverified_lines: Iterable[bytes]) -> list[Record]:
             record = json.loads(raw)
             if not isinstance(record, dict) or not isinstance(record["hash"], str):
                 raise ValueError("not a record")
-            int(record["seq"])
-        except (ValueError, KeyError, TypeError):
+            if type(record["seq"]) is not int:
+                raise ValueError("seq is not an integer")
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise _ChainError(f"line {number}: not an audit record (edited?)") from None
         records.append(record)
     return records
@@ -107,7 +107,7 @@ def _check_record(number: int, record: Record, key: bytes | None) -> None:
     if key is not None and alg != HMAC_ALG:
         # a keyed log never holds an unkeyed record: one is a forgery, or this is not a keyed log
         raise _ChainError(f"line {number} (seq {seq}) is not keyed: inserted, or an unkeyed log")
-    if not hmac.compare_digest(record_hash(record, key), str(record["hash"])):
+    if not hash_matches(record, key):
         if key is None:
             raise _ChainError(f"line {number} (seq {seq}) was edited")
         raise _ChainError(f"line {number} (seq {seq}) was edited, or the key is not this log's")
@@ -160,7 +160,7 @@ def _check_end(records: list[Record], key: bytes, last_checkpoint: Record | None
     if (
         alg != HMAC_ALG
         or not is_checkpoint(last_checkpoint)
-        or not hmac.compare_digest(record_hash(last_checkpoint, key), unverified_hash)
+        or not hash_matches(last_checkpoint, key)
     ):
         raise _ChainError("the checkpoint file does not verify with this key")
     seq = int(str(last_checkpoint["seq"]))

@@ -323,3 +323,24 @@ def test_checkpoint_file_lost_in_a_crash_is_restored_from_the_log_end(tmp_path: 
     restarted = AuditLog(FileSink(log, chain=Chain(load_key(key_file), Checkpoints(5, 3600))))
     asyncio.run(_record(restarted, 99))
     assert _verify(log, "--key", str(key_file)) == 0
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"seq": 1.5, "hash": "x"}',
+        '{"seq": 1, "hash": "x", "n": NaN}',
+        '{"seq": 1, "hash": "x", "n": 123456789012345678901234567890}',
+        "[" * 100_000 + "]" * 100_000,
+        "\xff",
+    ],
+)
+def test_malformed_log_lines_are_reported_not_crashed_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str
+) -> None:
+    log, key_file, _ = _keyed_log(tmp_path, 3)
+    log.write_bytes(line.encode("latin-1") + b"\n")
+    assert _verify(log, "--key", str(key_file)) == 2
+    assert "TAMPERED: line 1" in capsys.readouterr().err
+    with pytest.raises(ServiceUnavailableError):
+        asyncio.run(_record(AuditLog(FileSink(log, chain=Chain(load_key(key_file)))), 9))
