@@ -238,10 +238,9 @@ def _table(results: dict[str, Any]) -> str:
 
 def verify_audit_logs(workdir: Path) -> dict[str, int]:
     """Every server's keyed audit log, written by several workers under load, still verifies."""
-    key = load_key(audit_key(workdir))
     logs = records = 0
-    for path in sorted(workdir.glob("audit-*.log")):
-        result = verify_file(path, key=key)
+    for path in sorted(workdir.rglob("audit-*.log")):  # one directory per cluster, one key each
+        result = verify_file(path, key=load_key(audit_key(path.parent)))
         if not result.ok:
             raise SystemExit(f"audit log {path.name} does not verify: {result.problem}")
         logs, records = logs + 1, records + result.records

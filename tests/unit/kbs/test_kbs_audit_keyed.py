@@ -344,3 +344,15 @@ def test_malformed_log_lines_are_reported_not_crashed_on(
     assert "TAMPERED: line 1" in capsys.readouterr().err
     with pytest.raises(ServiceUnavailableError):
         asyncio.run(_record(AuditLog(FileSink(log, chain=Chain(load_key(key_file)))), 9))
+
+
+def test_unkeyed_audit_log_warns_at_start_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    create_app(kbs_config(audit={"path": str(tmp_path / "audit.log")}))
+    assert "detects corruption, not tampering" in caplog.text
+    caplog.clear()
+    key_file = tmp_path / "audit.key"
+    _keygen(key_file)
+    create_app(kbs_config(audit={"path": str(tmp_path / "k.log"), "key_path": str(key_file)}))
+    assert "not tampering" not in caplog.text
