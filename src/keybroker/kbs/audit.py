@@ -285,6 +285,13 @@ class FileSink(AuditSink):
         self._path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.close(fd)
+        # Hold the file from the first probe (start-up) on, so a worker that has not written
+        # yet still finds the file it would rotate away from. Never wait on the event loop.
+        if self._fd is None and self._lock.acquire(blocking=False):
+            try:
+                self._open()
+            finally:
+                self._lock.release()
 
     def close(self) -> None:
         with self._lock:

@@ -356,3 +356,19 @@ def test_unkeyed_audit_log_warns_at_start_up(
     _keygen(key_file)
     create_app(kbs_config(audit={"path": str(tmp_path / "k.log"), "key_path": str(key_file)}))
     assert "not tampering" not in caplog.text
+
+
+def test_worker_that_had_not_written_yet_still_continues_a_rotated_log(tmp_path: Path) -> None:
+    """Its first write after a rotation closes the old file and chains the new one to it,
+    not to the (older) checkpoint in the checkpoint file."""
+    log, key_file, _ = _keyed_log(tmp_path, 3)
+    idle = AuditLog(FileSink(log, chain=Chain(load_key(key_file), Checkpoints(5, 3600))))
+    idle.ensure_writable()  # what every worker does at start-up
+    asyncio.run(_record(AuditLog(FileSink(log, chain=Chain(load_key(key_file)))), 3))
+    rotated = tmp_path / "audit.log.1"
+    log.rename(rotated)
+    asyncio.run(_record(idle, 4))
+    old_last, new_first = json.loads(_lines(rotated)[-1]), json.loads(_lines(log)[0])
+    assert old_last["checkpoint"] == "rotated" and new_first["prev"] == old_last["hash"]
+    assert _verify(rotated, "--key", str(key_file)) == 0
+    assert _verify(log, "--key", str(key_file)) == 0
