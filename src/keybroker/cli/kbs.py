@@ -133,6 +133,8 @@ def audit_main(argv: list[str]) -> int:
             generate_key(args.out)
             print(f'audit key: {args.out} (0600)\n[audit] key_path = "{args.out}"')
             return 0
+        if args.key is None and (args.checkpoint or args.no_end_check):
+            raise ConfigError("--checkpoint and --no-end-check are for keyed logs: pass --key")
         key = load_key(args.key) if args.key is not None else None
         result = verify_file(
             args.file, key=key, checkpoint_file=args.checkpoint, check_end=not args.no_end_check

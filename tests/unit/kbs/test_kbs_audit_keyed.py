@@ -21,6 +21,7 @@ from keybroker.kbs.audit import (
     Chain,
     Checkpoints,
     FileSink,
+    StdoutSink,
     _chain,
     checkpoint_path,
     load_key,
@@ -372,3 +373,20 @@ def test_worker_that_had_not_written_yet_still_continues_a_rotated_log(tmp_path:
     assert old_last["checkpoint"] == "rotated" and new_first["prev"] == old_last["hash"]
     assert _verify(rotated, "--key", str(key_file)) == 0
     assert _verify(log, "--key", str(key_file)) == 0
+
+
+def test_keyed_stdout_sink_output_verifies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key_file = tmp_path / "audit.key"
+    chain = Chain(_keygen(key_file), Checkpoints(3, 3600))
+    capsys.readouterr()
+    audit = AuditLog(StdoutSink(chain))
+    for number in range(5):
+        asyncio.run(_record(audit, number))
+    collected = tmp_path / "collected.log"
+    collected.write_text(capsys.readouterr().out)
+    assert _checkpoints(collected)
+    assert _verify(collected, "--key", str(key_file)) == 2  # no checkpoint file to end on
+    assert _verify(collected, "--key", str(key_file), "--no-end-check") == 0
+    assert _verify(collected, "--no-end-check") == 1  # an option of keyed verification only
