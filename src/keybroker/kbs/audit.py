@@ -420,7 +420,8 @@ class FileSink(AuditSink):
         target = checkpoint_path(self._path)
         temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+            fd = os.open(temporary, flags, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(json.dumps(checkpoint, separators=(",", ":"), sort_keys=True) + "\n")
                 if self._fsync:
