@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from kbsbench import floor
-from kbsbench.servers import cluster
+from kbsbench.servers import audit_key, cluster
 from keybroker.client.rcar import KbsClient
+from keybroker.kbs.audit import load_key
+from keybroker.kbs.audit_verify import verify_file
 
 BENCH = Path(__file__).resolve().parents[1]
 SESSION_LIFETIME = 60.0  # the servers' [attestation_service] timeout = 1 (minute)
@@ -234,6 +236,18 @@ def _table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def verify_audit_logs(workdir: Path) -> dict[str, int]:
+    """Every server's keyed audit log, written by several workers under load, still verifies."""
+    logs = records = 0
+    for path in sorted(workdir.rglob("audit-*.log")):  # one directory per cluster, one key each
+        result = verify_file(path, key=load_key(audit_key(path.parent)))
+        if not result.ok:
+            raise SystemExit(f"audit log {path.name} does not verify: {result.problem}")
+        logs, records = logs + 1, records + result.records
+    print(f"audit logs: {logs} verified, {records} records", file=sys.stderr, flush=True)
+    return {"logs": logs, "records": records}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Keybroker benchmark suite")
     parser.add_argument("--quick", action="store_true", help="small and fast; checks the suite")
@@ -264,6 +278,7 @@ def main() -> None:
             print(f"{name}:", file=sys.stderr, flush=True)
             results[name] = section()
             partial.write_text(json.dumps(results, indent=2) + "\n")  # kept if a later one fails
+        results["audit"] = verify_audit_logs(Path(tmp))
     token = results["handshakes"].pop("token")
     print("crypto floor:", file=sys.stderr, flush=True)
     results["floor"] = floor.measure(token, seconds=1.0 if args.quick else 6.0)

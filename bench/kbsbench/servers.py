@@ -4,9 +4,10 @@ Every server is configured as a production guest would meet it: the builtin AS w
 default attestation policy, the sample TEE's reference values registered through the admin
 API (so the guest is affirming), the builtin ``affirming`` resource policy (a secret only for
 a guest every submodule of whose token is affirming: the default resource policy refuses the
-sample TEE outright), and the audit log on. Only the admin API is open (InsecureAllowAll), to
-provision, and the per-client handshake rate limit is raised out of reach (every bench guest
-comes from 127.0.0.1), though still checked on every request.
+sample TEE outright), and the audit log on, keyed (an HMAC-SHA256 chain with checkpoints). Only
+the admin API is open (InsecureAllowAll), to provision, and the per-client handshake rate limit
+is raised out of reach (every bench guest comes from 127.0.0.1), though still checked on every
+request.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from databases import fresh_postgres_database, private_redis  # noqa: E402
 from kbs_process import running_kbs  # noqa: E402
 from kbsbench.loadgen import SECRET  # noqa: E402
 from keybroker.client.admin import AdminClient  # noqa: E402
+from keybroker.kbs.audit import generate_key  # noqa: E402
 from keybroker.kbs.resource_policy import builtin_policy  # noqa: E402
 from ports import free_port  # noqa: E402
 
@@ -47,6 +49,14 @@ def signing_key(workdir: Path) -> Path:
             )
         )
         path.chmod(0o600)
+    return path
+
+
+def audit_key(workdir: Path) -> Path:
+    """One audit HMAC key, shared by replicas and workers (generated here, never committed)."""
+    path = workdir / "audit.key"
+    if not path.exists():
+        generate_key(path)
     return path
 
 
@@ -112,6 +122,7 @@ burst = 1000000
 sink = "file"
 path = "{workdir / f"audit-{port}.log"}"
 fsync = "{audit_fsync}"
+key_path = "{audit_key(workdir)}"
 """
     )
     return config

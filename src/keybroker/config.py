@@ -431,6 +431,12 @@ class AuditConfig(_Model):
     sink: Literal["file", "stdout"] = "file"
     path: Path = Path("kbs-audit.log")
     fsync: Literal["always", "never"] = "always"
+    # HMAC-SHA256 key file (``kbs audit keygen``, mode 0600), like the token signer's key_path.
+    # Without it the chain is plain SHA-256: it detects corruption, not tampering.
+    key_path: Path | None = None
+    # a keyed chain gets a checkpoint every this many records or seconds, whichever comes first
+    checkpoint_records: int = Field(default=1000, ge=2, le=1_000_000)
+    checkpoint_seconds: float = Field(default=300.0, gt=0, le=86_400)
 
 
 # --- [rate_limit] (Keybroker) ----------------------------------------------------------------

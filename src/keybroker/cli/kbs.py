@@ -16,8 +16,9 @@ from pathlib import Path
 
 from keybroker import __version__
 from keybroker.config import DEFAULT_SOCKET, KbsConfig, load_config, parse_config
-from keybroker.errors import KeybrokerError
-from keybroker.kbs.audit import verify_file
+from keybroker.errors import ConfigError, KeybrokerError
+from keybroker.kbs.audit import generate_key, load_key
+from keybroker.kbs.audit_verify import verify_file
 from keybroker.kbs.server import parse_socket, serve
 from keybroker.kbs.tls import self_signed_certificate
 
@@ -109,22 +110,57 @@ def _sibling(name: str) -> str:
 
 
 def audit_main(argv: list[str]) -> int:
-    """``kbs audit verify FILE``: check an audit log's hash chain."""
+    """``kbs audit verify [--key FILE] LOG`` and ``kbs audit keygen --out FILE``."""
     parser = argparse.ArgumentParser(prog="kbs audit", description="Audit log tools")
     commands = parser.add_subparsers(dest="command", required=True)
     verify = commands.add_parser("verify", help="check a log for edited/removed/moved records")
     verify.add_argument("file", type=Path)
+    verify.add_argument("--key", type=Path, help="the log's HMAC key ([audit] key_path)")
+    verify.add_argument(
+        "--checkpoint", type=Path, help="the log's last checkpoint (default: LOG.checkpoint)"
+    )
+    verify.add_argument(
+        "--no-end-check",
+        action="store_true",
+        help="accept a log whose end cannot be checked (records after its last checkpoint "
+        "could have been removed)",
+    )
+    keygen = commands.add_parser("keygen", help="write a new audit key (mode 0600)")
+    keygen.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
-        result = verify_file(args.file)
-    except OSError as e:
-        print(f"kbs audit: error: cannot read {args.file}: {e.strerror}", file=sys.stderr)
+        if args.command == "keygen":
+            generate_key(args.out)
+            print(f'audit key: {args.out} (0600)\n[audit] key_path = "{args.out}"')
+            return 0
+        if args.key is None and (args.checkpoint or args.no_end_check):
+            raise ConfigError("--checkpoint and --no-end-check are for keyed logs: pass --key")
+        key = load_key(args.key) if args.key is not None else None
+        result = verify_file(
+            args.file, key=key, checkpoint_file=args.checkpoint, check_end=not args.no_end_check
+        )
+    except ConfigError as e:
+        print(f"kbs audit: error: {e.detail}", file=sys.stderr)
         return 1
-    if result.ok:
-        print(f"{args.file}: {result.records} records, chain intact")
-        return 0
-    print(f"{args.file}: TAMPERED: {result.problem}", file=sys.stderr)
-    return 2
+    except OSError as e:
+        print(f"kbs audit: error: {e.filename or args.file}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    if not result.ok:
+        print(f"{args.file}: TAMPERED: {result.problem}", file=sys.stderr)
+        return 2
+    if not result.keyed:
+        print(
+            f"{args.file}: {result.records} records, chain intact (unkeyed: this detects "
+            "corruption, not tampering)"
+        )
+    elif result.end_checked:
+        print(f"{args.file}: {result.records} records, keyed chain intact up to its end")
+    else:
+        print(
+            f"{args.file}: {result.records} records, keyed chain intact "
+            "(end not checked: records after the last checkpoint could have been removed)"
+        )
+    return 0
 
 
 def self_signed_cert_main(argv: list[str]) -> int:

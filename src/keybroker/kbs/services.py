@@ -39,7 +39,7 @@ from keybroker.config import (
 )
 from keybroker.errors import ConfigError, ServiceUnavailableError, UnsupportedFeatureError
 from keybroker.kbs.admin import AdminGuard
-from keybroker.kbs.audit import AuditLog, AuditSink, FileSink, StdoutSink
+from keybroker.kbs.audit import AuditLog, audit_log
 from keybroker.kbs.limits import (
     RATE_LIMIT_NAMESPACE,
     UNATTESTED_NAMESPACE,
@@ -211,15 +211,7 @@ def _limits(
 
 
 def _audit_log(config: KbsConfig, clock: Callable[[], float]) -> AuditLog:
-    audit = config.audit
-    sink: AuditSink = (
-        StdoutSink()
-        if audit.sink == "stdout"
-        else FileSink(audit.path, fsync=audit.fsync == "always")
-    )
-    if audit.sink == "file":
-        log.info("audit log: %s (fsync %s)", audit.path, audit.fsync)
-    return AuditLog(sink, clock=clock)
+    return audit_log(config.audit, clock=clock)
 
 
 def _refuse_unserved(config: KbsConfig) -> None:

@@ -17,7 +17,8 @@ from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
 from keybroker.errors import ServiceUnavailableError
 from keybroker.kbs.app import create_app
-from keybroker.kbs.audit import AuditLog, FileSink, VerifyResult, record_hash, verify_file
+from keybroker.kbs.audit import AuditLog, FileSink, record_hash
+from keybroker.kbs.audit_verify import VerifyResult, verify_file
 from keybroker.kbs.resource_policy import builtin_policy
 from keybroker.protocol.models import JsonValue
 
