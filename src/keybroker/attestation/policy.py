@@ -43,11 +43,26 @@ HELPERS = {
 }
 
 
+@dataclass(frozen=True)
+class Appraised:
+    trust_vector: dict[str, int]
+    extensions: dict[str, JsonValue]
+
+
 def builtin_attestation_policy(policy_id: str) -> str:
     return (resources.files("keybroker.attestation") / "policies" / f"{policy_id}.rego").read_text()
 
 
-def compile_attestation_policy(source: str) -> CompiledPolicy:
+def compile_attestation_policy(source: str, policy_id: str = "the policy") -> CompiledPolicy:
+    """Compile and check ``source``; raise ``PolicyParseError`` for what every appraisal
+    would refuse.
+
+    Threat: a trust vector the EAR cannot carry (a misspelt claim, a value outside
+    -128..127) stored unchecked fails every attestation afterwards. The policy is appraised
+    once on empty evidence and no reference values, and what it sets there must be a valid
+    trust vector and valid extensions. A claim set only for some evidence is checked when it
+    is set (``appraisal``): an appraisal error, never a silently dropped claim.
+    """
     policy = CompiledPolicy.compile(
         source, entrypoints=_ENTRYPOINTS, helpers=HELPERS, remember=DECISION_CACHE_SIZE
     )
@@ -55,13 +70,22 @@ def compile_attestation_policy(source: str) -> CompiledPolicy:
         raise PolicyParseError(
             f"an attestation policy must declare `package policy`, found `package {policy.package}`"
         )
+    try:
+        claims, extensions = policy.evaluate_many(_ENTRYPOINTS, {}, {"reference_value": {}})
+        if claims is not None:
+            _trust_vector(policy_id, claims)
+        _extensions(policy_id, extensions)
+    except PolicyEvaluationError as e:
+        raise PolicyParseError(f"policy refused: {e.detail}") from None
     return policy
 
 
-@dataclass(frozen=True)
-class Appraised:
-    trust_vector: dict[str, int]
-    extensions: dict[str, JsonValue]
+def appraisal(
+    policy_id: str, policy: CompiledPolicy, evidence: JsonValue, data: JsonValue
+) -> Appraised:
+    """What ``policy`` makes of ``evidence``: the one path of every appraisal and of explain."""
+    claims, extensions = policy.evaluate_many(_ENTRYPOINTS, evidence, data)
+    return Appraised(_trust_vector(policy_id, claims), _extensions(policy_id, extensions))
 
 
 class AttestationPolicies:
@@ -79,7 +103,7 @@ class AttestationPolicies:
     async def set(self, policy_id: str, source: str) -> None:
         if not _POLICY_ID.fullmatch(policy_id):
             raise BadRequestError(f"invalid attestation policy id {policy_id[:64]!r}")
-        compiled = compile_attestation_policy(source)  # refuse before storing
+        compiled = compile_attestation_policy(source, policy_id)  # refuse before storing
         await self._storage.set(policy_id + _SUFFIX, source.encode())
         self._compiled[policy_id] = compiled
 
@@ -102,7 +126,7 @@ class AttestationPolicies:
         source = await self.source(policy_id)
         cached = self._compiled.get(policy_id)
         if cached is None or cached.source != source:
-            cached = compile_attestation_policy(source)
+            cached = compile_attestation_policy(source, policy_id)
             self._compiled[policy_id] = cached
         return cached
 
@@ -116,10 +140,7 @@ class AttestationPolicies:
     async def appraise(self, policy_id: str, annotated_evidence: JsonValue) -> Appraised:
         policy = await self.compiled(policy_id)
         data = await self.reference_data(policy)
-        claims, extensions = policy.evaluate_many(
-            ("policy/trust_claims", "policy/extensions"), annotated_evidence, data
-        )
-        return Appraised(_trust_vector(policy_id, claims), _extensions(policy_id, extensions))
+        return appraisal(policy_id, policy, annotated_evidence, data)
 
 
 @lru_cache(maxsize=64)

@@ -30,6 +30,8 @@ KBS_NAMESPACE = "kbs"
 POLICY_ID = "resource-policy"
 _POLICY_SUFFIX = ".rego"
 _RULE = "policy/allow"
+# what a request adds as data; handed over in input, so a new query string compiles nothing
+REQUEST_DATA = ("plugin", "resource-path", "query")
 DECISION_CACHE_SIZE = 4096
 
 
@@ -39,12 +41,24 @@ def builtin_policy(name: str) -> str:
 
 
 def compile_resource_policy(source: str) -> CompiledPolicy:
-    policy = CompiledPolicy.compile(source, entrypoints=[_RULE], remember=DECISION_CACHE_SIZE)
+    policy = CompiledPolicy.compile(
+        source, entrypoints=[_RULE], remember=DECISION_CACHE_SIZE, request_data=REQUEST_DATA
+    )
     if policy.package != "policy":
         raise PolicyParseError(
             f"a resource policy must declare `package policy`, found `package {policy.package}`"
         )
     return policy
+
+
+def decision(policy: CompiledPolicy, claims: JsonValue, data: JsonValue) -> bool:
+    """Whether ``policy`` allows this request: the one path of every decision and of explain."""
+    result = policy.evaluate(_RULE, claims, data)
+    if result is True:
+        return True
+    if result is not False:
+        log.warning("resource policy rule allow gave %r, not a boolean: denying", result)
+    return False
 
 
 class ResourcePolicy:
@@ -68,13 +82,7 @@ class ResourcePolicy:
         return sorted(k.removesuffix(_POLICY_SUFFIX) for k in keys if k.endswith(_POLICY_SUFFIX))
 
     async def allows(self, claims: JsonValue, data: JsonValue) -> bool:
-        policy = await self.current()
-        result = policy.evaluate(_RULE, claims, data)
-        if result is True:
-            return True
-        if result is not False:
-            log.warning("resource policy rule allow gave %r, not a boolean: denying", result)
-        return False
+        return decision(await self.current(), claims, data)
 
     async def current(self) -> CompiledPolicy:
         raw = await self._storage.get(POLICY_ID + _POLICY_SUFFIX)

@@ -42,13 +42,14 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NamedTuple, TypeAlias
 
 import regopy
 from regopy import rego_shared
 
 from keybroker.errors import PolicyEvaluationError, PolicyParseError
+from keybroker.policy import request_data as request_data_module
 from keybroker.policy.input_paths import InputPaths
 
 # Read-only (covariant) shapes, so a caller's ``dict[str, list[str]]`` is a JsonValue.
@@ -61,6 +62,12 @@ _PACKAGE = re.compile(r"package\s+([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*(?:#.*)?")
 _MAX_DETAIL = 800
 _EMPTY_DOCUMENT = "{}"
 _UNSTABLE_BUILTIN = re.compile(r"\b(?:time|rand|uuid|http|opa|net|io\.jwt)\.[a-z_]")
+# Threat: `opa.runtime().env` hands a policy the KBS process environment (database passwords),
+# which it can copy into tokens or explain output. rego-cpp follows `opa.runtime`,
+# `opa["runtime"]`, `opa #comment` + newline + `.runtime` and template strings, so no scan of
+# the syntax is sure to see every call; the word itself is refused, comments and strings
+# included (`opa` is the only root of those built-ins, and a name cannot be computed).
+_FORBIDDEN_WORD = re.compile(r"(?<![A-Za-z0-9_])opa(?![A-Za-z0-9_])")
 
 
 class CacheInfo(NamedTuple):
@@ -88,9 +95,14 @@ class CompiledPolicy:
         entrypoints: frozenset[str],
         cache_size: int,
         remember: int,
+        request_keys: frozenset[str] | None,
+        source: str,
     ) -> None:
         self._modules = dict(modules)
         self._name = name
+        self._source = source
+        # per-call data keys read through input (see request_data); None: data is baked
+        self._request_keys = request_keys
         self._packages = packages
         self._roots = frozenset(p.split(".")[0] for p in packages)
         self._entrypoints = entrypoints
@@ -117,6 +129,7 @@ class CompiledPolicy:
         cache_size: int = 1024,
         helpers: Mapping[str, str] | None = None,
         remember: int = 0,
+        request_data: Collection[str] = (),
     ) -> CompiledPolicy:
         """Parse and check ``source``; raise ``PolicyParseError`` with rego-cpp's message.
 
@@ -128,6 +141,10 @@ class CompiledPolicy:
         (``time.*``, ``rand.*``, ``uuid.*``, ``http.*``, ``opa.*``, ``net.*``, ``io.jwt.*``,
         whose checks read the clock; found anywhere in the text, comments included, where a
         false alarm only costs the memory). Remembered answers are shared: do not mutate them.
+        ``request_data``: the top-level ``data`` keys that change from call to call (a request's
+        query string); when the modules can be rewritten to read them from input
+        (``keybroker.policy.request_data``), a new value costs no new bundle, and ``data``
+        given to ``evaluate`` may hold only those keys.
         """
         if remember < 0:
             raise ValueError(f"remember must not be negative, got {remember}")
@@ -139,23 +156,35 @@ class CompiledPolicy:
         if name in modules:
             raise ValueError(f"helper module name {name!r} clashes with the policy's")
         modules[name] = source
+        for module_name, module_source in modules.items():
+            if _FORBIDDEN_WORD.search(module_source):
+                raise PolicyParseError(
+                    f"{module_name}: policies may not use the opa.* built-ins "
+                    "(opa.runtime() reveals the KBS environment); the word `opa` is refused "
+                    "anywhere in the text, comments and strings included"
+                )
         _loaded_interpreter(modules, _EMPTY_DOCUMENT, PolicyParseError)  # syntax errors first
         packages = tuple(_declared_package(n, s) for n, s in modules.items())
         _check_entrypoints(entrypoints, packages[-1], packages)
+        roots = {p.split(".")[0] for p in packages}
+        keys = frozenset(request_data)
+        rewritten = request_data_module.rewrite(modules, keys, roots) if keys else None
         policy = cls(
-            modules=modules,
+            modules=modules if rewritten is None else rewritten,
             name=name,
             packages=packages,
             entrypoints=frozenset(entrypoints),
             cache_size=cache_size,
             remember=remember,
+            request_keys=None if rewritten is None else keys,
+            source=source,
         )
         policy._check()
         return policy
 
     @property
     def source(self) -> str:
-        return self._modules[self._name]
+        return self._source
 
     @property
     def package(self) -> str:
@@ -175,6 +204,11 @@ class CompiledPolicy:
     def remembered(self) -> int:
         with self._lock:
             return len(self._answers)
+
+    @property
+    def request_data_in_input(self) -> bool:
+        """Whether per-call data reaches rego-cpp through input (one bundle for all calls)."""
+        return self._request_keys is not None
 
     def cache_info(self) -> CacheInfo:
         with self._lock:
@@ -197,6 +231,7 @@ class CompiledPolicy:
                 f"entrypoint {unknown[0]!r} was not compiled; "
                 f"expected one of {', '.join(sorted(self._entrypoints))}"
             )
+        input, data = self._moved(input, data)
         document = self._data_json(data)
         input_json = _to_json(input, "input")  # all of it must be JSON, read or not
         if self._input_paths is not None:
@@ -228,6 +263,7 @@ class CompiledPolicy:
         The slow path (text query, nothing cached), for operators asking why a decision came
         out as it did.
         """
+        input, data = self._moved(input, data)
         interpreter = self._interpreter(self._data_json(data), PolicyEvaluationError)
         try:
             interpreter.set_input_term(_to_json(input, "input"))
@@ -251,9 +287,10 @@ class CompiledPolicy:
         try:
             bundle = self._build(_EMPTY_DOCUMENT, PolicyParseError)
             for entrypoint in sorted(self._entrypoints):
-                self._probe(*self._query(bundle, entrypoint, _EMPTY_DOCUMENT))
+                probe = _to_json(self._moved({}, None)[0], "input")
+                self._probe(*self._query(bundle, entrypoint, probe))
             interpreter = self._interpreter(_EMPTY_DOCUMENT, PolicyParseError)
-            interpreter.set_input_term(_EMPTY_DOCUMENT)
+            interpreter.set_input_term(_to_json(self._moved({}, None)[0], "input"))
             for package in sorted(set(self._packages)):
                 query = f"data.{package}"
                 self._probe(
@@ -273,6 +310,23 @@ class CompiledPolicy:
         )
 
     # --- evaluation -----------------------------------------------------------------------
+
+    def _moved(
+        self, input: JsonValue, data: JsonValue | None
+    ) -> tuple[JsonValue, JsonValue | None]:
+        """``input`` and ``data`` as rego-cpp gets them: per-call data moved into input when
+        the modules were rewritten to read it there."""
+        if self._request_keys is None:
+            return input, data
+        given = {} if data is None else data
+        if not isinstance(given, Mapping):
+            raise PolicyEvaluationError(f"data must be a JSON object, found {type(data).__name__}")
+        unexpected = sorted(set(given) - self._request_keys)
+        if unexpected:
+            raise PolicyEvaluationError(
+                f"data key {unexpected[0][:64]!r} is not one of this policy's per-call keys"
+            )
+        return {request_data_module.INPUT_KEY: input, request_data_module.DATA_KEY: given}, None
 
     def _data_json(self, data: JsonValue | None) -> str:
         if data is None:

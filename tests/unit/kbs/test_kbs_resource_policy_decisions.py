@@ -52,3 +52,30 @@ def test_guests_differing_only_in_what_the_policy_never_reads_share_one_answer()
         }
         assert asyncio.run(policy.allows(claims, DATA)) is True
     assert asyncio.run(policy.current()).remembered() == 1
+
+
+QUERY_POLICY = """
+package policy
+import rego.v1
+default allow := false
+allow if {
+    data.plugin == "resource"
+    data["resource-path"][0] == "a"
+    data.query.tag == "7"
+    input.submods.cpu0["ear.status"] == "affirming"
+}
+"""
+
+
+def test_unique_query_strings_cause_no_recompilation() -> None:
+    policy = _policy(QUERY_POLICY)
+    compiled = asyncio.run(policy.current())
+    before = compiled.cache_info()
+    answers = []
+    for index in range(40):
+        data = {"plugin": "resource", "resource-path": ["a", "b"], "query": {"tag": str(index)}}
+        answers.append(asyncio.run(policy.allows(AFFIRMING, data)))
+    assert answers == [index == 7 for index in range(40)]
+    assert asyncio.run(policy.current()) is compiled
+    after = compiled.cache_info()
+    assert (after.misses, after.currsize) == (before.misses, before.currsize) == (0, 1)
