@@ -72,11 +72,12 @@ async def explain(
             else await attestation_policies.compiled(request.policy_id)
         )
         data = await attestation_policies.reference_data(policy)
+    rules: dict[str, JsonValue] = {}
     try:
         rules = policy.explain(policy_input, data)
         decided = _decision(request, policy, policy_input, data)
-    except KeybrokerError as e:
-        return {"decision": None, "rules": {}, "error": e.detail, "input": policy_input}
+    except KeybrokerError as e:  # the rules stay: they show why the appraisal failed
+        return {"decision": None, "rules": rules, "error": e.detail, "input": policy_input}
     return {"decision": decided, "rules": rules, "error": None, "input": policy_input}
 
 

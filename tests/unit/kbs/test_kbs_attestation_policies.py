@@ -235,6 +235,7 @@ def test_explain_reports_the_error_a_real_appraisal_gives(kbs: Kbs) -> None:
     for explained in (stored, draft):
         assert explained["decision"] is None
         assert explained["error"] == failed.value.remote_detail
+        assert explained["rules"] == {"trust_claims": {"made-up": 2}}
 
 
 def test_explain_shows_the_failing_rule_on_deny(kbs: Kbs) -> None:
