@@ -425,6 +425,16 @@ class AuditConfig(_Model):
     fsync: Literal["always", "never"] = "always"
 
 
+class PolicyConfig(_Model):
+    """Bounds of every policy compilation and evaluation (no upstream counterpart): each runs
+    in one of ``workers`` worker processes, killed past ``timeout_seconds`` or when its
+    resident memory passes ``memory_mib``."""
+
+    timeout_seconds: float = Field(default=2.0, gt=0, le=300)
+    memory_mib: int = Field(default=512, ge=64, le=65536)
+    workers: int = Field(default=2, ge=1, le=64)
+
+
 # --- the whole file --------------------------------------------------------------------------
 
 
@@ -438,6 +448,7 @@ class AttestationServiceFileConfig(_Model):
     )
     verifier_config: dict[str, Any] | None = None
     storage_backend: StorageBackendConfig = StorageBackendConfig()
+    policy: PolicyConfig = PolicyConfig()
 
 
 def load_as_config(path: Path | None) -> AttestationServiceFileConfig:
@@ -468,6 +479,7 @@ class KbsConfig(_Model):
     storage_backend: StorageBackendConfig = StorageBackendConfig()
     session_storage_type: StorageTypeField | None = None
     audit: AuditConfig = AuditConfig()
+    policy: PolicyConfig = PolicyConfig()
     plugins: list[PluginConfig] = Field(default_factory=_default_plugins)
 
     @property

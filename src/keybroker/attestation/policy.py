@@ -21,8 +21,9 @@ from importlib import resources
 
 from keybroker.attestation.ear import TRUST_CLAIMS
 from keybroker.errors import BadRequestError, PolicyEvaluationError, PolicyParseError
-from keybroker.policy.engine import CompiledPolicy
 from keybroker.policy.input_paths import TOKEN
+from keybroker.policy.prepared import PolicySpec
+from keybroker.policy.workers import PolicyWorkers, PooledPolicy
 from keybroker.protocol.models import JsonValue
 from keybroker.rvps.store import ReferenceValues
 from keybroker.storage.base import KeyValueStorage
@@ -55,7 +56,15 @@ def builtin_attestation_policy(policy_id: str) -> str:
     return (resources.files("keybroker.attestation") / "policies" / f"{policy_id}.rego").read_text()
 
 
-def compile_attestation_policy(source: str, policy_id: str = "the policy") -> CompiledPolicy:
+def attestation_policy_spec(source: str) -> PolicySpec:
+    return PolicySpec(
+        source, _ENTRYPOINTS, helpers=tuple(HELPERS.items()), remember=DECISION_CACHE_SIZE
+    )
+
+
+async def compile_attestation_policy(
+    workers: PolicyWorkers, source: str, policy_id: str = "the policy"
+) -> PooledPolicy:
     """Compile and check ``source``; raise ``PolicyParseError`` for what every appraisal
     would refuse.
 
@@ -67,9 +76,7 @@ def compile_attestation_policy(source: str, policy_id: str = "the policy") -> Co
     whatever the condition of the rule. A claim set only for some evidence is checked when it
     is set (``appraisal``): an appraisal error, never a silently dropped claim.
     """
-    policy = CompiledPolicy.compile(
-        source, entrypoints=_ENTRYPOINTS, helpers=HELPERS, remember=DECISION_CACHE_SIZE
-    )
+    policy = await workers.compile(attestation_policy_spec(source))
     if policy.package != "policy":
         raise PolicyParseError(
             f"an attestation policy must declare `package policy`, found `package {policy.package}`"
@@ -78,7 +85,7 @@ def compile_attestation_policy(source: str, policy_id: str = "the policy") -> Co
         if name not in TRUST_CLAIMS:
             raise PolicyParseError(f"policy refused: {_unknown_claim(policy_id, name)}")
     try:
-        claims, extensions = policy.evaluate_many(_ENTRYPOINTS, {}, {"reference_value": {}})
+        claims, extensions = await policy.evaluate_many(_ENTRYPOINTS, {}, {"reference_value": {}})
         if claims is not None:
             _trust_vector(policy_id, claims)
         _extensions(policy_id, extensions)
@@ -87,19 +94,22 @@ def compile_attestation_policy(source: str, policy_id: str = "the policy") -> Co
     return policy
 
 
-def appraisal(
-    policy_id: str, policy: CompiledPolicy, evidence: JsonValue, data: JsonValue
+async def appraisal(
+    policy_id: str, policy: PooledPolicy, evidence: JsonValue, data: JsonValue
 ) -> Appraised:
     """What ``policy`` makes of ``evidence``: the one path of every appraisal and of explain."""
-    claims, extensions = policy.evaluate_many(_ENTRYPOINTS, evidence, data)
+    claims, extensions = await policy.evaluate_many(_ENTRYPOINTS, evidence, data)
     return Appraised(_trust_vector(policy_id, claims), _extensions(policy_id, extensions))
 
 
 class AttestationPolicies:
-    def __init__(self, storage: KeyValueStorage, reference_values: ReferenceValues) -> None:
+    def __init__(
+        self, storage: KeyValueStorage, reference_values: ReferenceValues, workers: PolicyWorkers
+    ) -> None:
         self._storage = storage
         self._reference_values = reference_values
-        self._compiled: dict[str, CompiledPolicy] = {}
+        self._workers = workers
+        self._compiled: dict[str, PooledPolicy] = {}
 
     async def initialize(self) -> None:
         """Install the default policies unless an operator already stored their own."""
@@ -110,7 +120,8 @@ class AttestationPolicies:
     async def set(self, policy_id: str, source: str) -> None:
         if not _POLICY_ID.fullmatch(policy_id):
             raise BadRequestError(f"invalid attestation policy id {policy_id[:64]!r}")
-        compiled = compile_attestation_policy(source, policy_id)  # refuse before storing
+        # refuse before storing
+        compiled = await compile_attestation_policy(self._workers, source, policy_id)
         await self._storage.set(policy_id + _SUFFIX, source.encode())
         self._compiled[policy_id] = compiled
 
@@ -129,15 +140,19 @@ class AttestationPolicies:
             raise PolicyEvaluationError(f"attestation policy {policy_id} does not exist")
         return raw.decode("utf-8", errors="replace")
 
-    async def compiled(self, policy_id: str) -> CompiledPolicy:
+    @property
+    def workers(self) -> PolicyWorkers:
+        return self._workers
+
+    async def compiled(self, policy_id: str) -> PooledPolicy:
         source = await self.source(policy_id)
         cached = self._compiled.get(policy_id)
         if cached is None or cached.source != source:
-            cached = compile_attestation_policy(source, policy_id)
+            cached = await compile_attestation_policy(self._workers, source, policy_id)
             self._compiled[policy_id] = cached
         return cached
 
-    async def reference_data(self, policy: CompiledPolicy) -> dict[str, JsonValue]:
+    async def reference_data(self, policy: PooledPolicy) -> dict[str, JsonValue]:
         """The reference values the policy can ask for, as its ``data``."""
         literal = _literal_reference_ids(policy.source)
         # None: an id computed at evaluation time, so provide every value
@@ -147,7 +162,7 @@ class AttestationPolicies:
     async def appraise(self, policy_id: str, annotated_evidence: JsonValue) -> Appraised:
         policy = await self.compiled(policy_id)
         data = await self.reference_data(policy)
-        return appraisal(policy_id, policy, annotated_evidence, data)
+        return await appraisal(policy_id, policy, annotated_evidence, data)
 
 
 @lru_cache(maxsize=64)

@@ -23,7 +23,7 @@ from keybroker.attestation.policy import AttestationPolicies, appraisal, compile
 from keybroker.errors import BadRequestError, KeybrokerError, UnsupportedOperationError
 from keybroker.kbs.resource_policy import ResourcePolicy, compile_resource_policy, decision
 from keybroker.kbs.tokens import TokenVerifier, pointer
-from keybroker.policy.engine import CompiledPolicy
+from keybroker.policy.workers import PooledPolicy
 from keybroker.protocol.models import JsonValue
 
 
@@ -58,7 +58,7 @@ async def explain(
     policy_input = _input(request, tokens)
     if request.kind == "resource":
         policy = (
-            compile_resource_policy(_draft(request.policy))
+            await compile_resource_policy(resource_policy.workers, _draft(request.policy))
             if request.policy
             else await resource_policy.current()
         )
@@ -67,26 +67,28 @@ async def explain(
         if attestation_policies is None:
             raise UnsupportedOperationError("this KBS has no builtin attestation service")
         policy = (
-            compile_attestation_policy(_draft(request.policy), request.policy_id)
+            await compile_attestation_policy(
+                attestation_policies.workers, _draft(request.policy), request.policy_id
+            )
             if request.policy
             else await attestation_policies.compiled(request.policy_id)
         )
         data = await attestation_policies.reference_data(policy)
     rules: dict[str, JsonValue] = {}
     try:
-        rules = policy.explain(policy_input, data)
-        decided = _decision(request, policy, policy_input, data)
+        rules = await policy.explain(policy_input, data)
+        decided = await _decision(request, policy, policy_input, data)
     except KeybrokerError as e:  # the rules stay: they show why the appraisal failed
         return {"decision": None, "rules": rules, "error": e.detail, "input": policy_input}
     return {"decision": decided, "rules": rules, "error": None, "input": policy_input}
 
 
-def _decision(
-    request: ExplainRequest, policy: CompiledPolicy, policy_input: JsonValue, data: JsonValue
+async def _decision(
+    request: ExplainRequest, policy: PooledPolicy, policy_input: JsonValue, data: JsonValue
 ) -> JsonValue:
     if request.kind == "resource":
-        return {"allow": decision(policy, policy_input, data)}
-    appraised = appraisal(request.policy_id, policy, policy_input, data)
+        return {"allow": await decision(policy, policy_input, data)}
+    appraised = await appraisal(request.policy_id, policy, policy_input, data)
     vector: dict[str, JsonValue] = dict(appraised.trust_vector)
     return {"trust_claims": vector, "status": status_of(appraised.trust_vector)}
 

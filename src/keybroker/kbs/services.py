@@ -48,6 +48,7 @@ from keybroker.plugins.base import Plugin
 from keybroker.plugins.pkcs11 import Pkcs11Plugin
 from keybroker.plugins.resource import ResourcePlugin
 from keybroker.plugins.sample import SamplePlugin
+from keybroker.policy.workers import PolicyLimits, PolicyWorkers
 from keybroker.rvps.store import NAMESPACE as RVPS_NAMESPACE
 from keybroker.rvps.store import ReferenceValues, ReferenceValueStore, remote_reference_values
 from keybroker.storage.provider import (
@@ -76,6 +77,7 @@ class KbsServices:
     clock: Callable[[], float]
     providers: list[StorageProvider]
     audit: AuditLog
+    policy_workers: PolicyWorkers
     attestation: AttestationBackend | None = None
 
     async def start(self) -> None:
@@ -91,6 +93,7 @@ class KbsServices:
             log.error("%s; serving anyway: default policies are installed on first use", e.detail)
 
     async def stop(self) -> None:
+        self.policy_workers.close()
         for provider in self.providers:
             await provider.close()
 
@@ -114,6 +117,7 @@ def build_services(
     )
     providers = [storage] if session_storage is storage else [storage, session_storage]
     admin = AdminGuard(config.admin, clock=clock)
+    workers = PolicyWorkers(PolicyLimits(**config.policy.model_dump()))
     trusted_keys = []
     handshake: Handshake | None = None
     sessions: SessionStore | None = None
@@ -134,7 +138,7 @@ def build_services(
         attestation = BuiltinAttestationService(
             as_config,
             signer,
-            AttestationPolicies(as_storage.get(AS_POLICY_NAMESPACE), reference_values),
+            AttestationPolicies(as_storage.get(AS_POLICY_NAMESPACE), reference_values, workers),
             reference_values,
             clock=clock,
         )
@@ -161,7 +165,7 @@ def build_services(
         admin=admin,
         handshake=handshake,
         sessions=sessions,
-        resource_policy=ResourcePolicy(storage.get(KBS_NAMESPACE)),
+        resource_policy=ResourcePolicy(storage.get(KBS_NAMESPACE), workers),
         plugins=_plugins(config, storage),
         tokens=tokens,
         payload_limit=config.http_server.payload_limit_bytes,
@@ -169,6 +173,7 @@ def build_services(
         clock=clock,
         providers=providers,
         audit=_audit_log(config, clock),
+        policy_workers=workers,
         attestation=attestation,
     )
 
