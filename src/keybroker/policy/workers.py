@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 _POLL_SECONDS = 0.02
 _POLICIES_PER_WORKER = 32  # compiled policies a worker keeps (a policy is ~0.5 MiB)
 _MAX_REPLY = 64 << 20
+_START_SECONDS = 60.0
+_READY = b'{"ready": true}'
 _ERRORS: Mapping[str, type[PolicyEvaluationError | PolicyParseError]] = {
     "PolicyParseError": PolicyParseError,
     "PolicyEvaluationError": PolicyEvaluationError,
@@ -244,11 +246,21 @@ class _Worker:
         finally:
             os.close(request_read)
             os.close(reply_write)
-        return cls(
+        worker = cls(
             process,
             Connection(request_write, readable=False),
             Connection(reply_read, writable=False),
         )
+        # The deadline of an evaluation must not include the interpreter starting (slow on a
+        # loaded machine): wait, with a bound of its own, for the worker to say it is ready.
+        try:
+            ready = worker._replies.poll(_START_SECONDS) and worker._replies.recv_bytes(64)
+        except (EOFError, OSError):
+            ready = False
+        if ready != _READY:
+            worker.kill()
+            raise PolicyEvaluationError("a policy worker did not start")
+        return worker
 
     def ask(self, request: Mapping[str, Any], limits: PolicyLimits) -> Mapping[str, Any]:
         """The worker's reply; ``PolicyLimitError`` when it passes a limit (then kill it)."""
@@ -301,6 +313,7 @@ def _resident_bytes(pid: int) -> int:
 def _serve(requests: Connection, replies: Connection) -> None:
     """The worker's loop: one request, one reply, until the pipe closes."""
     compiled: OrderedDict[PolicySpec, CompiledPolicy] = OrderedDict()
+    replies.send_bytes(_READY)  # everything is imported
     while True:
         try:
             request = json.loads(requests.recv_bytes())
