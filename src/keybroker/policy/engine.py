@@ -10,6 +10,12 @@ built on first use and kept in a bounded LRU cache keyed by the document's canon
 repeated (policy, data) pair evaluates from its bundle (about 0.1 ms, most of it rego-cpp
 reading the input) instead of re-parsing the policy text (about 2 ms).
 
+A policy compiled with ``request_data`` reads those per-call keys from input instead
+(``keybroker.policy.request_data``), so it has one bundle whatever the requests. The text
+checks and the questions asked live in ``keybroker.policy.prepared``; in the servers this
+class runs only inside policy worker processes (``keybroker.policy.workers``), since an
+evaluation can neither be interrupted nor bounded in memory here.
+
 All bundles of a policy run on one interpreter: an interpreter that has run a query holds about
 0.5 MiB, a bundle about 36 KiB, so one interpreter per cached bundle would cost ~0.5 GiB at 1024
 entries. Queries are serialised by the policy's lock anyway.
