@@ -4,17 +4,19 @@ rego-cpp cannot be interrupted, and a policy can ask for any amount of work
 (``count(numbers.range(1, 100000000))`` takes minutes and gigabytes). So no policy is ever
 evaluated in the server process: a small pool of long-lived worker processes compiles and
 evaluates, each keeping its compiled policies by their text (``PolicySpec``). A caller waits
-for an answer in a thread (never on the event loop); while it waits the worker's resident
-memory is polled, and a worker past the deadline or the memory cap is killed and replaced.
+for an answer on one of the pool's threads (never on the event loop); while it waits the
+worker's resident memory is polled, and a worker past the deadline or the memory cap is
+killed and replaced. A worker rego-cpp crashes fails only the evaluation it was running.
 
 Why the memory is polled rather than capped with ``RLIMIT_AS`` or ``RLIMIT_DATA``: rego-cpp's
 allocator (snmalloc) reserves a large address range when it starts and refuses to start under
 either limit, however generous.
 
-Workers are ``python -I -m keybroker.policy.workers`` processes with an empty environment (no
-``multiprocessing``: its spawn re-runs the server's main module), speaking JSON over two
-pipes. Even a policy that reached ``opa.runtime()`` (refused
-at compile time, see ``keybroker.policy.engine``) would find no secret there.
+Workers are ``python -I -m keybroker.policy.workers`` processes, not ``multiprocessing``
+ones (its spawn re-runs the server's main module), speaking JSON over two pipes: nothing a
+worker sends is unpickled. Their environment is empty, so even a policy that reached
+``opa.runtime()`` (refused at compile time, see ``keybroker.policy.prepared``) would find no
+secret there.
 
 Does not: remember answers (``PooledPolicy`` does, in the server, so a repeated question
 never leaves the process) or know what a policy means.
