@@ -459,6 +459,16 @@ class RateLimitConfig(_Model):
     max_unattested_sessions: int = Field(default=10_000, ge=1, le=10_000_000)
 
 
+class PolicyConfig(_Model):
+    """Bounds of every policy compilation and evaluation (no upstream counterpart): each runs
+    in one of ``workers`` worker processes, killed past ``timeout_seconds`` or when its
+    resident memory passes ``memory_mib``."""
+
+    timeout_seconds: float = Field(default=2.0, gt=0, le=300)
+    memory_mib: int = Field(default=512, ge=64, le=65536)
+    workers: int = Field(default=2, ge=1, le=64)
+
+
 # --- the whole file --------------------------------------------------------------------------
 
 
@@ -472,6 +482,7 @@ class AttestationServiceFileConfig(_Model):
     )
     verifier_config: dict[str, Any] | None = None
     storage_backend: StorageBackendConfig = StorageBackendConfig()
+    policy: PolicyConfig = PolicyConfig()
 
 
 def load_as_config(path: Path | None) -> AttestationServiceFileConfig:
@@ -505,6 +516,7 @@ class KbsConfig(_Model):
     insecure_key_permissions: bool = False
     audit: AuditConfig = AuditConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
+    policy: PolicyConfig = PolicyConfig()
     plugins: list[PluginConfig] = Field(default_factory=_default_plugins)
 
     @property

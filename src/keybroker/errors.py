@@ -35,6 +35,7 @@ no resource bytes, no private keys, no tokens, no policy bodies.
     ├── StorageError (500)             a storage backend failed (not a missing key)
     ├── JweError (500)                 the response could not be encrypted
     ├── PolicyEvaluationError (500)    a compiled policy failed while evaluating
+    │   └── PolicyLimitError (500)     it passed the time or memory limit of an evaluation
     ├── ServiceUnavailableError (503)  a backing service is down
     └── ClientError                    raised by the SDK (``keybroker.client``), never served
         ├── KbsConnectionError         the KBS could not be reached
@@ -188,6 +189,11 @@ class JweError(KeybrokerError):
 
 class PolicyEvaluationError(KeybrokerError):
     variant = "PolicyEngineError"
+
+
+class PolicyLimitError(PolicyEvaluationError):
+    """The evaluation passed ``[policy] timeout_seconds`` or ``memory_mib``; its worker was
+    killed."""
 
 
 class ServiceUnavailableError(KeybrokerError):

@@ -13,6 +13,7 @@ policy names (found by scanning its text for literal ids) are injected as data p
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,7 +21,9 @@ from importlib import resources
 
 from keybroker.attestation.ear import TRUST_CLAIMS
 from keybroker.errors import BadRequestError, PolicyEvaluationError, PolicyParseError
-from keybroker.policy.engine import CompiledPolicy
+from keybroker.policy.input_paths import TOKEN
+from keybroker.policy.prepared import PolicySpec
+from keybroker.policy.workers import PolicyWorkers, PooledPolicy
 from keybroker.protocol.models import JsonValue
 from keybroker.rvps.store import ReferenceValues
 from keybroker.storage.base import KeyValueStorage
@@ -43,32 +46,70 @@ HELPERS = {
 }
 
 
-def builtin_attestation_policy(policy_id: str) -> str:
-    return (resources.files("keybroker.attestation") / "policies" / f"{policy_id}.rego").read_text()
-
-
-def compile_attestation_policy(source: str) -> CompiledPolicy:
-    policy = CompiledPolicy.compile(
-        source, entrypoints=_ENTRYPOINTS, helpers=HELPERS, remember=DECISION_CACHE_SIZE
-    )
-    if policy.package != "policy":
-        raise PolicyParseError(
-            f"an attestation policy must declare `package policy`, found `package {policy.package}`"
-        )
-    return policy
-
-
 @dataclass(frozen=True)
 class Appraised:
     trust_vector: dict[str, int]
     extensions: dict[str, JsonValue]
 
 
+def builtin_attestation_policy(policy_id: str) -> str:
+    return (resources.files("keybroker.attestation") / "policies" / f"{policy_id}.rego").read_text()
+
+
+def attestation_policy_spec(source: str) -> PolicySpec:
+    return PolicySpec(
+        source, _ENTRYPOINTS, helpers=tuple(HELPERS.items()), remember=DECISION_CACHE_SIZE
+    )
+
+
+async def compile_attestation_policy(
+    workers: PolicyWorkers, source: str, policy_id: str = "the policy"
+) -> PooledPolicy:
+    """Compile and check ``source``; raise ``PolicyParseError`` for what every appraisal
+    would refuse.
+
+    Threat: a trust vector the EAR cannot carry (a misspelt claim, a value outside
+    -128..127) stored unchecked fails every attestation afterwards. The policy is appraised
+    once on empty evidence and no reference values, and what it sets there must be a valid
+    trust vector and valid extensions; and every claim named literally in a ``trust_claims``
+    rule head (``trust_claims := {"name": ...}``, ``trust_claims["name"] := ...``) must exist,
+    whatever the condition of the rule. A claim set only for some evidence is checked when it
+    is set (``appraisal``): an appraisal error, never a silently dropped claim.
+    """
+    policy = await workers.compile(attestation_policy_spec(source))
+    if policy.package != "policy":
+        raise PolicyParseError(
+            f"an attestation policy must declare `package policy`, found `package {policy.package}`"
+        )
+    for name in _claims_named_in_heads(source):
+        if name not in TRUST_CLAIMS:
+            raise PolicyParseError(f"policy refused: {_unknown_claim(policy_id, name)}")
+    try:
+        claims, extensions = await policy.evaluate_many(_ENTRYPOINTS, {}, {"reference_value": {}})
+        if claims is not None:
+            _trust_vector(policy_id, claims)
+        _extensions(policy_id, extensions)
+    except PolicyEvaluationError as e:
+        raise PolicyParseError(f"policy refused: {e.detail}") from None
+    return policy
+
+
+async def appraisal(
+    policy_id: str, policy: PooledPolicy, evidence: JsonValue, data: JsonValue
+) -> Appraised:
+    """What ``policy`` makes of ``evidence``: the one path of every appraisal and of explain."""
+    claims, extensions = await policy.evaluate_many(_ENTRYPOINTS, evidence, data)
+    return Appraised(_trust_vector(policy_id, claims), _extensions(policy_id, extensions))
+
+
 class AttestationPolicies:
-    def __init__(self, storage: KeyValueStorage, reference_values: ReferenceValues) -> None:
+    def __init__(
+        self, storage: KeyValueStorage, reference_values: ReferenceValues, workers: PolicyWorkers
+    ) -> None:
         self._storage = storage
         self._reference_values = reference_values
-        self._compiled: dict[str, CompiledPolicy] = {}
+        self._workers = workers
+        self._compiled: dict[str, PooledPolicy] = {}
 
     async def initialize(self) -> None:
         """Install the default policies unless an operator already stored their own."""
@@ -79,7 +120,8 @@ class AttestationPolicies:
     async def set(self, policy_id: str, source: str) -> None:
         if not _POLICY_ID.fullmatch(policy_id):
             raise BadRequestError(f"invalid attestation policy id {policy_id[:64]!r}")
-        compiled = compile_attestation_policy(source)  # refuse before storing
+        # refuse before storing
+        compiled = await compile_attestation_policy(self._workers, source, policy_id)
         await self._storage.set(policy_id + _SUFFIX, source.encode())
         self._compiled[policy_id] = compiled
 
@@ -98,15 +140,19 @@ class AttestationPolicies:
             raise PolicyEvaluationError(f"attestation policy {policy_id} does not exist")
         return raw.decode("utf-8", errors="replace")
 
-    async def compiled(self, policy_id: str) -> CompiledPolicy:
+    @property
+    def workers(self) -> PolicyWorkers:
+        return self._workers
+
+    async def compiled(self, policy_id: str) -> PooledPolicy:
         source = await self.source(policy_id)
         cached = self._compiled.get(policy_id)
         if cached is None or cached.source != source:
-            cached = compile_attestation_policy(source)
+            cached = await compile_attestation_policy(self._workers, source, policy_id)
             self._compiled[policy_id] = cached
         return cached
 
-    async def reference_data(self, policy: CompiledPolicy) -> dict[str, JsonValue]:
+    async def reference_data(self, policy: PooledPolicy) -> dict[str, JsonValue]:
         """The reference values the policy can ask for, as its ``data``."""
         literal = _literal_reference_ids(policy.source)
         # None: an id computed at evaluation time, so provide every value
@@ -116,10 +162,7 @@ class AttestationPolicies:
     async def appraise(self, policy_id: str, annotated_evidence: JsonValue) -> Appraised:
         policy = await self.compiled(policy_id)
         data = await self.reference_data(policy)
-        claims, extensions = policy.evaluate_many(
-            ("policy/trust_claims", "policy/extensions"), annotated_evidence, data
-        )
-        return Appraised(_trust_vector(policy_id, claims), _extensions(policy_id, extensions))
+        return await appraisal(policy_id, policy, annotated_evidence, data)
 
 
 @lru_cache(maxsize=64)
@@ -161,10 +204,7 @@ def _trust_vector(policy_id: str, claims: JsonValue) -> dict[str, int]:
     vector: dict[str, int] = {}
     for name, value in claims.items():
         if name not in TRUST_CLAIMS:
-            raise PolicyEvaluationError(
-                f"{policy_id}: unknown trust claim {name[:64]!r}; "
-                f"expected one of {', '.join(TRUST_CLAIMS)}"
-            )
+            raise PolicyEvaluationError(_unknown_claim(policy_id, name))
         if not isinstance(value, int) or isinstance(value, bool) or not -128 <= value <= 127:
             raise PolicyEvaluationError(f"{policy_id}: trust claim {name} must be -128..127")
         vector[name] = value
@@ -186,3 +226,65 @@ def _extensions(policy_id: str, extensions: JsonValue) -> dict[str, JsonValue]:
             raise PolicyEvaluationError(f"{policy_id}: extension {item['name']} needs key, value")
         result[item["name"]] = item["value"]
     return result
+
+
+def _unknown_claim(policy_id: str, name: str) -> str:
+    return (
+        f"{policy_id}: unknown trust claim {name[:64]!r}; expected one of {', '.join(TRUST_CLAIMS)}"
+    )
+
+
+def _claims_named_in_heads(source: str) -> list[str]:
+    """String keys of ``trust_claims`` rule heads: the object after ``trust_claims :=`` (or
+    ``=``) and the key of ``trust_claims["name"]``. Text the scan does not follow gives
+    fewer names, never a refusal."""
+    tokens: list[tuple[str, str, bool]] = []  # kind, text, first on its line at depth 0
+    new_line, depth = True, 0
+    for match in TOKEN.finditer(source):
+        kind, text = match.lastgroup or "punct", match.group()
+        if kind in ("space", "comment"):
+            new_line = new_line or "\n" in text or kind == "comment"
+            continue
+        tokens.append((kind, text, new_line and depth == 0))
+        if kind == "punct":
+            depth += (text in "([{") - (text in ")]}")
+        new_line = False
+    names: list[str] = []
+    for index, (_, text, head) in enumerate(tokens):
+        if not head or text != "trust_claims":
+            continue
+        after = [t[1] for t in tokens[index + 1 : index + 4]]
+        if after[:1] == ["["] and after[2:3] == ["]"]:
+            names += _string(tokens[index + 2])
+        elif after[:3] == [":", "=", "{"] or after[:2] == ["=", "{"]:
+            names += _object_keys(tokens, index + 2 + after.index("{"))
+    return names
+
+
+def _object_keys(tokens: list[tuple[str, str, bool]], start: int) -> list[str]:
+    keys: list[str] = []
+    depth = 1
+    for index in range(start, len(tokens)):
+        text = tokens[index][1]
+        if text in "([{" and tokens[index][0] == "punct":
+            depth += 1
+        elif text in ")]}" and tokens[index][0] == "punct":
+            depth -= 1
+            if depth == 0:
+                break
+        elif depth == 1 and index + 1 < len(tokens) and tokens[index + 1][1] == ":":
+            keys += _string(tokens[index])
+    return keys
+
+
+def _string(token: tuple[str, str, bool]) -> list[str]:
+    kind, text, _ = token
+    if kind == "raw":
+        return [text[1:-1]]
+    if kind != "string":
+        return []
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    return [value] if isinstance(value, str) else []

@@ -26,6 +26,7 @@ from keybroker.config import (
     load_as_config,
 )
 from keybroker.errors import KeybrokerError, UnsupportedFeatureError
+from keybroker.policy.workers import PolicyLimits, PolicyWorkers
 from keybroker.rvps.store import NAMESPACE as RVPS_NAMESPACE
 from keybroker.rvps.store import ReferenceValues, ReferenceValueStore, remote_reference_values
 from keybroker.storage.provider import StorageProvider, local_fs_provider, memory_provider
@@ -56,7 +57,11 @@ def build_service(config: AttestationServiceFileConfig) -> BuiltinAttestationSer
             verifier_config=config.verifier_config,
         ),
         TokenSigner.from_config(config.attestation_token_broker.signer),
-        AttestationPolicies(storage.get(POLICY_NAMESPACE), reference_values),
+        AttestationPolicies(
+            storage.get(POLICY_NAMESPACE),
+            reference_values,
+            PolicyWorkers(PolicyLimits(**config.policy.model_dump())),
+        ),
         reference_values,
     )
 

@@ -4,6 +4,10 @@ Operators debugging a denial get the decision plus the value of every rule in th
 package (a rule that is absent was undefined), or the evaluation error. The input is given
 directly, or taken from a still-valid attestation token (verified like any other). A draft
 policy can be evaluated before it is installed.
+
+The decision and the error come from the same code as a real decision (``decision`` of the
+resource policy, ``appraisal`` of the attestation policy), so explain reports exactly what a
+guest would get; the rule values are extra, from a slower whole-package query.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from keybroker.attestation.ear import status_of
-from keybroker.attestation.policy import AttestationPolicies, compile_attestation_policy
+from keybroker.attestation.policy import AttestationPolicies, appraisal, compile_attestation_policy
 from keybroker.errors import BadRequestError, KeybrokerError, UnsupportedOperationError
-from keybroker.kbs.resource_policy import ResourcePolicy, compile_resource_policy
+from keybroker.kbs.resource_policy import ResourcePolicy, compile_resource_policy, decision
 from keybroker.kbs.tokens import TokenVerifier, pointer
-from keybroker.policy.engine import CompiledPolicy
+from keybroker.policy.workers import PooledPolicy
 from keybroker.protocol.models import JsonValue
 
 
@@ -57,7 +61,7 @@ async def explain(
     policy_input = await asyncio.to_thread(_input, request, tokens)  # token checks: CPU work
     if request.kind == "resource":
         policy = (
-            compile_resource_policy(_draft(request.policy))
+            await compile_resource_policy(resource_policy.workers, _draft(request.policy))
             if request.policy
             else await resource_policy.current()
         )
@@ -66,33 +70,30 @@ async def explain(
         if attestation_policies is None:
             raise UnsupportedOperationError("this KBS has no builtin attestation service")
         policy = (
-            compile_attestation_policy(_draft(request.policy))
+            await compile_attestation_policy(
+                attestation_policies.workers, _draft(request.policy), request.policy_id
+            )
             if request.policy
             else await attestation_policies.compiled(request.policy_id)
         )
         data = await attestation_policies.reference_data(policy)
+    rules: dict[str, JsonValue] = {}
     try:
-        rules = policy.explain(policy_input, data)
-    except KeybrokerError as e:
-        return {"decision": None, "rules": {}, "error": e.detail, "input": policy_input}
-    return {
-        "decision": _decision(request, policy, rules),
-        "rules": rules,
-        "error": None,
-        "input": policy_input,
-    }
+        rules = await policy.explain(policy_input, data)
+        decided = await _decision(request, policy, policy_input, data)
+    except KeybrokerError as e:  # the rules stay: they show why the appraisal failed
+        return {"decision": None, "rules": rules, "error": e.detail, "input": policy_input}
+    return {"decision": decided, "rules": rules, "error": None, "input": policy_input}
 
 
-def _decision(
-    request: ExplainRequest, policy: CompiledPolicy, rules: dict[str, JsonValue]
+async def _decision(
+    request: ExplainRequest, policy: PooledPolicy, policy_input: JsonValue, data: JsonValue
 ) -> JsonValue:
     if request.kind == "resource":
-        return {"allow": rules.get("allow") is True}
-    vector = rules.get("trust_claims")
-    if not isinstance(vector, dict):
-        return {"trust_claims": None, "status": None}
-    numbers = {k: v for k, v in vector.items() if isinstance(v, int)}
-    return {"trust_claims": vector, "status": status_of(numbers)}
+        return {"allow": await decision(policy, policy_input, data)}
+    appraised = await appraisal(request.policy_id, policy, policy_input, data)
+    vector: dict[str, JsonValue] = dict(appraised.trust_vector)
+    return {"trust_claims": vector, "status": status_of(appraised.trust_vector)}
 
 
 def _input(request: ExplainRequest, tokens: TokenVerifier) -> JsonValue:

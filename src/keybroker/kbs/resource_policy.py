@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 from importlib import resources
 
-from keybroker.errors import PolicyParseError, StorageError
-from keybroker.policy.engine import CompiledPolicy
+from keybroker.errors import PolicyLimitError, PolicyParseError, StorageError
+from keybroker.policy.prepared import PolicySpec
+from keybroker.policy.workers import PolicyWorkers, PooledPolicy
 from keybroker.protocol.models import JsonValue
 from keybroker.storage.base import KeyValueStorage
 
@@ -30,6 +31,8 @@ KBS_NAMESPACE = "kbs"
 POLICY_ID = "resource-policy"
 _POLICY_SUFFIX = ".rego"
 _RULE = "policy/allow"
+# what a request adds as data; handed over in input, so a new query string compiles nothing
+REQUEST_DATA = ("plugin", "resource-path", "query")
 DECISION_CACHE_SIZE = 4096
 
 
@@ -38,8 +41,13 @@ def builtin_policy(name: str) -> str:
     return (resources.files("keybroker.kbs") / "policies" / f"{name}.rego").read_text()
 
 
-def compile_resource_policy(source: str) -> CompiledPolicy:
-    policy = CompiledPolicy.compile(source, entrypoints=[_RULE], remember=DECISION_CACHE_SIZE)
+def resource_policy_spec(source: str) -> PolicySpec:
+    return PolicySpec(source, (_RULE,), remember=DECISION_CACHE_SIZE, request_data=REQUEST_DATA)
+
+
+async def compile_resource_policy(workers: PolicyWorkers, source: str) -> PooledPolicy:
+    """Compile and check ``source`` in a policy worker (bounded in time and memory)."""
+    policy = await workers.compile(resource_policy_spec(source))
     if policy.package != "policy":
         raise PolicyParseError(
             f"a resource policy must declare `package policy`, found `package {policy.package}`"
@@ -47,10 +55,31 @@ def compile_resource_policy(source: str) -> CompiledPolicy:
     return policy
 
 
+async def decision(policy: PooledPolicy, claims: JsonValue, data: JsonValue) -> bool:
+    """Whether ``policy`` allows this request: the one path of every decision and of explain.
+
+    An evaluation past the time or memory limit denies (and the workers log it)."""
+    try:
+        result = await policy.evaluate(_RULE, claims, data)
+    except PolicyLimitError as e:
+        log.warning("resource policy: %s; denying", e.detail)
+        return False
+    if result is True:
+        return True
+    if result is not False:
+        log.warning("resource policy rule allow gave %r, not a boolean: denying", result)
+    return False
+
+
 class ResourcePolicy:
-    def __init__(self, storage: KeyValueStorage) -> None:
+    def __init__(self, storage: KeyValueStorage, workers: PolicyWorkers) -> None:
         self._storage = storage
-        self._compiled: CompiledPolicy | None = None
+        self._workers = workers
+        self._compiled: PooledPolicy | None = None
+
+    @property
+    def workers(self) -> PolicyWorkers:
+        return self._workers
 
     async def initialize(self) -> None:
         """Install the default policy unless an operator's policy is already stored."""
@@ -59,7 +88,7 @@ class ResourcePolicy:
         )
 
     async def set(self, source: str) -> None:
-        compiled = compile_resource_policy(source)  # refuse before storing
+        compiled = await compile_resource_policy(self._workers, source)  # refuse before storing
         await self._storage.set(POLICY_ID + _POLICY_SUFFIX, source.encode())
         self._compiled = compiled
 
@@ -68,15 +97,9 @@ class ResourcePolicy:
         return sorted(k.removesuffix(_POLICY_SUFFIX) for k in keys if k.endswith(_POLICY_SUFFIX))
 
     async def allows(self, claims: JsonValue, data: JsonValue) -> bool:
-        policy = await self.current()
-        result = policy.evaluate(_RULE, claims, data)
-        if result is True:
-            return True
-        if result is not False:
-            log.warning("resource policy rule allow gave %r, not a boolean: denying", result)
-        return False
+        return await decision(await self.current(), claims, data)
 
-    async def current(self) -> CompiledPolicy:
+    async def current(self) -> PooledPolicy:
         raw = await self._storage.get(POLICY_ID + _POLICY_SUFFIX)
         if raw is None:  # the store was unreachable at start-up (or is new): install it now
             await self.initialize()
@@ -85,5 +108,5 @@ class ResourcePolicy:
             raise StorageError("the resource policy is missing from the store")
         source = raw.decode("utf-8", errors="replace")
         if self._compiled is None or self._compiled.source != source:
-            self._compiled = compile_resource_policy(source)
+            self._compiled = await compile_resource_policy(self._workers, source)
         return self._compiled

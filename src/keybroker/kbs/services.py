@@ -55,6 +55,7 @@ from keybroker.plugins.base import Plugin
 from keybroker.plugins.pkcs11 import Pkcs11Plugin
 from keybroker.plugins.resource import ResourcePlugin
 from keybroker.plugins.sample import SamplePlugin
+from keybroker.policy.workers import PolicyLimits, PolicyWorkers
 from keybroker.rvps.store import NAMESPACE as RVPS_NAMESPACE
 from keybroker.rvps.store import ReferenceValues, ReferenceValueStore, remote_reference_values
 from keybroker.storage.provider import (
@@ -83,6 +84,7 @@ class KbsServices:
     clock: Callable[[], float]
     providers: list[StorageProvider]
     audit: AuditLog
+    policy_workers: PolicyWorkers
     attestation: AttestationBackend | None = None
     limits: GuestLimits | None = None
 
@@ -101,6 +103,7 @@ class KbsServices:
     async def stop(self) -> None:
         if self.limits is not None:
             self.limits.close()
+        self.policy_workers.close()
         for provider in self.providers:
             await provider.close()
 
@@ -125,6 +128,7 @@ def build_services(
     providers = [storage] if session_storage is storage else [storage, session_storage]
     admin = AdminGuard(config.admin, clock=clock)
     limits, unattested = _limits(config, session_storage, clock, memory_dir)
+    workers = PolicyWorkers(PolicyLimits(**config.policy.model_dump()))
     trusted_keys = []
     handshake: Handshake | None = None
     sessions: SessionStore | None = None
@@ -145,7 +149,7 @@ def build_services(
         attestation = BuiltinAttestationService(
             as_config,
             signer,
-            AttestationPolicies(as_storage.get(AS_POLICY_NAMESPACE), reference_values),
+            AttestationPolicies(as_storage.get(AS_POLICY_NAMESPACE), reference_values, workers),
             reference_values,
             clock=clock,
         )
@@ -178,7 +182,7 @@ def build_services(
         admin=admin,
         handshake=handshake,
         sessions=sessions,
-        resource_policy=ResourcePolicy(storage.get(KBS_NAMESPACE)),
+        resource_policy=ResourcePolicy(storage.get(KBS_NAMESPACE), workers),
         plugins=_plugins(config, storage),
         tokens=tokens,
         payload_limit=config.http_server.payload_limit_bytes,
@@ -186,6 +190,7 @@ def build_services(
         clock=clock,
         providers=providers,
         audit=_audit_log(config, clock),
+        policy_workers=workers,
         attestation=attestation,
         limits=limits,
     )

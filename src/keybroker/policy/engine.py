@@ -10,6 +10,12 @@ built on first use and kept in a bounded LRU cache keyed by the document's canon
 repeated (policy, data) pair evaluates from its bundle (about 0.1 ms, most of it rego-cpp
 reading the input) instead of re-parsing the policy text (about 2 ms).
 
+A policy compiled with ``request_data`` reads those per-call keys from input instead
+(``keybroker.policy.request_data``), so it has one bundle whatever the requests. The text
+checks and the questions asked live in ``keybroker.policy.prepared``; in the servers this
+class runs only inside policy worker processes (``keybroker.policy.workers``), since an
+evaluation can neither be interrupted nor bounded in memory here.
+
 All bundles of a policy run on one interpreter: an interpreter that has run a query holds about
 0.5 MiB, a bundle about 36 KiB, so one interpreter per cached bundle would cost ~0.5 GiB at 1024
 entries. Queries are serialised by the policy's lock anyway.
@@ -37,30 +43,38 @@ What rego-cpp does, measured with regopy 1.5.2, and what this module does about 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, TypeAlias
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import regopy
 from regopy import rego_shared
 
 from keybroker.errors import PolicyEvaluationError, PolicyParseError
-from keybroker.policy.input_paths import InputPaths
-
-# Read-only (covariant) shapes, so a caller's ``dict[str, list[str]]`` is a JsonValue.
-# Values coming back from rego-cpp are plain dicts, lists and scalars.
-JsonValue: TypeAlias = (
-    Mapping[str, "JsonValue"] | Sequence["JsonValue"] | str | int | float | bool | None
+from keybroker.policy.prepared import (
+    EMPTY_DOCUMENT,
+    AnswerMemory,
+    JsonValue,
+    PolicySpec,
+    PreparedPolicy,
+    to_json,
 )
 
-_PACKAGE = re.compile(r"package\s+([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*(?:#.*)?")
+__all__ = [
+    "AnswerMemory",
+    "CacheInfo",
+    "CompiledPolicy",
+    "JsonValue",
+    "PolicySpec",
+    "PreparedPolicy",
+]
+
 _MAX_DETAIL = 800
-_EMPTY_DOCUMENT = "{}"
-_UNSTABLE_BUILTIN = re.compile(r"\b(?:time|rand|uuid|http|opa|net|io\.jwt)\.[a-z_]")
+_EMPTY_DOCUMENT = EMPTY_DOCUMENT
+_to_json = to_json
 
 
 class CacheInfo(NamedTuple):
@@ -79,29 +93,15 @@ class CompiledPolicy:
     interpreter that runs them. Build it with ``compile``.
     """
 
-    def __init__(
-        self,
-        *,
-        modules: Mapping[str, str],
-        name: str,
-        packages: tuple[str, ...],
-        entrypoints: frozenset[str],
-        cache_size: int,
-        remember: int,
-    ) -> None:
-        self._modules = dict(modules)
-        self._name = name
-        self._packages = packages
-        self._roots = frozenset(p.split(".")[0] for p in packages)
-        self._entrypoints = entrypoints
-        self._cache_size = cache_size
+    def __init__(self, prepared: PreparedPolicy) -> None:
+        self._prepared = prepared
+        self._modules = dict(prepared.modules)
+        self._packages = prepared.packages
+        self._entrypoints = prepared.entrypoints
+        self._cache_size = prepared.spec.cache_size
         self._bundles: OrderedDict[str, Any] = OrderedDict()  # canonical data JSON -> Bundle
         # answers remembered by (entrypoints, input, data), when the policy is deterministic
-        deterministic = not any(_UNSTABLE_BUILTIN.search(m) for m in self._modules.values())
-        self._remember = remember if deterministic else 0
-        self._answers: OrderedDict[bytes, list[JsonValue | None]] = OrderedDict()
-        # what of input the modules can read (None: maybe all of it); rego-cpp is handed that
-        self._input_paths = InputPaths.of(self._modules.values())
+        self._answers = AnswerMemory(prepared.spec.remember if prepared.deterministic else 0)
         self._runner = _new_interpreter()
         self._hits = 0
         self._misses = 0
@@ -117,6 +117,7 @@ class CompiledPolicy:
         cache_size: int = 1024,
         helpers: Mapping[str, str] | None = None,
         remember: int = 0,
+        request_data: Collection[str] = (),
     ) -> CompiledPolicy:
         """Parse and check ``source``; raise ``PolicyParseError`` with rego-cpp's message.
 
@@ -128,53 +129,58 @@ class CompiledPolicy:
         (``time.*``, ``rand.*``, ``uuid.*``, ``http.*``, ``opa.*``, ``net.*``, ``io.jwt.*``,
         whose checks read the clock; found anywhere in the text, comments included, where a
         false alarm only costs the memory). Remembered answers are shared: do not mutate them.
+        ``request_data``: the top-level ``data`` keys that change from call to call (a request's
+        query string); when the modules can be rewritten to read them from input
+        (``keybroker.policy.request_data``), a new value costs no new bundle, and ``data``
+        given to ``evaluate`` may hold only those keys.
         """
-        if remember < 0:
-            raise ValueError(f"remember must not be negative, got {remember}")
-        if cache_size < 1:
-            raise ValueError(f"cache_size must be at least 1, got {cache_size}")
-        if not entrypoints:
-            raise ValueError("a policy needs at least one entrypoint")
-        modules = {**(helpers or {})}
-        if name in modules:
-            raise ValueError(f"helper module name {name!r} clashes with the policy's")
-        modules[name] = source
-        _loaded_interpreter(modules, _EMPTY_DOCUMENT, PolicyParseError)  # syntax errors first
-        packages = tuple(_declared_package(n, s) for n, s in modules.items())
-        _check_entrypoints(entrypoints, packages[-1], packages)
-        policy = cls(
-            modules=modules,
+        spec = PolicySpec(
+            source=source,
+            entrypoints=tuple(entrypoints),
             name=name,
-            packages=packages,
-            entrypoints=frozenset(entrypoints),
-            cache_size=cache_size,
+            helpers=tuple((helpers or {}).items()),
             remember=remember,
+            request_data=tuple(request_data),
+            cache_size=cache_size,
         )
+        return cls.from_spec(spec)
+
+    @classmethod
+    def from_spec(cls, spec: PolicySpec) -> CompiledPolicy:
+        """``compile`` with its arguments gathered in a ``PolicySpec``."""
+        modules = spec.modules()
+        _loaded_interpreter(modules, _EMPTY_DOCUMENT, PolicyParseError)  # syntax errors first
+        policy = cls(PreparedPolicy.of(spec))
         policy._check()
         return policy
 
     @property
     def source(self) -> str:
-        return self._modules[self._name]
+        return self._prepared.spec.source
 
     @property
     def package(self) -> str:
         """The package ``source`` declares, e.g. ``"policy"``."""
-        return self._packages[-1]
+        return self._prepared.package
 
     @property
     def input_paths(self) -> list[str] | None:
         """The parts of input the policy can read, one per line; None when it may read all."""
-        return None if self._input_paths is None else self._input_paths.describe()
+        paths = self._prepared.input_paths
+        return None if paths is None else paths.describe()
 
     @property
     def remembers(self) -> bool:
         """Whether answers are remembered (asked for, and the policy is deterministic)."""
-        return self._remember > 0
+        return self._answers.size > 0
 
     def remembered(self) -> int:
-        with self._lock:
-            return len(self._answers)
+        return len(self._answers)
+
+    @property
+    def request_data_in_input(self) -> bool:
+        """Whether per-call data reaches rego-cpp through input (one bundle for all calls)."""
+        return self._prepared.request_keys is not None
 
     def cache_info(self) -> CacheInfo:
         with self._lock:
@@ -191,35 +197,27 @@ class CompiledPolicy:
     ) -> list[JsonValue | None]:
         """The values of several entrypoints on one input: the input is handed to rego-cpp
         once (that costs as much as a query)."""
+        input_json, document = self._prepared.question(entrypoints, input, data)
+        return self.evaluate_question(entrypoints, input_json, document)
+
+    def evaluate_question(
+        self, entrypoints: Sequence[str], input_json: str, document: str
+    ) -> list[JsonValue | None]:
+        """``evaluate_many`` on a question already put by ``PreparedPolicy.question`` (the
+        server puts it; a policy worker answers it)."""
         unknown = sorted(set(entrypoints) - self._entrypoints)
         if unknown:
-            raise ValueError(
-                f"entrypoint {unknown[0]!r} was not compiled; "
-                f"expected one of {', '.join(sorted(self._entrypoints))}"
-            )
-        document = self._data_json(data)
-        input_json = _to_json(input, "input")  # all of it must be JSON, read or not
-        if self._input_paths is not None:
-            input_json = _to_json(self._input_paths.project(input), "input")
-        key = b""
-        if self._remember:
-            question = "\0".join([*entrypoints, input_json, document])
-            key = hashlib.sha256(question.encode()).digest()
-            with self._lock:
-                known = self._answers.get(key)
-                if known is not None:
-                    self._answers.move_to_end(key)
-                    return known
+            raise ValueError(f"entrypoint {unknown[0]!r} was not compiled")
+        key = self._answers.key(entrypoints, input_json, document)
+        known = self._answers.get(key)
+        if known is not None:
+            return known
         with self._lock:
             bundle = self._bundle_for(document)
             self._set_input(input_json)
             results = [self._run_entrypoint(bundle, e) for e in entrypoints]
         answers = [self._value(ok, text) for ok, text in results]
-        if self._remember:
-            with self._lock:
-                self._answers[key] = answers
-                if len(self._answers) > self._remember:
-                    self._answers.popitem(last=False)
+        self._answers.put(key, answers)
         return answers
 
     def explain(self, input: JsonValue, data: JsonValue | None = None) -> dict[str, JsonValue]:
@@ -228,7 +226,8 @@ class CompiledPolicy:
         The slow path (text query, nothing cached), for operators asking why a decision came
         out as it did.
         """
-        interpreter = self._interpreter(self._data_json(data), PolicyEvaluationError)
+        input, data = self._prepared.moved(input, data)
+        interpreter = self._interpreter(self._prepared.data_json(data), PolicyEvaluationError)
         try:
             interpreter.set_input_term(_to_json(input, "input"))
         except regopy.RegoError as e:
@@ -251,9 +250,10 @@ class CompiledPolicy:
         try:
             bundle = self._build(_EMPTY_DOCUMENT, PolicyParseError)
             for entrypoint in sorted(self._entrypoints):
-                self._probe(*self._query(bundle, entrypoint, _EMPTY_DOCUMENT))
+                probe = _to_json(self._prepared.moved({}, None)[0], "input")
+                self._probe(*self._query(bundle, entrypoint, probe))
             interpreter = self._interpreter(_EMPTY_DOCUMENT, PolicyParseError)
-            interpreter.set_input_term(_EMPTY_DOCUMENT)
+            interpreter.set_input_term(_to_json(self._prepared.moved({}, None)[0], "input"))
             for package in sorted(set(self._packages)):
                 query = f"data.{package}"
                 self._probe(
@@ -273,20 +273,6 @@ class CompiledPolicy:
         )
 
     # --- evaluation -----------------------------------------------------------------------
-
-    def _data_json(self, data: JsonValue | None) -> str:
-        if data is None:
-            return _EMPTY_DOCUMENT
-        if not isinstance(data, Mapping):
-            raise PolicyEvaluationError(f"data must be a JSON object, found {type(data).__name__}")
-        # Threat: a data document reaching into the policy's own package overrides its rules
-        # in rego-cpp (data {"policy": {"allow": true}} beats `default allow := false`).
-        shadowed = sorted(self._roots.intersection(data))
-        if shadowed:
-            raise PolicyEvaluationError(
-                f"data must not define data.{shadowed[0]}: that is the policy's own package"
-            )
-        return _to_json(data, "data")
 
     def _query(self, bundle: Any, entrypoint: str, input_json: str) -> tuple[bool, str]:
         """Run one entrypoint of ``bundle`` on the shared interpreter. Caller holds the lock."""
@@ -417,46 +403,6 @@ def _run(query: Any, interpreter: Any) -> tuple[bool, str]:
         return bool(rego_shared.rego_output_ok(impl)), str(rego_shared.rego_output_string(impl))
     finally:
         rego_shared.rego_free_output(impl)
-
-
-def _to_json(value: JsonValue, what: str) -> str:
-    """UTF-8 canonical JSON: the cache key, and text rego-cpp reads the way policies expect."""
-    try:
-        text = json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
-        text.encode("utf-8")  # lone surrogates cannot cross into rego-cpp
-    except (TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
-        raise PolicyEvaluationError(f"{what} is not a JSON document: {e}") from None
-    return text
-
-
-def _declared_package(name: str, source: str) -> str:
-    """The package a module declares: its first statement, after comments and blank lines."""
-    for line in source.splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        match = _PACKAGE.fullmatch(stripped)
-        if match is None:
-            raise PolicyParseError(
-                f"{name}: expected `package <dotted.name>` as the first statement"
-            )
-        return match.group(1)
-    raise PolicyParseError(f"{name}: the module is empty; expected `package <name>`")
-
-
-def _check_entrypoints(entrypoints: Sequence[str], package: str, packages: Sequence[str]) -> None:
-    for entrypoint in entrypoints:
-        path = entrypoint.split("/")
-        if not any(
-            len(path) > len(p.split(".")) and path[: len(p.split("."))] == p.split(".")
-            for p in packages
-        ):
-            raise PolicyParseError(
-                f"the policy declares `package {package}`, so it cannot define "
-                f"data.{'.'.join(path)} (entrypoint {entrypoint})"
-            )
 
 
 def _rego_text(error: regopy.RegoError) -> str:

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-_TOKEN = re.compile(
+TOKEN = re.compile(
     r"""
     (?P<space>\s+)
   | (?P<comment>\#[^\n]*)
@@ -66,7 +66,7 @@ def _tokens(source: str) -> list[_Token] | None:
     """The tokens of ``source``; None when it holds something the scanner does not follow."""
     tokens: list[_Token] = []
     spaced, new_line, depth = True, True, 0
-    for match in _TOKEN.finditer(source):
+    for match in TOKEN.finditer(source):
         kind, text = match.lastgroup or "punct", match.group()
         if kind == "template" or (kind == "punct" and text in '"`'):  # or unterminated
             return None

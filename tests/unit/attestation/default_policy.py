@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from keybroker.attestation.policy import AttestationPolicies
+from keybroker.policy.workers import PolicyWorkers
 from keybroker.protocol.models import JsonValue
 from keybroker.storage.memory import MemoryKeyValueStorage
 
@@ -29,8 +30,12 @@ class References:
         return sorted(self._values)
 
 
+# one pool for every appraisal of these tests (workers start on first use, die with pytest)
+WORKERS = PolicyWorkers()
+
+
 def appraise(evidence: dict[str, Any], references: dict[str, list[str]]) -> dict[str, int]:
-    policies = AttestationPolicies(MemoryKeyValueStorage(), References(references))
+    policies = AttestationPolicies(MemoryKeyValueStorage(), References(references), WORKERS)
 
     async def run() -> dict[str, int]:
         await policies.initialize()

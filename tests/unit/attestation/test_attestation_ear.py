@@ -17,6 +17,7 @@ from keybroker.attestation.service import BuiltinAttestationService, EvidenceToV
 from keybroker.attestation.signer import TokenSigner
 from keybroker.config import BuiltinAsConfig
 from keybroker.errors import AttestationError, BadRequestError, ConfigError
+from keybroker.policy.workers import PolicyWorkers
 from keybroker.protocol.canonical import HashAlgorithm, runtime_data, runtime_data_digest
 from keybroker.protocol.jws import decode_unverified, verify_jwt
 from keybroker.protocol.models import InitData, Tee
@@ -39,6 +40,9 @@ def test_ar4si_status_tiers(vector: dict[str, int], status: str) -> None:
     assert status_of(vector) == status
 
 
+WORKERS = PolicyWorkers()  # one pool for the module: workers start on first use
+
+
 def _evidence(init_data: InitData | None = None) -> EvidenceToVerify:
     data = runtime_data("nonce", {"kty": "EC"}, "")
     digest = runtime_data_digest(data, HashAlgorithm.SHA384)
@@ -55,7 +59,7 @@ def _service(
     signer: TokenSigner | None = None, clock: Callable[[], float] = time.time
 ) -> BuiltinAttestationService:
     reference_values = ReferenceValueStore(MemoryKeyValueStorage(clock), clock=clock)
-    policies = AttestationPolicies(MemoryKeyValueStorage(clock), reference_values)
+    policies = AttestationPolicies(MemoryKeyValueStorage(clock), reference_values, WORKERS)
     service = BuiltinAttestationService(
         BuiltinAsConfig(),
         signer or TokenSigner.ephemeral(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from keybroker.attestation.policy import AttestationPolicies, compile_attestation_policy
+from keybroker.policy.workers import PolicyWorkers, PooledPolicy
 from keybroker.protocol.models import JsonValue
 from keybroker.storage.memory import MemoryKeyValueStorage
 
@@ -40,16 +41,23 @@ trust_claims := {"hardware": 2} if input.x in query_reference_value(name)
 """
 
 
+WORKERS = PolicyWorkers()
+
+
+def _compiled(source: str) -> PooledPolicy:
+    return asyncio.run(compile_attestation_policy(WORKERS, source))
+
+
 def test_literal_ids_only() -> None:
     values = RecordingValues()
-    policies = AttestationPolicies(MemoryKeyValueStorage(), values)
-    data = asyncio.run(policies.reference_data(compile_attestation_policy(LITERAL)))
+    policies = AttestationPolicies(MemoryKeyValueStorage(), values, WORKERS)
+    data = asyncio.run(policies.reference_data(_compiled(LITERAL)))
     assert values.asked == ["svn"] and not values.listed
     assert data == {"reference_value": {"svn": ["svn"]}}
 
 
 def test_computed_id_gets_every_value() -> None:
     values = RecordingValues()
-    policies = AttestationPolicies(MemoryKeyValueStorage(), values)
-    asyncio.run(policies.reference_data(compile_attestation_policy(COMPUTED)))
+    policies = AttestationPolicies(MemoryKeyValueStorage(), values, WORKERS)
+    asyncio.run(policies.reference_data(_compiled(COMPUTED)))
     assert values.listed and values.asked == ["a", "b"]

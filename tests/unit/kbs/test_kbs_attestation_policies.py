@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from functools import partial
 from typing import Any
 
 import pytest
@@ -192,12 +193,58 @@ def test_malformed_attestation_policy_is_400_with_rego_error(kbs: Kbs) -> None:
     assert "Function not found: nope" in unknown_fn.value.remote_detail
 
 
-def test_unknown_trust_claim_is_a_clear_error(kbs: Kbs) -> None:
-    bad = 'package policy\ntrust_claims := {"made-up": 2}\n'
+# a claim name no scan of the text can see, set only for some evidence: only an appraisal
+# of that evidence finds it
+COMPUTED_UNKNOWN_CLAIM = (
+    'package policy\ntrust_claims := {concat("-", ["made", "up"]): 2} if input.sample\n'
+)
+
+
+def test_unknown_trust_claim_set_only_for_some_evidence_is_a_clear_error(kbs: Kbs) -> None:
+    bad = COMPUTED_UNKNOWN_CLAIM
     _admin(kbs).set_attestation_policy(bad, policy_id="default_cpu")
     with pytest.raises(KbsRejectedError) as failed:
         _guest(kbs).attest()
     assert "unknown trust claim 'made-up'" in failed.value.remote_detail
+
+
+def test_misspelled_trust_claim_is_refused_at_upload(kbs: Kbs) -> None:
+    admin = _admin(kbs)
+    for bad, expected in (
+        ('trust_claims := {"executable": 3}', "unknown trust claim 'executable'"),
+        ('trust_claims := {"executable": 3} if input.sample', "unknown trust claim 'executable'"),
+        ('trust_claims["hardwar"] := 2 if input.sample', "unknown trust claim 'hardwar'"),
+        ('trust_claims := {"executables": 300}', "trust claim executables must be -128..127"),
+        ('trust_claims := {"hardware": "2"}', "trust claim hardware must be -128..127"),
+        ('trust_claims := {"hardware": 2}\nextensions := [{"name": "x"}]', "needs key, value"),
+    ):
+        with pytest.raises(KbsRejectedError) as refused:
+            admin.set_attestation_policy(f"package policy\n{bad}\n", policy_id="default_cpu")
+        assert refused.value.http_status == 400
+        assert expected in refused.value.remote_detail
+    token = _guest(kbs).attest()  # the stored default policy still appraises
+    assert _claims(token)["submods"]["cpu0"]["ear.status"] == "contraindicated"
+
+
+def test_explain_reports_the_error_a_real_appraisal_gives(kbs: Kbs) -> None:
+    admin = _admin(kbs)
+    bad = COMPUTED_UNKNOWN_CLAIM
+    admin.set_attestation_policy(bad, policy_id="default_cpu")
+    with pytest.raises(KbsRejectedError) as failed:
+        _guest(kbs).attest()
+    evidence = {"sample": {"svn": "1"}}
+    stored = admin.explain_policy({"kind": "attestation", "input": evidence})
+    draft = admin.explain_policy(
+        {
+            "kind": "attestation",
+            "input": evidence,
+            "policy": base64.urlsafe_b64encode(bad.encode()).decode(),
+        }
+    )
+    for explained in (stored, draft):
+        assert explained["decision"] is None
+        assert explained["error"] == failed.value.remote_detail
+        assert explained["rules"] == {"trust_claims": {"made-up": 2}}
 
 
 def test_explain_shows_the_failing_rule_on_deny(kbs: Kbs) -> None:
@@ -216,6 +263,53 @@ def test_explain_shows_the_failing_rule_on_deny(kbs: Kbs) -> None:
     assert appraisal["decision"]["status"] == "contraindicated"
     assert appraisal["rules"]["hardware"] == 97
     assert appraisal["rules"]["executables"] == 33
+
+
+ENVIRONMENT_READERS = (
+    "opa.runtime().env",
+    'opa["runtime"]().env',
+    "opa #\n.runtime().env",
+    'object.get(opa.runtime(), "env", {})',
+)
+
+
+def test_policy_cannot_read_the_process_environment(
+    kbs: Kbs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = "keybroker-env-marker-5e2b"
+    monkeypatch.setenv("KEYBROKER_TEST_SECRET", marker)
+    admin = _admin(kbs)
+    replies: list[str] = []
+    for reader in ENVIRONMENT_READERS:
+        attestation = (
+            'package policy\ntrust_claims := {"hardware": 2}\n'
+            f'extensions := [{{"name": "leak", "key": 70000, "value": {reader}}}]\n'
+        )
+        resource = f"package policy\nallow := count({reader}) > 0\n"
+        attempts = (
+            partial(admin.set_attestation_policy, attestation, policy_id="default_cpu"),
+            partial(admin.set_resource_policy, resource),
+            partial(
+                admin.explain_policy, {"kind": "resource", "input": {}, "policy": _b64(resource)}
+            ),
+            partial(
+                admin.explain_policy,
+                {"kind": "attestation", "input": {}, "policy": _b64(attestation)},
+            ),
+        )
+        for attempt in attempts:
+            with pytest.raises(KbsRejectedError) as refused:
+                attempt()
+            assert refused.value.http_status == 400
+            assert "opa.runtime() reveals the KBS environment" in refused.value.remote_detail
+            replies.append(refused.value.remote_detail)
+    token = _guest(kbs).attest()
+    explained = admin.explain_policy({"kind": "attestation", "token": token})
+    assert all(marker not in text for text in (*replies, token, str(explained)))
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode()
 
 
 def test_explain_a_draft_policy_and_report_errors(kbs: Kbs) -> None:

@@ -390,3 +390,60 @@ def test_input_that_is_not_json_is_refused() -> None:
 def test_explain_lists_defined_rules() -> None:
     rules = compile_resource_policy().explain(TDX, resource_data(path="a/b"))
     assert rules == {"allow": True, "vector": {"executables": 3, "hardware": 2}}
+
+
+REQUEST_KEYS = ("plugin", "resource-path", "query")
+REQUEST_FORMS = """
+package policy
+import rego.v1
+whole := input
+path := data[`resource-path`]
+tag := data.query["tag"]
+nested := data.policy.tag
+allow if {
+    data["plugin"] == "resource"
+    input.user == "alice"
+    x := input
+    x.user == "alice"
+}
+"""
+
+
+def test_request_data_read_by_name_is_handed_over_in_input_with_one_bundle() -> None:
+    policy = CompiledPolicy.compile(
+        REQUEST_FORMS,
+        entrypoints=["policy/allow", "policy/whole", "policy/path", "policy/nested"],
+        request_data=REQUEST_KEYS,
+    )
+    assert policy.request_data_in_input and policy.source == REQUEST_FORMS
+    for tag in ("a", "b", "c"):
+        data: JsonValue = {"plugin": "resource", "resource-path": ["x", tag], "query": {"tag": tag}}
+        assert policy.evaluate_many(
+            ["policy/allow", "policy/whole", "policy/path", "policy/nested"],
+            {"user": "alice"},
+            data,
+        ) == [True, {"user": "alice"}, ["x", tag], tag]
+    assert policy.cache_info().misses == 0
+    with pytest.raises(PolicyEvaluationError, match="not one of this policy's per-call keys"):
+        policy.evaluate("policy/allow", {}, {"other": 1})
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "allow if { data.plugin == input.p with input as {} }",
+        "allow if data.other == 1",
+        'allow if data [ "plugin" ] == 1',
+        "import data.plugin\nallow if plugin == 1",
+        'allow if $"{data.plugin}" == "x"',
+    ],
+)
+def test_request_data_the_rewrite_cannot_follow_keeps_one_bundle_per_document(rule: str) -> None:
+    policy = CompiledPolicy.compile(
+        f"package policy\nimport rego.v1\n{rule}\n",
+        entrypoints=["policy/allow"],
+        request_data=REQUEST_KEYS,
+    )
+    assert not policy.request_data_in_input
+    policy.evaluate("policy/allow", {}, {"plugin": "a"})
+    assert policy.cache_info().misses == 1
