@@ -145,6 +145,16 @@ def kbs(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def self_signed_cert(directory: Path, stem: str, *names: str) -> tuple[Path, Path]:
+    """``kbs self-signed-cert`` into ``directory/<stem>.pem`` and ``<stem>.key`` (for ``names``,
+    else its defaults): (certificate, key)."""
+    cert, key = directory / f"{stem}.pem", directory / f"{stem}.key"
+    flags = [flag for name in names for flag in ("--name", name)]
+    made = kbs("self-signed-cert", *flags, "--key-out", str(key), "--cert-out", str(cert))
+    assert made.returncode == 0, made.stderr
+    return cert, key
+
+
 def open_kbs_config(port: int, rest: str) -> str:
     """A test KBS config: plain HTTP on loopback ``port``, an open admin API, then ``rest``."""
     return (

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kbs_process import BIN, kbs_client, running_kbs, wait_listening
+from kbs_process import BIN, kbs_client, running_kbs, self_signed_cert, wait_listening
 from keybroker.grpc_api import (
     attestation_pb2,
     attestation_pb2_grpc,
@@ -294,22 +294,7 @@ authorization_mode = "InsecureAllowAll"
 
 
 def test_grpc_as_over_tls(tmp_path: Path) -> None:
-    cert, key = tmp_path / "as.pem", tmp_path / "as.key"
-    made = subprocess.run(
-        [
-            str(BIN / "kbs"),
-            "self-signed-cert",
-            "--name",
-            "127.0.0.1",
-            "--cert-out",
-            str(cert),
-            "--key-out",
-            str(key),
-        ],
-        capture_output=True,
-        check=False,
-    )
-    assert made.returncode == 0
+    cert, key = self_signed_cert(tmp_path, "as", "127.0.0.1")
     (tmp_path / "as.toml").write_text("")
     as_port, kbs_port = free_port(), free_port()
     url = f"http://127.0.0.1:{kbs_port}"

@@ -8,25 +8,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kbs_process import kbs, running_kbs
+from kbs_process import kbs, running_kbs, self_signed_cert
 from ports import free_port
 
 pytestmark = pytest.mark.e2e
 
 
 def _tls_config(tmp_path: Path, port: int, *, top: str = "", signer: bool = False) -> Path:
-    assert (
-        kbs(
-            "self-signed-cert",
-            "--name",
-            "127.0.0.1",
-            "--key-out",
-            str(tmp_path / "tls.key"),
-            "--cert-out",
-            str(tmp_path / "tls.pem"),
-        ).returncode
-        == 0
-    )
+    self_signed_cert(tmp_path, "tls", "127.0.0.1")
     broker = ""
     if signer:
         key = ec.generate_private_key(ec.SECP256R1()).private_bytes(

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kbs_process import kbs, kbs_client, running_kbs
+from kbs_process import kbs_client, running_kbs, self_signed_cert
 from pki import issue, write
 from ports import free_port
 
@@ -23,16 +23,7 @@ SECRET = b"\x00passport-protected\xff"
 
 def test_passport_over_https(tmp_path: Path) -> None:
     home = {"HOME": str(tmp_path)}
-    assert (
-        kbs(
-            "self-signed-cert",
-            "--key-out",
-            str(tmp_path / "tls.key"),
-            "--cert-out",
-            str(tmp_path / "tls.pem"),
-        ).returncode
-        == 0
-    )
+    self_signed_cert(tmp_path, "tls")
     assert kbs_client("admin", "keygen", env=home).returncode == 0
     assert (
         kbs_client(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
 
+from audit_records import record_attest
 from conftest import kbs_config
 from keybroker.cli.kbs import main as kbs_main
 from keybroker.client.admin import AdminClient
@@ -193,24 +194,13 @@ class CountingSink(FileSink):
         super().append_many(records)
 
 
-def _record(audit: AuditLog, number: int) -> Coroutine[Any, Any, None]:
-    return audit.record(
-        action="attest",
-        decision="success",
-        target=str(number),
-        subject=None,
-        request_id=f"r{number}",
-        peer=None,
-    )
-
-
 def test_concurrent_records_share_writes_and_keep_one_chain(tmp_path: Path) -> None:
     log = tmp_path / "audit.log"
     sink = CountingSink(log)
     audit = AuditLog(sink)
 
     async def scenario() -> None:
-        await asyncio.gather(*(_record(audit, n) for n in range(200)))
+        await asyncio.gather(*(record_attest(audit, n) for n in range(200)))
 
     asyncio.run(scenario())
     assert verify_file(log) == VerifyResult(True, 200)
@@ -225,7 +215,7 @@ def test_two_processes_writers_extend_one_chain(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         for n in range(10):
-            await _record(first if n % 3 else second, n)
+            await record_attest(first if n % 3 else second, n)
 
     asyncio.run(scenario())
     assert verify_file(log) == VerifyResult(True, 10)
@@ -234,9 +224,9 @@ def test_two_processes_writers_extend_one_chain(tmp_path: Path) -> None:
 def test_rotated_log_is_reopened(tmp_path: Path) -> None:
     log = tmp_path / "audit.log"
     audit = AuditLog(FileSink(log))
-    asyncio.run(_record(audit, 1))
+    asyncio.run(record_attest(audit, 1))
     log.rename(tmp_path / "audit.log.1")
-    asyncio.run(_record(audit, 2))
+    asyncio.run(record_attest(audit, 2))
     assert [r["target"] for r in _records(log)] == ["2"]
     assert [r["target"] for r in _records(tmp_path / "audit.log.1")] == ["1"]
 
@@ -247,7 +237,9 @@ def test_failed_write_fails_every_record_of_its_batch(tmp_path: Path) -> None:
     audit = AuditLog(FileSink(log))
 
     async def scenario() -> list[BaseException | None]:
-        return await asyncio.gather(*(_record(audit, n) for n in range(5)), return_exceptions=True)
+        return await asyncio.gather(
+            *(record_attest(audit, n) for n in range(5)), return_exceptions=True
+        )
 
     outcomes = asyncio.run(scenario())
     assert all(isinstance(o, ServiceUnavailableError) for o in outcomes)
@@ -262,7 +254,7 @@ def test_sink_bug_fails_its_records_instead_of_leaving_them_waiting(tmp_path: Pa
     audit = AuditLog(BrokenSink(tmp_path / "audit.log"))
 
     async def scenario() -> list[BaseException | None]:
-        records = (_record(audit, n) for n in range(3))
+        records = (record_attest(audit, n) for n in range(3))
         return await asyncio.wait_for(asyncio.gather(*records, return_exceptions=True), 5)
 
     assert all(isinstance(o, TypeError) for o in asyncio.run(scenario()))

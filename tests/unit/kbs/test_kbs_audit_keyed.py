@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from audit_records import record_attest
 from conftest import FakeClock, kbs_config
 from keybroker.cli.kbs import main as kbs_main
 from keybroker.client.admin import AdminClient
@@ -43,17 +44,6 @@ def _write(path: Path, lines: list[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines))
 
 
-async def _record(audit: AuditLog, number: int) -> None:
-    await audit.record(
-        action="attest",
-        decision="success",
-        target=str(number),
-        subject=None,
-        request_id=f"r{number}",
-        peer=None,
-    )
-
-
 def _keyed_log(
     tmp_path: Path, count: int, *, every: int = 5, clock: FakeClock | None = None
 ) -> tuple[Path, Path, AuditLog]:
@@ -65,7 +55,7 @@ def _keyed_log(
 
     async def scenario() -> None:
         for number in range(count):
-            await _record(audit, number)
+            await record_attest(audit, number)
 
     asyncio.run(scenario())
     return log, key_file, audit
@@ -124,7 +114,7 @@ def test_unkeyed_chain_is_named_corruption_detecting_only(
     what that result is worth."""
     log = tmp_path / "audit.log"
     audit = AuditLog(FileSink(log))
-    asyncio.run(_record(audit, 1))
+    asyncio.run(record_attest(audit, 1))
     record: dict[str, Any] = json.loads(_lines(log)[0])
     record["decision"] = "deny"
     _write(log, [_chain(record, None)])
@@ -149,7 +139,7 @@ def test_deleted_first_records_of_an_unkeyed_log_are_detected(tmp_path: Path) ->
     log = tmp_path / "audit.log"
     audit = AuditLog(FileSink(log))
     for number in range(3):
-        asyncio.run(_record(audit, number))
+        asyncio.run(record_attest(audit, number))
     _write(log, _lines(log)[1:])
     assert _verify(log) == 2
 
@@ -209,10 +199,10 @@ def test_time_based_checkpoint(tmp_path: Path) -> None:
     log, key_file, audit = _keyed_log(tmp_path, 2, every=1000, clock=clock)
     assert _checkpoints(log) == [1]  # the chain's first batch gets one
     clock.advance(3599)
-    asyncio.run(_record(audit, 2))
+    asyncio.run(record_attest(audit, 2))
     assert _checkpoints(log) == [1]
     clock.advance(1)
-    asyncio.run(_record(audit, 3))
+    asyncio.run(record_attest(audit, 3))
     assert _checkpoints(log) == [1, 5]
     assert _verify(log, "--key", str(key_file)) == 0
 
@@ -221,7 +211,7 @@ def test_rotated_keyed_log_chains_across_files(tmp_path: Path) -> None:
     log, key_file, audit = _keyed_log(tmp_path, 3)
     rotated = tmp_path / "audit.log.1"
     log.rename(rotated)
-    asyncio.run(_record(audit, 3))
+    asyncio.run(record_attest(audit, 3))
     old, new = (
         [json.loads(line) for line in _lines(rotated)],
         [json.loads(line) for line in _lines(log)],
@@ -237,10 +227,10 @@ def test_rotated_keyed_log_chains_across_files(tmp_path: Path) -> None:
 
 def test_keyed_sink_refuses_to_extend_an_unkeyed_log(tmp_path: Path) -> None:
     log = tmp_path / "audit.log"
-    asyncio.run(_record(AuditLog(FileSink(log)), 1))
+    asyncio.run(record_attest(AuditLog(FileSink(log)), 1))
     keyed = AuditLog(FileSink(log, chain=Chain(bytes(range(32)))))
     with pytest.raises(ServiceUnavailableError, match="holds unkeyed records"):
-        asyncio.run(_record(keyed, 2))
+        asyncio.run(record_attest(keyed, 2))
 
 
 def test_group_readable_audit_key_is_refused(
@@ -275,7 +265,7 @@ def test_truncated_tail_is_not_extended_to_hide_the_truncation(
     restarted = AuditLog(FileSink(log, chain=Chain(load_key(key_file), Checkpoints(5, 3600))))
     for writer in (audit, restarted):
         with pytest.raises(ServiceUnavailableError, match="records were removed from its end"):
-            asyncio.run(_record(writer, 99))
+            asyncio.run(record_attest(writer, 99))
     assert _verify(log, "--key", str(key_file)) == 2
     assert "records removed from the end" in capsys.readouterr().err
 
@@ -288,7 +278,7 @@ def test_emptied_log_is_continued_from_the_checkpoint_file(tmp_path: Path) -> No
     log.write_bytes(b"")
     assert _verify(log, "--key", str(key_file)) == 2
     restarted = AuditLog(FileSink(log, chain=Chain(load_key(key_file), Checkpoints(5, 3600))))
-    asyncio.run(_record(restarted, 99))
+    asyncio.run(record_attest(restarted, 99))
     first = json.loads(_lines(log)[0])
     assert first["checkpoint"] == "continued" and first["prev"] == published["hash"]
     assert first["seq"] == published["seq"] + 1
@@ -302,7 +292,7 @@ def test_forged_checkpoint_file_is_refused(tmp_path: Path) -> None:
     checkpoint_path(log).write_text(json.dumps(published))
     assert _verify(log, "--key", str(key_file)) == 2
     with pytest.raises(ServiceUnavailableError, match="does not verify with the audit key"):
-        asyncio.run(_record(AuditLog(FileSink(log, chain=Chain(load_key(key_file)))), 4))
+        asyncio.run(record_attest(AuditLog(FileSink(log, chain=Chain(load_key(key_file)))), 4))
 
 
 def test_removed_checkpoint_file_is_not_recreated_over_a_cut_log(tmp_path: Path) -> None:
@@ -312,7 +302,7 @@ def test_removed_checkpoint_file_is_not_recreated_over_a_cut_log(tmp_path: Path)
     assert _checkpoints(log)[-1] < len(_lines(log)) - 1
     restarted = AuditLog(FileSink(log, chain=Chain(load_key(key_file), Checkpoints(5, 3600))))
     with pytest.raises(ServiceUnavailableError, match=r"checkpoint file .* is missing"):
-        asyncio.run(_record(restarted, 99))
+        asyncio.run(record_attest(restarted, 99))
 
 
 def test_checkpoint_file_lost_in_a_crash_is_restored_from_the_log_end(tmp_path: Path) -> None:
@@ -322,7 +312,7 @@ def test_checkpoint_file_lost_in_a_crash_is_restored_from_the_log_end(tmp_path: 
     assert _checkpoints(log)[-1] == len(_lines(log)) - 1
     checkpoint_path(log).unlink()
     restarted = AuditLog(FileSink(log, chain=Chain(load_key(key_file), Checkpoints(5, 3600))))
-    asyncio.run(_record(restarted, 99))
+    asyncio.run(record_attest(restarted, 99))
     assert _verify(log, "--key", str(key_file)) == 0
 
 
@@ -344,7 +334,7 @@ def test_malformed_log_lines_are_reported_not_crashed_on(
     assert _verify(log, "--key", str(key_file)) == 2
     assert "TAMPERED: line 1" in capsys.readouterr().err
     with pytest.raises(ServiceUnavailableError):
-        asyncio.run(_record(AuditLog(FileSink(log, chain=Chain(load_key(key_file)))), 9))
+        asyncio.run(record_attest(AuditLog(FileSink(log, chain=Chain(load_key(key_file)))), 9))
 
 
 def test_unkeyed_audit_log_warns_at_start_up(
@@ -365,10 +355,10 @@ def test_worker_that_had_not_written_yet_still_continues_a_rotated_log(tmp_path:
     log, key_file, _ = _keyed_log(tmp_path, 3)
     idle = AuditLog(FileSink(log, chain=Chain(load_key(key_file), Checkpoints(5, 3600))))
     idle.ensure_writable()  # what every worker does at start-up
-    asyncio.run(_record(AuditLog(FileSink(log, chain=Chain(load_key(key_file)))), 3))
+    asyncio.run(record_attest(AuditLog(FileSink(log, chain=Chain(load_key(key_file)))), 3))
     rotated = tmp_path / "audit.log.1"
     log.rename(rotated)
-    asyncio.run(_record(idle, 4))
+    asyncio.run(record_attest(idle, 4))
     old_last, new_first = json.loads(_lines(rotated)[-1]), json.loads(_lines(log)[0])
     assert old_last["checkpoint"] == "rotated" and new_first["prev"] == old_last["hash"]
     assert _verify(rotated, "--key", str(key_file)) == 0
@@ -383,7 +373,7 @@ def test_keyed_stdout_sink_output_verifies(
     capsys.readouterr()
     audit = AuditLog(StdoutSink(chain))
     for number in range(5):
-        asyncio.run(_record(audit, number))
+        asyncio.run(record_attest(audit, number))
     collected = tmp_path / "collected.log"
     collected.write_text(capsys.readouterr().out)
     assert _checkpoints(collected)
