@@ -63,6 +63,7 @@ from keybroker.storage.provider import (
     local_fs_provider,
     local_json_provider,
     memory_provider,
+    shared_memory_provider,
 )
 from keybroker.storage.secrets import DirectoryTreeSecretBackend, KvSecretBackend, SecretBackend
 
@@ -253,7 +254,7 @@ def _provider(
 ) -> StorageProvider:
     if kind is StorageType.MEMORY:
         if memory_dir is not None:  # the server's private directory (server.py)
-            return local_fs_provider(memory_dir, clock=clock, volatile=True)
+            return shared_memory_provider(memory_dir, clock=clock)
         return memory_provider(clock=clock)
     backends = config.storage_backend.backends
     if kind is StorageType.LOCAL_FS:

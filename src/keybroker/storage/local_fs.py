@@ -89,9 +89,9 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, value: bytes, *, durable: bool = True) -> None:
-    """Replace ``path`` with a 0600 file holding ``value``; readers see all old or all new.
-    ``durable``: on disk (fsync'd, directory too) before returning."""
+def write_atomically(path: Path, value: bytes) -> None:
+    """Replace ``path`` with a 0600 file holding ``value``, on disk (fsync'd, directory too)
+    before returning; readers see all old or all new."""
     # O_EXCL on a random name: never follows a planted symlink, never shares another writer's
     # temp file. The dot prefix keeps it out of every key listing.
     temp = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
@@ -99,16 +99,14 @@ def write_atomically(path: Path, value: bytes, *, durable: bool = True) -> None:
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(value)
-            if durable:
-                out.flush()
-                os.fsync(out.fileno())
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-    if durable:
-        fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def unlink_if_exists(path: Path) -> bool:
@@ -146,6 +144,11 @@ def _open_regular(
         if e.errno == errno.ELOOP:
             raise _symlink_refused(path, what) from None
         raise
+    return fd, _check_regular(fd, what, max_bytes)
+
+
+def _check_regular(fd: int, what: str, max_bytes: int | None) -> os.stat_result:
+    """``fd``'s status if it is a regular file within the limit; else close it and raise."""
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -155,7 +158,13 @@ def _open_regular(
     except BaseException:
         os.close(fd)
         raise
-    return fd, info
+    return info
+
+
+def read_open_file(fd: int, *, what: str, max_bytes: int | None = None) -> bytes:
+    """Everything the regular file open on ``fd`` holds; ``fd`` is closed in every case."""
+    info = _check_regular(fd, what, max_bytes)
+    return _read_limited(fd, info.st_size, what, max_bytes)
 
 
 def _read_limited(fd: int, size_hint: int, what: str, max_bytes: int | None) -> bytes:
@@ -211,26 +220,15 @@ _BUSY = _Busy()
 
 
 class LocalFsKeyValueStorage(KeyValueStorage):
-    """``volatile``: the directory is the worker processes' shared "memory" store (a private
-    directory in /dev/shm where there is one), removed when the server stops. Nothing there
-    has to survive a crash, so nothing is fsync'd, and writes run on the event loop when the
-    writer lock is free at once: such a write does not wait on a disk, and handing it to a
-    thread costs more CPU than the write. When another worker holds the lock, the write waits
-    for it in a thread, never on the loop. The occasional sweep of expired entries, which
-    reads every deadline, also runs in a thread."""
-
     def __init__(
         self,
         dir_path: Path = DEFAULT_DIR_PATH,
         namespace: str = "default",
         clock: Callable[[], float] = time.time,
-        *,
-        volatile: bool = False,
     ) -> None:
         # The clock must be wall time: deadlines outlive the process.
         self._dir = Path(dir_path) / validate_namespace(namespace)
         self._clock = clock
-        self._durable = not volatile
         self._writes_since_sweep = 0
         self._sweep_after = SWEEP_MIN_WRITES
         refuse_symlink(self._dir, "a storage namespace directory")
@@ -321,30 +319,14 @@ class LocalFsKeyValueStorage(KeyValueStorage):
         return found
 
     async def _write(self, operation: Callable[[bool], T | _Busy]) -> T:
-        """Run ``operation(wait)`` under the writer lock, never blocking the event loop: a
-        durable store always in a thread (it fsyncs); a volatile one on the loop when the
-        lock is free at once, as it nearly always is, else in a thread that waits for it."""
-        if not self._durable:
-            result = operation(False)
-            if not isinstance(result, _Busy):
-                return result
+        """Run ``operation(wait=True)`` under the writer lock, in a thread: it fsyncs."""
         result = await asyncio.to_thread(operation, True)
         if isinstance(result, _Busy):  # a caller that waits always gets the lock
             raise StorageError("the storage writer lock could not be taken")
         return result
 
     async def _set(self, key: str, value: bytes, overwrite: bool, ttl: float | None) -> bool:
-        operation = partial(self._set_locked, key, value, overwrite, ttl, sweep=self._durable)
-        written = await self._write(operation)
-        if not self._durable and self._writes_since_sweep >= self._sweep_after:
-            # A sweep reads every deadline in the directory: not on the event loop.
-            await asyncio.to_thread(self._sweep_locked)
-        return written
-
-    def _sweep_locked(self) -> None:
-        with self._locked():
-            if self._writes_since_sweep >= self._sweep_after:  # not swept by a concurrent call
-                self._sweep()
+        return await self._write(partial(self._set_locked, key, value, overwrite, ttl))
 
     def _set_locked(
         self,
@@ -353,8 +335,6 @@ class LocalFsKeyValueStorage(KeyValueStorage):
         overwrite: bool,
         ttl: float | None,
         wait: bool,
-        *,
-        sweep: bool = True,
     ) -> bool | _Busy:
         file = self._file(key)
         with self._locked(wait=wait) as locked:
@@ -373,10 +353,10 @@ class LocalFsKeyValueStorage(KeyValueStorage):
                 unlink_if_exists(self._expiry_file(key))
             else:
                 deadline = repr(self._clock() + ttl).encode()
-                write_atomically(self._expiry_file(key), deadline, durable=self._durable)
-            write_atomically(file, value, durable=self._durable)
+                write_atomically(self._expiry_file(key), deadline)
+            write_atomically(file, value)
             self._writes_since_sweep += 1
-            if sweep and self._writes_since_sweep >= self._sweep_after:
+            if self._writes_since_sweep >= self._sweep_after:
                 self._sweep()
         return True
 
@@ -393,8 +373,7 @@ class LocalFsKeyValueStorage(KeyValueStorage):
                 return None
             live = not self._expired(key)
             self._remove(key)
-        if self._durable:
-            fsync_directory(self._dir)  # a deleted secret must not come back after a power cut
+        fsync_directory(self._dir)  # a deleted secret must not come back after a power cut
         return value if live else None
 
     async def _list(self) -> list[str]:

@@ -16,6 +16,7 @@ from keybroker.storage.base import KeyValueStorage, validate_namespace
 from keybroker.storage.local_fs import DEFAULT_DIR_PATH, LocalFsKeyValueStorage
 from keybroker.storage.local_json import DEFAULT_FILE_DIR_PATH, LocalJsonKeyValueStorage
 from keybroker.storage.memory import MemoryKeyValueStorage
+from keybroker.storage.shared_memory import SharedMemoryKeyValueStorage
 
 
 class StorageProvider:
@@ -48,14 +49,17 @@ def memory_provider(*, clock: Callable[[], float] = time.monotonic) -> StoragePr
 
 
 def local_fs_provider(
-    dir_path: Path = DEFAULT_DIR_PATH,
-    *,
-    clock: Callable[[], float] = time.time,
-    volatile: bool = False,
+    dir_path: Path = DEFAULT_DIR_PATH, *, clock: Callable[[], float] = time.time
 ) -> StorageProvider:
-    """``volatile``: ``dir_path`` need not survive a crash (see ``LocalFsKeyValueStorage``)."""
+    return StorageProvider(lambda namespace: LocalFsKeyValueStorage(dir_path, namespace, clock))
+
+
+def shared_memory_provider(
+    dir_path: Path, *, clock: Callable[[], float] = time.time
+) -> StorageProvider:
+    """The worker processes' shared "memory" store (see :mod:`keybroker.storage.shared_memory`)."""
     return StorageProvider(
-        lambda namespace: LocalFsKeyValueStorage(dir_path, namespace, clock, volatile=volatile)
+        lambda namespace: SharedMemoryKeyValueStorage(dir_path, namespace, clock)
     )
 
 

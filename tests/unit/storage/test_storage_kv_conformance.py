@@ -21,6 +21,7 @@ from keybroker.storage.local_json import LocalJsonKeyValueStorage
 from keybroker.storage.memory import MemoryKeyValueStorage
 from keybroker.storage.postgres import PostgresKeyValueStorage
 from keybroker.storage.redis import RedisKeyValueStorage
+from keybroker.storage.shared_memory import SharedMemoryKeyValueStorage
 
 Factory = Callable[[], KeyValueStorage]
 T = TypeVar("T")
@@ -61,7 +62,7 @@ def run(opened: list[KeyValueStorage]) -> Runner[Any]:
 
 
 @pytest.fixture(
-    params=["memory", "local_fs", "local_fs_volatile", "local_json", "postgres", "redis"]
+    params=["memory", "local_fs", "shared_memory", "local_json", "postgres", "redis"]
 )
 def new_storage(
     request: pytest.FixtureRequest, tmp_path: Path, clock: SteppedClock
@@ -76,10 +77,8 @@ def new_storage(
         yield lambda: shared
     elif request.param == "local_fs":
         yield lambda: _opened(opened, LocalFsKeyValueStorage(tmp_path, "repository", clock))
-    elif request.param == "local_fs_volatile":  # the workers' shared "memory" store
-        yield lambda: _opened(
-            opened, LocalFsKeyValueStorage(tmp_path, "repository", clock, volatile=True)
-        )
+    elif request.param == "shared_memory":  # the workers' shared "memory" store
+        yield lambda: _opened(opened, SharedMemoryKeyValueStorage(tmp_path, "repository", clock))
     elif request.param == "local_json":
         yield lambda: _opened(opened, LocalJsonKeyValueStorage(tmp_path, "repository", clock))
     elif request.param == "postgres":

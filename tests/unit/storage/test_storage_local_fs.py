@@ -116,15 +116,13 @@ def test_ttl_value_keeps_upstream_bytes_and_a_hidden_sidecar(
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("volatile", [False, True])
 def test_abandoned_expired_entries_are_swept_off_the_event_loop(
-    tmp_path: Path, clock: SteppedClock, monkeypatch: pytest.MonkeyPatch, volatile: bool
+    tmp_path: Path, clock: SteppedClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Handshakes nobody finishes must not fill the disk. A sweep reads every deadline in the
-    directory, so it runs in a worker thread, even for the volatile store whose writes stay on
-    the event loop."""
+    directory, so it runs in a worker thread."""
     monkeypatch.setattr(local_fs, "SWEEP_MIN_WRITES", 8)
-    storage = LocalFsKeyValueStorage(tmp_path, "kbs_protocol_session", clock, volatile=volatile)
+    storage = LocalFsKeyValueStorage(tmp_path, "kbs_protocol_session", clock)
     loop_thread = threading.get_ident()
     sweeps: list[bool] = []
     sweep = storage._sweep
@@ -215,26 +213,13 @@ def test_durable_writes_are_fsynced_in_a_worker_thread(
     assert synced and threads == {"worker"}
 
 
-def test_volatile_writes_skip_fsync_and_stay_on_the_event_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The workers' shared "memory" store lives on tmpfs: a write there needs no fsync, and
-    a thread hop would cost more than the write."""
-    synced, threads = _watch_writes(monkeypatch)
-    store = LocalFsKeyValueStorage(tmp_path, "sessions", volatile=True)
-    assert asyncio.run(store.set("s", b"one", ttl=60)) is True
-    assert asyncio.run(store.set("s", b"two", overwrite=False)) is False
-    assert asyncio.run(store.delete("s")) == b"one"
-    assert synced == [] and threads == {"loop"}
-
-
 @pytest.mark.parametrize("operation", ["set", "delete"])
 def test_lock_held_by_another_worker_does_not_block_the_event_loop(
     tmp_path: Path, operation: str
 ) -> None:
-    """Another worker process holds the namespace's writer lock (a slow sweep, say): a volatile
+    """Another worker process holds the namespace's writer lock (a slow sweep, say): a
     write waits for it in a thread, and the event loop keeps serving meanwhile."""
-    store = LocalFsKeyValueStorage(tmp_path, "sessions", volatile=True)
+    store = LocalFsKeyValueStorage(tmp_path, "sessions")
     asyncio.run(store.set("s", b"one"))
     other_worker = os.open(tmp_path / "sessions", os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(other_worker, fcntl.LOCK_EX)  # another open file: flock excludes it too
