@@ -32,7 +32,7 @@ EXPECTED_REFUSAL = {
     "coco-as-builtin-2.toml": None,
     "coco-as-builtin-3.toml": "needs at least one entry in [admin.authentication.bearer_jwt]",
     "coco-as-grpc-1.toml": "cannot read trusted certificate /etc/ca",
-    "coco-as-grpc-2.toml": "cannot read admin key material /opt/confidential-containers/trustee",
+    "coco-as-grpc-2.toml": "cannot read key material /opt/confidential-containers/trustee",
     "coco-as-grpc-3.toml": NO_TRUST,
     "intel-ta-1.toml": "not supported yet: [attestation_service] type = intel_ta",
     "intel-ta-2.toml": "not supported yet: [attestation_service] type = intel_ta",

@@ -254,7 +254,7 @@ def test_configuration_mistakes_stop_startup(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="at least one"):
         create_app(no_idp)
-    with pytest.raises(ConfigError, match="cannot read admin key material"):
+    with pytest.raises(ConfigError, match="cannot read key material"):
         create_app(_jwks_config(str(tmp_path / "absent.json")))
     with pytest.raises(ConfigError, match="legacy"):
         kbs_config(admin={"auth_public_key": "/etc/kbs/admin.pem"})
