@@ -193,4 +193,8 @@ request_timeout = 10
             replayed.close()
             assert refused.value.http_status == 401 and "another nonce" in refused.value.detail
     logs = (tmp_path / "kbs1.log").read_text() + (tmp_path / "kbs2.log").read_text()
-    assert ita.api_key not in logs
+    audit = (tmp_path / "kbs1-audit.log").read_text()
+    assert ita.api_key not in logs + audit
+    # the attest record names ITA's verdict and the guest (its TEE and a hash of its key)
+    assert "intel trust authority tdx UpToDate" in audit
+    assert '"tee":"tdx"' in audit and '"tee_pubkey_sha256":null' not in audit
