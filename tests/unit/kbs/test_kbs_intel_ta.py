@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import base64
 import logging
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from starlette.testclient import TestClient
 
 from conftest import kbs_config
@@ -25,7 +28,7 @@ from keybroker.client.rcar import KbsClient
 from keybroker.errors import ConfigError, KbsRejectedError
 from keybroker.kbs.app import create_app
 from keybroker.protocol.canonical import jcs
-from keybroker.protocol.jws import decode_unverified, jwk_of
+from keybroker.protocol.jws import decode_unverified, jwk_of, public_key_from_jwk
 from keybroker.protocol.models import Tee
 from ports import free_port
 from recorded_quotes import RecordedQuoteAttester
@@ -328,3 +331,24 @@ def test_ita_base_url_must_be_https(ita: Ita) -> None:
             _app(ita, base_url=url),
         ):
             pass
+
+
+def test_ita_standin_serves_its_documented_nonce_and_key_endpoints(ita: Ita) -> None:
+    """The stand-in's own API, as ITA documents it (the KBS does not use the nonce endpoint:
+    upstream makes the nonce locally)."""
+    verify = ssl.create_default_context(cafile=ita.endpoints.ca_path)
+    headers = {"x-api-key": ita.endpoints.api_key, "Accept": "application/json"}
+    with httpx.Client(base_url=ita.endpoints.base_url, verify=verify) as http:
+        assert (
+            http.get("/appraisal/v2/nonce", headers={"Accept": "application/json"}).status_code
+            == 401
+        )
+        nonce = http.get("/appraisal/v2/nonce", headers=headers).json()
+        (jwk,) = http.get("/certs").json()["keys"]
+        discovery = http.get("/.well-known/openid-configuration").json()
+    assert discovery["jwks_uri"] == ita.endpoints.jwks_url and jwk["kid"] == ita.stand_in.kid
+    key = public_key_from_jwk(jwk)
+    assert isinstance(key, rsa.RSAPublicKey)
+    signed = base64.b64decode(nonce["val"]) + base64.b64decode(nonce["iat"])
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+    key.verify(base64.b64decode(nonce["signature"]), signed, pss, hashes.SHA384())
