@@ -19,9 +19,9 @@ signature, and accepts a signer key carried in the token header):
   ``tee-pubkey``; a token for another session is useless here;
 - ``policy_ids_unmatched`` is empty, unless ``allow_unmatched_policy = true``.
 
-Failures: ITA unreachable, slow past ``request_timeout`` or answering 5xx/429 → 503; any other
-4xx → 401 naming ITA's status and error message. The API key is sent only in the ``x-api-key``
-header and never appears in a log line or an error.
+Failures: ITA unreachable, slow past ``request_timeout`` or answering anything but 200 or a 4xx
+(5xx, 429, a redirect) → 503; any other 4xx → 401 naming ITA's status and error message. The
+API key is sent only in the ``x-api-key`` header and never appears in a log line or an error.
 """
 
 from __future__ import annotations
@@ -90,12 +90,9 @@ class IntelTrustAuthority(AttestationBackend):
         self,
         config: IntelTaConfig,
         tokens: TokenVerifier,
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        """``tokens``: a verifier that trusts ITA's JWK set and nothing else. ``transport``:
-        an httpx transport for tests; production uses the network (system trust, or the CA
-        file named by ``SSL_CERT_FILE``)."""
+        """``tokens``: a verifier that trusts ITA's JWK set and nothing else. ITA is reached
+        over HTTPS with the system's trust store, or the CA file named by ``SSL_CERT_FILE``."""
         parsed = urlparse(config.base_url)
         if parsed.scheme != "https" or not parsed.hostname:
             # the API key travels in a header: never over plain HTTP or to a relative URL
@@ -105,7 +102,6 @@ class IntelTrustAuthority(AttestationBackend):
             )
         self._config = config
         self._tokens = tokens
-        self._transport = transport
         self._base_url = config.base_url.rstrip("/")
 
     def supports(self, tee: Tee) -> bool:
@@ -140,9 +136,7 @@ class IntelTrustAuthority(AttestationBackend):
         }
         timeout = self._config.request_timeout
         try:
-            async with httpx.AsyncClient(
-                timeout=timeout, follow_redirects=False, transport=self._transport
-            ) as client:
+            async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
                 # the whole exchange, not each read: a service trickling bytes cannot hold us
                 async with asyncio.timeout(timeout):
                     status, payload = await _exchange(
@@ -157,6 +151,9 @@ class IntelTrustAuthority(AttestationBackend):
             raise ServiceUnavailableError(
                 f"Intel Trust Authority at {self._base_url} is unavailable ({reason}): retry later"
             ) from None
+        return self._token_from(status, payload)
+
+    def _token_from(self, status: int, payload: JsonValue) -> str:
         if status == 200:
             token = payload.get("token") if isinstance(payload, dict) else None
             if not isinstance(token, str):
@@ -166,7 +163,8 @@ class IntelTrustAuthority(AttestationBackend):
             return token
         message = payload.get("error") if isinstance(payload, dict) else None
         shown = f": {_shown(message)}" if isinstance(message, str) else ""
-        if status >= 500 or status == 429:
+        refused_by_ita = 400 <= status < 500 and status != 429
+        if not refused_by_ita:  # ITA's trouble (5xx, 429) or a redirect: not the guest's fault
             log.error(
                 "Intel Trust Authority at %s answered HTTP %d%s", self._base_url, status, shown
             )

@@ -294,10 +294,12 @@ def test_ita_4xx_is_401_with_its_error(ita: Ita) -> None:
     assert "HTTP 400: invalid quote: unsupported TEE TCB" in refused.detail
 
 
-def test_ita_5xx_is_503(ita: Ita) -> None:
-    ita.stand_in.fail_with = (502, "upstream gateway")
+@pytest.mark.parametrize("status", [502, 429, 302])
+def test_ita_5xx_rate_limit_or_redirect_is_503(ita: Ita, status: int) -> None:
+    ita.stand_in.fail_with = (status, "not the guest's fault")
     with _app(ita) as client:
-        assert _refusal(client).http_status == 503
+        refused = _refusal(client)
+    assert refused.http_status == 503 and f"answered HTTP {status}" in refused.detail
 
 
 def test_ita_api_key_never_in_logs_or_responses(ita: Ita, caplog: pytest.LogCaptureFixture) -> None:
