@@ -173,12 +173,18 @@ class GrpcAsConfig(_AttestationServiceBase):
 
 
 class IntelTaConfig(_AttestationServiceBase):
+    """Intel Trust Authority (``keybroker.attestation.intel_ta``): upstream's keys; ``timeout``
+    stays the session lifetime in minutes, as for every attestation service."""
+
     type: Literal["intel_ta"]
     base_url: str
     api_key: str = Field(repr=False)
+    # ITA's token-signing keys: a JWK set file (path or file://) or https:// URL
     certs_file: str
     allow_unmatched_policy: bool | None = None
-    policy_ids: list[str] = Field(default_factory=list)
+    policy_ids: list[str] = Field(default_factory=list, max_length=64)
+    # Keybroker: seconds one ITA appraisal may take before the KBS answers 503.
+    request_timeout: float = Field(default=30.0, gt=0, le=600)
 
 
 class NoAsConfig(_AttestationServiceBase):

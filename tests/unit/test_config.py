@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from conftest import kbs_config, vector
+from keybroker.attestation.intel_ta import IntelTrustAuthority
 from keybroker.config import (
     AdminDenyAll,
     BuiltinAsConfig,
@@ -22,6 +25,10 @@ from keybroker.config import (
 )
 from keybroker.errors import ConfigError
 from keybroker.kbs.services import build_services
+from keybroker.kbs.tls import self_signed_certificate
+from keybroker.protocol.canonical import HashAlgorithm
+from keybroker.protocol.jws import jwk_of
+from keybroker.protocol.models import Tee
 
 # Why each upstream vector does not start here: a feature no issue has served yet ("not
 # supported yet"), a file it names that this machine does not have, or upstream's own rule that
@@ -32,11 +39,11 @@ EXPECTED_REFUSAL = {
     "coco-as-builtin-2.toml": None,
     "coco-as-builtin-3.toml": "needs at least one entry in [admin.authentication.bearer_jwt]",
     "coco-as-grpc-1.toml": "cannot read trusted certificate /etc/ca",
-    "coco-as-grpc-2.toml": "cannot read admin key material /opt/confidential-containers/trustee",
+    "coco-as-grpc-2.toml": "cannot read key material /opt/confidential-containers/trustee",
     "coco-as-grpc-3.toml": NO_TRUST,
-    "intel-ta-1.toml": "not supported yet: [attestation_service] type = intel_ta",
-    "intel-ta-2.toml": "not supported yet: [attestation_service] type = intel_ta",
-    "intel-ta-3.toml": "not supported yet: [attestation_service] type = intel_ta",
+    "intel-ta-1.toml": "cannot read key material /etc/ita-cert.pem",
+    "intel-ta-2.toml": None,  # ITA's keys are fetched on first use, not at start-up
+    "intel-ta-3.toml": None,
     "tls-profile-custom-pqc.toml": NO_TRUST,
     "tls-profile-custom.toml": NO_TRUST,
     "tls-profile-intermediate.toml": NO_TRUST,
@@ -212,3 +219,59 @@ def test_unknown_key_beside_the_kvstorage_backend_is_named() -> None:
         kbs_config(
             plugins=[{"name": "resource", "storage_backend_type": "kvstorage", "vault_url": "x"}]
         )
+
+
+# Upstream's Intel Trust Authority configs, with the files they name replaced by real ones.
+ITA_CONFIGS = {
+    ("kbs", "configs", "intel-ta-1.toml"): "base_url must be an https:// URL",  # "example.io"
+    ("kbs", "configs", "intel-ta-2.toml"): None,
+    ("kbs", "configs", "intel-ta-3.toml"): None,
+    ("kbs", "config", "kbs-config-intel-trust-authority.toml"): None,
+    ("kbs", "config", "kubernetes", "ita", "kbs-config.toml"): None,
+}
+
+
+def _local_files_replaced(document: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    """``document`` with every local file or directory it names moved under ``tmp_path``."""
+    key = rsa.generate_private_key(65537, 3072)
+    jwks = tmp_path / "ita-certs.json"
+    jwks.write_text(json.dumps({"keys": [{**jwk_of(key.public_key()), "kid": "ita-1"}]}))
+    token = document.get("attestation_token", {})
+    token["trusted_jwk_sets"] = [
+        uri if uri.startswith("https://") else str(jwks)
+        for uri in token.get("trusted_jwk_sets", [])
+    ]
+    service = document["attestation_service"]
+    if not service["certs_file"].startswith("https://"):
+        service["certs_file"] = f"file://{jwks}"
+    server = document.get("http_server", {})
+    if "private_key" in server:
+        key_pem, cert_pem = self_signed_certificate(["127.0.0.1"])
+        (tmp_path / "kbs.key").write_bytes(key_pem)
+        (tmp_path / "kbs.pem").write_bytes(cert_pem)
+        server.update(private_key=str(tmp_path / "kbs.key"), certificate=str(tmp_path / "kbs.pem"))
+    backends = document.get("storage_backend", {}).get("backends", {})
+    for name, setting in (("local_json", "file_dir_path"), ("local_fs", "dir_path")):
+        if name in backends:
+            backends[name][setting] = str(tmp_path / name)
+    return document
+
+
+@pytest.mark.parametrize("parts", sorted(ITA_CONFIGS), ids="/".join)
+def test_upstream_ita_configs_start_with_their_files_replaced(
+    parts: tuple[str, ...], tmp_path: Path
+) -> None:
+    document = tomllib.loads(vector(*parts).read_text())
+    config = parse_config(_local_files_replaced(document, tmp_path), source=parts[-1])
+    service = config.attestation_service
+    assert isinstance(service, IntelTaConfig) and service.timeout == 5
+    assert service.request_timeout == 30.0  # Keybroker's own ITA deadline, not `timeout`
+    expected = ITA_CONFIGS[parts]
+    if expected is not None:
+        with pytest.raises(ConfigError, match=expected):
+            build_services(config)
+        return
+    services = build_services(config)
+    assert isinstance(services.attestation, IntelTrustAuthority)
+    assert services.handshake is not None and services.attestation.supports(Tee.TDX)
+    assert services.attestation.required_hash_algorithm(Tee.TDX) is HashAlgorithm.SHA512

@@ -1,8 +1,9 @@
 """The builtin Attestation Service: verify evidence, appraise it, issue a signed EAR token.
 
-``AttestationBackend`` is what the KBS needs from any AS (builtin here; gRPC and Intel Trust
-Authority later). ``BuiltinAttestationService`` runs the verifiers in-process, appraises each
-submodule with the attestation policy ``<policy id>_<tee class>`` and signs the EAR token.
+``AttestationBackend`` is what the KBS needs from any AS (builtin here; the gRPC client in
+``grpc_client``, Intel Trust Authority in ``intel_ta``). ``BuiltinAttestationService`` runs the
+verifiers in-process, appraises each submodule with the attestation policy
+``<policy id>_<tee class>`` and signs the EAR token.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ class AttestationBackend(ABC):
 
     @abstractmethod
     def supports(self, tee: Tee) -> bool: ...
+
+    def required_hash_algorithm(self, tee: Tee) -> HashAlgorithm | None:
+        """The runtime-data hash this service needs for ``tee`` evidence; None when the guest
+        may choose (the KBS then negotiates its usual preference)."""
+        return None
 
     @abstractmethod
     async def verify(self, evidence: list[EvidenceToVerify]) -> str:

@@ -3,7 +3,9 @@ role ACLs over the request path.
 
 An identity provider is trusted through PEM public keys (``public_key_uri``: a path,
 ``file://`` or ``https://``) and/or a JWK set (``jwk_set_uri``: a path, ``file://``,
-``https://``, or an ``https://.../.well-known/openid-configuration`` discovery document).
+``https://``, or an ``https://.../.well-known/openid-configuration`` discovery document; an
+``https://`` URL that holds no key set is taken as an issuer and its discovery document read,
+as upstream does).
 Remote key material is fetched with a timeout, cached, and re-fetched when a token names a
 ``kid`` the cached set lacks (at most once per ``REFRESH_INTERVAL``, so unknown kids cannot be
 used to hammer the provider). Fetches are asynchronous (``httpx.AsyncClient``), on first use
@@ -98,7 +100,7 @@ def _read_local(uri: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise ConfigError(f"cannot read admin key material {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read key material {path}: {e.strerror}") from None
 
 
 def _is_remote(uri: str) -> bool:
@@ -212,18 +214,34 @@ class IdentityProviderKeys:
         assert uri is not None  # noqa: S101 - only called for JWK-set providers
         self._fetched_at = self._clock()
         if urlparse(uri).path.endswith(_DISCOVERY):
+            self._jwk = await self._fetch_jwks(await self._discover(uri))
+        else:
             try:
-                jwks_uri = json.loads(await self._fetch(uri))["jwks_uri"]
-            except (ValueError, KeyError, TypeError):
-                raise ServiceUnavailableError(f"{uri} has no jwks_uri") from None
-            if not isinstance(jwks_uri, str) or not jwks_uri.startswith("https://"):
-                raise ServiceUnavailableError(f"{uri}: jwks_uri must be an https URL")
-            uri = jwks_uri
+                keys = await self._fetch_jwks(uri)
+            except ServiceUnavailableError:
+                keys = {}
+            if not keys:
+                # As upstream: a URL that holds no key set names an issuer (Intel Trust
+                # Authority's portal URL, say) whose discovery document says where its keys are.
+                discovery = uri.rstrip("/") + _DISCOVERY
+                keys = await self._fetch_jwks(await self._discover(discovery))
+            self._jwk = keys
+        self._loaded = True
+
+    async def _discover(self, uri: str) -> str:
         try:
-            self._jwk = _jwks(await self._fetch(uri), uri)
+            jwks_uri = json.loads(await self._fetch(uri))["jwks_uri"]
+        except (ValueError, KeyError, TypeError):
+            raise ServiceUnavailableError(f"{uri} has no jwks_uri") from None
+        if not isinstance(jwks_uri, str) or not jwks_uri.startswith("https://"):
+            raise ServiceUnavailableError(f"{uri}: jwks_uri must be an https URL")
+        return jwks_uri
+
+    async def _fetch_jwks(self, uri: str) -> dict[str | None, PublicKey]:
+        try:
+            return _jwks(await self._fetch(uri), uri)
         except ConfigError as e:  # a bad document from a remote provider is an outage, not config
             raise ServiceUnavailableError(e.detail) from None
-        self._loaded = True
 
 
 class BearerJwtAuthenticator:

@@ -38,7 +38,12 @@ from keybroker.errors import (
 )
 from keybroker.kbs.admin_api import ADMIN_ENDPOINTS, ApiCall
 from keybroker.kbs.admin_auth import AdminIdentity
-from keybroker.kbs.auditing import admin_subject, guest_subject, request_context
+from keybroker.kbs.auditing import (
+    admin_subject,
+    attestation_outcome,
+    guest_subject,
+    request_context,
+)
 from keybroker.kbs.services import KbsServices, build_services
 from keybroker.kbs.sessions import SESSION_COOKIE, Session
 from keybroker.kbs.tokens import pointer
@@ -165,9 +170,9 @@ async def _rcar(call: ApiCall, request: Request, services: KbsServices) -> Respo
     except KeybrokerError as e:
         await record(decision="failure", subject=None, reason=e.detail)
         raise
-    _, claims = decode_unverified(token)  # our own AS just signed it
-    status = pointer(claims, "/submods/cpu0/ear.status")
-    await record(decision="success", subject=guest_subject(claims, token), reason=f"cpu0 {status}")
+    _, claims = decode_unverified(token)  # our own AS just signed it, or ITA's was verified
+    subject, outcome = guest_subject(claims, token), attestation_outcome(claims)
+    await record(decision="success", subject=subject, reason=outcome)
     return JSONResponse({"token": token})
 
 

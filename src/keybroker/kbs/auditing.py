@@ -37,12 +37,33 @@ def guest_subject(claims: dict[str, JsonValue], token: str) -> Subject:
     key = pointer(
         claims, "/submods/cpu0/ear.veraison.annotated-evidence/runtime_data_claims/tee-pubkey"
     )
+    section = _ita_section(claims) if evidence is None else None
+    if section is not None:  # an Intel Trust Authority token
+        tee = section
+        key = pointer(claims, f"/{section}/attester_runtime_data/tee-pubkey") or pointer(
+            claims, f"/{section}/attester_user_data/tee-pubkey"
+        )
     return Subject(
         kind="guest",
         tee=tee,
         tee_pubkey_sha256=hashlib.sha256(jcs(key)).hexdigest() if key is not None else None,
         token_id=token_id(token),
     )
+
+
+def attestation_outcome(claims: dict[str, JsonValue]) -> str:
+    """What the attestation service concluded, for the audit record of an ``/attest``."""
+    status = pointer(claims, "/submods/cpu0/ear.status")
+    section = _ita_section(claims) if status is None else None
+    if section is not None:
+        return (
+            f"intel trust authority {section} {pointer(claims, f'/{section}/attester_tcb_status')}"
+        )
+    return f"cpu0 {status}"
+
+
+def _ita_section(claims: dict[str, JsonValue]) -> str | None:
+    return next((name for name in ("tdx", "sgx") if isinstance(claims.get(name), dict)), None)
 
 
 def token_id(token: str) -> str:

@@ -48,16 +48,27 @@ def parse_json_model(model: type[M], body: bytes) -> M:
         ) from None
 
 
-def select_hash_algorithm(extra_params: JsonValue) -> HashAlgorithm:
-    """SHA-384 unless the guest lists algorithms without it; then the strongest it lists."""
-    if not isinstance(extra_params, dict):
-        return DEFAULT_HASH_ALGORITHM
-    offered = extra_params.get("supported-hash-algorithms")
+def select_hash_algorithm(
+    extra_params: JsonValue, required: HashAlgorithm | None = None
+) -> HashAlgorithm:
+    """SHA-384 unless the guest lists algorithms without it; then the strongest it lists.
+    With ``required`` (an attestation service that checks one algorithm, as Intel Trust
+    Authority does per TEE): that one, which a guest listing algorithms must list."""
+    offered = (
+        extra_params.get("supported-hash-algorithms") if isinstance(extra_params, dict) else None
+    )
     if offered is None:
-        return DEFAULT_HASH_ALGORITHM
+        return required or DEFAULT_HASH_ALGORITHM
     if not isinstance(offered, list) or not all(isinstance(a, str) for a in offered):
         raise BadRequestError("extra-params.supported-hash-algorithms must be a list of strings")
     names = {a.lower() for a in offered}
+    if required is not None:
+        if required.value not in names:
+            raise AttestationError(
+                f"this attestation service needs {required.value} runtime-data hashes for this "
+                f"TEE; the guest offered {sorted(names)[:8]}"
+            )
+        return required
     for algorithm in _HASH_PREFERENCE:
         if algorithm.value in names:
             return algorithm
@@ -83,7 +94,9 @@ class Handshake:
             raise AttestationError(
                 f"TEE {request.tee.value} is not supported by this attestation service"
             )
-        algorithm = select_hash_algorithm(request.extra_params)
+        algorithm = select_hash_algorithm(
+            request.extra_params, self._as.required_hash_algorithm(request.tee)
+        )
         session = await self._sessions.open(request.tee, algorithm)
         challenge = Challenge.model_validate(
             {"nonce": session.nonce, "extra-params": {"selected-hash-algorithm": algorithm.value}}

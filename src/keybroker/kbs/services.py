@@ -26,6 +26,8 @@ from keybroker.config import (
     SECRET_BACKENDS,
     BuiltinAsConfig,
     GrpcAsConfig,
+    IdentityProvider,
+    IntelTaConfig,
     KbsConfig,
     NoAsConfig,
     OtherPluginConfig,
@@ -39,6 +41,7 @@ from keybroker.config import (
 )
 from keybroker.errors import ConfigError, ServiceUnavailableError, UnsupportedFeatureError
 from keybroker.kbs.admin import AdminGuard
+from keybroker.kbs.admin_auth import IdentityProviderKeys
 from keybroker.kbs.audit import AuditLog, audit_log
 from keybroker.kbs.limits import (
     RATE_LIMIT_NAMESPACE,
@@ -170,6 +173,15 @@ def build_services(
             unattested=unattested,
         )
         handshake = Handshake(attestation, sessions)
+    elif isinstance(as_config, IntelTaConfig):
+        attestation = _intel_ta_backend(as_config, config, clock)
+        sessions = SessionStore(
+            session_storage.get(SESSION_NAMESPACE),
+            timeout_min=as_config.timeout,
+            clock=clock,
+            unattested=unattested,
+        )
+        handshake = Handshake(attestation, sessions)
     elif isinstance(as_config, NoAsConfig):
         log.info("no attestation service: /auth and /attest answer 404 (resource-only KBS)")
     tokens = TokenVerifier.from_config(config.attestation_token, trusted_keys, clock=clock)
@@ -222,7 +234,7 @@ def _audit_log(config: KbsConfig, clock: Callable[[], float]) -> AuditLog:
 
 def _refuse_unserved(config: KbsConfig) -> None:
     as_config = config.attestation_service
-    if not isinstance(as_config, BuiltinAsConfig | GrpcAsConfig | NoAsConfig):
+    if not isinstance(as_config, BuiltinAsConfig | GrpcAsConfig | IntelTaConfig | NoAsConfig):
         raise UnsupportedFeatureError(f"[attestation_service] type = {as_config.type}")
 
 
@@ -234,6 +246,23 @@ def _grpc_backend(config: GrpcAsConfig) -> AttestationBackend:
             "type = coco_as_grpc needs the grpc extra: pip install 'keybroker[grpc]'"
         ) from None
     return GrpcAttestationService(config)
+
+
+def _intel_ta_backend(
+    as_config: IntelTaConfig, config: KbsConfig, clock: Callable[[], float]
+) -> AttestationBackend:
+    from keybroker.attestation.intel_ta import IntelTrustAuthority  # noqa: PLC0415
+
+    # ITA's tokens are checked at /attest with ITA's keys alone: never a key the token carries.
+    ita_keys = IdentityProviderKeys(IdentityProvider(jwk_set_uri=as_config.certs_file))
+    if as_config.certs_file not in config.attestation_token.trusted_jwk_sets:
+        # ITA signs every customer's tokens with the same keys, so accepting them for resources
+        # is the operator's explicit choice ([attestation_token], as upstream).
+        log.warning(
+            "type = intel_ta: certs_file is not in [attestation_token] trusted_jwk_sets, so "
+            "resource requests accept ITA tokens only if another entry trusts ITA's keys"
+        )
+    return IntelTrustAuthority(as_config, TokenVerifier([], jwk_sets=[ita_keys], clock=clock))
 
 
 def _override(

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TEE_PUBKEY_PATHS = (
     "/tdx/attester_runtime_data/tee-pubkey",
     "/tdx/attester_user_data/tee-pubkey",
+    "/sgx/attester_runtime_data/tee-pubkey",
     "/customized_claims/runtime_data/tee-pubkey",
     "/submods/cpu0/ear.veraison.annotated-evidence/runtime_data_claims/tee-pubkey",
     "/tee-pubkey",

@@ -1,10 +1,12 @@
 """Compact JWS/JWT (RFC 7515, RFC 7519): signing and strict verification.
 
-Signing: ES256 (P-256), ES384 (P-384) or RS256 (RSA), header ``{"typ":"JWT","alg":…}`` then the
-caller's extra members (``jwk``, ``x5c``).
+Signing: ES256 (P-256), ES384 (P-384), RS256 (RSA; PS384 on request, as Intel Trust Authority
+signs), header ``{"typ":"JWT","alg":…}`` then the caller's extra members (``jwk``, ``x5c``,
+``kid``).
 
 Verification takes the key from the caller, never from the token, and accepts only the
-algorithms ES256, ES384, RS256, PS256 and EdDSA, each only with the key type that produces it.
+algorithms ES256, ES384, RS256, PS256, PS384 and EdDSA, each only with the key type that
+produces it.
 That one rule defeats ``alg: none`` and algorithm confusion (an HS256 MAC keyed with the bytes
 of the public key). ``exp`` and ``nbf`` are checked against the caller's clock (time is
 injected, never read here). Every failure is a ``TokenVerificationError``.
@@ -45,7 +47,9 @@ SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519Pri
 
 # Checked before any decoding, so an oversized token costs nothing to refuse.
 MAX_TOKEN_LENGTH = 256 * 1024
-ALLOWED_ALGORITHMS = frozenset({"ES256", "ES384", "RS256", "PS256", "EdDSA"})
+ALLOWED_ALGORITHMS = frozenset({"ES256", "ES384", "RS256", "PS256", "PS384", "EdDSA"})
+# RSASSA-PSS (RFC 7518 §3.5): the salt is as long as the hash output.
+_PSS_HASHES: dict[str, hashes.HashAlgorithm] = {"PS256": hashes.SHA256(), "PS384": hashes.SHA384()}
 _EC_ALGORITHMS: dict[str, tuple[str, hashes.HashAlgorithm, int]] = {
     "secp256r1": ("ES256", hashes.SHA256(), 32),
     "secp384r1": ("ES384", hashes.SHA384(), 48),
@@ -58,9 +62,15 @@ def sign_jwt(
     private_key: SigningKey,
     *,
     header: Mapping[str, object] | None = None,
+    rsa_algorithm: str = "RS256",
 ) -> str:
-    """A compact JWT. Raises ``ConfigError`` for a key that cannot sign tokens."""
+    """A compact JWT. Raises ``ConfigError`` for a key that cannot sign tokens.
+    ``rsa_algorithm``: ``RS256`` or a ``PS*`` algorithm, for RSA keys only."""
     alg = _signing_algorithm(private_key)
+    if alg == "RS256" and rsa_algorithm != "RS256":
+        if rsa_algorithm not in _PSS_HASHES:
+            raise ConfigError(f"an RSA key signs RS256, PS256 or PS384, not {rsa_algorithm}")
+        alg = rsa_algorithm
     extra = dict(header or {})
     if "alg" in extra or "typ" in extra:
         raise ValueError("the extra JWT header must not set 'alg' or 'typ'")
@@ -76,6 +86,10 @@ def sign_jwt(
         signature = r.to_bytes(size, "big") + s.to_bytes(size, "big")
     elif isinstance(private_key, ed25519.Ed25519PrivateKey):
         signature = private_key.sign(data)
+    elif alg in _PSS_HASHES:
+        pss_hash = _PSS_HASHES[alg]
+        pss = padding.PSS(mgf=padding.MGF1(pss_hash), salt_length=pss_hash.digest_size)
+        signature = private_key.sign(data, pss, pss_hash)
     else:
         signature = private_key.sign(data, padding.PKCS1v15(), hashes.SHA256())
     return f"{signing_input}.{b64url_encode(signature)}"
@@ -207,7 +221,7 @@ def _algorithms_for(public_key: PublicKey) -> tuple[frozenset[str], str]:
                 f"RSA verification keys must have at least {MIN_RSA_BITS} bits, "
                 f"found {public_key.key_size}"
             )
-        return frozenset({"RS256", "PS256"}), "RSA"
+        return frozenset({"RS256", *_PSS_HASHES}), "RSA"
     if isinstance(public_key, ed25519.Ed25519PublicKey):
         return frozenset({"EdDSA"}), "Ed25519"
     raise TokenVerificationError(f"unsupported verification key type {type(public_key).__name__}")
@@ -223,10 +237,10 @@ def _verify_signature(alg: str, key: PublicKey, signing_input: bytes, signature:
         s = int.from_bytes(signature[size:], "big")
         key.verify(encode_dss_signature(r, s), signing_input, ec.ECDSA(hash_algorithm))
     elif isinstance(key, rsa.RSAPublicKey):
-        if alg == "PS256":
-            # RFC 7518 §3.5: the salt is as long as the hash output.
-            pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
-            key.verify(signature, signing_input, pss, hashes.SHA256())
+        pss_hash = _PSS_HASHES.get(alg)
+        if pss_hash is not None:
+            pss = padding.PSS(mgf=padding.MGF1(pss_hash), salt_length=pss_hash.digest_size)
+            key.verify(signature, signing_input, pss, pss_hash)
         else:
             key.verify(signature, signing_input, padding.PKCS1v15(), hashes.SHA256())
     else:

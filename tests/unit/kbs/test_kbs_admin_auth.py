@@ -215,6 +215,28 @@ def test_jwks_over_https_and_discovery(tmp_path: Path, monkeypatch: pytest.Monke
                 documents["/keys"] = jwks_document(signer, "k1")
 
 
+def test_issuer_url_without_a_key_set_is_followed_to_its_discovery_document(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As upstream: a URL that holds no JWK set (an issuer's home page, such as Intel Trust
+    Authority's portal URL in upstream's configs) names an issuer; its keys are found through
+    ``<url>/.well-known/openid-configuration``."""
+    signer = ec.generate_private_key(ec.SECP256R1())
+    documents: dict[str, bytes] = {"/portal": b"<html>not a key set</html>"}
+    with https_server(tmp_path, documents) as (base, ca_file):
+        documents["/portal/.well-known/openid-configuration"] = json.dumps(
+            {"issuer": base, "jwks_uri": f"{base}/certs"}
+        ).encode()
+        documents["/certs"] = jwks_document(signer, "k1")
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+        with TestClient(create_app(_jwks_config(f"{base}/portal"), clock=FakeClock(NOW))) as client:
+            assert _post(client, "set resource", mint(signer, kid="k1")) == (200, "")
+        documents["/portal/.well-known/openid-configuration"] = b"{}"
+        with TestClient(create_app(_jwks_config(f"{base}/portal"), clock=FakeClock(NOW))) as client:
+            status, detail = _post(client, "set resource", mint(signer, kid="k1"))
+        assert status == 503 and "has no jwks_uri" in detail
+
+
 def test_identity_provider_down_is_a_clear_error_within_timeout(tmp_path: Path) -> None:
     with https_server(tmp_path, {}) as (base, _):
         dead = base  # the server stops when the block ends
@@ -254,7 +276,7 @@ def test_configuration_mistakes_stop_startup(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="at least one"):
         create_app(no_idp)
-    with pytest.raises(ConfigError, match="cannot read admin key material"):
+    with pytest.raises(ConfigError, match="cannot read key material"):
         create_app(_jwks_config(str(tmp_path / "absent.json")))
     with pytest.raises(ConfigError, match="legacy"):
         kbs_config(admin={"auth_public_key": "/etc/kbs/admin.pem"})

@@ -15,7 +15,7 @@ from jwcrypto import jwk as jw_jwk
 from jwcrypto import jws as jw_jws
 from jwcrypto import jwt as jw_jwt
 
-from keybroker.errors import TokenVerificationError
+from keybroker.errors import ConfigError, TokenVerificationError
 from keybroker.protocol.jwk import b64url_decode, b64url_encode
 from keybroker.protocol.jws import (
     MAX_TOKEN_LENGTH,
@@ -71,6 +71,11 @@ def test_rsa_roundtrip(rsa_key: rsa.RSAPrivateKey) -> None:
     assert verify_jwt(token, rsa_key.public_key(), now=NOW) == CLAIMS
 
 
+def test_rsa_signs_only_rs256_or_pss(rsa_key: rsa.RSAPrivateKey) -> None:
+    with pytest.raises(ConfigError, match="RS256, PS256 or PS384"):
+        sign_jwt(CLAIMS, rsa_key, rsa_algorithm="RS512")
+
+
 def test_header_is_compact_and_ordered(p256: ec.EllipticCurvePrivateKey) -> None:
     jwk = jwk_of(p256.public_key())
     token = sign_jwt({"a": 1}, p256, header={"jwk": jwk, "x5c": ["MIIB"]})
@@ -85,12 +90,13 @@ def test_header_is_compact_and_ordered(p256: ec.EllipticCurvePrivateKey) -> None
         sign_jwt({}, p256, header={"alg": "none"})
 
 
-@pytest.mark.parametrize("kind", ["ES256", "RS256"])
+@pytest.mark.parametrize("kind", ["ES256", "RS256", "PS384"])
 def test_jwcrypto_verifies_our_tokens(
     rsa_key: rsa.RSAPrivateKey, p256: ec.EllipticCurvePrivateKey, kind: str
 ) -> None:
     private_key = p256 if kind == "ES256" else rsa_key
-    token = sign_jwt(CLAIMS, private_key)
+    token = sign_jwt(CLAIMS, private_key, rsa_algorithm="PS384" if kind == "PS384" else "RS256")
+    assert decode_unverified(token)[0]["alg"] == kind
     verifier = jw_jws.JWS()
     verifier.deserialize(token)
     verifier.verify(jw_jwk.JWK.from_pyca(private_key.public_key()), alg=kind)
@@ -109,6 +115,7 @@ def test_jwcrypto_verifies_our_tokens(
         ("ES384", {"kty": "EC", "crv": "P-384"}),
         ("RS256", {"kty": "RSA", "size": 2048}),
         ("PS256", {"kty": "RSA", "size": 2048}),
+        ("PS384", {"kty": "RSA", "size": 2048}),
         ("EdDSA", {"kty": "OKP", "crv": "Ed25519"}),
     ],
 )
