@@ -69,7 +69,7 @@ clean:
 # line or in the environment are passed on; the script names the accepted values of each.
 BUILD_DIR ?= build
 BUILD_SWITCHES := AS_TYPE AS_TYPES COCO_AS_INTEGRATION_TYPE ALIYUN VAULT AWS GCP \
-	NEBULA_CA_PLUGIN EXTERNAL_PLUGIN PQC_EXPERIMENTAL PKCS11 POSTGRES REDIS ATTESTER CLI_FEATURES
+	NEBULA_CA_PLUGIN EXTERNAL_PLUGIN PQC_EXPERIMENTAL PKCS11 POSTGRES REDIS ATTESTER CLI_FEATURES ARCH
 BUILD_ARGS = $(foreach v,$(BUILD_SWITCHES),$(if $(filter-out undefined,$(origin $(v))),$(v)=$($(v)))) \
 	--build-dir $(BUILD_DIR) $(if $(KBS_LISTEN),--listen $(KBS_LISTEN)) \
 	$(if $(AS_LISTEN),--as-listen $(AS_LISTEN))

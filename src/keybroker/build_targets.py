@@ -15,6 +15,7 @@ installed ``kbs`` and ``kbs-client`` commands.
 from __future__ import annotations
 
 import argparse
+import platform
 import subprocess
 import sys
 import venv
@@ -54,7 +55,10 @@ CLIENT_SWITCHES: dict[str, str] = {
     "CLI_FEATURES": "Keybroker's kbs-client has no build features: there is nothing to select",
 }
 AS_SWITCHES = ("AS_TYPE", "AS_TYPES", "COCO_AS_INTEGRATION_TYPE")
-SWITCHES = (*AS_SWITCHES, *EXTRA_SWITCHES, *REFUSED_SWITCHES, *CLIENT_SWITCHES)
+# Upstream cross-compiles for ARCH; pip installs for the interpreter that runs the build.
+HOST_SWITCHES = ("ARCH",)
+SWITCHES = (*AS_SWITCHES, *EXTRA_SWITCHES, *REFUSED_SWITCHES, *CLIENT_SWITCHES, *HOST_SWITCHES)
+_MACHINES = {"arm64": "aarch64", "amd64": "x86_64"}
 
 # Default listening addresses: upstream's quickstart ports.
 DEFAULT_LISTEN = {
@@ -126,6 +130,13 @@ def _as_type(switches: dict[str, str]) -> str | None:
 
 
 def _refused(switches: dict[str, str]) -> None:
+    arch, machine = switches.get("ARCH"), platform.machine()
+    if arch is not None and _MACHINES.get(arch, arch) != _MACHINES.get(machine, machine):
+        raise BuildError(
+            f"ARCH={arch}: Keybroker installs for the interpreter running the build "
+            f"({machine}); for another architecture build there, or an image with "
+            f"docker buildx build --platform"
+        )
     for name, reason in CLIENT_SWITCHES.items():
         if name in switches:
             raise BuildError(f"{name}={switches[name]}: {reason}")

@@ -3,6 +3,7 @@ each target writes (the make targets themselves run in tests/e2e/test_e2e_build_
 
 from __future__ import annotations
 
+import platform
 import re
 from pathlib import Path
 
@@ -141,6 +142,14 @@ def test_a_switch_that_does_not_apply_is_refused_not_ignored(
 ) -> None:
     with pytest.raises(BuildError, match=message):
         plan(target, switches)
+
+
+def test_arch_is_the_machine_running_the_build() -> None:
+    machine = platform.machine()
+    assert plan("cli", {"ARCH": machine}).extras == ()
+    other = "s390x" if machine != "s390x" else "x86_64"
+    with pytest.raises(BuildError, match=f"ARCH={other}: .*docker buildx build --platform"):
+        plan("cli", {"ARCH": other})
 
 
 def test_cli_installs_no_extra() -> None:

@@ -96,7 +96,8 @@ def _build_args(dockerfile: str, compose: dict[str, Any]) -> list[str]:
     if run is None:
         return ["Dockerfile build stage does not install with scripts/build-kbs"]
     passed = set(re.findall(r'\b(\w+)="\$\{(\w+)\}"', run.group(1)))
-    switches = set(build_targets.SWITCHES) - set(build_targets.CLIENT_SWITCHES)
+    # the client's switches are not the image's; ARCH is docker buildx build --platform
+    switches = set(build_targets.SWITCHES) - {*build_targets.CLIENT_SWITCHES, "ARCH"}
     found += [f"Dockerfile ARG {n} is no build-kbs switch" for n in sorted(set(args) - switches)]
     found += [f"Dockerfile has no ARG {n}" for n in sorted(switches - set(args))]
     found += [
