@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 
 .PHONY: run test system-deps lint typecheck unit integration e2e format clean protos bench bench-quick \
-	background-check-kbs passport-issuer-kbs passport-resource-kbs cli
+	background-check-kbs passport-issuer-kbs passport-resource-kbs cli image-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -81,3 +81,8 @@ background-check-kbs passport-issuer-kbs passport-resource-kbs cli:
 protos: $(VENV)/.installed-test
 	$(BIN)/python -m grpc_tools.protoc -I src --python_out=src --pyi_out=src \
 		--grpc_python_out=src src/keybroker/grpc_api/*.proto
+
+# Build docker/Dockerfile, run `kbs --help` in it, and see a wrong build arg refused. Needs a
+# Docker daemon and PyPI, so it is not part of `make test` (docs/deployment.md).
+image-test:
+	scripts/image-test
