@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test system-deps lint typecheck unit integration e2e format clean protos bench bench-quick
+.PHONY: run test system-deps lint typecheck unit integration e2e format clean protos bench bench-quick \
+	background-check-kbs passport-issuer-kbs passport-resource-kbs cli image-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,9 +59,30 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix src tests bench
 
 clean:
-	rm -rf $(VENV) .kbs .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .kbs .mypy_cache .pytest_cache .ruff_cache $(BUILD_DIR)
+
+# Upstream's build interface (kbs/Makefile): `make background-check-kbs AS_TYPES=coco-as
+# COCO_AS_INTEGRATION_TYPE=grpc ALIYUN=true`, passport-issuer-kbs, passport-resource-kbs, cli.
+# Each installs keybroker with the extras the switches select into $(BUILD_DIR)/venvs/<extras>,
+# writes a starter config to $(BUILD_DIR)/<target>/ and prints the command that runs it
+# (scripts/build-kbs; the switch table is in the README). Only switches given on the command
+# line or in the environment are passed on; the script names the accepted values of each.
+BUILD_DIR ?= build
+BUILD_SWITCHES := AS_TYPE AS_TYPES COCO_AS_INTEGRATION_TYPE ALIYUN VAULT AWS GCP \
+	NEBULA_CA_PLUGIN EXTERNAL_PLUGIN PQC_EXPERIMENTAL PKCS11 POSTGRES REDIS ATTESTER CLI_FEATURES ARCH
+BUILD_ARGS = $(foreach v,$(BUILD_SWITCHES),$(if $(filter-out undefined,$(origin $(v))),$(v)=$($(v)))) \
+	--build-dir $(BUILD_DIR) $(if $(KBS_LISTEN),--listen $(KBS_LISTEN)) \
+	$(if $(AS_LISTEN),--as-listen $(AS_LISTEN))
+
+background-check-kbs passport-issuer-kbs passport-resource-kbs cli:
+	$(PYTHON) scripts/build-kbs $@ $(BUILD_ARGS)
 
 # Regenerate the checked-in gRPC modules from src/keybroker/grpc_api/*.proto
 protos: $(VENV)/.installed-test
 	$(BIN)/python -m grpc_tools.protoc -I src --python_out=src --pyi_out=src \
 		--grpc_python_out=src src/keybroker/grpc_api/*.proto
+
+# Build docker/Dockerfile, run `kbs --help` in it, and see a wrong build arg refused. Needs a
+# Docker daemon and PyPI, so it is not part of `make test` (docs/deployment.md).
+image-test:
+	scripts/image-test

@@ -101,12 +101,15 @@ def running_kbs(
     verify: str | bool = True,
     log_name: str = "kbs.log",
     env: dict[str, str] | None = None,
+    bin_dir: Path = BIN,
 ) -> Iterator[subprocess.Popen[bytes]]:
+    """``kbs`` from ``bin_dir`` (this environment's, or one ``make background-check-kbs``
+    built) with ``args``, until it answers ``/healthz``; stopped on exit."""
     log = workdir / log_name
     instance = f"test-{uuid.uuid4().hex}"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [str(BIN / "kbs"), *args],
+            [str(bin_dir / "kbs"), *args],
             cwd=workdir,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -125,10 +128,10 @@ def running_kbs(
 
 
 def kbs_client(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, bin_dir: Path = BIN
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN / "kbs-client"), *args],
+        [str(bin_dir / "kbs-client"), *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,5 +1,6 @@
-"""Static checks of deploy/ (no Docker here): every config key, command, port and file path in
-the Dockerfile, compose file and Kubernetes manifests must exist in the code and agree."""
+"""Static checks of deploy/ and docker/ (no image can be built here: docs/deployment.md says
+why): every config key, command, port, file path and build arg in the Dockerfile, compose
+file and Kubernetes manifests must exist in the code and agree."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from typing import Any
 import pytest
 import yaml
 
+from keybroker import build_targets
 from keybroker.config import AttestationServiceFileConfig, KbsConfig, load_as_config, load_config
 from keybroker.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+# Commands that serve gRPC: an image running them needs the grpc extra.
+GRPC_COMMANDS = {"grpc-as", "rvps"}
 SCRIPTS = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
 CONFIGS = {"kbs-config.toml", "kbs-passport-config.toml", "as-config.toml", "rvps-config.toml"}
 
@@ -71,6 +76,50 @@ def _commands(deploy: Path, compose: dict[str, Any]) -> list[str]:
     return found
 
 
+def _build_stage(dockerfile: str) -> str:
+    """From the first ``FROM`` to the next."""
+    return dockerfile.split("\nFROM ")[1]
+
+
+def _image_plan(args: dict[str, str]) -> build_targets.Plan:
+    assignments = [f"{name}={value}" for name, value in args.items()]
+    return build_targets.plan("background-check-kbs", build_targets.parse_assignments(assignments))
+
+
+def _build_args(dockerfile: str, compose: dict[str, Any]) -> list[str]:
+    """The image's build args are scripts/build-kbs's switches, all passed on, with defaults
+    it accepts; compose builds the image with grpc when it runs grpc-as or rvps."""
+    found: list[str] = []
+    stage = _build_stage(dockerfile)
+    args = dict(re.findall(r"^ARG (\w+)=(.*)$", stage, re.M))
+    run = re.search(r"^RUN python scripts/build-kbs background-check-kbs (.*)", stage, re.M | re.S)
+    if run is None:
+        return ["Dockerfile build stage does not install with scripts/build-kbs"]
+    passed = set(re.findall(r'\b(\w+)="\$\{(\w+)\}"', run.group(1)))
+    # the client's switches are not the image's; ARCH is docker buildx build --platform
+    switches = set(build_targets.SWITCHES) - {*build_targets.CLIENT_SWITCHES, "ARCH"}
+    found += [f"Dockerfile ARG {n} is no build-kbs switch" for n in sorted(set(args) - switches)]
+    found += [f"Dockerfile has no ARG {n}" for n in sorted(switches - set(args))]
+    found += [
+        f"Dockerfile does not pass {n} to build-kbs"
+        for n in sorted(switches)
+        if (n, n) not in passed
+    ]
+    try:
+        _image_plan(args)
+    except build_targets.BuildError as error:
+        found.append(f"Dockerfile defaults: {error}")
+    image = next(s for s in compose.values() if "build" in s)["build"]
+    serves_grpc = {s["entrypoint"][0] for s in compose.values()} & GRPC_COMMANDS
+    try:
+        extras = _image_plan({**args, **image.get("args", {})}).extras
+    except build_targets.BuildError as error:
+        return [*found, f"compose build args: {error}"]
+    if serves_grpc and "grpc" not in extras:
+        found.append(f"compose runs {', '.join(sorted(serves_grpc))} from an image without grpc")
+    return found
+
+
 def problems(deploy: Path) -> list[str]:
     found: list[str] = []
     kbs_configs, service_configs = _configs(deploy)
@@ -79,6 +128,7 @@ def problems(deploy: Path) -> list[str]:
     setup_creates = set(re.findall(r'"\$KEYS/([\w.-]+)"', (deploy / "setup.sh").read_text()))
 
     found += _commands(deploy, compose)
+    found += _build_args((deploy / "Dockerfile").read_text(), compose)
 
     # ports and addresses agree
     kbs_port = _port(kbs.http_server.sockets[0])
@@ -183,6 +233,47 @@ def test_a_missing_command_is_caught(broken: Path) -> None:
     compose = broken / "docker-compose.yml"
     compose.write_text(compose.read_text().replace('["grpc-as"', '["grpc-as-server"'))
     assert any("no command 'grpc-as-server'" in p for p in problems(broken))
+
+
+def test_deploy_dockerfile_is_the_one_dockerfile() -> None:
+    assert (DEPLOY / "Dockerfile").is_symlink()
+    assert (DEPLOY / "Dockerfile").resolve() == DOCKERFILE.resolve()
+    assert not DOCKERFILE.is_symlink()
+
+
+def test_an_unknown_build_arg_is_caught(broken: Path) -> None:
+    dockerfile = broken / "Dockerfile"
+    dockerfile.write_text(dockerfile.read_text().replace("ARG REDIS=true", "ARG MEMCACHED=true"))
+    found = problems(broken)
+    assert "Dockerfile ARG MEMCACHED is no build-kbs switch" in found
+    assert "Dockerfile has no ARG REDIS" in found
+
+
+def test_a_build_arg_not_passed_on_is_caught(broken: Path) -> None:
+    dockerfile = broken / "Dockerfile"
+    dockerfile.write_text(dockerfile.read_text().replace(' VAULT="${VAULT}"', ""))
+    assert "Dockerfile does not pass VAULT to build-kbs" in problems(broken)
+
+
+def test_a_build_arg_default_build_kbs_refuses_is_caught(broken: Path) -> None:
+    dockerfile = broken / "Dockerfile"
+    dockerfile.write_text(dockerfile.read_text().replace("ARG AWS=false", "ARG AWS=true"))
+    assert any(p.startswith("Dockerfile defaults: AWS=true") for p in problems(broken))
+
+
+def test_compose_building_without_grpc_is_caught(broken: Path) -> None:
+    compose = broken / "docker-compose.yml"
+    compose.write_text(
+        compose.read_text().replace("COCO_AS_INTEGRATION_TYPE: grpc", "VAULT: 'true'")
+    )
+    assert "compose runs grpc-as, rvps from an image without grpc" in problems(broken)
+
+
+def test_the_default_image_is_upstreams_coco_as_builtin_with_vault_and_pkcs11() -> None:
+    stage = _build_stage(DOCKERFILE.read_text())
+    chosen = _image_plan(dict(re.findall(r"^ARG (\w+)=(.*)$", stage, re.M)))
+    assert (chosen.as_type, chosen.integration) == ("coco-as", "builtin")
+    assert chosen.extras == ("pkcs11", "postgres", "redis", "vault")
 
 
 def test_every_config_file_is_checked() -> None:
