@@ -30,15 +30,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from keybroker.verifiers.dcap import parse_quote, verify_quote  # noqa: E402
-from keybroker.verifiers.dcap_collateral import (  # noqa: E402
+from keybroker.verifiers.intel.dcap import parse_quote, verify_quote  # noqa: E402
+from keybroker.verifiers.intel.dcap_collateral import (  # noqa: E402
     Collateral,
     CollateralRequest,
     collateral_request,
     signed_member,
     verify_collateral,
 )
-from keybroker.verifiers.dcap_fetcher import CachingFetcher, CollateralFetcher  # noqa: E402
+from keybroker.verifiers.intel.dcap_fetcher import CachingFetcher, CollateralFetcher  # noqa: E402
 from standins.intel_pki import IntelPki  # noqa: E402
 
 VECTORS = ROOT / "tests" / "vectors" / "verifier"

@@ -14,7 +14,7 @@ import base64
 from conftest import vector
 from keybroker.client.attesters import Attester
 from keybroker.protocol.models import JsonValue, Tee
-from keybroker.verifiers.dcap import HEADER_SIZE
+from keybroker.verifiers.intel.dcap import HEADER_SIZE
 
 # (recorded quote, offset of REPORTDATA in its body): TD 1.0 report body, SGX report body
 _QUOTES = {Tee.TDX: ("tdx_quote_4.dat", 520), Tee.SGX: ("occlum_quote.dat", 320)}

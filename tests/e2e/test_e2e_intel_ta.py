@@ -21,7 +21,7 @@ from keybroker.client.keys import TeeKey
 from keybroker.client.rcar import KbsClient
 from keybroker.errors import KbsRejectedError
 from keybroker.protocol.models import Tee
-from keybroker.verifiers.dcap import TdReportBody, parse_quote
+from keybroker.verifiers.intel.dcap import TdReportBody, parse_quote
 from ports import free_port
 from recorded_quotes import RecordedQuoteAttester
 from standins.ita import ItaStandIn, running_ita_standin

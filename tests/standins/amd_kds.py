@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from keybroker.verifiers.snp_report import Product, TcbVersion
+from keybroker.verifiers.amd.snp_report import Product, TcbVersion
 
 _SPLS = ("fmcSPL", "blSPL", "teeSPL", "snpSPL", "ucodeSPL")
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from keybroker.verifiers.snp_certs import (
+from keybroker.verifiers.amd.snp_certs import (
     OID_BL_SPL,
     OID_FMC_SPL,
     OID_HWID,
@@ -36,7 +36,7 @@ from keybroker.verifiers.snp_certs import (
     OID_UCODE_SPL,
     AmdRoots,
 )
-from keybroker.verifiers.snp_report import SIGNED_SIZE, Product, SnpReport, TcbVersion
+from keybroker.verifiers.amd.snp_report import SIGNED_SIZE, Product, SnpReport, TcbVersion
 
 START = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)

@@ -18,8 +18,8 @@ import struct
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from keybroker.verifiers.az_hcl import HW_REPORT_SIZE, HclReportType
-from keybroker.verifiers.tpm_quote import TPM_ALG_SHA256, TPM_GENERATED_VALUE, TPM_ST_ATTEST_QUOTE
+from keybroker.verifiers.azure.az_hcl import HW_REPORT_SIZE, HclReportType
+from keybroker.verifiers.tpm.quote import TPM_ALG_SHA256, TPM_GENERATED_VALUE, TPM_ST_ATTEST_QUOTE
 
 
 def b64url(data: bytes) -> str:

@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from keybroker.verifiers.dcap_collateral import Collateral, CollateralRequest
+from keybroker.verifiers.intel.dcap_collateral import Collateral, CollateralRequest
 
 
 class PcsStandIn:

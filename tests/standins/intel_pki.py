@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from keybroker.verifiers.dcap import Quote
-from keybroker.verifiers.dcap_collateral import Collateral
-from keybroker.verifiers.sgx_extensions import SGX_EXTENSION, sgx_extension
+from keybroker.verifiers.intel.dcap import Quote
+from keybroker.verifiers.intel.dcap_collateral import Collateral
+from keybroker.verifiers.intel.sgx_extensions import SGX_EXTENSION, sgx_extension
 from pki import Issued
 
 START = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)

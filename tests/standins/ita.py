@@ -53,7 +53,7 @@ from starlette.routing import Route
 from keybroker.errors import EvidenceError
 from keybroker.protocol.jwk import b64url_encode, compact_json
 from keybroker.protocol.jws import jwk_of, sign_jwt
-from keybroker.verifiers.dcap import SgxReportBody, TdReportBody, parse_quote
+from keybroker.verifiers.intel.dcap import SgxReportBody, TdReportBody, parse_quote
 from pki import issue, write
 from standins.server import ServedApp
 

@@ -50,8 +50,8 @@ from keybroker.kbs.tokens import TokenVerifier
 from keybroker.protocol.canonical import HashAlgorithm, jcs
 from keybroker.protocol.jws import decode_unverified
 from keybroker.protocol.models import JsonValue, Tee
-from keybroker.verifiers.az_hcl import HclReportType, parse_hcl_report
-from keybroker.verifiers.az_tdx_vtpm import parse_evidence as parse_az_tdx_evidence
+from keybroker.verifiers.azure.az_hcl import HclReportType, parse_hcl_report
+from keybroker.verifiers.azure.az_tdx_vtpm import parse_evidence as parse_az_tdx_evidence
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Evidence verifiers, one module per TEE. Pure: no sockets, collateral is injected.
+"""Evidence verifiers, grouped by vendor (``intel/``, ``amd/``, ``azure/``, ...; formats shared by
+several TEEs in ``tcg/`` and ``tpm/``). Pure: no sockets, collateral is injected.
 
 Registration is this explicit table; a TEE without an entry is refused with a clear error.
 """
@@ -10,15 +11,19 @@ from collections.abc import Callable
 from typing import Any
 
 from keybroker.protocol.models import Tee
-from keybroker.verifiers.az_snp_vtpm import AzSnpVtpmVerifier
-from keybroker.verifiers.az_tdx_vtpm import AzTdxVtpmVerifier
+from keybroker.verifiers.amd.snp import SnpVerifier
+from keybroker.verifiers.amd.snp_settings import build_snp_appraiser
+from keybroker.verifiers.azure.az_snp_vtpm import AzSnpVtpmVerifier
+from keybroker.verifiers.azure.az_tdx_vtpm import AzTdxVtpmVerifier
 from keybroker.verifiers.base import TeeClaims, Verifier
-from keybroker.verifiers.dcap_settings import CollateralAppraiser, build_fetcher, dcap_settings
-from keybroker.verifiers.intel import SgxVerifier, TdxVerifier
+from keybroker.verifiers.intel.dcap_settings import (
+    CollateralAppraiser,
+    build_fetcher,
+    dcap_settings,
+)
+from keybroker.verifiers.intel.verifier import SgxVerifier, TdxVerifier
 from keybroker.verifiers.sample import SampleVerifier
 from keybroker.verifiers.sample_device import SampleDeviceVerifier
-from keybroker.verifiers.snp import SnpVerifier
-from keybroker.verifiers.snp_settings import build_snp_appraiser
 
 
 def build_verifiers(

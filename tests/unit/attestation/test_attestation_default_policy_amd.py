@@ -11,7 +11,7 @@ from default_policy import appraise
 from conftest import vector
 from keybroker.attestation.ear import status_of
 from keybroker.attestation.policy import _literal_reference_ids, builtin_attestation_policy
-from keybroker.verifiers.snp_report import report_from_json, snp_claims
+from keybroker.verifiers.amd.snp_report import report_from_json, snp_claims
 
 
 def _snp() -> dict[str, Any]:

@@ -13,13 +13,13 @@ from default_policy import appraise
 from conftest import vector
 from keybroker.attestation.ear import status_of
 from keybroker.protocol.models import JsonValue
-from keybroker.verifiers.az_snp_vtpm import AzSnpVtpmVerifier
-from keybroker.verifiers.az_tdx_vtpm import AzTdxVtpmVerifier
-from keybroker.verifiers.dcap import Quote
-from keybroker.verifiers.snp import SnpAppraiser
-from keybroker.verifiers.snp_certs import KeyKind
-from keybroker.verifiers.snp_fetcher import SnpCollateralFetcher, VcekRequest
-from keybroker.verifiers.snp_report import Product
+from keybroker.verifiers.amd.snp import SnpAppraiser
+from keybroker.verifiers.amd.snp_certs import KeyKind
+from keybroker.verifiers.amd.snp_fetcher import SnpCollateralFetcher, VcekRequest
+from keybroker.verifiers.amd.snp_report import Product
+from keybroker.verifiers.azure.az_snp_vtpm import AzSnpVtpmVerifier
+from keybroker.verifiers.azure.az_tdx_vtpm import AzTdxVtpmVerifier
+from keybroker.verifiers.intel.dcap import Quote
 
 NOW = datetime.datetime(2025, 6, 1, tzinfo=datetime.UTC)  # the recorded VCEK and PCKs are valid
 CHALLENGE = b"challenge"  # the nonce the recordings are bound to

@@ -13,9 +13,9 @@ from default_policy import appraise
 
 from conftest import vector
 from keybroker.attestation.ear import status_of
-from keybroker.verifiers.dcap import parse_quote, verify_quote
-from keybroker.verifiers.sgx_claims import sgx_claims
-from keybroker.verifiers.tdx_claims import tdx_claims
+from keybroker.verifiers.intel.dcap import parse_quote, verify_quote
+from keybroker.verifiers.intel.sgx_claims import sgx_claims
+from keybroker.verifiers.intel.tdx_claims import tdx_claims
 
 NOW = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
 UP_TO_DATE = {"tcb_status": "UpToDate", "collateral_expiration_status": "0"}

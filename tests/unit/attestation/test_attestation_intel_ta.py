@@ -22,8 +22,8 @@ from keybroker.client.keys import TeeKey
 from keybroker.errors import AttestationError, EvidenceError
 from keybroker.protocol.canonical import HashAlgorithm, jcs, runtime_data
 from keybroker.protocol.models import JsonValue, Tee
-from keybroker.verifiers.az_hcl import HclReportType, parse_hcl_report
-from keybroker.verifiers.az_tdx_vtpm import parse_evidence
+from keybroker.verifiers.azure.az_hcl import HclReportType, parse_hcl_report
+from keybroker.verifiers.azure.az_tdx_vtpm import parse_evidence
 
 NONCE = base64.b64encode(b"\7" * 32).decode()
 KEY = TeeKey.generate().public_jwk()

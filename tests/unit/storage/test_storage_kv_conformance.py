@@ -61,9 +61,7 @@ def run(opened: list[KeyValueStorage]) -> Runner[Any]:
     return runner
 
 
-@pytest.fixture(
-    params=["memory", "local_fs", "shared_memory", "local_json", "postgres", "redis"]
-)
+@pytest.fixture(params=["memory", "local_fs", "shared_memory", "local_json", "postgres", "redis"])
 def new_storage(
     request: pytest.FixtureRequest, tmp_path: Path, clock: SteppedClock
 ) -> Iterator[Factory]:

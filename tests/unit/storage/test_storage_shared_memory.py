@@ -136,9 +136,7 @@ def test_purge_keeps_a_value_written_after_the_expired_one_was_read(
     assert os.listdir(tmp_path / "sessions") == ["s"]
 
 
-def test_expired_entry_reads_as_missing_and_is_removed(
-    tmp_path: Path, clock: SteppedClock
-) -> None:
+def test_expired_entry_reads_as_missing_and_is_removed(tmp_path: Path, clock: SteppedClock) -> None:
     store = SharedMemoryKeyValueStorage(tmp_path, "sessions", clock)
 
     async def scenario() -> None:

@@ -23,13 +23,17 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from conftest import vector
 from keybroker.errors import EvidenceError
 from keybroker.protocol.models import JsonValue, Tee
-from keybroker.verifiers.az_hcl import HclReportType, check_runtime_data_binding, parse_hcl_report
-from keybroker.verifiers.az_snp_vtpm import AzSnpVtpmVerifier
-from keybroker.verifiers.az_vtpm import b64url_bytes, init_data_pcr_value
-from keybroker.verifiers.snp import SnpAppraiser, parse_report
-from keybroker.verifiers.snp_certs import KeyKind, load_certificates
-from keybroker.verifiers.snp_fetcher import SnpCollateralFetcher, VcekRequest
-from keybroker.verifiers.snp_report import Product, TcbVersion
+from keybroker.verifiers.amd.snp import SnpAppraiser, parse_report
+from keybroker.verifiers.amd.snp_certs import KeyKind, load_certificates
+from keybroker.verifiers.amd.snp_fetcher import SnpCollateralFetcher, VcekRequest
+from keybroker.verifiers.amd.snp_report import Product, TcbVersion
+from keybroker.verifiers.azure.az_hcl import (
+    HclReportType,
+    check_runtime_data_binding,
+    parse_hcl_report,
+)
+from keybroker.verifiers.azure.az_snp_vtpm import AzSnpVtpmVerifier
+from keybroker.verifiers.azure.az_vtpm import b64url_bytes, init_data_pcr_value
 from standins.amd_pki import AmdPki, Issued, build_report
 from standins.azure_vtpm import AzureVtpm, b64url, hcl_report
 

@@ -22,9 +22,13 @@ from cryptography import x509
 from conftest import vector
 from keybroker.errors import EvidenceError
 from keybroker.protocol.models import JsonValue, Tee
-from keybroker.verifiers.az_hcl import HclReportType, check_runtime_data_binding, parse_hcl_report
-from keybroker.verifiers.az_tdx_vtpm import AzTdxVtpmVerifier
-from keybroker.verifiers.dcap import Quote, TdReportBody, parse_quote, verify_quote
+from keybroker.verifiers.azure.az_hcl import (
+    HclReportType,
+    check_runtime_data_binding,
+    parse_hcl_report,
+)
+from keybroker.verifiers.azure.az_tdx_vtpm import AzTdxVtpmVerifier
+from keybroker.verifiers.intel.dcap import Quote, TdReportBody, parse_quote, verify_quote
 
 NOW = datetime.datetime(2025, 6, 1, tzinfo=datetime.UTC)  # the PCK certificate is valid
 CHALLENGE = b"challenge"  # the nonce both recordings are bound to

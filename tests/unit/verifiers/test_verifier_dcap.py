@@ -15,16 +15,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from conftest import vector
 from keybroker.errors import EvidenceError
-from keybroker.verifiers.dcap import (
+from keybroker.verifiers.intel.dcap import (
     TdReportBody,
     intel_root,
     parse_quote,
     verify_pck_chain,
     verify_quote,
 )
-from keybroker.verifiers.sgx_claims import sgx_claims
-from keybroker.verifiers.sgx_extensions import sgx_extension
-from keybroker.verifiers.tdx_claims import tdx_claims
+from keybroker.verifiers.intel.sgx_claims import sgx_claims
+from keybroker.verifiers.intel.sgx_extensions import sgx_extension
+from keybroker.verifiers.intel.tdx_claims import tdx_claims
 from pki import issue
 
 # a moment inside every vector's PCK chain validity

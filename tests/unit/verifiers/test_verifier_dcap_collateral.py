@@ -15,8 +15,8 @@ import pytest
 
 from conftest import vector
 from keybroker.errors import EvidenceError
-from keybroker.verifiers.dcap import Quote, TdReportBody, intel_root, parse_quote
-from keybroker.verifiers.dcap_collateral import (
+from keybroker.verifiers.intel.dcap import Quote, TdReportBody, intel_root, parse_quote
+from keybroker.verifiers.intel.dcap_collateral import (
     Collateral,
     CollateralRequest,
     collateral_request,
@@ -25,9 +25,9 @@ from keybroker.verifiers.dcap_collateral import (
     signed_member,
     verify_collateral,
 )
-from keybroker.verifiers.dcap_tcb import PlatformTcb, evaluate_tcb
-from keybroker.verifiers.dcap_tcb_info import TcbStatus, parse_qe_identity, parse_tcb_info
-from keybroker.verifiers.sgx_extensions import SGX_EXTENSION, sgx_extension
+from keybroker.verifiers.intel.dcap_tcb import PlatformTcb, evaluate_tcb
+from keybroker.verifiers.intel.dcap_tcb_info import TcbStatus, parse_qe_identity, parse_tcb_info
+from keybroker.verifiers.intel.sgx_extensions import SGX_EXTENSION, sgx_extension
 from standins.intel_pki import IntelPki, issue, signed_document
 
 NOW = datetime.datetime(2025, 11, 1, tzinfo=datetime.UTC)  # inside the vectors' validity

@@ -20,15 +20,15 @@ from cryptography.hazmat.primitives import serialization
 from conftest import vector
 from keybroker.errors import ConfigError, ServiceUnavailableError
 from keybroker.kbs.tls import self_signed_certificate
-from keybroker.verifiers.dcap import Quote, parse_quote
-from keybroker.verifiers.dcap_collateral import (
+from keybroker.verifiers.intel.dcap import Quote, parse_quote
+from keybroker.verifiers.intel.dcap_collateral import (
     Collateral,
     CollateralRequest,
     collateral_request,
     signed_member,
     verify_collateral,
 )
-from keybroker.verifiers.dcap_fetcher import (
+from keybroker.verifiers.intel.dcap_fetcher import (
     CachingFetcher,
     CollateralFetcher,
     DirectoryFetcher,

@@ -7,8 +7,7 @@ from cryptography import x509
 
 from keybroker.errors import EvidenceError
 from keybroker.verifiers import der
-from keybroker.verifiers.sgx_extensions import SGX_EXTENSION, sgx_extension
-from keybroker.verifiers.snp_certs import (
+from keybroker.verifiers.amd.snp_certs import (
     OID_BL_SPL,
     OID_HWID,
     OID_SNP_SPL,
@@ -16,6 +15,7 @@ from keybroker.verifiers.snp_certs import (
     OID_UCODE_SPL,
     endorsement_key,
 )
+from keybroker.verifiers.intel.sgx_extensions import SGX_EXTENSION, sgx_extension
 from pki import issue
 
 

@@ -13,8 +13,8 @@ import pytest
 
 from conftest import vector
 from keybroker.errors import EvidenceError
-from keybroker.verifiers.dcap import TdReportBody, parse_quote
-from keybroker.verifiers.eventlog import (
+from keybroker.verifiers.intel.dcap import TdReportBody, parse_quote
+from keybroker.verifiers.tcg.eventlog import (
     MAX_EVENT_DATA_SIZE,
     MAX_EVENTS,
     MAX_LOG_SIZE,
@@ -25,8 +25,8 @@ from keybroker.verifiers.eventlog import (
     uefi_event_logs,
     verify_against_rtmrs,
 )
-from keybroker.verifiers.eventlog_details import event_details
-from keybroker.verifiers.eventlog_devpath import render_device_path, render_node
+from keybroker.verifiers.tcg.eventlog_details import event_details
+from keybroker.verifiers.tcg.eventlog_devpath import render_device_path, render_node
 
 WITH_EXPECTED_OUTPUT = [
     "CCEL_AAEL_alibabacloud",

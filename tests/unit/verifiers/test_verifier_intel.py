@@ -13,8 +13,8 @@ from conftest import vector
 from keybroker.errors import ConfigError, EvidenceError, KeybrokerError
 from keybroker.protocol.models import JsonValue, Tee
 from keybroker.verifiers import build_verifiers
-from keybroker.verifiers.dcap import Quote, SgxReportBody, parse_quote
-from keybroker.verifiers.intel import SgxVerifier, TdxVerifier
+from keybroker.verifiers.intel.dcap import Quote, SgxReportBody, parse_quote
+from keybroker.verifiers.intel.verifier import SgxVerifier, TdxVerifier
 
 IN_VALIDITY = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC).timestamp()
 

@@ -21,24 +21,24 @@ from conftest import vector
 from keybroker.errors import EvidenceError, ServiceUnavailableError
 from keybroker.protocol.models import Tee
 from keybroker.verifiers import build_verifiers
-from keybroker.verifiers.az_snp_vtpm import AzSnpVtpmVerifier
-from keybroker.verifiers.az_tdx_vtpm import AzTdxVtpmVerifier
-from keybroker.verifiers.snp import (
+from keybroker.verifiers.amd.snp import (
     SnpAppraiser,
     SnpVerifier,
     parse_evidence,
     parse_report,
     snp_claims,
 )
-from keybroker.verifiers.snp_certs import (
+from keybroker.verifiers.amd.snp_certs import (
     KeyKind,
     endorsement_key,
     load_certificates,
     pinned_roots,
     verify_key_chain,
 )
-from keybroker.verifiers.snp_fetcher import SnpCollateralFetcher, VcekRequest
-from keybroker.verifiers.snp_report import Product, SnpReport, TcbVersion
+from keybroker.verifiers.amd.snp_fetcher import SnpCollateralFetcher, VcekRequest
+from keybroker.verifiers.amd.snp_report import Product, SnpReport, TcbVersion
+from keybroker.verifiers.azure.az_snp_vtpm import AzSnpVtpmVerifier
+from keybroker.verifiers.azure.az_tdx_vtpm import AzTdxVtpmVerifier
 from standins.amd_pki import AmdPki, Issued, build_report, evidence
 
 _DER = serialization.Encoding.DER

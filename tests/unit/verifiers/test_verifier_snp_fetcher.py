@@ -21,17 +21,17 @@ import pytest
 from conftest import FakeClock, vector
 from keybroker.errors import ConfigError, ServiceUnavailableError
 from keybroker.kbs.tls import self_signed_certificate
-from keybroker.verifiers.snp import SnpAppraiser, SnpVerifier, parse_evidence, parse_report
-from keybroker.verifiers.snp_certs import KeyKind, pinned_roots
-from keybroker.verifiers.snp_fetcher import (
+from keybroker.verifiers.amd.snp import SnpAppraiser, SnpVerifier, parse_evidence, parse_report
+from keybroker.verifiers.amd.snp_certs import KeyKind, pinned_roots
+from keybroker.verifiers.amd.snp_fetcher import (
     KdsFetcher,
     SnpCachingFetcher,
     SnpDirectoryFetcher,
     SnpFallbackFetcher,
     VcekRequest,
 )
-from keybroker.verifiers.snp_report import Product, SnpReport, TcbVersion
-from keybroker.verifiers.snp_settings import build_snp_appraiser, build_snp_fetcher
+from keybroker.verifiers.amd.snp_report import Product, SnpReport, TcbVersion
+from keybroker.verifiers.amd.snp_settings import build_snp_appraiser, build_snp_fetcher
 from standins.amd_kds import KdsStandIn
 from standins.amd_pki import AmdPki, build_report
 from standins.server import ServedApp

@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from conftest import vector
 from keybroker.errors import EvidenceError
-from keybroker.verifiers.snp import parse_report, report_from_json, snp_claims
-from keybroker.verifiers.snp_certs import EndorsementKey, KeyKind, load_certificates
-from keybroker.verifiers.snp_certs import verify_report_signature as _verify
-from keybroker.verifiers.snp_report import FirmwareVersion, Product, SnpReport, TcbVersion
+from keybroker.verifiers.amd.snp import parse_report, report_from_json, snp_claims
+from keybroker.verifiers.amd.snp_certs import EndorsementKey, KeyKind, load_certificates
+from keybroker.verifiers.amd.snp_certs import verify_report_signature as _verify
+from keybroker.verifiers.amd.snp_report import FirmwareVersion, Product, SnpReport, TcbVersion
 from standins.amd_pki import build_report, report_json
 
 SNP = vector("verifier", "snp")

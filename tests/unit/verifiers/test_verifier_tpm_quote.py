@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from conftest import vector
 from keybroker.errors import EvidenceError
-from keybroker.verifiers.az_hcl import HclReportType, parse_hcl_report
-from keybroker.verifiers.tpm_quote import (
+from keybroker.verifiers.azure.az_hcl import HclReportType, parse_hcl_report
+from keybroker.verifiers.tpm.quote import (
     TPM_ALG_ECDSA,
     TPM_ALG_SHA256,
     TPM_ALG_SHA384,

@@ -1,6 +1,6 @@
 """The ``az-snp-vtpm`` verifier: an Azure SEV-SNP confidential VM, attested through its vTPM.
 
-Evidence (:mod:`keybroker.verifiers.az_vtpm` describes the versions): version 0 ``{quote,
+Evidence (:mod:`keybroker.verifiers.azure.az_vtpm` describes the versions): version 0 ``{quote,
 report, vcek}`` (byte lists; ``vcek`` in PEM); versions 1 and 2 ``{version, tpm_quote,
 hcl_report, vcek}`` (the HCL report and the DER VCEK in URL-safe base64). The chain of trust,
 checked in this order (each step fails closed with :class:`EvidenceError`):
@@ -30,8 +30,14 @@ from cryptography import x509
 
 from keybroker.errors import EvidenceError
 from keybroker.protocol.models import JsonValue, Tee
-from keybroker.verifiers.az_hcl import HclReportType, check_runtime_data_binding, parse_hcl_report
-from keybroker.verifiers.az_vtpm import (
+from keybroker.verifiers.amd.snp import SnpAppraiser, SnpReport, parse_report
+from keybroker.verifiers.amd.snp_certs import load_certificates
+from keybroker.verifiers.azure.az_hcl import (
+    HclReportType,
+    check_runtime_data_binding,
+    parse_hcl_report,
+)
+from keybroker.verifiers.azure.az_vtpm import (
     VtpmQuote,
     b64url_bytes,
     byte_list,
@@ -45,8 +51,6 @@ from keybroker.verifiers.az_vtpm import (
     verify_vtpm_quote,
 )
 from keybroker.verifiers.base import TeeClaims, Verifier
-from keybroker.verifiers.snp import SnpAppraiser, SnpReport, parse_report
-from keybroker.verifiers.snp_certs import load_certificates
 
 TEE = Tee.AZ_SNP_VTPM
 MAX_VCEK_CERTIFICATES = 4  # a VCEK, perhaps followed by its ASK and ARK
@@ -106,7 +110,7 @@ def az_snp_claims(report: SnpReport) -> dict[str, JsonValue]:
     """Upstream's Azure SNP claims. They differ from the ``snp`` verifier's: every value is a
     string (numbers in decimal, flags ``"true"``/``"false"``) and byte strings are standard
     base64. ``report_data`` and ``init_data`` are replaced by the vTPM's (see
-    :func:`keybroker.verifiers.az_vtpm.tpm_claims`)."""
+    :func:`keybroker.verifiers.azure.az_vtpm.tpm_claims`)."""
     policy, platform, tcb = report.policy, report.platform_info, report.reported_tcb
     return {
         "policy_abi_major": str(policy >> 8 & 0xFF),

@@ -2,7 +2,7 @@
 
 Evidence, as upstream's attesters send it: TDX ``{"quote": <base64>, "cc_eventlog": <base64>?}``,
 SGX ``{"quote": <base64>}``. Steps: parse and verify the quote to the pinned Intel root
-(:mod:`keybroker.verifiers.dcap`), bind it to the session (``report_data`` = the expected
+(:mod:`keybroker.verifiers.intel.dcap`), bind it to the session (``report_data`` = the expected
 runtime-data digest padded with zero bytes to 64; the init-data digest padded to the width of
 ``mr_config_id`` (48) or ``config_id`` (64)), then let the injected :class:`TcbAppraiser` add
 the collateral results (``tcb_status``, ``advisory_ids``, dates). Without an appraiser the
@@ -24,21 +24,21 @@ from cryptography import x509
 from keybroker.errors import EvidenceError
 from keybroker.protocol.models import JsonValue, Tee
 from keybroker.verifiers.base import TeeClaims, Verifier
-from keybroker.verifiers.dcap import (
+from keybroker.verifiers.intel.dcap import (
     Quote,
     SgxReportBody,
     TdReportBody,
     parse_quote,
     verify_quote,
 )
-from keybroker.verifiers.eventlog import (
+from keybroker.verifiers.intel.sgx_claims import sgx_claims
+from keybroker.verifiers.intel.tdx_claims import tdx_claims
+from keybroker.verifiers.tcg.eventlog import (
     EventLog,
     parse_event_log,
     uefi_event_logs,
     verify_against_rtmrs,
 )
-from keybroker.verifiers.sgx_claims import sgx_claims
-from keybroker.verifiers.tdx_claims import tdx_claims
 
 
 class TcbAppraiser(Protocol):

@@ -2,7 +2,7 @@
 
 Evidence, as upstream's attester sends it: ``{"attestation_report": {…}, "cert_chain": [{
 "cert_type": "VCEK", "data": [bytes…]}, …] | null}`` (the ``sev`` crate's serde form; the
-report is re-encoded to its binary layout by :mod:`keybroker.verifiers.snp_report`).
+report is re-encoded to its binary layout by :mod:`keybroker.verifiers.amd.snp_report`).
 
 What :class:`SnpAppraiser` proves about an ``unverified`` report, failing closed with
 :class:`EvidenceError` at the first doubt (or :class:`ServiceUnavailableError` when collateral
@@ -41,9 +41,7 @@ from cryptography import x509
 
 from keybroker.errors import EvidenceError, ServiceUnavailableError
 from keybroker.protocol.models import JsonValue, Tee
-from keybroker.verifiers.base import TeeClaims, Verifier
-from keybroker.verifiers.intel import padded
-from keybroker.verifiers.snp_certs import (
+from keybroker.verifiers.amd.snp_certs import (
     VCEK_NAME,
     VLEK_NAME,
     AmdRoots,
@@ -62,8 +60,8 @@ from keybroker.verifiers.snp_certs import (
     verify_key_chain,
     verify_report_signature,
 )
-from keybroker.verifiers.snp_fetcher import SnpCollateralFetcher, VcekRequest
-from keybroker.verifiers.snp_report import (
+from keybroker.verifiers.amd.snp_fetcher import SnpCollateralFetcher, VcekRequest
+from keybroker.verifiers.amd.snp_report import (
     ECDSA_P384_SHA384,
     Product,
     SnpReport,
@@ -71,6 +69,8 @@ from keybroker.verifiers.snp_report import (
     report_from_json,
     snp_claims,
 )
+from keybroker.verifiers.base import TeeClaims, Verifier
+from keybroker.verifiers.intel.verifier import padded
 
 logger = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from keybroker.errors import ConfigError
 from keybroker.protocol.models import JsonValue
-from keybroker.verifiers.dcap import Quote
-from keybroker.verifiers.dcap_collateral import collateral_request, verify_collateral
-from keybroker.verifiers.dcap_fetcher import (
+from keybroker.verifiers.intel.dcap import Quote
+from keybroker.verifiers.intel.dcap_collateral import collateral_request, verify_collateral
+from keybroker.verifiers.intel.dcap_fetcher import (
     CachingFetcher,
     CollateralFetcher,
     DirectoryFetcher,

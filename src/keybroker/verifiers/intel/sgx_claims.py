@@ -12,8 +12,8 @@ from __future__ import annotations
 from cryptography import x509
 
 from keybroker.protocol.models import JsonValue
-from keybroker.verifiers.dcap import Quote, SgxReportBody
-from keybroker.verifiers.sgx_extensions import sgx_extension
+from keybroker.verifiers.intel.dcap import Quote, SgxReportBody
+from keybroker.verifiers.intel.sgx_extensions import sgx_extension
 
 SGX_TYPES = {0: "Standard", 1: "Scalable", 2: "ScalableWithIntegrity"}
 

@@ -1,7 +1,7 @@
 """AMD SEV-SNP attestation reports: the 0x4A0-byte binary, upstream's JSON form of it, claims.
 
 Pure: bytes or JSON in, a frozen :class:`SnpReport` out; nothing here checks a signature (that
-is :mod:`keybroker.verifiers.snp`'s work). Layout per the SEV-SNP firmware ABI specification
+is :mod:`keybroker.verifiers.amd.snp`'s work). Layout per the SEV-SNP firmware ABI specification
 (AMD 56860), table "ATTESTATION_REPORT Structure":
 
 - version 2: no CPUID fields; version 3 (and 4): CPUID family, model and stepping at 0x188;

@@ -43,7 +43,7 @@ from cryptography.x509.oid import NameOID
 from keybroker.errors import EvidenceError
 from keybroker.protocol.x509chain import build_path
 from keybroker.verifiers import der
-from keybroker.verifiers.snp_report import (
+from keybroker.verifiers.amd.snp_report import (
     COMPONENT_SIZE,
     Product,
     SnpReport,

@@ -2,7 +2,7 @@
 prepared offline, and an on-disk cache in front of either. All of Keybroker's SNP I/O is here.
 
 A fetcher is trusted for availability and freshness, never for integrity: the verifier
-(:mod:`keybroker.verifiers.snp`) checks every certificate against the pinned AMD roots and the
+(:mod:`keybroker.verifiers.amd.snp`) checks every certificate against the pinned AMD roots and the
 CRL's signature and dates, so a fetcher only moves bytes. Plain HTTP is refused unless
 ``insecure_http`` is set, because someone on the path could replay an old (still unexpired)
 CRL from before a revocation.
@@ -38,9 +38,9 @@ from cryptography import x509
 
 from keybroker.errors import ConfigError, EvidenceError, ServiceUnavailableError
 from keybroker.storage.local_fs import write_atomically
-from keybroker.verifiers.dcap_fetcher import read_bounded
-from keybroker.verifiers.snp_certs import KeyKind, load_certificates
-from keybroker.verifiers.snp_report import Product, TcbVersion
+from keybroker.verifiers.amd.snp_certs import KeyKind, load_certificates
+from keybroker.verifiers.amd.snp_report import Product, TcbVersion
+from keybroker.verifiers.intel.dcap_fetcher import read_bounded
 
 logger = logging.getLogger(__name__)
 

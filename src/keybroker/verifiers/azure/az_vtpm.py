@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 from keybroker.errors import EvidenceError
 from keybroker.protocol.models import JsonValue, Tee
-from keybroker.verifiers.az_hcl import HclReport, check_user_data
-from keybroker.verifiers.tpm_quote import (
+from keybroker.verifiers.azure.az_hcl import HclReport, check_user_data
+from keybroker.verifiers.tpm.quote import (
     TPM_ALG_SHA256,
     TpmsAttest,
     TpmSignature,

@@ -2,9 +2,9 @@
 offline, and an on-disk cache in front of either. All of Keybroker's DCAP I/O lives here.
 
 A fetcher is trusted for availability and freshness, never for integrity: the verifier
-(:func:`~keybroker.verifiers.dcap_collateral.verify_collateral`) checks every signature, CRL and
-date of what it is handed, so a fetcher only moves bytes. What a fetcher can still do wrong is
-serve old but validly signed collateral (a TCB Info from before a TCB recovery, until its
+(:func:`~keybroker.verifiers.intel.dcap_collateral.verify_collateral`) checks every signature,
+CRL and date of what it is handed, so a fetcher only moves bytes. What a fetcher can still do
+wrong is serve old but validly signed collateral (a TCB Info from before a TCB recovery, until its
 ``nextUpdate``); that is why plain HTTP is refused unless ``insecure_http`` is set.
 
 ::
@@ -36,7 +36,7 @@ import httpx
 
 from keybroker.errors import ConfigError, ServiceUnavailableError
 from keybroker.storage.local_fs import write_atomically
-from keybroker.verifiers.dcap_collateral import (
+from keybroker.verifiers.intel.dcap_collateral import (
     MAX_ITEM_BYTES,
     Collateral,
     CollateralRequest,

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes
 
 from keybroker.errors import EvidenceError
 from keybroker.protocol.models import JsonValue
-from keybroker.verifiers.eventlog_details import (
+from keybroker.verifiers.tcg.eventlog_details import (
     EV_NO_ACTION,
     EVENT_TYPE_NAMES,
     EventDetails,

@@ -1,6 +1,6 @@
 """The ``az-tdx-vtpm`` verifier: an Azure TDX confidential VM, attested through its vTPM.
 
-Evidence (:mod:`keybroker.verifiers.az_vtpm` describes the versions): version 0 ``{tpm_quote,
+Evidence (:mod:`keybroker.verifiers.azure.az_vtpm` describes the versions): version 0 ``{tpm_quote,
 hcl_report, td_quote}`` as byte lists; versions 1 and 2 ``{version, tpm_quote, hcl_report,
 td_quote}`` with the two reports in URL-safe base64. The chain of trust, checked in this order
 (each step fails closed with :class:`EvidenceError`):
@@ -8,7 +8,7 @@ td_quote}`` with the two reports in URL-safe base64. The chain of trust, checked
 1. the vTPM quote is signed by the attestation key in the HCL report's runtime data, its nonce
    is the session's runtime-data digest and its PCR values hash to its digest;
 2. the TD quote is an Intel DCAP TDX quote that verifies to the pinned Intel root at the
-   injected time (:mod:`keybroker.verifiers.dcap`);
+   injected time (:mod:`keybroker.verifiers.intel.dcap`);
 3. SHA-256 of the HCL runtime data is the first half of the TD quote's REPORT_DATA, so the
    attestation key of step 1 is the TD's (the TDREPORT inside the HCL report is not
    signed for a remote party and is not relied on);
@@ -30,8 +30,12 @@ from dataclasses import dataclass
 
 from keybroker.errors import EvidenceError
 from keybroker.protocol.models import JsonValue, Tee
-from keybroker.verifiers.az_hcl import HclReportType, check_runtime_data_binding, parse_hcl_report
-from keybroker.verifiers.az_vtpm import (
+from keybroker.verifiers.azure.az_hcl import (
+    HclReportType,
+    check_runtime_data_binding,
+    parse_hcl_report,
+)
+from keybroker.verifiers.azure.az_vtpm import (
     VtpmQuote,
     b64url_bytes,
     byte_list,
@@ -45,9 +49,9 @@ from keybroker.verifiers.az_vtpm import (
     verify_vtpm_quote,
 )
 from keybroker.verifiers.base import TeeClaims, Verifier
-from keybroker.verifiers.dcap import TdReportBody, parse_quote, verify_quote
-from keybroker.verifiers.intel import TcbAppraiser
-from keybroker.verifiers.tdx_claims import tdx_claims
+from keybroker.verifiers.intel.dcap import TdReportBody, parse_quote, verify_quote
+from keybroker.verifiers.intel.tdx_claims import tdx_claims
+from keybroker.verifiers.intel.verifier import TcbAppraiser
 
 TEE = Tee.AZ_TDX_VTPM
 

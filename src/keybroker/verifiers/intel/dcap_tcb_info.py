@@ -1,13 +1,13 @@
 """Intel TCB Info and QE Identity: the signed JSON bodies parsed into typed, frozen models.
 
 Pure: bytes in, values out. Nothing here checks a signature: the collateral layer
-(:mod:`keybroker.verifiers.dcap_collateral`) verifies Intel's signature over the exact bytes
+(:mod:`keybroker.verifiers.intel.dcap_collateral`) verifies Intel's signature over the exact bytes
 first and hands those same bytes here, so what is evaluated is what was signed. Parsing is
 strict in the way Intel's Quote Verification Library is: unknown versions, ids, TCB types and
 status strings, component lists that are not 16 long and duplicated TCB levels are refused.
 The TCB levels come out highest first, ordered by (SGX components, PCESVN, TDX components) as
 Intel's library orders them, whatever their order in the JSON; the TCB status decision itself
-is :mod:`keybroker.verifiers.dcap_tcb`.
+is :mod:`keybroker.verifiers.intel.dcap_tcb`.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 
 from keybroker.errors import EvidenceError
 from keybroker.protocol.models import JsonValue
-from keybroker.verifiers.eventlog_devpath import render_device_path, utf16_lossy
+from keybroker.verifiers.tcg.eventlog_devpath import render_device_path, utf16_lossy
 
 EV_NO_ACTION = 0x3
 EV_EVENT_TAG = 0x6

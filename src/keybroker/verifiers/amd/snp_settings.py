@@ -30,8 +30,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from keybroker.errors import ConfigError
-from keybroker.verifiers.snp import SnpAppraiser
-from keybroker.verifiers.snp_fetcher import (
+from keybroker.verifiers.amd.snp import SnpAppraiser
+from keybroker.verifiers.amd.snp_fetcher import (
     AMD_KDS_URL,
     KdsFetcher,
     SnpCachingFetcher,

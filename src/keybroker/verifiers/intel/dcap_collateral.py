@@ -3,8 +3,8 @@ platform's TCB with them.
 
 Pure: a parsed quote, the collateral's bytes and the time in; a :class:`CollateralVerdict` out.
 No I/O and no clock of its own; collateral reaches the verifier through a
-:mod:`~keybroker.verifiers.dcap_fetcher`. :func:`verify_collateral` proves, failing closed with
-:class:`EvidenceError` at each step:
+:mod:`~keybroker.verifiers.intel.dcap_fetcher`. :func:`verify_collateral` proves, failing closed
+with :class:`EvidenceError` at each step:
 
 1. the quote's PCK chain verifies to the Intel SGX Root CA **pinned in this package** (or the
    ``root`` passed in, for tests); the Root CA CRL is signed by that root; the PCK CRL is
@@ -17,9 +17,9 @@ No I/O and no clock of its own; collateral reaches the verifier through a
 4. nothing has expired: certificates at ``now``, and TCB Info, QE Identity and both CRLs by
    their ``nextUpdate`` (unless ``insecure_accept_expired_collateral``, which then reports
    ``collateral_expiration_status`` "1" as upstream does);
-5. :func:`~keybroker.verifiers.dcap_tcb.evaluate_tcb` grades the TCB; ``Revoked`` is refused.
+5. :func:`~keybroker.verifiers.intel.dcap_tcb.evaluate_tcb` grades the TCB; ``Revoked`` is refused.
 
-It does not check the quote's own signatures (:func:`~keybroker.verifiers.dcap.verify_quote`
+It does not check the quote's own signatures (:func:`~keybroker.verifiers.intel.dcap.verify_quote`
 does) nor decide whether a status is acceptable (the appraisal policy does).
 """
 
@@ -41,15 +41,15 @@ from cryptography.x509.oid import NameOID
 
 from keybroker.errors import EvidenceError
 from keybroker.protocol.models import JsonValue
-from keybroker.verifiers.dcap import (
+from keybroker.verifiers.intel.dcap import (
     TEE_TDX,
     Quote,
     intel_root,
     verify_chain,
     verify_p256,
 )
-from keybroker.verifiers.dcap_tcb import PlatformTcb, TcbEvaluation, evaluate_tcb
-from keybroker.verifiers.dcap_tcb_info import (
+from keybroker.verifiers.intel.dcap_tcb import PlatformTcb, TcbEvaluation, evaluate_tcb
+from keybroker.verifiers.intel.dcap_tcb_info import (
     QeIdentity,
     TcbInfo,
     TcbStatus,
@@ -57,7 +57,7 @@ from keybroker.verifiers.dcap_tcb_info import (
     parse_qe_identity,
     parse_tcb_info,
 )
-from keybroker.verifiers.sgx_extensions import sgx_extension
+from keybroker.verifiers.intel.sgx_extensions import sgx_extension
 
 logger = logging.getLogger(__name__)
 

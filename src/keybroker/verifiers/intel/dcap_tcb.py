@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from keybroker.errors import EvidenceError
-from keybroker.verifiers.dcap import TEE_TDX, Quote, SgxReportBody, TdReportBody
-from keybroker.verifiers.dcap_tcb_info import (
+from keybroker.verifiers.intel.dcap import TEE_TDX, Quote, SgxReportBody, TdReportBody
+from keybroker.verifiers.intel.dcap_tcb_info import (
     COMPONENTS,
     IsvTcbLevel,
     QeIdentity,
@@ -37,7 +37,7 @@ from keybroker.verifiers.dcap_tcb_info import (
     TcbStatus,
     TdxModuleIdentity,
 )
-from keybroker.verifiers.sgx_extensions import Value
+from keybroker.verifiers.intel.sgx_extensions import Value
 
 _S = TcbStatus
 _NEEDS_CONFIGURATION = frozenset(
@@ -69,7 +69,8 @@ class PlatformTcb:
 
     @classmethod
     def from_extension(cls, extension: dict[str, Value]) -> PlatformTcb:
-        """From :func:`~keybroker.verifiers.sgx_extensions.sgx_extension` of a verified PCK."""
+        """From :func:`~keybroker.verifiers.intel.sgx_extensions.sgx_extension` of a verified
+        PCK."""
         components = [extension.get(f"tcb_comp{i}") for i in range(1, COMPONENTS + 1)]
         pce_svn, fmspc, pce_id = (extension.get(k) for k in ("pcesvn", "fmspc", "pceid"))
         svns = [value for value in (*components, pce_svn) if type(value) is int]

@@ -12,8 +12,8 @@ from __future__ import annotations
 from cryptography import x509
 
 from keybroker.protocol.models import JsonValue
-from keybroker.verifiers.dcap import Quote, TdReportBody
-from keybroker.verifiers.sgx_extensions import sgx_extension
+from keybroker.verifiers.intel.dcap import Quote, TdReportBody
+from keybroker.verifiers.intel.sgx_extensions import sgx_extension
 
 # TDATTRIBUTES bits (Intel TDX module ABI): which the default policy and operators look at
 _TD_ATTRIBUTE_BITS = {

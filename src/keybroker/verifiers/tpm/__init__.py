@@ -1,0 +1,1 @@
+"""TPM 2.0: quote structures and their signature checks."""
