@@ -21,8 +21,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kbs_process import kbs_client, running_kbs, wait_listening
+from keybroker.build_targets import ITA_API_KEY_PLACEHOLDER, ITA_BASE_URL, ITA_CERTS_URL
+from keybroker.client.rcar import KbsClient
 from keybroker.config import GrpcAsConfig, IntelTaConfig, NoAsConfig, load_config
+from keybroker.protocol.models import Tee
 from ports import free_port
+from recorded_quotes import RecordedQuoteAttester
+from standins.ita import ItaStandIn, running_ita_standin
 from wheelhouse import build_wheelhouse, pip_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,15 +192,54 @@ def test_every_make_target_builds_what_it_names_and_runs(tmp_path: Path) -> None
         grpc_as.terminate()
         grpc_as.wait(timeout=15)
 
-    # Intel Trust Authority: the starter config parses with upstream's keys
-    done = _make(build, env, "background-check-kbs", "AS_TYPES=intel-trust-authority-as")
+    # Intel Trust Authority: the starter config has upstream's keys and, with ITA's URLs and
+    # the API key pointed at the stand-in (all an operator edits), attests a TDX guest
+    port = free_port()
+    done = _make(
+        build,
+        env,
+        "background-check-kbs",
+        "AS_TYPES=intel-trust-authority-as",
+        f"KBS_LISTEN=127.0.0.1:{port}",
+    )
     command = _built(done)
     assert command == f"{vault / 'kbs'} -c {out / 'kbs-config.toml'}"
     assert "set api_key in" in done.stdout
     config = load_config(out / "kbs-config.toml")
     assert isinstance(config.attestation_service, IntelTaConfig)
-    assert config.attestation_service.base_url == "https://api.trustauthority.intel.com"
+    assert config.attestation_service.base_url == ITA_BASE_URL
     assert config.attestation_token.trusted_jwk_sets == [config.attestation_service.certs_file]
+    stand_in = ItaStandIn()
+    with running_ita_standin(tmp_path, stand_in) as ita:
+        starter = (out / "kbs-config.toml").read_text()
+        (out / "kbs-config.toml").write_text(
+            starter.replace(ITA_BASE_URL, ita.base_url)
+            .replace(ITA_CERTS_URL, ita.jwks_url)
+            .replace(ITA_API_KEY_PLACEHOLDER, ita.api_key)
+        )
+        url = f"http://127.0.0.1:{port}"
+        ita_env = {"SSL_CERT_FILE": str(ita.ca_path)}
+        with running_kbs(
+            ["-c", str(out / "kbs-config.toml")], tmp_path, url, bin_dir=vault, env=ita_env
+        ):
+            (tmp_path / "secret").write_bytes(SECRET)
+            _admin(
+                url,
+                out,
+                client,
+                "set-resource",
+                "--path",
+                "default/demo/key",
+                "--resource-file",
+                str(tmp_path / "secret"),
+            )
+            _admin(url, out, client, "set-resource-policy", "--allow-all")
+            guest = KbsClient(url, attester=RecordedQuoteAttester(Tee.TDX))
+            try:
+                assert guest.get_resource("default/demo/key") == SECRET
+            finally:
+                guest.close()
+        assert len(stand_in.requests) == 1  # the guest was appraised by the (stand-in) ITA
 
     # passport: the issuer signs, the resource KBS trusts that signer (VAULT=false: core)
     issuer_port, resource_port = free_port(), free_port()
