@@ -44,7 +44,7 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
         attestation_service={"type": "coco_as_builtin", "verifier_config": verifiers}
     )
     with TestClient(create_app(config)) as client:
-        admin = AdminClient("http://testserver", http=client)  # type: ignore[arg-type]
+        admin = AdminClient("http://testserver", http=client)
         admin.set_resource("default/tpm/key", SECRET)
         admin.set_resource_policy(builtin_policy("default"))
         yield client
@@ -59,11 +59,11 @@ def test_default_kbs_offers_the_tpm_tee() -> None:
 
 
 def test_enrolled_tpm_is_attested_and_released_to(client: TestClient) -> None:
-    guest = KbsClient("http://testserver", http=client, attester=SoftwareTpm())  # type: ignore[arg-type]
+    guest = KbsClient("http://testserver", http=client, attester=SoftwareTpm())
     assert guest.get_resource("default/tpm/key") == SECRET
 
 
 def test_unenrolled_tpm_is_refused_at_attestation(client: TestClient) -> None:
-    guest = KbsClient("http://testserver", http=client, attester=SoftwareTpm(enrolled=False))  # type: ignore[arg-type]
+    guest = KbsClient("http://testserver", http=client, attester=SoftwareTpm(enrolled=False))
     with pytest.raises(ClientError, match="not one of the trusted AKs"):
         guest.attest()
