@@ -130,6 +130,18 @@ def test_registry_builds_the_tpm_verifier_from_upstream_keys(ak_dir: Path) -> No
     _verify(verifier, evidence())
 
 
+def test_upstream_tpm_verifier_section_is_read() -> None:
+    """The ``verifier_config`` of upstream's example AS config with a TPM verifier. (The rest
+    of that file, ``attestation_token_broker.type``, is an older upstream key that the AS
+    config loader refuses: not this verifier's concern.)"""
+    path = vector("attestation-service", "configs", "example_with_tpm_verifier.json")
+    verifier_config = json.loads(path.read_text())["verifier_config"]
+    settings = tpm_settings(verifier_config)
+    assert settings.trusted_ak_keys_dir == Path("/etc/tpm/trusted_ak_keys")
+    assert settings.max_trusted_ak_keys == 50
+    assert isinstance(build_verifiers(verifier_config)[Tee.TPM], TpmVerifier)
+
+
 def test_unknown_tpm_verifier_key_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="tpm_verifier"):
         tpm_settings({"tpm_verifier": {"trusted_ak_dir": "/typo"}})
