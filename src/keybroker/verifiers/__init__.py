@@ -24,6 +24,8 @@ from keybroker.verifiers.intel.dcap_settings import (
 from keybroker.verifiers.intel.verifier import SgxVerifier, TdxVerifier
 from keybroker.verifiers.sample import SampleVerifier
 from keybroker.verifiers.sample_device import SampleDeviceVerifier
+from keybroker.verifiers.tpm.trusted_aks import build_trusted_aks
+from keybroker.verifiers.tpm.verifier import TpmVerifier
 
 
 def build_verifiers(
@@ -41,6 +43,7 @@ def build_verifiers(
         Tee.SNP: SnpVerifier(snp_appraiser, clock=clock),
         Tee.AZ_SNP_VTPM: AzSnpVtpmVerifier(snp_appraiser, clock=clock),
         Tee.AZ_TDX_VTPM: AzTdxVtpmVerifier(appraiser, clock=clock),
+        Tee.TPM: TpmVerifier(build_trusted_aks(verifier_config)),
     }
 
 

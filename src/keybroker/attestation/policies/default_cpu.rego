@@ -192,6 +192,24 @@ configuration := 96 if {
 	az_tdx.quote.body.xfam in query_reference_value("xfam")
 }
 
+# --- tpm: a plain TPM 2.0 (claims of keybroker.verifiers.tpm.verifier: pcrNN, ak_public) --
+#
+# As upstream's: the verifier has already refused AKs outside trusted_ak_keys_dir; the policy
+# may pin them again by reference value. Reference value ids: tpm_pcr11, trusted_aks.
+
+hardware := 2 if {
+	input.tpm
+}
+
+executables := 3 if {
+	input.tpm.pcr11 in query_reference_value("tpm_pcr11")
+	input.tpm.ak_public in query_reference_value("trusted_aks")
+}
+
+configuration := 0 if {
+	input.tpm
+}
+
 # A reference value registered as a list holds every accepted value; a scalar, the one.
 # (Each caller names its reference value id literally, so only those ids are fetched.)
 reference_matches(value, reference) if value in reference
