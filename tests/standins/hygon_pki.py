@@ -38,7 +38,7 @@ def _to_json(layout: Layout, raw: bytes) -> tuple[JsonValue, bytes]:
         for _ in range(layout.count):
             item, raw = _to_json(layout.item, raw)
             items.append(item)
-        return items, raw  # type: ignore[return-value]
+        return items, raw
     obj: dict[str, JsonValue] = {}
     for name, item_layout in layout:
         obj[name], raw = _to_json(item_layout, raw)
@@ -82,7 +82,14 @@ def _user_id(uid: bytes) -> bytes:
 
 
 def ca_cert(
-    key: Sm2Key, usage: Usage, uid: bytes, kid: bytes, sid: bytes, signer: Sm2Key, signer_uid: bytes
+    key: Sm2Key,
+    usage: Usage,
+    uid: bytes,
+    *,
+    kid: bytes,
+    sid: bytes,
+    signer: Sm2Key,
+    signer_uid: bytes,
 ) -> bytes:
     body = struct.pack("<I", 1) + kid + sid + struct.pack("<I", usage) + bytes(24)
     body += key.ecc() + _user_id(uid) + bytes(108)
@@ -90,7 +97,13 @@ def ca_cert(
 
 
 def csv_cert(
-    key: Sm2Key, usage: Usage, uid: bytes, signer: Sm2Key, signer_uid: bytes, signer_usage: Usage
+    key: Sm2Key,
+    usage: Usage,
+    uid: bytes,
+    *,
+    signer: Sm2Key,
+    signer_uid: bytes,
+    signer_usage: Usage,
 ) -> bytes:
     body = struct.pack("<IBBHII", 1, 1, 1, 0, usage, SM2_SA) + key.ecc() + _user_id(uid)
     body += bytes(16) + bytes(608)
@@ -114,20 +127,23 @@ class HygonPki:
 
     def __post_init__(self) -> None:
         hrk_kid, hsk_kid = secrets.token_bytes(16), secrets.token_bytes(16)
+        hrk_uid, hsk_uid, cek_uid = b"HYGON-SSD-HRK", b"HYGON-SSD-HSK", b"HYGON-SSD-CEK"
         self.hrk_bytes = ca_cert(
-            self.hrk_key, Usage.HRK, b"HYGON-SSD-HRK", hrk_kid, hrk_kid, self.hrk_key,
-            b"HYGON-SSD-HRK",
+            self.hrk_key, Usage.HRK, hrk_uid, kid=hrk_kid, sid=hrk_kid, signer=self.hrk_key,
+            signer_uid=hrk_uid,
         )  # fmt: skip
         self.hsk_bytes = ca_cert(
-            self.hsk_key, Usage.HSK, b"HYGON-SSD-HSK", hsk_kid, hrk_kid, self.hrk_key,
-            b"HYGON-SSD-HRK",
+            self.hsk_key, Usage.HSK, hsk_uid, kid=hsk_kid, sid=hrk_kid, signer=self.hrk_key,
+            signer_uid=hrk_uid,
         )  # fmt: skip
         self.cek_bytes = csv_cert(
-            self.cek_key, Usage.CEK, b"HYGON-SSD-CEK", self.hsk_key, b"HYGON-SSD-HSK", Usage.HSK
-        )
+            self.cek_key, Usage.CEK, cek_uid, signer=self.hsk_key, signer_uid=hsk_uid,
+            signer_usage=Usage.HSK,
+        )  # fmt: skip
         self.pek_bytes = csv_cert(
-            self.pek_key, Usage.PEK, b"HYGON-SSD-PEK", self.cek_key, b"HYGON-SSD-CEK", Usage.CEK
-        )
+            self.pek_key, Usage.PEK, b"HYGON-SSD-PEK", signer=self.cek_key, signer_uid=cek_uid,
+            signer_usage=Usage.CEK,
+        )  # fmt: skip
         self.hrk = CaCertificate.from_bytes(self.hrk_bytes, "test HRK")
 
     @property
