@@ -22,6 +22,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import lru_cache
 from importlib import resources
 
 from keybroker.errors import EvidenceError
@@ -258,16 +259,23 @@ def _verify_slots(
     raise EvidenceError(f"no signature on the {what} certificate verifies with its issuer")
 
 
-def verify_chain(
-    hrk: CaCertificate, hsk: CaCertificate, cek: CsvCertificate, pek: CsvCertificate | None
-) -> None:
-    """HRK (self-signed, the pinned one) → HSK → CEK → PEK; ``pek`` None stops at the CEK
-    (DCU reports are signed by the CEK itself)."""
+@lru_cache(maxsize=256)
+def _verify_hsk_cek(hrk: CaCertificate, hsk: CaCertificate, cek: CsvCertificate) -> None:
+    """HRK (self-signed) → HSK → CEK. A chip's pair is the same on every request, so a pair
+    that verified is remembered (a failure raises, and is never remembered)."""
     verify_ca_signed(hrk, hrk, "HRK")
     _require_usage(hsk.usage, Usage.HSK, "HSK")
     verify_ca_signed(hrk, hsk, "HSK")
     _require_usage(cek.usage, Usage.CEK, "CEK")
     _verify_slots(hsk.key, hsk.user_id, Usage.HSK, cek, "CEK")
+
+
+def verify_chain(
+    hrk: CaCertificate, hsk: CaCertificate, cek: CsvCertificate, pek: CsvCertificate | None
+) -> None:
+    """HRK (self-signed, the pinned one) → HSK → CEK → PEK; ``pek`` None stops at the CEK
+    (DCU reports are signed by the CEK itself)."""
+    _verify_hsk_cek(hrk, hsk, cek)
     if pek is not None:
         _require_usage(pek.usage, Usage.PEK, "PEK")
         if cek.algo != SM2_SA:
