@@ -210,6 +210,28 @@ configuration := 0 if {
 	input.tpm
 }
 
+# --- csv: Hygon CSV (claims of keybroker.verifiers.hygon.csv) ------------------------------
+#
+# Upstream Trustee's default policy has no CSV rules (a CSV guest stays contraindicated there).
+# Reference value ids (ours, in the style of upstream's snp_ ids): csv_measure (the launch
+# digest); csv_api_major, csv_api_minor (the firmware API version in the guest policy).
+
+executables := 3 if {
+	input.csv.measure in query_reference_value("csv_measure")
+}
+
+hardware := 2 if {
+	reference_matches(input.csv.policy.api_major, query_reference_value("csv_api_major"))
+	reference_matches(input.csv.policy.api_minor, query_reference_value("csv_api_minor"))
+}
+
+# NODBG clear: the host may debug (read) the guest: never trusted.
+configuration := 96 if {
+	input.csv.policy.nodbg == 0
+} else := 3 if {
+	input.csv.policy.nodbg == 1
+}
+
 # A reference value registered as a list holds every accepted value; a scalar, the one.
 # (Each caller names its reference value id literally, so only those ids are fetched.)
 reference_matches(value, reference) if value in reference
