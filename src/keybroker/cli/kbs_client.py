@@ -287,12 +287,12 @@ def _run(args: argparse.Namespace) -> None:
             data = client.get_resource(args.path)
         print(base64.b64encode(data).decode())
     else:
-        token = _admin_token(args.admin_token_file)
-        admin = AdminClient(args.url, token=token, cert_file=args.cert_file)
+        admin_token = _admin_token(args.admin_token_file)
+        admin = AdminClient(args.url, token=admin_token, cert_file=args.cert_file)
         try:
             _ADMIN_COMMANDS[args.admin_command](admin, args)
         except KbsRejectedError as e:
-            if e.http_status == 401 and token is None:
+            if e.http_status == 401 and admin_token is None:
                 raise ClientError(
                     f"{e.detail} (no admin token was sent: none given with --admin-token-file, "
                     "and no file at $KBS_ADMIN_TOKEN_FILE or ~/.trustee/admin-token)"
