@@ -22,6 +22,8 @@ from keybroker.verifiers.intel.dcap_settings import (
     dcap_settings,
 )
 from keybroker.verifiers.intel.verifier import SgxVerifier, TdxVerifier
+from keybroker.verifiers.nvidia.dpu import build_dpu_verifier
+from keybroker.verifiers.nvidia.gpu import NvidiaVerifier, nvidia_settings
 from keybroker.verifiers.sample import SampleVerifier
 from keybroker.verifiers.sample_device import SampleDeviceVerifier
 
@@ -33,6 +35,7 @@ def build_verifiers(
     Nothing here touches the network: collateral is fetched when a quote is verified."""
     appraiser = CollateralAppraiser(build_fetcher(dcap_settings(verifier_config), clock))
     snp_appraiser = build_snp_appraiser(verifier_config, clock)
+    nvidia_settings(verifier_config)  # refuses NRAS (remote mode) at start-up
     return {
         Tee.SAMPLE: SampleVerifier(),
         Tee.SAMPLE_DEVICE: SampleDeviceVerifier(),
@@ -41,6 +44,8 @@ def build_verifiers(
         Tee.SNP: SnpVerifier(snp_appraiser, clock=clock),
         Tee.AZ_SNP_VTPM: AzSnpVtpmVerifier(snp_appraiser, clock=clock),
         Tee.AZ_TDX_VTPM: AzTdxVtpmVerifier(appraiser, clock=clock),
+        Tee.NVIDIA: NvidiaVerifier(clock=clock),
+        Tee.NVIDIA_DPU: build_dpu_verifier(verifier_config, clock),
     }
 
 

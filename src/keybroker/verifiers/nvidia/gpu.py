@@ -209,4 +209,3 @@ def _check_signature(report: SpdmReport, leaf: x509.Certificate) -> None:
         key.verify(encode_dss_signature(r, s), report.signed, ec.ECDSA(hashes.SHA384()))
     except InvalidSignature:
         raise EvidenceError("the NVIDIA report's signature does not verify") from None
-
