@@ -13,12 +13,13 @@ size u16, then type u8, value size u16, value); the opaque data is NVIDIA's list
 (type u16, size u16, value) items, decoded into upstream's ``config`` claims.
 
 Pure parsing, strict and bounded: every length is checked against the bytes that remain, a
-report must end after its signature (zero padding aside), an index or opaque type may appear once, and
-unknown opaque types are refused (as upstream does). No signature is checked here.
+report must end after its signature (zero padding aside), an index or opaque type may appear
+once, and unknown opaque types are refused (as upstream does). No signature is checked here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from keybroker.errors import EvidenceError
@@ -190,17 +191,8 @@ def _opaque(data: bytes) -> dict[str, JsonValue]:
 def _opaque_value(kind: int, value: bytes) -> JsonValue:
     if kind in _STRING_TYPES:
         return value.decode("utf-8", "replace").rstrip("\0")
-    if kind == 6:
-        return _vbios_version(value)
-    if kind == 12:
-        return {str(i + 1): int.from_bytes(c, "little") for i, c in enumerate(_chunks(value, 4))}
-    if kind == 22:
-        return [chunk.hex() for chunk in _chunks(value, 8)]
-    if kind == 34:
-        return _small_integer(value)
-    if kind == 36:
-        return _FEATURES.get(_small_integer(value), "unknown")
-    return value.hex()
+    decode = _DECODERS.get(kind)
+    return decode(value) if decode is not None else value.hex()
 
 
 def _vbios_version(value: bytes) -> str:
@@ -222,3 +214,24 @@ def _small_integer(value: bytes) -> int:
     if len(value) > 8:
         raise EvidenceError("an NVIDIA opaque integer is longer than 8 bytes")
     return int.from_bytes(value, "little")
+
+
+def _measurement_count(value: bytes) -> JsonValue:
+    return {str(i + 1): int.from_bytes(c, "little") for i, c in enumerate(_chunks(value, 4))}
+
+
+def _switch_pdis(value: bytes) -> JsonValue:
+    return [chunk.hex() for chunk in _chunks(value, 8)]
+
+
+def _feature_flag(value: bytes) -> JsonValue:
+    return _FEATURES.get(_small_integer(value), "unknown")
+
+
+_DECODERS: dict[int, Callable[[bytes], JsonValue]] = {
+    6: _vbios_version,
+    12: _measurement_count,
+    22: _switch_pdis,
+    34: _small_integer,
+    36: _feature_flag,
+}
