@@ -23,7 +23,7 @@ from keybroker.verifiers.intel.dcap_settings import (
 )
 from keybroker.verifiers.intel.verifier import SgxVerifier, TdxVerifier
 from keybroker.verifiers.nvidia.dpu import build_dpu_verifier
-from keybroker.verifiers.nvidia.gpu import NvidiaVerifier, nvidia_settings
+from keybroker.verifiers.nvidia.gpu import build_nvidia_verifier
 from keybroker.verifiers.sample import SampleVerifier
 from keybroker.verifiers.sample_device import SampleDeviceVerifier
 
@@ -35,7 +35,6 @@ def build_verifiers(
     Nothing here touches the network: collateral is fetched when a quote is verified."""
     appraiser = CollateralAppraiser(build_fetcher(dcap_settings(verifier_config), clock))
     snp_appraiser = build_snp_appraiser(verifier_config, clock)
-    nvidia_settings(verifier_config)  # refuses NRAS (remote mode) at start-up
     return {
         Tee.SAMPLE: SampleVerifier(),
         Tee.SAMPLE_DEVICE: SampleDeviceVerifier(),
@@ -44,7 +43,7 @@ def build_verifiers(
         Tee.SNP: SnpVerifier(snp_appraiser, clock=clock),
         Tee.AZ_SNP_VTPM: AzSnpVtpmVerifier(snp_appraiser, clock=clock),
         Tee.AZ_TDX_VTPM: AzTdxVtpmVerifier(appraiser, clock=clock),
-        Tee.NVIDIA: NvidiaVerifier(clock=clock),
+        Tee.NVIDIA: build_nvidia_verifier(verifier_config, clock),
         Tee.NVIDIA_DPU: build_dpu_verifier(verifier_config, clock),
     }
 

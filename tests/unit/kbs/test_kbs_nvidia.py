@@ -1,5 +1,6 @@
 """NVIDIA TEEs through the real KBS app: /auth on a default KBS, a BlueField DPU attesting with
-a generated DICE chain, and the recorded Hopper report refused for a session it does not bind."""
+a generated DICE chain, the recorded Hopper report refused for a session it does not bind, and
+a GPU appraised through the NRAS stand-in."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from keybroker.kbs.app import create_app
 from keybroker.protocol.canonical import HashAlgorithm, runtime_data, runtime_data_digest
 from keybroker.protocol.jws import decode_unverified
 from nvidia_pki import dpu_pki, pem
+from standins.nras import NrasStandIn
+from standins.server import ServedApp
 
 
 def _auth(client: TestClient, tee: str) -> str:
@@ -96,3 +99,55 @@ def test_dpu_attests_through_the_kbs_with_a_configured_root(
 
         stale = _attest(client, _auth(client, "nvidiadpu"), key, pki.evidence(digest))
         assert stale.status_code == 401  # the previous session's nonce: refused
+
+
+def test_gpu_appraised_by_nras_through_the_kbs_and_debug_is_not_affirmed(
+    clock: FakeClock,
+) -> None:
+    """Remote mode end to end: KBS → production NRAS client → the NRAS STAND-IN over HTTP →
+    default_gpu. The stand-in does not check report signatures, so the recorded report is
+    given this session's nonce."""
+    stand_in = NrasStandIn(clock=clock)
+    server = ServedApp(stand_in.app())
+    server.start()
+    try:
+        nvidia_verifier = {
+            "type": "Remote",
+            "verifier_url": f"{server.url}/v4/attest",
+            "jwks_url": f"{server.url}/.well-known/jwks.json",
+            "insecure_http": True,
+        }
+        config = kbs_config(
+            attestation_service={
+                "type": "coco_as_builtin",
+                "verifier_config": {"nvidia_verifier": nvidia_verifier},
+            }
+        )
+        report = bytes.fromhex(
+            vector("verifier", "nvidia", "hopperAttestationReport.txt").read_text().strip()
+        )
+        with TestClient(create_app(config, clock=clock)) as client:
+
+            def gpu_status() -> str:
+                key = TeeKey.generate()
+                nonce = _auth(client, "nvidia")
+                digest = runtime_data_digest(
+                    runtime_data(nonce, key.public_jwk(), ""), HashAlgorithm.SHA384
+                )
+                device = {
+                    "arch": "HOPPER",
+                    "evidence": (report[:4] + digest[:32] + report[36:]).hex(),
+                    "certificate": base64.b64encode(b"chain").decode(),
+                }
+                reply = _attest(client, nonce, key, {"device_evidence_list": [device]})
+                assert reply.status_code == 200, reply.text
+                _, claims = decode_unverified(reply.json()["token"])
+                gpu: dict[str, Any] = claims["submods"]["gpu0"]  # type: ignore[index]
+                assert gpu["ear.veraison.annotated-evidence"]["nvidia"]["secboot"] is True
+                return str(gpu["ear.status"])
+
+            assert gpu_status() == "affirming"
+            stand_in.claims["gpu"]["dbgstat"] = "enabled"
+            assert gpu_status() == "warning"  # configuration 36: debug is never trusted
+    finally:
+        server.stop()

@@ -33,14 +33,15 @@ import datetime
 import re
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from keybroker.errors import ConfigError, EvidenceError
 from keybroker.protocol.models import JsonValue, Tee
@@ -50,6 +51,13 @@ from keybroker.verifiers.nvidia.gpu_certs import (
     load_chain,
     pinned_root,
     verify_chain,
+)
+from keybroker.verifiers.nvidia.nras import (
+    NRAS_JWKS_URL,
+    NRAS_URL,
+    NrasClient,
+    nras_claims,
+    ppcie_claims,
 )
 from keybroker.verifiers.nvidia.spdm import (
     MAX_REPORT_BYTES,
@@ -73,11 +81,17 @@ _ARCHITECTURES = {
 
 
 class NvidiaSettings(BaseModel):
-    """``[attestation_service.verifier_config.nvidia_verifier]``, upstream's section."""
+    """``[attestation_service.verifier_config.nvidia_verifier]``: upstream's ``type`` and
+    ``verifier_url``, plus Keybroker's ``jwks_url``, ``ca_cert``, ``timeout`` and
+    ``insecure_http`` for remote mode."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    type: str = "Local"
-    verifier_url: str | None = None
+    type: Literal["Local", "local", "Remote", "remote"] = "Local"
+    verifier_url: str = NRAS_URL
+    jwks_url: str = NRAS_JWKS_URL
+    ca_cert: Path | None = None
+    timeout: float = Field(default=60.0, gt=0, le=600)
+    insecure_http: bool = False
 
 
 def nvidia_settings(verifier_config: dict[str, Any] | None) -> NvidiaSettings:
@@ -85,15 +99,29 @@ def nvidia_settings(verifier_config: dict[str, Any] | None) -> NvidiaSettings:
     if isinstance(section, dict) and isinstance(section.get("verifier"), dict):
         section = section["verifier"]  # upstream's TOML spelling ``[nvidia_verifier.verifier]``
     try:
-        settings = NvidiaSettings.model_validate(section)
+        return NvidiaSettings.model_validate(section)
     except ValidationError as e:
         raise ConfigError(f"verifier_config.nvidia_verifier is invalid: {e}") from None
-    if settings.type.lower() != "local":
-        raise ConfigError(
-            f"verifier_config.nvidia_verifier type {settings.type!r} is not supported: Keybroker "
-            'verifies NVIDIA GPUs locally only (type = "Local"); NRAS is not implemented'
-        )
-    return settings
+
+
+def build_nvidia_verifier(
+    verifier_config: dict[str, Any] | None, clock: Callable[[], float]
+) -> NvidiaVerifier:
+    settings = nvidia_settings(verifier_config)
+    if settings.type.lower() == "local":
+        return NvidiaVerifier(clock=clock)
+    try:
+        ca_pem = settings.ca_cert.read_bytes() if settings.ca_cert else None
+    except OSError as e:
+        raise ConfigError(f"nvidia_verifier ca_cert {settings.ca_cert}: {e}") from None
+    client = NrasClient(
+        settings.verifier_url,
+        settings.jwks_url,
+        timeout=settings.timeout,
+        ca_pem=ca_pem,
+        insecure_http=settings.insecure_http,
+    )
+    return NvidiaVerifier(nras=client, clock=clock)
 
 
 def regularized(value: bytes, width: int) -> bytes:
@@ -109,10 +137,13 @@ class NvidiaVerifier(Verifier):
         self,
         *,
         anchors: Sequence[x509.Certificate] | None = None,
+        nras: NrasClient | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``anchors``: the trusted roots; NVIDIA's pinned root unless a test gives its own."""
+        """``anchors``: the trusted roots; NVIDIA's pinned root unless a test gives its own.
+        ``nras``: appraise through NRAS (remote mode) instead of locally."""
         self._anchors = list(anchors) if anchors is not None else [pinned_root()]
+        self._nras = nras
         self._clock = clock
 
     def _verify(
@@ -125,11 +156,44 @@ class NvidiaVerifier(Verifier):
         if expected_report_data is None:
             raise EvidenceError("nvidia evidence can only be verified against report data")
         nonce = regularized(expected_report_data, NONCE_SIZE)
+        devices = _devices(unverified_evidence)
+        if self._nras is not None:
+            return self._remote(self._nras, devices, nonce)
         now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
-        return [
-            TeeClaims(Tee.NVIDIA, "gpu", self._device(device, nonce, now))
-            for device in _devices(unverified_evidence)
-        ]
+        return [TeeClaims(Tee.NVIDIA, "gpu", self._device(d, nonce, now)) for d in devices]
+
+    def _remote(
+        self, nras: NrasClient, devices: list[dict[str, Any]], nonce: bytes
+    ) -> list[TeeClaims]:
+        """Upstream's remote mode: NRAS appraises each device; a complete protected-PCIe
+        topology adds a ``ppcie`` submodule."""
+        verified: list[TeeClaims] = []
+        for device in devices:
+            arch = _ARCHITECTURES.get(_string(device, "arch", 16))
+            if arch is None:
+                raise EvidenceError(
+                    "the NVIDIA device architecture is not Hopper, Blackwell or LS10"
+                )
+            endpoint = "switch" if arch == "LS10" else "gpu"
+            evidence = _string(device, "evidence", 4 * MAX_REPORT_BYTES).strip()
+            if _HEX.fullmatch(evidence):
+                evidence = base64.b64encode(bytes.fromhex(evidence)).decode()
+            body: dict[str, JsonValue] = {
+                "nonce": nonce.hex(),
+                "arch": arch.upper(),
+                "evidence_list": [
+                    {"evidence": evidence, "certificate": _string(device, "certificate", 64 * 1024)}
+                ],
+                "claims_version": "3.0",
+            }
+            answer = nras.attest(endpoint, body)
+            claims = nras_claims(answer, nras, endpoint, self._clock())
+            verified.append(TeeClaims(Tee.NVIDIA, endpoint, claims))
+        try:
+            topology = ppcie_claims([(c.tee_class, c.claims) for c in verified])
+        except EvidenceError:
+            return verified  # not a PPCIE system: the devices stand on their own, as upstream
+        return [*verified, TeeClaims(Tee.NVIDIA, "ppcie", topology)]
 
     def _device(
         self, unverified: dict[str, Any], nonce: bytes, now: datetime.datetime
