@@ -216,9 +216,9 @@ def test_every_device_of_a_list_is_verified() -> None:
         )
 
 
-def test_nras_remote_mode_is_refused_at_start_up() -> None:
-    with pytest.raises(ConfigError, match="NRAS is not implemented"):
-        build_verifiers({"nvidia_verifier": {"type": "Remote"}})
+def test_unknown_verifier_type_is_refused_at_start_up() -> None:
+    with pytest.raises(ConfigError, match="nvidia_verifier is invalid"):
+        build_verifiers({"nvidia_verifier": {"type": "Cloud"}})
 
 
 def test_local_mode_in_upstreams_spellings_is_accepted() -> None:

@@ -1,8 +1,8 @@
 # Keybroker default attestation policy for a protected-PCIe topology (policy id "default",
 # class "ppcie"), doing what upstream's ear_default_policy_ppcie.rego does: a ppcie submodule
 # exists only once a complete topology (8 GPUs, 4 switches) was found, so its configuration is
-# affirmed; hardware and code are judged in each device's own submodule. Upstream finds the
-# topology in NRAS claims only, which Keybroker's local verifier does not produce.
+# affirmed; hardware and code are judged in each device's own submodule. The topology is found
+# in NRAS claims only (remote mode), as upstream.
 package policy
 
 import rego.v1

@@ -1,7 +1,6 @@
 # Keybroker default attestation policy for NVSwitch devices (policy id "default", class
 # "switch"), doing what upstream's ear_default_policy_switch.rego does. Switch claims come only
-# from NVIDIA's NRAS (remote mode); Keybroker's local verifier yields none, so today this policy
-# appraises nothing Keybroker itself produces. Shipped so an operator's policy ids match.
+# from NVIDIA's NRAS (nvidia_verifier type = "Remote").
 package policy
 
 import rego.v1

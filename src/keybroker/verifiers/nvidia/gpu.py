@@ -1,4 +1,5 @@
-"""The NVIDIA GPU verifier (TEE ``nvidia``), local mode: Hopper SPDM reports checked here.
+"""The NVIDIA GPU verifier (TEE ``nvidia``): Hopper SPDM reports checked here (local mode, the
+default), or every device appraised by NVIDIA's NRAS (remote mode, :mod:`.nras`).
 
 Evidence, as upstream's attester (guest-components ``nvidia`` attester) sends it::
 
@@ -6,7 +7,7 @@ Evidence, as upstream's attester (guest-components ``nvidia`` attester) sends it
                                "evidence": "<hex or base64 of the SPDM report>",
                                "certificate": "<base64 of the PEM chain, leaf first>"}, …]}
 
-For every device, failing closed with :class:`EvidenceError` at the first doubt:
+Local mode, for every device, failing closed with :class:`EvidenceError` at the first doubt:
 
 1. the architecture is Hopper (the only one local mode reads, as upstream);
 2. the certificate chain leads to NVIDIA's Device Identity CA **pinned in this package**
@@ -21,8 +22,9 @@ Each device yields one ``gpu`` submodule with upstream's claims (``arch``, ``uui
 ones NVIDIA's RIMs list, and the versions acceptable, is the attestation policy's call
 (``default_gpu``, with reference values from the RVPS).
 
-Not here: NRAS (remote mode; ``type = "Remote"`` is refused at start-up), Blackwell and NVSwitch
-(LS10) devices, which upstream also appraises only through NRAS, and so no PPCIE topology.
+Remote mode (``type = "Remote"``): Hopper and Blackwell GPUs (``gpu``) and NVSwitches (LS10,
+``switch``) are sent to NRAS with the same 32-byte nonce; NRAS's signed claims become the
+submodule's, and a complete protected-PCIe topology adds a ``ppcie`` submodule (upstream's).
 """
 
 from __future__ import annotations
