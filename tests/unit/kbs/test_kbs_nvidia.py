@@ -7,12 +7,14 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 from starlette.testclient import TestClient
 
 from conftest import FakeClock, Kbs, kbs_config, vector
+from keybroker.client.attesters import SampleAttester
 from keybroker.client.keys import TeeKey
 from keybroker.kbs.app import create_app
 from keybroker.protocol.canonical import HashAlgorithm, runtime_data, runtime_data_digest
@@ -151,3 +153,38 @@ def test_gpu_appraised_by_nras_through_the_kbs_and_debug_is_not_affirmed(
             assert gpu_status() == "warning"  # configuration 36: debug is never trusted
     finally:
         server.stop()
+
+
+def test_dpu_as_additional_evidence_beside_a_cpu(tmp_path: Path, clock: FakeClock) -> None:
+    """Composite evidence as upstream's guest sends it: the CPU binds the runtime data with
+    the additional evidence, the DPU binds it without."""
+    now = datetime.datetime.fromtimestamp(clock.now, datetime.UTC)
+    pki = dpu_pki(now, [hashlib.sha384(b"firmware").digest()])
+    (tmp_path / "dpu-root.pem").write_bytes(pem(pki.root))
+    verifier_config = {"nvidia_dpu_verifier": {"root_ca_cert_path": str(tmp_path / "dpu-root.pem")}}
+    config = kbs_config(
+        attestation_service={"type": "coco_as_builtin", "verifier_config": verifier_config}
+    )
+    with TestClient(create_app(config, clock=clock)) as client:
+        key = TeeKey.generate()
+        nonce = _auth(client, "sample")
+        device_digest = runtime_data_digest(
+            runtime_data(nonce, key.public_jwk(), None), HashAlgorithm.SHA384
+        )
+        additional = json.dumps({"nvidiadpu": pki.evidence(device_digest)})
+        cpu_digest = runtime_data_digest(
+            runtime_data(nonce, key.public_jwk(), additional), HashAlgorithm.SHA384
+        )
+        reply = client.post(
+            "/kbs/v0/attest",
+            json={
+                "runtime-data": {"nonce": nonce, "tee-pubkey": key.public_jwk()},
+                "tee-evidence": {
+                    "primary_evidence": SampleAttester().evidence(cpu_digest),
+                    "additional_evidence": additional,
+                },
+            },
+        )
+        assert reply.status_code == 200, reply.text
+        _, claims = decode_unverified(reply.json()["token"])
+        assert sorted(claims["submods"]) == ["cpu0", "nvidia-dpu0"]  # type: ignore[arg-type]

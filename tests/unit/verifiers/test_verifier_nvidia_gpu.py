@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+from importlib import resources
 from typing import Any
 
 import pytest
@@ -224,3 +225,12 @@ def test_unknown_verifier_type_is_refused_at_start_up() -> None:
 def test_local_mode_in_upstreams_spellings_is_accepted() -> None:
     for section in ({"type": "Local"}, {"type": "local"}, {"verifier": {"type": "Local"}}):
         assert Tee.NVIDIA in build_verifiers({"nvidia_verifier": section})
+
+
+def test_pinned_root_is_the_nvidia_root_upstream_ships() -> None:
+    """Provenance: the package's root is byte-for-byte upstream's nvidia_device_root.pem."""
+    shipped = resources.files("keybroker.verifiers") / "data" / "nvidia-device-identity-ca.pem"
+    assert (
+        shipped.read_bytes() == vector("verifier", "roots", "nvidia_device_root.pem").read_bytes()
+    )
+    assert pinned_root().subject.rfc4514_string() == "CN=NVIDIA Device Identity CA,O=NVIDIA"
