@@ -187,4 +187,5 @@ def test_dpu_as_additional_evidence_beside_a_cpu(tmp_path: Path, clock: FakeCloc
         )
         assert reply.status_code == 200, reply.text
         _, claims = decode_unverified(reply.json()["token"])
-        assert sorted(claims["submods"]) == ["cpu0", "nvidia-dpu0"]  # type: ignore[arg-type]
+        submods: dict[str, Any] = claims["submods"]  # type: ignore[assignment]
+        assert sorted(submods) == ["cpu0", "nvidia-dpu0"]

@@ -233,4 +233,4 @@ def test_pinned_root_is_the_nvidia_root_upstream_ships() -> None:
     assert (
         shipped.read_bytes() == vector("verifier", "roots", "nvidia_device_root.pem").read_bytes()
     )
-    assert pinned_root().subject.rfc4514_string() == "CN=NVIDIA Device Identity CA,O=NVIDIA"
+    assert pinned_root().subject.rfc4514_string() == "O=NVIDIA,CN=NVIDIA Device Identity CA"
