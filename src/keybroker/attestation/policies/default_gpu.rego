@@ -41,7 +41,7 @@ configuration := 2 if input.sampledevice
 #                            index named there must report one of the values listed for it
 #   allowed_vbios_versions   VBIOS versions (upstream's id), e.g. "96.00.9f.00.01"
 #   allowed_driver_versions  driver versions (upstream's id), e.g. "550.90.07"
-# A GPU in a debug or devtools mode measures differently, so the RIM comparison fails it.
+# A local-mode report carries no debug flag: the RIM comparison is the only check of its code.
 
 nvidia_local_report if {
 	input.nvidia.arch == "Hopper"
