@@ -29,7 +29,14 @@ from keybroker.rvps.store import ReferenceValues
 from keybroker.storage.base import KeyValueStorage
 
 NAMESPACE = "attestation_service_policy"
-DEFAULT_POLICIES = ("default_cpu", "default_gpu", "default_dcu")
+DEFAULT_POLICIES = (
+    "default_cpu",
+    "default_gpu",
+    "default_dcu",
+    "default_switch",
+    "default_ppcie",
+    "default_nvidia-dpu",
+)
 _SUFFIX = ".rego"
 _ENTRYPOINTS = ("policy/trust_claims", "policy/extensions")
 # Appraisals remembered per policy (deterministic policies only): guests of one image differ

@@ -30,6 +30,7 @@ class Tee(StrEnum):
     HYGON_DCU = "hygondcu"
     AZ_SNP_VTPM = "az-snp-vtpm"
     AZ_TDX_VTPM = "az-tdx-vtpm"
+    NVIDIA_DPU = "nvidiadpu"
 
 
 class _WireModel(BaseModel):

@@ -52,6 +52,11 @@ _UNDERSTOOD_CRITICAL = frozenset(
         ExtensionOID.KEY_USAGE,
         ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
         ExtensionOID.EXTENDED_KEY_USAGE,
+        # TCG DICE TcbInfo, UEID and MultiTcbInfo: the device's measurements, which DICE
+        # verifiers (NVIDIA DPU) read themselves; they constrain no path
+        x509.ObjectIdentifier("2.23.133.5.4.1"),
+        x509.ObjectIdentifier("2.23.133.5.4.4"),
+        x509.ObjectIdentifier("2.23.133.5.4.5"),
     }
 )
 _SHA256 = hashes.SHA256()

@@ -25,6 +25,8 @@ from keybroker.verifiers.intel.dcap_settings import (
     dcap_settings,
 )
 from keybroker.verifiers.intel.verifier import SgxVerifier, TdxVerifier
+from keybroker.verifiers.nvidia.dpu import build_dpu_verifier
+from keybroker.verifiers.nvidia.gpu import build_nvidia_verifier
 from keybroker.verifiers.sample import SampleVerifier
 from keybroker.verifiers.sample_device import SampleDeviceVerifier
 from keybroker.verifiers.tpm.trusted_aks import build_trusted_aks
@@ -50,6 +52,8 @@ def build_verifiers(
         Tee.TPM: TpmVerifier(build_trusted_aks(verifier_config)),
         Tee.CSV: CsvVerifier(hygon_fetcher),
         Tee.HYGON_DCU: HygonDcuVerifier(hygon_fetcher),
+        Tee.NVIDIA: build_nvidia_verifier(verifier_config, clock),
+        Tee.NVIDIA_DPU: build_dpu_verifier(verifier_config, clock),
     }
 
 
