@@ -62,7 +62,9 @@ def test_wrong_database_is_unavailable_with_a_clear_message() -> None:
             await store.close()
 
     # a database that does not exist is a login PostgreSQL refuses, not an outage
-    with pytest.raises(ServiceUnavailableError, match='refused the login.*"no_such_database_here"'):
+    with pytest.raises(
+        ServiceUnavailableError, match=r'refused the login.*"no_such_database_here"'
+    ):
         asyncio.run(scenario())
 
 
