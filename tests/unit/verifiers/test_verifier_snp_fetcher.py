@@ -350,13 +350,14 @@ def test_upstreams_vcek_sources_are_read(kds: Kds, real: Real, tmp_path: Path) -
             }
         }
     )
-    assert isinstance(fetcher, SnpFallbackFetcher)
+    assert isinstance(fetcher.inner, SnpFallbackFetcher)
     folder = tmp_path / "vcek" / real.report.chip_id.hex()
     folder.mkdir(parents=True)
     (folder / "vcek.der").write_bytes(real.vcek)
     assert fetcher.vcek(real.request) == real.vcek  # from the store, before any KDS request
     default, _ = build_snp_fetcher({"snp_verifier": {}})
-    assert isinstance(default, KdsFetcher)
+    assert isinstance(default.inner, KdsFetcher)
+    default.close()
 
 
 @pytest.mark.parametrize(
@@ -378,6 +379,6 @@ def test_bad_settings_are_config_errors(config: dict[str, Any], reason: str) -> 
 
 def test_default_settings_use_amds_kds_and_the_pinned_roots() -> None:
     fetcher, settings = build_snp_fetcher(None)
-    assert isinstance(fetcher, KdsFetcher) and settings.kds_url is None
+    assert isinstance(fetcher.inner, KdsFetcher) and settings.kds_url is None
     assert set(pinned_roots()) == {Product.MILAN, Product.GENOA, Product.TURIN}
     fetcher.close()
