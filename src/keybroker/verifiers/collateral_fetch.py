@@ -356,6 +356,7 @@ class _Flight:
 
     def __init__(self) -> None:
         self.done = threading.Event()
+        self.followers = 0
         self.value: object = None
         self.error: BaseException | None = None
 
@@ -383,6 +384,12 @@ class CollateralCache:
         with self._lock:
             return len(self._memory)
 
+    def waiting(self, key: str) -> int:
+        """How many callers wait for the fetch of ``key`` in progress (besides its leader)."""
+        with self._lock:
+            flight = self._flights.get(key)
+            return flight.followers if flight is not None else 0
+
     def get(self, key: str, fetch: Callable[[], T], keeping: Keeping[T]) -> T:
         if not _NAME.fullmatch(key):
             raise ServiceUnavailableError(f"refusing the collateral cache key {key!r}")
@@ -394,6 +401,8 @@ class CollateralCache:
             leader = flight is None
             if flight is None:
                 flight = self._flights[key] = _Flight()
+            else:
+                flight.followers += 1
         if not leader:
             return cast(T, self._follow(key, flight))
         try:
