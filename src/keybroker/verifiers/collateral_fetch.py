@@ -156,8 +156,8 @@ class HttpsSource:
             raise ServiceUnavailableError(f"{url} could not be fetched: {reason}") from e
 
     def _get(self, url: str, params: tuple[tuple[str, str], ...]) -> HttpAnswer:
-        # httpx's timeout bounds each read; the deadline bounds the whole answer, so a service
-        # that drips one byte per read still fails within about twice ``timeout``
+        # httpx's timeout bounds each network operation (connect, send, each read); the deadline
+        # bounds the whole answer, so a service that drips a byte per read still fails soon
         deadline = time.monotonic() + self._timeout
         with self._client.stream("GET", url, params=params) as response:
             if response.status_code != 200:
