@@ -125,13 +125,14 @@ class HttpsSource:
         self.base = base_url.rstrip("/")
         self._service, self._max_bytes, self._timeout = service, max_bytes, timeout
         self._insecure_http = insecure_http
-        self._check_scheme(self.base)
+        self.check_url(self.base)
         verify: ssl.SSLContext | bool = True
         if ca_pem is not None:
             verify = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
         self._client = client or httpx.Client(timeout=timeout, verify=verify)
 
-    def _check_scheme(self, url: str) -> None:
+    def check_url(self, url: str) -> None:
+        """ConfigError unless ``url`` is HTTPS (or HTTP, when insecure_http is set)."""
         scheme = httpx.URL(url).scheme
         if scheme != "https" and not (scheme == "http" and self._insecure_http):
             raise ConfigError(
@@ -144,7 +145,7 @@ class HttpsSource:
 
     def get(self, path_or_url: str, params: list[tuple[str, str]] | None = None) -> HttpAnswer:
         url = self.base + path_or_url if path_or_url.startswith("/") else path_or_url
-        self._check_scheme(url)
+        self.check_url(url)
         if httpx.URL(url).scheme == "http":
             logger.warning(
                 "INSECURE: %s collateral fetched over plain HTTP from %s", self._service, url

@@ -11,6 +11,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +271,27 @@ def test_something_that_is_no_certificate_is_not_kept(real: Real, kds: Kds, tmp_
     with pytest.raises(ServiceUnavailableError, match="no certificate"):
         cache.vcek(real.request)
     assert not (tmp_path / "cache").exists()
+
+
+def test_concurrent_reports_share_one_kds_request(real: Real, kds: Kds) -> None:
+    kds.stand_in.hold = threading.Event()
+    cache = SnpCachingFetcher(kds.fetcher(), None, clock=Clock(NOW))
+    results: list[bytes] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.vcek(real.request))) for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    name = f"vcek-Genoa-{real.report.chip_id.hex()}-bl10_tee00_snp23_ucode25.der"
+    deadline = time.monotonic() + 10  # bounded: a broken single-flight fails, never hangs
+    while cache.cache.waiting(name) != 3:
+        assert time.monotonic() < deadline, "the other reports never waited for the first fetch"
+        time.sleep(0.01)
+    kds.stand_in.hold.set()
+    for thread in threads:
+        thread.join(20)
+    assert results == [real.vcek] * 4
+    assert len(kds.stand_in.requests) == 1
 
 
 # --- SnpDirectoryFetcher and SnpFallbackFetcher --------------------------------------------------

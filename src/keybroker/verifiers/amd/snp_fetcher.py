@@ -253,7 +253,7 @@ class SnpCachingFetcher(SnpCollateralFetcher):
         limits: CacheLimits | None = None,
     ) -> None:
         self.inner = inner
-        self._cache = CollateralCache(
+        self.cache = CollateralCache(
             directory, limits=limits or CacheLimits(item_bytes=MAX_KDS_BYTES), clock=clock
         )
 
@@ -262,17 +262,17 @@ class SnpCachingFetcher(SnpCollateralFetcher):
 
     def _vcek(self, request: VcekRequest) -> bytes:
         name = f"vcek-{request.product}-{request.hwid.hex()}-{request.tcb_prefix()}.der"
-        return self._cache.get(
+        return self.cache.get(
             name, lambda: _certificate(self.inner.vcek(request)), _KEEP_CERTIFICATES
         )
 
     def _cert_chain(self, product: Product, kind: KeyKind) -> bytes:
         name = f"cert-chain-{kind.value.lower()}-{product}.pem"
         fetch = lambda: _certificate(self.inner.cert_chain(product, kind))  # noqa: E731
-        return self._cache.get(name, fetch, _KEEP_CERTIFICATES)
+        return self.cache.get(name, fetch, _KEEP_CERTIFICATES)
 
     def _crl(self, product: Product) -> bytes:
-        return self._cache.get(f"crl-{product}.der", lambda: self.inner.crl(product), _KEEP_CRLS)
+        return self.cache.get(f"crl-{product}.der", lambda: self.inner.crl(product), _KEEP_CRLS)
 
 
 def _forever_if_certificate(data: bytes) -> datetime.datetime | None:

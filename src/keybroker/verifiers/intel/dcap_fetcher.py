@@ -120,6 +120,8 @@ class PcsFetcher(CollateralFetcher):
         )
         self._update = update
         self._root_ca_crl_url = root_ca_crl_url or "/sgx/certification/v4/rootcacrl"
+        if root_ca_crl_url is not None:
+            self._source.check_url(root_ca_crl_url)
 
     @classmethod
     def intel(
@@ -144,13 +146,17 @@ class PcsFetcher(CollateralFetcher):
     def _fetch(self, request: CollateralRequest) -> Collateral:
         tee, fmspc = request.tee, request.fmspc.hex().upper()
         tcb_info, tcb_chain = self._get(
-            f"/{tee}/certification/v4/tcb", [("fmspc", fmspc), ("update", self._update)]
+            f"/{tee}/certification/v4/tcb",
+            [("fmspc", fmspc), ("update", self._update)],
+            TCB_INFO_CHAIN,
         )
         qe_identity, qe_chain = self._get(
-            f"/{tee}/certification/v4/qe/identity", [("update", self._update)]
+            f"/{tee}/certification/v4/qe/identity", [("update", self._update)], QE_IDENTITY_CHAIN
         )
         pck_crl, pck_crl_chain = self._get(
-            "/sgx/certification/v4/pckcrl", [("ca", request.pck_ca), ("encoding", "der")]
+            "/sgx/certification/v4/pckcrl",
+            [("ca", request.pck_ca), ("encoding", "der")],
+            PCK_CRL_CHAIN,
         )
         root_ca_crl = self._source.get(self._root_ca_crl_url).body
         return Collateral(
@@ -163,17 +169,17 @@ class PcsFetcher(CollateralFetcher):
             root_ca_crl=crl_der(root_ca_crl),
         )
 
-    def _get(self, path: str, params: list[tuple[str, str]]) -> tuple[bytes, bytes]:
+    def _get(
+        self, path: str, params: list[tuple[str, str]], chain_header: str
+    ) -> tuple[bytes, bytes]:
         """(body, issuer chain PEM) of one PCS answer."""
         answer = self._source.get(path, params)
-        header = _CHAIN_HEADERS[path.rsplit("/", 1)[-1]]
-        encoded = answer.headers.get(header)
+        encoded = answer.headers.get(chain_header)
         if not encoded:
-            raise ServiceUnavailableError(f"{self._source.base}{path} sent no {header} header")
+            raise ServiceUnavailableError(
+                f"{self._source.base}{path} sent no {chain_header} header"
+            )
         return answer.body, unquote(encoded).encode("ascii")
-
-
-_CHAIN_HEADERS = {"tcb": TCB_INFO_CHAIN, "identity": QE_IDENTITY_CHAIN, "pckcrl": PCK_CRL_CHAIN}
 
 
 class DirectoryFetcher(CollateralFetcher):
@@ -240,7 +246,7 @@ class CachingFetcher(CollateralFetcher):
         limits: CacheLimits | None = None,
     ) -> None:
         self.inner = inner
-        self._cache = CollateralCache(
+        self.cache = CollateralCache(
             directory, limits=limits or CacheLimits(item_bytes=_RECORD_BYTES), clock=clock
         )
 
@@ -249,4 +255,4 @@ class CachingFetcher(CollateralFetcher):
 
     def _fetch(self, request: CollateralRequest) -> Collateral:
         key = f"{request.tee}-{request.fmspc.hex()}-{request.pck_ca}.json"
-        return self._cache.get(key, lambda: self.inner.fetch(request), _KEEPING)
+        return self.cache.get(key, lambda: self.inner.fetch(request), _KEEPING)
