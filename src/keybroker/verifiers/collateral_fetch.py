@@ -300,7 +300,9 @@ class _Disk:
         """The file's bytes and mtime, or None when there is no usable file."""
         path = self.directory / key
         try:
-            with path.open("rb") as file:
+            # O_NOFOLLOW: a symlink planted in the cache directory is not followed elsewhere
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as file:
                 data = file.read(self._limits.item_bytes + 1)
                 mtime = os.fstat(file.fileno()).st_mtime
         except FileNotFoundError:

@@ -249,6 +249,19 @@ def test_corrupt_disk_cache_file_is_ignored_and_fetched_again(
     assert "collateral cache file" in caplog.text
 
 
+def test_symlink_planted_in_the_cache_directory_is_not_followed(
+    served: Served, tmp_path: Path
+) -> None:
+    directory = tmp_path / "cache"
+    directory.mkdir()
+    (tmp_path / "elsewhere").write_bytes(b"planted")
+    (directory / "a").symlink_to(tmp_path / "elsewhere")
+    cache = CollateralCache(directory, clock=Clock(NOW))
+    assert _getter(cache, served.source())("a") == b"item a"
+    assert served.origin.requests == ["/item/a"]
+    assert (tmp_path / "elsewhere").read_bytes() == b"planted"  # replaced the link, not its target
+
+
 def test_cache_key_naming_a_file_outside_the_directory_is_refused(tmp_path: Path) -> None:
     cache = CollateralCache(tmp_path / "cache", clock=Clock(NOW))
     with pytest.raises(ServiceUnavailableError, match="refusing the collateral cache key"):
