@@ -29,6 +29,7 @@ from keybroker.client.admin_tokens import (
 from keybroker.client.attesters import Attester, SampleDeviceAttester
 from keybroker.client.keys import TeeKey
 from keybroker.client.rcar import KbsClient
+from keybroker.client.tpm_attester import TpmAttester
 from keybroker.errors import ClientError, KeybrokerError
 from keybroker.protocol.models import JsonValue
 from keybroker.protocol.resource_path import ResourcePath
@@ -142,6 +143,19 @@ def _admin_parsers(admin: Any) -> None:
 
 def _device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--tee",
+        choices=["sample", "tpm"],
+        default="sample",
+        help="the attester: sample (software, the default) or tpm (a TPM 2.0 through "
+        "tpm2-tools; TPM2TOOLS_TCTI or AA_TPM_DEVICE, AA_TPM_AK_HANDLE)",
+    )
+    parser.add_argument(
+        "--tpm-event-log",
+        type=Path,
+        help="with --tee tpm: send this TCG2 event log "
+        "(e.g. /sys/kernel/security/tpm0/binary_bios_measurements)",
+    )
+    parser.add_argument(
         "--sample-device",
         action="store_true",
         default=bool(os.environ.get("ENABLE_SAMPLE_DEVICE")),
@@ -178,8 +192,12 @@ def _policy_text(args: argparse.Namespace) -> str:
 def _guest(args: argparse.Namespace) -> KbsClient:
     tee_key = TeeKey.from_file(args.tee_key_file) if args.tee_key_file else None
     devices: list[Attester] = [SampleDeviceAttester()] if args.sample_device else []
+    attester = TpmAttester(event_log=args.tpm_event_log) if args.tee == "tpm" else None
+    if args.tpm_event_log and args.tee != "tpm":
+        raise ClientError("--tpm-event-log needs --tee tpm")
     return KbsClient(
         args.url,
+        attester=attester,
         tee_key=tee_key,
         init_data=args.init_data,
         cert_file=args.cert_file,

@@ -263,7 +263,9 @@ def _set_session_cookie(response: Response, session: Session, services: KbsServi
         SESSION_COOKIE,
         session.id,
         expires=int(session.expires_at - services.clock()),
-        path="/kbs/v0",
+        # No Path, as upstream: the browser-side default is the request's directory
+        # (/kbs/v0, or /<prefix>/kbs/v0 behind a proxy that maps a prefix to the KBS).
+        path=None,
         httponly=True,
         samesite="strict",
         secure=services.https,
