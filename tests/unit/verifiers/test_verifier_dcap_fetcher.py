@@ -9,6 +9,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -279,6 +280,27 @@ def test_failed_refresh_is_an_error_not_stale_collateral(
     clock.now = NEXT_UPDATE
     with pytest.raises(ServiceUnavailableError):
         cache.fetch(world.request)
+
+
+def test_concurrent_quotes_share_one_round_of_pcs_requests(world: World, pcs: Pcs) -> None:
+    pcs.stand_in.hold = threading.Event()
+    cache = CachingFetcher(pcs.fetcher(), None, clock=Clock(NOW))
+    results: list[Collateral] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.fetch(world.request)))
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10  # bounded: a broken single-flight fails, never hangs
+    while cache.cache.waiting("tdx-00a06d080000-platform.json") != 3:
+        assert time.monotonic() < deadline, "the other quotes never waited for the first fetch"
+        time.sleep(0.01)
+    pcs.stand_in.hold.set()
+    for thread in threads:
+        thread.join(20)
+    assert results == [world.collateral] * 4
+    assert len(pcs.stand_in.requests) == 4  # one round of four requests
 
 
 # --- DirectoryFetcher --------------------------------------------------------------------------

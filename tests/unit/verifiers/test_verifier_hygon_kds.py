@@ -115,7 +115,7 @@ def test_offline_directory_is_tried_before_kds(kds: Kds, pki: HygonPki, tmp_path
     fetcher = build_hygon_fetcher(
         {"hygon": {"offline_dir": str(tmp_path), "kds_url": kds.server.url, "insecure_http": True}}
     )
-    assert isinstance(fetcher, HskCekFallbackFetcher)
+    assert isinstance(fetcher.inner, HskCekFallbackFetcher)
     assert fetcher.hsk_cek(CHIP) == pki.hsk_cek
     assert kds.stand_in.requests == []
     kds.stand_in.hsk_ceks["OTHERCHIP"] = pki.hsk_cek
@@ -125,12 +125,19 @@ def test_offline_directory_is_tried_before_kds(kds: Kds, pki: HygonPki, tmp_path
 
 def test_offline_directory_alone_never_reaches_kds(tmp_path: Path) -> None:
     fetcher = build_hygon_fetcher({"hygon": {"offline_dir": str(tmp_path)}})
-    assert isinstance(fetcher, HygonDirectoryFetcher)
+    assert isinstance(fetcher.inner, HygonDirectoryFetcher)
 
 
-def test_cache_dir_wraps_the_sources(tmp_path: Path) -> None:
-    fetcher = build_hygon_fetcher({"hygon": {"offline_dir": "/x", "cache_dir": str(tmp_path)}})
-    assert isinstance(fetcher, HskCekCachingFetcher)
+def test_cache_dir_keeps_what_the_sources_answered(pki: HygonPki, tmp_path: Path) -> None:
+    folder = tmp_path / "offline" / "hsk_cek" / CHIP
+    folder.mkdir(parents=True)
+    (folder / "hsk_cek.cert").write_bytes(pki.hsk_cek)
+    cache = tmp_path / "cache"
+    fetcher = build_hygon_fetcher(
+        {"hygon": {"offline_dir": str(tmp_path / "offline"), "cache_dir": str(cache)}}
+    )
+    assert fetcher.hsk_cek(CHIP) == pki.hsk_cek
+    assert (cache / f"hsk_cek-{CHIP}.cert").read_bytes() == pki.hsk_cek
 
 
 def test_unknown_hygon_setting_is_a_config_error() -> None:

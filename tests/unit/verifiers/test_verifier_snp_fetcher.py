@@ -11,6 +11,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +273,27 @@ def test_something_that_is_no_certificate_is_not_kept(real: Real, kds: Kds, tmp_
     assert not (tmp_path / "cache").exists()
 
 
+def test_concurrent_reports_share_one_kds_request(real: Real, kds: Kds) -> None:
+    kds.stand_in.hold = threading.Event()
+    cache = SnpCachingFetcher(kds.fetcher(), None, clock=Clock(NOW))
+    results: list[bytes] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.vcek(real.request))) for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    name = f"vcek-Genoa-{real.report.chip_id.hex()}-bl10_tee00_snp23_ucode25.der"
+    deadline = time.monotonic() + 10  # bounded: a broken single-flight fails, never hangs
+    while cache.cache.waiting(name) != 3:
+        assert time.monotonic() < deadline, "the other reports never waited for the first fetch"
+        time.sleep(0.01)
+    kds.stand_in.hold.set()
+    for thread in threads:
+        thread.join(20)
+    assert results == [real.vcek] * 4
+    assert len(kds.stand_in.requests) == 1
+
+
 # --- SnpDirectoryFetcher and SnpFallbackFetcher --------------------------------------------------
 
 
@@ -350,13 +372,14 @@ def test_upstreams_vcek_sources_are_read(kds: Kds, real: Real, tmp_path: Path) -
             }
         }
     )
-    assert isinstance(fetcher, SnpFallbackFetcher)
+    assert isinstance(fetcher.inner, SnpFallbackFetcher)
     folder = tmp_path / "vcek" / real.report.chip_id.hex()
     folder.mkdir(parents=True)
     (folder / "vcek.der").write_bytes(real.vcek)
     assert fetcher.vcek(real.request) == real.vcek  # from the store, before any KDS request
     default, _ = build_snp_fetcher({"snp_verifier": {}})
-    assert isinstance(default, KdsFetcher)
+    assert isinstance(default.inner, KdsFetcher)
+    default.close()
 
 
 @pytest.mark.parametrize(
@@ -378,6 +401,6 @@ def test_bad_settings_are_config_errors(config: dict[str, Any], reason: str) -> 
 
 def test_default_settings_use_amds_kds_and_the_pinned_roots() -> None:
     fetcher, settings = build_snp_fetcher(None)
-    assert isinstance(fetcher, KdsFetcher) and settings.kds_url is None
+    assert isinstance(fetcher.inner, KdsFetcher) and settings.kds_url is None
     assert set(pinned_roots()) == {Product.MILAN, Product.GENOA, Product.TURIN}
     fetcher.close()

@@ -1,5 +1,7 @@
 """Where SNP collateral comes from: AMD's Key Distribution Service (KDS) over HTTPS, a directory
-prepared offline, and an on-disk cache in front of either. All of Keybroker's SNP I/O is here.
+prepared offline, and a cache in front of either. Only KDS's paths, the offline store's layout
+and what to keep for how long are here; HTTPS, size caps, deadlines, the offline directory and the
+bounded, single-flight cache are the shared :mod:`keybroker.verifiers.collateral_fetch`.
 
 A fetcher is trusted for availability and freshness, never for integrity: the verifier
 (:mod:`keybroker.verifiers.amd.snp`) checks every certificate against the pinned AMD roots and the
@@ -10,12 +12,13 @@ CRL from before a revocation.
 ::
 
     SnpCollateralFetcher (ABC)  vcek / crl / cert_chain; any failure -> ServiceUnavailableError
-    ├── KdsFetcher              AMD KDS (or a mirror with KDS's paths), httpx, timeout, size cap
+    ├── KdsFetcher              AMD KDS (or a mirror with KDS's paths)
     ├── SnpDirectoryFetcher     files laid out as upstream Trustee's offline VCEK store
     ├── SnpFallbackFetcher      the first of several sources that answers (upstream's
     │                           ``vcek_sources`` list)
-    └── SnpCachingFetcher       wraps another: 0600 files replaced atomically; VCEKs and
-                                certificate chains kept for good, CRLs until their nextUpdate
+    └── SnpCachingFetcher       wraps another: in memory (and in 0600 files given a directory);
+                                VCEKs and certificate chains kept for good, CRLs until their
+                                nextUpdate
 
 KDS paths (AMD 57230, "KDS Interface"): ``/vcek/v1/{product}/{hwid}?blSPL=&teeSPL=&snpSPL=
 &ucodeSPL=`` (DER; Turin adds ``fmcSPL`` and uses the first 8 bytes of CHIP_ID as hwid),
@@ -26,8 +29,6 @@ the ARK) and ``/vlek/v1/{product}/cert_chain`` (PEM ASVK then ARK).
 from __future__ import annotations
 
 import datetime
-import logging
-import ssl
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,12 +38,18 @@ import httpx
 from cryptography import x509
 
 from keybroker.errors import ConfigError, EvidenceError, ServiceUnavailableError
-from keybroker.storage.local_fs import write_atomically
 from keybroker.verifiers.amd.snp_certs import KeyKind, load_certificates
 from keybroker.verifiers.amd.snp_report import Product, TcbVersion
-from keybroker.verifiers.intel.dcap_fetcher import read_bounded
-
-logger = logging.getLogger(__name__)
+from keybroker.verifiers.collateral_fetch import (
+    FOREVER,
+    CacheLimits,
+    Clock,
+    CollateralCache,
+    HttpsSource,
+    OfflineDirectory,
+    keep_bytes,
+    unavailable_unless_fetched,
+)
 
 AMD_KDS_URL = "https://kdsintf.amd.com"
 # a VCEK is ~1.4 kB, a certificate chain ~4.5 kB, the ARK's CRL a few kB
@@ -110,12 +117,11 @@ class SnpCollateralFetcher(ABC):
 
     @staticmethod
     def _wrap(fetch: Callable[[], bytes], what: str) -> bytes:
-        try:
+        with unavailable_unless_fetched(what):
             return fetch()
-        except ServiceUnavailableError:
-            raise
-        except Exception as e:  # any fetch failure is the service's, never the evidence's
-            raise ServiceUnavailableError(f"{what} could not be fetched: {e}") from e
+
+    def close(self) -> None:  # noqa: B027 - optional: only network fetchers hold connections
+        """Release connections, if any."""
 
     @abstractmethod
     def _vcek(self, request: VcekRequest) -> bytes: ...
@@ -140,48 +146,28 @@ class KdsFetcher(SnpCollateralFetcher):
         insecure_http: bool = False,
     ) -> None:
         """``ca_pem``: the CA of a mirror's TLS certificate, when not a public one."""
-        base = base_url.rstrip("/")
-        scheme = httpx.URL(base).scheme
-        if scheme not in ("https", "http") or (scheme == "http" and not insecure_http):
-            raise ConfigError(
-                f"the AMD KDS {base_url!r} is not HTTPS (set insecure_http to allow plain "
-                "HTTP, which lets anyone on the path replay an old CRL)"
-            )
-        self._base, self._insecure_http = base, scheme == "http"
-        verify: ssl.SSLContext | bool = True
-        if ca_pem is not None:
-            verify = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
-        self._client = client or httpx.Client(timeout=timeout, verify=verify)
+        self._source = HttpsSource(
+            base_url,
+            service="the AMD KDS",
+            max_bytes=MAX_KDS_BYTES,
+            timeout=timeout,
+            ca_pem=ca_pem,
+            client=client,
+            insecure_http=insecure_http,
+        )
 
     def close(self) -> None:
-        self._client.close()
+        self._source.close()
 
     def _vcek(self, request: VcekRequest) -> bytes:
         path = f"/vcek/v1/{request.product}/{request.hwid.hex()}"
-        return self._get(path, request.query())
+        return self._source.get(path, request.query()).body
 
     def _crl(self, product: Product) -> bytes:
-        return self._get(f"/vcek/v1/{product}/crl", [])
+        return self._source.get(f"/vcek/v1/{product}/crl").body
 
     def _cert_chain(self, product: Product, kind: KeyKind) -> bytes:
-        return self._get(f"/{kind.value.lower()}/v1/{product}/cert_chain", [])
-
-    def _get(self, path: str, params: list[tuple[str, str]]) -> bytes:
-        """The body of one GET, reading no more than MAX_KDS_BYTES."""
-        if self._insecure_http:
-            logger.warning(
-                "INSECURE: AMD KDS collateral fetched over plain HTTP from %s", self._base
-            )
-        url = self._base + path
-        with self._client.stream("GET", url, params=tuple(params)) as response:
-            if response.status_code != 200:
-                raise ServiceUnavailableError(f"{url} answered HTTP {response.status_code}")
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > MAX_KDS_BYTES:
-                    raise ServiceUnavailableError(f"{url} sent more than {MAX_KDS_BYTES} bytes")
-        return bytes(body)
+        return self._source.get(f"/{kind.value.lower()}/v1/{product}/cert_chain").body
 
 
 class SnpDirectoryFetcher(SnpCollateralFetcher):
@@ -197,24 +183,19 @@ class SnpDirectoryFetcher(SnpCollateralFetcher):
     Every name is built from a validated request, never from input text."""
 
     def __init__(self, directory: Path) -> None:
-        self._directory = directory
-
-    def _read(self, relative: str) -> bytes:
-        return read_bounded(self._directory / relative, MAX_KDS_BYTES)
+        self._directory = OfflineDirectory(directory, max_bytes=MAX_KDS_BYTES)
 
     def _vcek(self, request: VcekRequest) -> bytes:
         folder = f"vcek/{request.hwid.hex()}"
-        try:
-            return self._read(f"{folder}/{request.tcb_prefix()}_vcek.der")
-        except FileNotFoundError:
-            return self._read(f"{folder}/vcek.der")
+        found = self._directory.read_if_present(f"{folder}/{request.tcb_prefix()}_vcek.der")
+        return found if found is not None else self._directory.read(f"{folder}/vcek.der")
 
     def _crl(self, product: Product) -> bytes:
-        return self._read(f"crl/{product}.der")
+        return self._directory.read(f"crl/{product}.der")
 
     def _cert_chain(self, product: Product, kind: KeyKind) -> bytes:
         prefix = "vlek-" if kind is KeyKind.VLEK else ""
-        return self._read(f"cert_chain/{prefix}{product}.pem")
+        return self._directory.read(f"cert_chain/{prefix}{product}.pem")
 
 
 class SnpFallbackFetcher(SnpCollateralFetcher):
@@ -256,77 +237,42 @@ def crl_next_update(unverified: bytes) -> datetime.datetime | None:
 
 
 class SnpCachingFetcher(SnpCollateralFetcher):
-    """Keeps what ``inner`` fetched in ``directory`` (one 0600 file per item, replaced
-    atomically) and in memory. A VCEK is keyed by product, hwid and TCB and never changes, nor
-    does a product's certificate chain: both are kept for good. A CRL is served until its
+    """Keeps what ``inner`` fetched in memory and, given a ``directory``, in one 0600 file per
+    item. A VCEK is keyed by product, hwid and TCB and never changes, nor does a product's
+    certificate chain: both are kept for good (until evicted). A CRL is served until its
     nextUpdate, then fetched again; a failed refresh is an error, never a reason to serve the
-    expired CRL (the verifier would refuse it anyway)."""
+    expired CRL (the verifier would refuse it anyway). Concurrent fetches of one item share one
+    KDS request, which matters: KDS rate-limits its clients."""
 
     def __init__(
         self,
         inner: SnpCollateralFetcher,
-        directory: Path,
+        directory: Path | None,
         *,
-        clock: Callable[[], datetime.datetime],
+        clock: Clock,
+        limits: CacheLimits | None = None,
     ) -> None:
-        self._inner, self._directory, self._clock = inner, directory, clock
-        self._held: dict[str, tuple[bytes, datetime.datetime]] = {}
+        self.inner = inner
+        self.cache = CollateralCache(
+            directory, limits=limits or CacheLimits(item_bytes=MAX_KDS_BYTES), clock=clock
+        )
+
+    def close(self) -> None:
+        self.inner.close()
 
     def _vcek(self, request: VcekRequest) -> bytes:
         name = f"vcek-{request.product}-{request.hwid.hex()}-{request.tcb_prefix()}.der"
-        fetch = lambda: _certificate(self._inner.vcek(request))  # noqa: E731
-        return self._kept(name, fetch, _forever_if_certificate)
+        return self.cache.get(
+            name, lambda: _certificate(self.inner.vcek(request)), _KEEP_CERTIFICATES
+        )
 
     def _cert_chain(self, product: Product, kind: KeyKind) -> bytes:
         name = f"cert-chain-{kind.value.lower()}-{product}.pem"
-        fetch = lambda: _certificate(self._inner.cert_chain(product, kind))  # noqa: E731
-        return self._kept(name, fetch, _forever_if_certificate)
+        fetch = lambda: _certificate(self.inner.cert_chain(product, kind))  # noqa: E731
+        return self.cache.get(name, fetch, _KEEP_CERTIFICATES)
 
     def _crl(self, product: Product) -> bytes:
-        return self._kept(f"crl-{product}.der", lambda: self._inner.crl(product), crl_next_update)
-
-    def _kept(
-        self,
-        name: str,
-        fetch: Callable[[], bytes],
-        expiry: Callable[[bytes], datetime.datetime | None],
-    ) -> bytes:
-        """``name`` from memory, else from its file, else fetched and stored; an item is used
-        only before the moment ``expiry`` gives for it (None: unusable, fetch again)."""
-        now = self._clock()
-        held = self._held.get(name)
-        if held is not None and now < held[1]:
-            return held[0]
-        data = self._load(self._directory / name)
-        if data is not None:
-            until = expiry(data)
-            if until is not None and now < until:
-                self._held[name] = (data, until)
-                return data
-        data = fetch()
-        until = expiry(data)
-        self._store(self._directory / name, data)
-        if until is not None and now < until:
-            self._held[name] = (data, until)
-        else:
-            self._held.pop(name, None)
-        return data
-
-    @staticmethod
-    def _load(path: Path) -> bytes | None:
-        try:
-            with path.open("rb") as file:
-                data = file.read(MAX_KDS_BYTES + 1)
-        except FileNotFoundError:
-            return None
-        except OSError as e:  # an unreadable cache file is a miss, not an outage
-            logger.warning("ignoring unreadable SNP collateral cache file %s: %s", path, e)
-            return None
-        return data if 0 < len(data) <= MAX_KDS_BYTES else None
-
-    def _store(self, path: Path, data: bytes) -> None:
-        self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomically(path, data)  # 0600; a reader never sees half a file
+        return self.cache.get(f"crl-{product}.der", lambda: self.inner.crl(product), _KEEP_CRLS)
 
 
 def _forever_if_certificate(data: bytes) -> datetime.datetime | None:
@@ -336,7 +282,7 @@ def _forever_if_certificate(data: bytes) -> datetime.datetime | None:
             return None
     except ValueError:
         return None
-    return datetime.datetime.max.replace(tzinfo=datetime.UTC)
+    return FOREVER
 
 
 def _certificate(data: bytes) -> bytes:
@@ -345,3 +291,7 @@ def _certificate(data: bytes) -> bytes:
     if _forever_if_certificate(data) is None:
         raise ServiceUnavailableError("AMD KDS served something that is no certificate")
     return data
+
+
+_KEEP_CERTIFICATES = keep_bytes(_forever_if_certificate)
+_KEEP_CRLS = keep_bytes(crl_next_update)

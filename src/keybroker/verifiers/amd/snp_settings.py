@@ -4,7 +4,7 @@
 [attestation_service.verifier_config.snp]
 kds_url = "https://kdsintf.amd.com"  # AMD KDS (the default), or a mirror serving KDS's paths
 ca_cert = "/etc/kbs/kds-ca.pem"      # the CA of a mirror's TLS certificate, if not a public one
-cache_dir = "/var/cache/kbs/snp"     # keep VCEKs for good and the CRLs until nextUpdate
+cache_dir = "/var/cache/kbs/snp"     # also on disk: VCEKs for good, CRLs until nextUpdate
 offline_dir = "/etc/kbs/kds-store"   # VCEKs and CRLs prepared offline (tried before kds_url;
                                      # alone when kds_url is not set)
 timeout = 10
@@ -119,8 +119,8 @@ def _upstream_sources(config: _UpstreamSnpConfig) -> list[SnpCollateralFetcher]:
 
 def build_snp_fetcher(
     verifier_config: dict[str, Any] | None, clock: Callable[[], float] = time.time
-) -> tuple[SnpCollateralFetcher, SnpSettings]:
-    """The collateral source the configuration describes, behind the cache if one is set."""
+) -> tuple[SnpCachingFetcher, SnpSettings]:
+    """The collateral source the configuration describes, behind the cache."""
     config = verifier_config or {}
     if "snp" in config and "snp_verifier" in config:
         raise ConfigError(
@@ -134,13 +134,14 @@ def build_snp_fetcher(
         settings = _validated(SnpSettings, config.get("snp", {}), "snp")
         sources = _sources(settings)
     fetcher = sources[0] if len(sources) == 1 else SnpFallbackFetcher(sources)
-    if settings.cache_dir is not None:
-        fetcher = SnpCachingFetcher(
-            fetcher,
-            settings.cache_dir,
-            clock=lambda: datetime.datetime.fromtimestamp(clock(), datetime.UTC),
-        )
-    return fetcher, settings
+    # always cached in memory (bounded, one KDS request per item at a time); on disk given
+    # cache_dir
+    cached = SnpCachingFetcher(
+        fetcher,
+        settings.cache_dir,
+        clock=lambda: datetime.datetime.fromtimestamp(clock(), datetime.UTC),
+    )
+    return cached, settings
 
 
 def build_snp_appraiser(

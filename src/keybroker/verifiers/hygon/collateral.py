@@ -1,6 +1,7 @@
 """Where a chip's HSK and CEK come from: the interface the Hygon verifiers call, and a directory
-prepared offline. (Hygon's KDS over HTTPS and the disk cache:
-:mod:`keybroker.verifiers.hygon.kds_fetcher`.)
+prepared offline. (Hygon's KDS over HTTPS and the cache:
+:mod:`keybroker.verifiers.hygon.kds_fetcher`; both built on
+:mod:`keybroker.verifiers.collateral_fetch`.)
 
 A source is trusted for availability, never for integrity: the verifiers check the HSK and CEK
 against the pinned HRK, so a source only moves bytes.
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from keybroker.errors import EvidenceError, ServiceUnavailableError
+from keybroker.verifiers.collateral_fetch import OfflineDirectory, unavailable_unless_fetched
 from keybroker.verifiers.hygon.certs import HSK_CEK_SIZE
 
 # Chip serial numbers are short ASCII ids (e.g. KPA64911240507); they become a path and a URL
@@ -47,14 +49,8 @@ class HskCekFetcher(ABC):
     def hsk_cek(self, chip_id: str) -> bytes:
         if not CHIP_ID.fullmatch(chip_id):
             raise EvidenceError(f"{chip_id[:64]!r} is not a chip id")
-        try:
+        with unavailable_unless_fetched(f"the HSK/CEK for chip {chip_id}"):
             data = self._hsk_cek(chip_id)
-        except ServiceUnavailableError:
-            raise
-        except Exception as e:  # any fetch failure is the service's, never the evidence's
-            raise ServiceUnavailableError(
-                f"the HSK/CEK for chip {chip_id} could not be fetched: {e}"
-            ) from e
         if len(data) != HSK_CEK_SIZE:
             raise ServiceUnavailableError(
                 f"the HSK/CEK for chip {chip_id} is {len(data)} bytes, not {HSK_CEK_SIZE}"
@@ -68,19 +64,16 @@ class HskCekFetcher(ABC):
 class HygonDirectoryFetcher(HskCekFetcher):
     def __init__(self, root: Path) -> None:
         self._root = root
+        self._directory = OfflineDirectory(root, max_bytes=HSK_CEK_SIZE)
 
     def path(self, chip_id: str) -> Path:
         return self._root / "hsk_cek" / chip_id / "hsk_cek.cert"
 
     def _hsk_cek(self, chip_id: str) -> bytes:
-        path = self.path(chip_id)
-        try:
-            with path.open("rb") as file:
-                return file.read(HSK_CEK_SIZE + 1)
-        except OSError as e:
-            raise ServiceUnavailableError(
-                f"no HSK/CEK for chip {chip_id} in {self._root}: {e.strerror}"
-            ) from None
+        found = self._directory.read_if_present(f"hsk_cek/{chip_id}/hsk_cek.cert")
+        if found is None:
+            raise ServiceUnavailableError(f"no HSK/CEK for chip {chip_id} in {self._root}")
+        return found
 
 
 class HskCekFallbackFetcher(HskCekFetcher):

@@ -7,7 +7,7 @@ kds_url = "https://cert.hygon.cn"   # Hygon's KDS (the default), or a mirror wit
 ca_cert = "/etc/kbs/hygon-kds-ca.pem"  # the CA of a mirror's TLS certificate, if not public
 offline_dir = "/opt/hygon/csv"      # <dir>/hsk_cek/<chip id>/hsk_cek.cert, tried first
                                     # (upstream's layout and default); alone without kds_url
-cache_dir = "/var/cache/kbs/hygon"  # keep fetched HSK/CEK files for good
+cache_dir = "/var/cache/kbs/hygon"  # also keep fetched HSK/CEK files on disk, for good
 timeout = 10
 insecure_http = false               # a mirror over plain HTTP: tests only
 ```
@@ -60,7 +60,7 @@ def hygon_settings(verifier_config: dict[str, Any] | None) -> HygonSettings:
         raise ConfigError(f"[attestation_service.verifier_config.{SECTION}] {problems}") from None
 
 
-def build_hygon_fetcher(verifier_config: dict[str, Any] | None) -> HskCekFetcher:
+def build_hygon_fetcher(verifier_config: dict[str, Any] | None) -> HskCekCachingFetcher:
     """The HSK/CEK source the configuration describes (nothing is fetched here)."""
     settings = hygon_settings(verifier_config)
     configured = "hygon" in (verifier_config or {})
@@ -81,6 +81,6 @@ def build_hygon_fetcher(verifier_config: dict[str, Any] | None) -> HskCekFetcher
             )
         )
     fetcher: HskCekFetcher = sources[0] if len(sources) == 1 else HskCekFallbackFetcher(sources)
-    if settings.cache_dir is not None:
-        fetcher = HskCekCachingFetcher(fetcher, settings.cache_dir)
-    return fetcher
+    # always cached in memory (bounded, one KDS request per chip at a time); on disk given
+    # cache_dir
+    return HskCekCachingFetcher(fetcher, settings.cache_dir)

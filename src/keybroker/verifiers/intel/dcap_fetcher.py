@@ -1,5 +1,7 @@
 """Where DCAP collateral comes from: Intel PCS or a PCCS over HTTPS, a directory prepared
-offline, and an on-disk cache in front of either. All of Keybroker's DCAP I/O lives here.
+offline, and a cache in front of either. Only the PCS API (URLs, issuer chain headers, CRL
+encodings) and the offline layout are here; HTTPS, size caps, deadlines, the offline directory and
+the bounded, single-flight cache are the shared :mod:`keybroker.verifiers.collateral_fetch`.
 
 A fetcher is trusted for availability and freshness, never for integrity: the verifier
 (:func:`~keybroker.verifiers.intel.dcap_collateral.verify_collateral`) checks every signature,
@@ -10,23 +12,20 @@ wrong is serve old but validly signed collateral (a TCB Info from before a TCB r
 ::
 
     CollateralFetcher (ABC)   fetch(request) -> Collateral; any failure -> ServiceUnavailableError
-    ├── PcsFetcher            Intel PCS v4 API, or a PCCS (same API), with httpx and a timeout
+    ├── PcsFetcher            Intel PCS v4 API, or a PCCS (same API)
     ├── DirectoryFetcher      files laid out per FMSPC, for air-gapped deployments
-    └── CachingFetcher        wraps another: one 0600 file per request, reused until the
-                              collateral's earliest nextUpdate, replaced atomically
+    └── CachingFetcher        wraps another: the collateral of one TEE, FMSPC and PCK CA is one
+                              cache item (memory, and a 0600 file when a directory is given),
+                              reused until its earliest nextUpdate
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import datetime
 import json
-import logging
 import re
-import ssl
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Literal
@@ -35,15 +34,21 @@ from urllib.parse import unquote
 import httpx
 
 from keybroker.errors import ConfigError, ServiceUnavailableError
-from keybroker.storage.local_fs import write_atomically
+from keybroker.verifiers.collateral_fetch import (
+    CacheLimits,
+    Clock,
+    CollateralCache,
+    HttpsSource,
+    Keeping,
+    OfflineDirectory,
+    unavailable_unless_fetched,
+)
 from keybroker.verifiers.intel.dcap_collateral import (
     MAX_ITEM_BYTES,
     Collateral,
     CollateralRequest,
     earliest_next_update,
 )
-
-logger = logging.getLogger(__name__)
 
 INTEL_PCS_URL = "https://api.trustedservices.intel.com"
 # the CRL distribution point of the pinned Intel SGX Root CA (Intel PCS has no rootcacrl API)
@@ -54,32 +59,19 @@ PCK_CRL_CHAIN = "SGX-PCK-CRL-Issuer-Chain"
 _API_SUFFIX = re.compile(r"/(sgx|tdx)/certification/v[34]/?$")
 
 
-def read_bounded(path: Path, limit: int) -> bytes:
-    """The bytes of an offline collateral file, refused when larger than ``limit``;
-    FileNotFoundError when there is none (callers fall back or report it)."""
-    with path.open("rb") as file:
-        data = file.read(limit + 1)
-    if len(data) > limit:
-        raise ServiceUnavailableError(f"{path} is larger than {limit} bytes")
-    return data
-
-
 class CollateralFetcher(ABC):
     """The collateral a quote needs, from wherever this fetcher keeps it."""
 
     def fetch(self, request: CollateralRequest) -> Collateral:
-        try:
+        what = f"DCAP collateral for {request.tee} FMSPC {request.fmspc.hex().upper()}"
+        with unavailable_unless_fetched(what):
             return self._fetch(request)
-        except ServiceUnavailableError:
-            raise
-        except Exception as e:  # any fetch failure is the service's, never the evidence's
-            raise ServiceUnavailableError(
-                f"DCAP collateral for {request.tee} FMSPC {request.fmspc.hex().upper()} could "
-                f"not be fetched: {e}"
-            ) from e
 
     @abstractmethod
     def _fetch(self, request: CollateralRequest) -> Collateral: ...
+
+    def close(self) -> None:  # noqa: B027 - optional: only network fetchers hold connections
+        """Release connections, if any."""
 
 
 def crl_der(body: bytes) -> bytes:
@@ -115,21 +107,21 @@ class PcsFetcher(CollateralFetcher):
         """``root_ca_crl_url``: where the Root CA CRL is; a PCCS's ``rootcacrl`` endpoint when
         None. ``update``: Intel's TCB update stream (upstream Trustee asks for "early").
         ``ca_pem``: the CA that signs the PCCS's TLS certificate, when not a public one."""
-        base = _API_SUFFIX.sub("", base_url.rstrip("/"))
-        scheme = httpx.URL(base).scheme
-        if scheme not in ("https", "http") or (scheme == "http" and not insecure_http):
-            raise ConfigError(
-                f"the DCAP collateral service {base_url!r} is not HTTPS (set insecure_http to "
-                "allow plain HTTP, which lets anyone on the path replay old collateral)"
-            )
         if update not in ("early", "standard"):
             raise ConfigError(f"the TCB update stream is 'early' or 'standard', not {update!r}")
-        self._base, self._update, self._insecure_http = base, update, scheme == "http"
-        self._root_ca_crl_url = root_ca_crl_url or f"{base}/sgx/certification/v4/rootcacrl"
-        verify: ssl.SSLContext | bool = True
-        if ca_pem is not None:
-            verify = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
-        self._client = client or httpx.Client(timeout=timeout, verify=verify)
+        self._source = HttpsSource(
+            _API_SUFFIX.sub("", base_url.rstrip("/")),
+            service="the DCAP collateral service",
+            max_bytes=MAX_ITEM_BYTES,
+            timeout=timeout,
+            ca_pem=ca_pem,
+            client=client,
+            insecure_http=insecure_http,
+        )
+        self._update = update
+        self._root_ca_crl_url = root_ca_crl_url or "/sgx/certification/v4/rootcacrl"
+        if root_ca_crl_url is not None:
+            self._source.check_url(root_ca_crl_url)
 
     @classmethod
     def intel(
@@ -149,28 +141,24 @@ class PcsFetcher(CollateralFetcher):
         )
 
     def close(self) -> None:
-        self._client.close()
+        self._source.close()
 
     def _fetch(self, request: CollateralRequest) -> Collateral:
-        if self._insecure_http:
-            logger.warning("INSECURE: DCAP collateral fetched over plain HTTP from %s", self._base)
         tee, fmspc = request.tee, request.fmspc.hex().upper()
         tcb_info, tcb_chain = self._get(
-            f"{self._base}/{tee}/certification/v4/tcb",
-            {"fmspc": fmspc, "update": self._update},
+            f"/{tee}/certification/v4/tcb",
+            [("fmspc", fmspc), ("update", self._update)],
             TCB_INFO_CHAIN,
         )
         qe_identity, qe_chain = self._get(
-            f"{self._base}/{tee}/certification/v4/qe/identity",
-            {"update": self._update},
-            QE_IDENTITY_CHAIN,
+            f"/{tee}/certification/v4/qe/identity", [("update", self._update)], QE_IDENTITY_CHAIN
         )
         pck_crl, pck_crl_chain = self._get(
-            f"{self._base}/sgx/certification/v4/pckcrl",
-            {"ca": request.pck_ca, "encoding": "der"},
+            "/sgx/certification/v4/pckcrl",
+            [("ca", request.pck_ca), ("encoding", "der")],
             PCK_CRL_CHAIN,
         )
-        root_ca_crl, _ = self._get(self._root_ca_crl_url, {}, None)
+        root_ca_crl = self._source.get(self._root_ca_crl_url).body
         return Collateral(
             tcb_info=tcb_info,
             tcb_info_issuer_chain=tcb_chain,
@@ -182,24 +170,16 @@ class PcsFetcher(CollateralFetcher):
         )
 
     def _get(
-        self, url: str, params: dict[str, str], chain_header: str | None
+        self, path: str, params: list[tuple[str, str]], chain_header: str
     ) -> tuple[bytes, bytes]:
-        """(body, issuer chain PEM) of one GET, reading no more than MAX_ITEM_BYTES."""
-        with self._client.stream("GET", url, params=params) as response:
-            if response.status_code != 200:
-                raise ServiceUnavailableError(f"{url} answered HTTP {response.status_code}")
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > MAX_ITEM_BYTES:
-                    raise ServiceUnavailableError(f"{url} sent more than {MAX_ITEM_BYTES} bytes")
-            chain = b""
-            if chain_header is not None:
-                encoded = response.headers.get(chain_header)
-                if not encoded:
-                    raise ServiceUnavailableError(f"{url} sent no {chain_header} header")
-                chain = unquote(encoded).encode("ascii")
-        return bytes(body), chain
+        """(body, issuer chain PEM) of one PCS answer."""
+        answer = self._source.get(path, params)
+        encoded = answer.headers.get(chain_header)
+        if not encoded:
+            raise ServiceUnavailableError(
+                f"{self._source.base}{path} sent no {chain_header} header"
+            )
+        return answer.body, unquote(encoded).encode("ascii")
 
 
 class DirectoryFetcher(CollateralFetcher):
@@ -214,86 +194,65 @@ class DirectoryFetcher(CollateralFetcher):
     headers. Every name is built from a validated request, never from input text."""
 
     def __init__(self, directory: Path) -> None:
-        self._directory = directory
-
-    def _read(self, relative: str) -> bytes:
-        return read_bounded(self._directory / relative, MAX_ITEM_BYTES)
+        self._directory = OfflineDirectory(directory, max_bytes=MAX_ITEM_BYTES)
 
     def _fetch(self, request: CollateralRequest) -> Collateral:
+        read = self._directory.read
         tee, fmspc, ca = request.tee, request.fmspc.hex().upper(), request.pck_ca
         return Collateral(
-            tcb_info=self._read(f"fmspc/{fmspc}/{tee}-tcb-info.json"),
-            tcb_info_issuer_chain=self._read(f"fmspc/{fmspc}/{tee}-tcb-info-issuer-chain.pem"),
-            qe_identity=self._read(f"{tee}-qe-identity.json"),
-            qe_identity_issuer_chain=self._read(f"{tee}-qe-identity-issuer-chain.pem"),
-            pck_crl=crl_der(self._read(f"pck-crl-{ca}.der")),
-            pck_crl_issuer_chain=self._read(f"pck-crl-{ca}-issuer-chain.pem"),
-            root_ca_crl=crl_der(self._read("root-ca-crl.der")),
+            tcb_info=read(f"fmspc/{fmspc}/{tee}-tcb-info.json"),
+            tcb_info_issuer_chain=read(f"fmspc/{fmspc}/{tee}-tcb-info-issuer-chain.pem"),
+            qe_identity=read(f"{tee}-qe-identity.json"),
+            qe_identity_issuer_chain=read(f"{tee}-qe-identity-issuer-chain.pem"),
+            pck_crl=crl_der(read(f"pck-crl-{ca}.der")),
+            pck_crl_issuer_chain=read(f"pck-crl-{ca}-issuer-chain.pem"),
+            root_ca_crl=crl_der(read("root-ca-crl.der")),
         )
 
 
+def _encode(collateral: Collateral) -> bytes:
+    record = {
+        f.name: base64.b64encode(getattr(collateral, f.name)).decode("ascii")
+        for f in fields(Collateral)
+    }
+    return json.dumps(record).encode("ascii")
+
+
+def _decode(data: bytes) -> Collateral:
+    record = json.loads(data)
+    return Collateral(
+        **{f.name: base64.b64decode(record[f.name], validate=True) for f in fields(Collateral)}
+    )
+
+
+# one item per TEE, FMSPC and PCK CA: the seven documents, base64 in a JSON record
+_KEEPING = Keeping(encode=_encode, decode=_decode, expires=earliest_next_update)
+# seven documents of up to MAX_ITEM_BYTES each, in base64 (4/3) with their names
+_RECORD_BYTES = 10 * MAX_ITEM_BYTES
+
+
 class CachingFetcher(CollateralFetcher):
-    """Keeps what ``inner`` fetched in ``directory`` (one 0600 file per TEE, FMSPC and PCK CA)
-    and serves it until its earliest ``nextUpdate``; then, or when the file is unreadable,
-    fetches again and replaces the file atomically. A failed refresh is an error, not a reason
-    to serve expired collateral: the verifier would refuse it anyway."""
+    """Keeps what ``inner`` fetched in memory and, given a ``directory``, in a 0600 file per TEE,
+    FMSPC and PCK CA; serves it until its earliest ``nextUpdate``, then fetches again. A failed
+    refresh is an error, not a reason to serve expired collateral: the verifier would refuse it
+    anyway. Concurrent fetches of one item share one round of requests."""
 
     def __init__(
         self,
         inner: CollateralFetcher,
-        directory: Path,
+        directory: Path | None,
         *,
-        clock: Callable[[], datetime.datetime],
+        clock: Clock,
+        limits: CacheLimits | None = None,
     ) -> None:
-        self._inner, self._directory, self._clock = inner, directory, clock
-        # what this process already read or fetched, with its earliest nextUpdate, so a
-        # cache hit costs neither a file read nor a parse of the CRLs
-        self._held: dict[Path, tuple[Collateral, datetime.datetime]] = {}
+        self.inner = inner
+        self.cache = CollateralCache(
+            directory, limits=limits or CacheLimits(item_bytes=_RECORD_BYTES), clock=clock
+        )
 
-    def _path(self, request: CollateralRequest) -> Path:
-        return self._directory / f"{request.tee}-{request.fmspc.hex()}-{request.pck_ca}.json"
+    def close(self) -> None:
+        self.inner.close()
 
     def _fetch(self, request: CollateralRequest) -> Collateral:
-        path = self._path(request)
-        now = self._clock()
-        held = self._held.get(path)
-        if held is not None and now < held[1]:
-            return held[0]
-        cached = self._load(path)
-        if cached is not None and self._hold(path, cached, now):
-            return cached
-        fresh = self._inner.fetch(request)
-        self._store(path, fresh)
-        self._hold(path, fresh, now)
-        return fresh
-
-    def _hold(self, path: Path, collateral: Collateral, now: datetime.datetime) -> bool:
-        """Keep ``collateral`` in memory if it is still before its nextUpdate."""
-        next_update = earliest_next_update(collateral)
-        if next_update is None or now >= next_update:
-            self._held.pop(path, None)
-            return False
-        self._held[path] = (collateral, next_update)
-        return True
-
-    @staticmethod
-    def _load(path: Path) -> Collateral | None:
-        try:
-            with path.open("rb") as file:
-                record = json.loads(file.read(8 * MAX_ITEM_BYTES))
-            return Collateral(
-                **{f.name: base64.b64decode(record[f.name]) for f in fields(Collateral)}
-            )
-        except FileNotFoundError:
-            return None
-        except Exception as e:  # a damaged cache file is a miss, not an outage
-            logger.warning("ignoring unreadable DCAP collateral cache file %s: %s", path, e)
-            return None
-
-    def _store(self, path: Path, collateral: Collateral) -> None:
-        record = {
-            f.name: base64.b64encode(getattr(collateral, f.name)).decode("ascii")
-            for f in fields(Collateral)
-        }
-        self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(record).encode("ascii"))  # 0600, all or nothing
+        key = f"{request.tee}-{request.fmspc.hex()}-{request.pck_ca}.json"
+        return self.cache.get(key, lambda: self.inner.fetch(request), _KEEPING)

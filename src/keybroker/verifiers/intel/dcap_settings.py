@@ -5,7 +5,7 @@
 collateral_service = "https://pccs.internal:8081"  # a PCCS; default: Intel's PCS
 tcb_update = "early"            # Intel's TCB update stream: early (upstream's choice) or standard
 ca_cert = "/etc/kbs/pccs-ca.pem"  # the CA of a PCCS's TLS certificate, if not a public one
-cache_dir = "/var/cache/kbs/dcap" # reuse collateral until its nextUpdate (recommended)
+cache_dir = "/var/cache/kbs/dcap" # also keep collateral on disk until nextUpdate (recommended)
 offline_dir = "/etc/kbs/dcap"     # instead of a service: collateral files laid out per FMSPC
 timeout = 10
 insecure_http = false             # a PCCS over plain HTTP (replayable collateral): tests only
@@ -83,13 +83,12 @@ def build_fetcher(
             ca_pem=ca_pem,
             insecure_http=settings.insecure_http,
         )
-    if settings.cache_dir is not None:
-        fetcher = CachingFetcher(
-            fetcher,
-            settings.cache_dir,
-            clock=lambda: datetime.datetime.fromtimestamp(clock(), datetime.UTC),
-        )
-    return fetcher
+    # always cached in memory (bounded, one fetch per item at a time); on disk given cache_dir
+    return CachingFetcher(
+        fetcher,
+        settings.cache_dir,
+        clock=lambda: datetime.datetime.fromtimestamp(clock(), datetime.UTC),
+    )
 
 
 class CollateralAppraiser:
