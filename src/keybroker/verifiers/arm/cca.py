@@ -56,7 +56,7 @@ def token_bytes(unverified: JsonValue) -> bytes:
     if not all(isinstance(b, int) and not isinstance(b, bool) for b in token):
         raise EvidenceError("cca evidence `token` is not a list of bytes")
     try:
-        return bytes(token)  # type: ignore[arg-type]  # ints checked above; ValueError if >255
+        return bytes(token)  # ints checked above; ValueError unless each is 0..255
     except ValueError:
         raise EvidenceError("cca evidence `token` is not a list of bytes") from None
 

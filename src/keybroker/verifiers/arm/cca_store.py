@@ -125,12 +125,15 @@ class ComponentReference:
     version: str | None
 
     def matches(self, component: SwComponent) -> bool:
-        return (
-            self.measurement_value == component.measurement_value
-            and self.signer_id == component.signer_id
-            and (self.measurement_type is None or self.measurement_type == component.measurement_type)
-            and (self.version is None or self.version == component.version)
-        )
+        if (self.measurement_value, self.signer_id) != (
+            component.measurement_value,
+            component.signer_id,
+        ):
+            return False
+        wanted_type = self.measurement_type
+        if wanted_type is not None and wanted_type != component.measurement_type:
+            return False
+        return self.version is None or self.version == component.version
 
 
 @dataclass(frozen=True)
@@ -267,9 +270,7 @@ def _settings_from(
         try:
             return _UpstreamFile.model_validate({"cca-verifier": section}).cca_verifier
         except ValidationError as e:
-            raise ConfigError(
-                f"[attestation_service.verifier_config.cca] {_problems(e)}"
-            ) from None
+            raise ConfigError(f"[attestation_service.verifier_config.cca] {_problems(e)}") from None
     upstream_file = environ.get(CCA_CONFIG_ENV)
     if not upstream_file:
         return None
