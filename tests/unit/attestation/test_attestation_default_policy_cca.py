@@ -18,7 +18,7 @@ def _cca(lifecycle: int | None = None) -> dict[str, Any]:
     claims.pop("report_data")
     claims.pop("init_data")  # the AS lifts both to the top level
     if lifecycle is not None:
-        platform = dict(claims["platform"])  # type: ignore[arg-type]
+        platform = dict(claims["platform"])
         platform["cca-platform-lifecycle"] = lifecycle
         claims["platform"] = platform
     return claims

@@ -49,7 +49,8 @@ def _guest(kbs: Kbs, attester: CcaTestAttester | None = None) -> KbsClient:
 
 
 def _cpu0(token: str) -> Any:
-    return decode_unverified(token)[1]["submods"]["cpu0"]
+    claims: Any = decode_unverified(token)[1]
+    return claims["submods"]["cpu0"]
 
 
 def test_auth_with_cca_answers_200_on_a_default_kbs(kbs: Kbs) -> None:
