@@ -13,8 +13,7 @@ from typing import Any
 from keybroker.protocol.models import Tee
 from keybroker.verifiers.amd.snp import SnpVerifier
 from keybroker.verifiers.amd.snp_settings import build_snp_appraiser
-from keybroker.verifiers.arm.cca import CcaVerifier
-from keybroker.verifiers.arm.cca_store import build_cca_endorsements
+from keybroker.verifiers.arm.cca import build_cca_verifier
 from keybroker.verifiers.azure.az_snp_vtpm import AzSnpVtpmVerifier
 from keybroker.verifiers.azure.az_tdx_vtpm import AzTdxVtpmVerifier
 from keybroker.verifiers.base import TeeClaims, Verifier
@@ -43,7 +42,7 @@ def build_verifiers(
         Tee.SNP: SnpVerifier(snp_appraiser, clock=clock),
         Tee.AZ_SNP_VTPM: AzSnpVtpmVerifier(snp_appraiser, clock=clock),
         Tee.AZ_TDX_VTPM: AzTdxVtpmVerifier(appraiser, clock=clock),
-        Tee.CCA: CcaVerifier(build_cca_endorsements(verifier_config)),
+        Tee.CCA: build_cca_verifier(verifier_config, clock=clock),
     }
 
 

@@ -344,12 +344,6 @@ def test_upstream_config_file_named_by_the_environment_is_read(tmp_path: Path) -
     _verify(CcaVerifier(endorsements), EXAMPLE, report_data=EXAMPLE_CHALLENGE)
 
 
-def test_upstream_remote_config_is_refused_at_start_up() -> None:
-    remote = json.loads(vector("verifier", "cca", "conf", "cca-config-remote.json").read_text())
-    with pytest.raises(ConfigError, match=r"`remote`.* not supported"):
-        build_cca_endorsements({"cca": remote["cca-verifier"]}, environ={})
-
-
 @pytest.mark.parametrize(
     ("section", "message"),
     [

@@ -26,10 +26,18 @@ on the claims returned here (upstream's names; see docs/verifiers-arm-cca.md).
 from __future__ import annotations
 
 import base64
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from keybroker.errors import EvidenceError
+from keybroker.errors import ConfigError, EvidenceError
 from keybroker.protocol.models import JsonValue, Tee
-from keybroker.verifiers.arm.cca_store import CcaEndorsements
+from keybroker.verifiers.arm.cca_store import (
+    CcaEndorsements,
+    CcaRemoteSettings,
+    cca_settings,
+    load_endorsements,
+)
 from keybroker.verifiers.arm.cca_token import (
     MAX_TOKEN_BYTES,
     CcaToken,
@@ -40,6 +48,7 @@ from keybroker.verifiers.arm.cca_token import (
     realm_public_key,
     verify_sign1,
 )
+from keybroker.verifiers.arm.veraison import VeraisonClient, appraise_ear
 from keybroker.verifiers.base import TeeClaims, Verifier
 from keybroker.verifiers.intel.verifier import padded
 
@@ -119,7 +128,40 @@ def cca_claims(token: CcaToken) -> dict[str, JsonValue]:
     }
 
 
+def checked_token(
+    unverified_evidence: JsonValue,
+    expected_report_data: bytes | None,
+    expected_init_data: bytes | None,
+) -> tuple[bytes, CcaToken]:
+    """The token, decoded, bound to this session (steps 1 and 5), and its realm signed by the
+    RAK the platform vouches for (step 4). What is left is the platform's trust."""
+    if expected_report_data is None:
+        raise EvidenceError("the CCA verifier needs the runtime data the token must bind")
+    raw = token_bytes(unverified_evidence)
+    token = parse_token(raw)
+    # cheap binding checks first: a token for another session costs no signature check
+    if token.realm.challenge != padded(expected_report_data, 64, "the runtime-data digest"):
+        raise EvidenceError(
+            "the CCA realm challenge does not match the digest of the session's runtime data"
+        )
+    if expected_init_data is not None and token.realm.personalization_value != padded(
+        expected_init_data, 64, "the init-data digest"
+    ):
+        raise EvidenceError(
+            "the CCA realm personalization value does not match the init-data digest"
+        )
+    verify_sign1(token.realm_envelope, realm_public_key(token.realm), "realm token")
+    if rak_digest(token.realm) != token.platform.challenge:
+        raise EvidenceError(
+            "the CCA platform token's challenge is not the hash of the realm's RAK: the "
+            "platform does not vouch for the key that signed the realm token"
+        )
+    return raw, token
+
+
 class CcaVerifier(Verifier):
+    """Local mode: the platform judged against the operator's stores (steps 2 and 3)."""
+
     tee = Tee.CCA
 
     def __init__(self, endorsements: CcaEndorsements | None) -> None:
@@ -139,28 +181,14 @@ class CcaVerifier(Verifier):
                 "no CCA platform is trusted: set [attestation_service.verifier_config.cca] "
                 "with a ta-store and an rv-store"
             )
-        if expected_report_data is None:
-            raise EvidenceError("the CCA verifier needs the runtime data the token must bind")
-        token = parse_token(token_bytes(unverified_evidence))
-        # cheap binding checks first: a token for another session costs no signature check
-        if token.realm.challenge != padded(expected_report_data, 64, "the runtime-data digest"):
-            raise EvidenceError(
-                "the CCA realm challenge does not match the digest of the session's runtime data"
-            )
-        if expected_init_data is not None and token.realm.personalization_value != padded(
-            expected_init_data, 64, "the init-data digest"
-        ):
-            raise EvidenceError(
-                "the CCA realm personalization value does not match the init-data digest"
-            )
-        self._verify_platform(token)
-        self._verify_realm(token)
+        _, token = checked_token(unverified_evidence, expected_report_data, expected_init_data)
+        self._verify_platform(token, self._endorsements)
         return [TeeClaims(Tee.CCA, "cpu", cca_claims(token))]
 
-    def _verify_platform(self, token: CcaToken) -> None:
-        assert self._endorsements is not None  # noqa: S101  (checked by the caller)
+    @staticmethod
+    def _verify_platform(token: CcaToken, endorsements: CcaEndorsements) -> None:
         platform = token.platform
-        anchor = self._endorsements.trust_anchors.get(platform.instance_id)
+        anchor = endorsements.trust_anchors.get(platform.instance_id)
         if anchor is None:
             raise EvidenceError(
                 f"the CCA platform instance {platform.instance_id.hex()} is not in the trust "
@@ -173,7 +201,7 @@ class CcaVerifier(Verifier):
                 f"{platform.implementation_id.hex()}"
             )
         verify_sign1(token.platform_envelope, anchor.cpak, "platform token")
-        references = self._endorsements.platforms.get(platform.implementation_id, ())
+        references = endorsements.platforms.get(platform.implementation_id, ())
         if not references:
             raise EvidenceError(
                 f"no reference values endorse CCA platform implementation "
@@ -185,14 +213,62 @@ class CcaVerifier(Verifier):
                 "reference values endorsed for its implementation"
             )
 
-    @staticmethod
-    def _verify_realm(token: CcaToken) -> None:
-        verify_sign1(token.realm_envelope, realm_public_key(token.realm), "realm token")
-        if rak_digest(token.realm) != token.platform.challenge:
-            raise EvidenceError(
-                "the CCA platform token's challenge is not the hash of the realm's RAK: the "
-                "platform does not vouch for the key that signed the realm token"
-            )
+
+class CcaRemoteVerifier(Verifier):
+    """Remote mode: the platform judged by a Veraison service (steps 2 and 3 are its work);
+    the claims still come from the token itself, the one Veraison appraised."""
+
+    tee = Tee.CCA
+    may_block = True  # a round trip to the service: off the event loop
+
+    def __init__(self, client: VeraisonClient, *, clock: Callable[[], float] = time.time) -> None:
+        self._client = client
+        self._clock = clock
+
+    def _verify(
+        self,
+        unverified_evidence: JsonValue,
+        *,
+        expected_report_data: bytes | None,
+        expected_init_data: bytes | None,
+    ) -> list[TeeClaims]:
+        raw, token = checked_token(unverified_evidence, expected_report_data, expected_init_data)
+        ear, key = self._client.appraise(raw, token.realm.challenge)
+        appraise_ear(ear, key, token.realm.challenge, now=self._clock)
+        return [TeeClaims(Tee.CCA, "cpu", cca_claims(token))]
 
 
-__all__ = ["CcaVerifier", "cca_claims", "token_bytes"]
+def build_cca_verifier(
+    verifier_config: Mapping[str, Any] | None,
+    *,
+    clock: Callable[[], float] = time.time,
+    environ: Mapping[str, str] | None = None,
+) -> Verifier:
+    """The CCA verifier the configuration describes (local, remote, or refusing every token
+    when CCA is not configured). Stores and CA files are read now, at start-up."""
+    settings = cca_settings(verifier_config, environ)
+    if isinstance(settings, CcaRemoteSettings):
+        try:
+            ca_pem = settings.ca_cert.read_bytes() if settings.ca_cert else None
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read the CCA ca-cert {settings.ca_cert}: {e.strerror}"
+            ) from e
+        client = VeraisonClient(
+            settings.address,
+            ca_pem=ca_pem,
+            timeout=settings.timeout,
+            insecure_http=settings.insecure_http,
+        )
+        return CcaRemoteVerifier(client, clock=clock)
+    return CcaVerifier(None if settings is None else load_endorsements(settings))
+
+
+__all__ = [
+    "CcaRemoteVerifier",
+    "CcaVerifier",
+    "build_cca_verifier",
+    "cca_claims",
+    "checked_token",
+    "token_bytes",
+]

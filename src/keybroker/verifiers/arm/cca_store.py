@@ -22,8 +22,19 @@ rv-store = "/etc/kbs/cca/rvstore.json"
 
 With no ``cca`` section, upstream's ``CCA_CONFIG_FILE`` environment variable is honoured: it
 names upstream's JSON file ``{"cca-verifier": {"type": "local", "ta-store": …, "rv-store":
-…}}``. With neither, the verifier refuses every CCA token (no trusted platform). ``type =
-"remote"`` (a Veraison service) is refused at start-up: it is not implemented.
+…}}``. With neither, the verifier refuses every CCA token (no trusted platform).
+
+Remote mode hands the platform's appraisal to a Veraison service
+(:mod:`keybroker.verifiers.arm.veraison`):
+
+```toml
+[attestation_service.verifier_config.cca]
+type = "remote"
+address = "https://veraison.example:8443"
+ca-cert = "/etc/kbs/veraison-ca.pem"  # optional: the CA of the service's TLS certificate
+timeout = 10                          # Keybroker's: seconds per request
+insecure_http = false                 # Keybroker's: allow an http:// address (tests only)
+```
 """
 
 from __future__ import annotations
@@ -69,6 +80,8 @@ class CcaRemoteSettings(_Model):
     type: Literal["remote"]
     address: str
     ca_cert: Path | None = Field(default=None, alias="ca-cert")
+    timeout: float = Field(default=10.0, gt=0, le=300)
+    insecure_http: bool = False
 
 
 class _UpstreamFile(_Model):
@@ -262,16 +275,19 @@ def load_reference_values(path: Path) -> dict[bytes, tuple[PlatformReference, ..
     return {k: tuple(v) for k, v in platforms.items()}
 
 
-def _settings_from(
-    verifier_config: Mapping[str, Any] | None, environ: Mapping[str, str]
+def cca_settings(
+    verifier_config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
 ) -> CcaLocalSettings | CcaRemoteSettings | None:
+    """``[attestation_service.verifier_config.cca]``, else the upstream file named by
+    ``CCA_CONFIG_FILE`` in ``environ`` (the process environment by default); None without
+    either."""
     section = (verifier_config or {}).get("cca")
     if section is not None:
         try:
             return _UpstreamFile.model_validate({"cca-verifier": section}).cca_verifier
         except ValidationError as e:
             raise ConfigError(f"[attestation_service.verifier_config.cca] {_problems(e)}") from None
-    upstream_file = environ.get(CCA_CONFIG_ENV)
+    upstream_file = (os.environ if environ is None else environ).get(CCA_CONFIG_ENV)
     if not upstream_file:
         return None
     try:
@@ -282,19 +298,8 @@ def _settings_from(
         raise ConfigError(f"the CCA config file {upstream_file}: {_problems(e)}") from None
 
 
-def build_cca_endorsements(
-    verifier_config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
-) -> CcaEndorsements | None:
-    """The local endorsements the configuration names, loaded now; None when CCA is not
-    configured (every CCA token is then refused)."""
-    settings = _settings_from(verifier_config, os.environ if environ is None else environ)
-    if settings is None:
-        return None
-    if isinstance(settings, CcaRemoteSettings):
-        raise ConfigError(
-            "the CCA verifier type `remote` (a Veraison service) is not supported by Keybroker; "
-            "use type `local` with a ta-store and an rv-store"
-        )
+def load_endorsements(settings: CcaLocalSettings) -> CcaEndorsements:
+    """Both stores the local settings name, loaded now."""
     endorsements = CcaEndorsements(
         load_trust_anchors(settings.ta_store), load_reference_values(settings.rv_store)
     )
@@ -304,3 +309,14 @@ def build_cca_endorsements(
         len(endorsements.platforms),
     )
     return endorsements
+
+
+def build_cca_endorsements(
+    verifier_config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
+) -> CcaEndorsements | None:
+    """The local endorsements the configuration names; None when CCA is not configured.
+    A remote configuration is refused here: see ``cca.build_cca_verifier``."""
+    settings = cca_settings(verifier_config, environ)
+    if isinstance(settings, CcaRemoteSettings):
+        raise ConfigError("the CCA verifier is configured as `remote`: it has no local stores")
+    return None if settings is None else load_endorsements(settings)
