@@ -1,4 +1,4 @@
-"""The Arm CCA verifier (local mode): platform and realm signatures, RAK binding, bindings.
+"""The Arm CCA verifiers: platform and realm signatures, RAK binding, session bindings.
 
 Evidence, as upstream's attester sends it: ``{"token": [bytes…]}`` (the CCA attestation token
 from configfs-tsm, serialized by serde as a list of byte values).
@@ -18,7 +18,9 @@ What :class:`CcaVerifier` proves, failing closed with :class:`EvidenceError` at 
    personalization value the init-data digest padded to 64 (when init data is given).
 
 Steps 2 to 4 are those upstream's local mode gets from Veraison's ``ccatoken`` (upstream
-denies unless the realm's instance identity is affirmed, which needs all three). What it does
+denies unless the realm's instance identity is affirmed, which needs all three). In remote
+mode (:class:`CcaRemoteVerifier`) steps 1, 4 and 5 still run here, first; steps 2 and 3 are
+a Veraison service's (:mod:`keybroker.verifiers.arm.veraison`). What it does
 not do: judge the realm measurements or the platform lifecycle; the attestation policy does,
 on the claims returned here (upstream's names; see docs/verifiers-arm-cca.md).
 """
