@@ -129,6 +129,9 @@ class Guest:
             self.checked = True
 
 
+MAX_EXTRA_SECONDS = 60.0
+
+
 async def _timed(guest: Guest, tally: Tally, operation: Callable[[], Awaitable[None]]) -> bool:
     """Run one measured operation; a failure is counted and the connection reopened."""
     start = time.perf_counter()
@@ -188,6 +191,11 @@ async def run(
             await asyncio.sleep(0.05)
     else:
         await asyncio.sleep(duration)
+        # A window too short for one completion (a loaded machine, a --quick run) measures
+        # nothing: wait, within a bound, for the first one.
+        patience = time.perf_counter() + MAX_EXTRA_SECONDS
+        while not tally.latencies and time.perf_counter() < patience:
+            await asyncio.sleep(0.05)
     elapsed = time.perf_counter() - started
     tally.measuring = False
     tally.stop = True

@@ -599,6 +599,9 @@ def _describe(error: ValidationError) -> str:
             problems.append(f"unknown key `{where}`")
         elif item["type"] == "missing":
             problems.append(f"missing required key `{where}`")
+        elif item["type"] == "union_tag_not_found":
+            tag = item.get("ctx", {}).get("discriminator", "type").strip("'")
+            problems.append(f"`{where}` needs its `{tag}` key (it says which kind this is)")
         elif item["type"] in ("union_tag_invalid", "literal_error"):
             problems.append(f"`{where}`: {item['msg']}")
         else:

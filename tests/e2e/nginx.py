@@ -22,11 +22,12 @@ UPSTREAM_LOG_FORMAT = "$request_method $uri $status $upstream_addr"
 
 @contextmanager
 def running_nginx(
-    workdir: Path, upstream_ports: list[int], *, access_log: bool = False
+    workdir: Path, upstream_ports: list[int], *, access_log: bool = False, prefix: str = ""
 ) -> Iterator[str]:
     """The URL of nginx balancing over ``upstream_ports`` on loopback, with keep-alive
     connections to them. ``access_log``: write ``workdir/access.log`` in
-    :data:`UPSTREAM_LOG_FORMAT`."""
+    :data:`UPSTREAM_LOG_FORMAT`. ``prefix`` (``/tenant``, say): the KBS is served under it,
+    ``<prefix>/x`` proxied to ``/x``, and the URL yielded ends with it."""
     binary = str(require("nginx", "nginx-light", default="/usr/sbin/nginx"))
     port = free_port()
     servers = "\n".join(f"    server 127.0.0.1:{p};" for p in upstream_ports)
@@ -56,8 +57,8 @@ http {{
   }}
   server {{
     listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://kbs;
+    location {prefix}/ {{
+      proxy_pass http://kbs{"/" if prefix else ""};
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Host $host;
@@ -72,7 +73,7 @@ http {{
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}{prefix}"
     try:
         deadline = time.monotonic() + 10
         while True:

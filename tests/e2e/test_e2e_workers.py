@@ -53,7 +53,9 @@ def _config(tmp_path: Path, port: int, storage: tuple[str, str], extra: str = ""
 def _guest_round(url: str) -> bytes:
     # A fresh client per handshake, no keep-alive: each request may land on either worker.
     no_keepalive = httpx.Limits(max_keepalive_connections=0)
-    guest = KbsClient(url, http=httpx.Client(base_url=url, limits=no_keepalive))
+    # httpx's 5 s default is too short for a first policy compilation on a loaded CI machine.
+    http = httpx.Client(base_url=url, limits=no_keepalive, timeout=60.0)
+    guest = KbsClient(url, http=http)
     try:
         return guest.get_resource("default/key/one")
     finally:

@@ -275,3 +275,19 @@ def test_upstream_ita_configs_start_with_their_files_replaced(
     assert isinstance(services.attestation, IntelTrustAuthority)
     assert services.handshake is not None and services.attestation.supports(Tee.TDX)
     assert services.attestation.required_hash_algorithm(Tee.TDX) is HashAlgorithm.SHA512
+
+
+@pytest.mark.parametrize(
+    ("document", "named"),
+    [
+        ({"attestation_service": {"timeout": 5}}, "`attestation_service` needs its `type` key"),
+        ({"admin": {"x": 1}}, "`admin` needs its `authorization_mode` key"),
+    ],
+)
+def test_a_missing_kind_key_is_named_in_the_configs_words(
+    document: dict[str, object], named: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse_config(document, source="test")
+    assert named in refused.value.detail
+    assert "discriminator" not in refused.value.detail

@@ -1,8 +1,8 @@
 """Attestation policies: Rego that turns annotated evidence into an EAR trust vector.
 
 The policy used for a submodule is ``<policy id>_<tee class>`` (``default_cpu``,
-``default_gpu``); it is read from the ``attestation_service_policy`` namespace (key
-``<id>.rego``, as upstream) so every replica applies the same policies. Rules read:
+``default_gpu``, ``default_dcu``); it is read from the ``attestation_service_policy`` namespace
+(key ``<id>.rego``, as upstream) so every replica applies the same policies. Rules read:
 ``data.policy.trust_claims`` (``{claim: int}``) and, optionally, ``data.policy.extensions``
 (``[{name, key, value}]``).
 
@@ -29,7 +29,7 @@ from keybroker.rvps.store import ReferenceValues
 from keybroker.storage.base import KeyValueStorage
 
 NAMESPACE = "attestation_service_policy"
-DEFAULT_POLICIES = ("default_cpu", "default_gpu")
+DEFAULT_POLICIES = ("default_cpu", "default_gpu", "default_dcu")
 _SUFFIX = ".rego"
 _ENTRYPOINTS = ("policy/trust_claims", "policy/extensions")
 # Appraisals remembered per policy (deterministic policies only): guests of one image differ

@@ -19,7 +19,7 @@ from keybroker.config import DEFAULT_SOCKET, KbsConfig, load_config, parse_confi
 from keybroker.errors import ConfigError, KeybrokerError
 from keybroker.kbs.audit import generate_key, load_key
 from keybroker.kbs.audit_verify import verify_file
-from keybroker.kbs.server import parse_socket, serve
+from keybroker.kbs.server import LOG_LEVELS, configure_logging, parse_socket, serve
 from keybroker.kbs.tls import self_signed_certificate
 
 DEFAULT_URL = f"http://{DEFAULT_SOCKET}"
@@ -38,7 +38,15 @@ DEV_DEFAULTS: dict[str, object] = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kbs", description="Keybroker Key Broker Service")
+    parser = argparse.ArgumentParser(
+        prog="kbs",
+        description="Keybroker Key Broker Service",
+        epilog=(
+            "other commands: `kbs audit keygen|verify ...` (the keyed audit log) and "
+            "`kbs self-signed-cert ...` (a key and certificate for test setups); "
+            "each has its own --help"
+        ),
+    )
     parser.add_argument("-c", "--config-file", type=Path, help="KBS config file (TOML or JSON)")
     parser.add_argument(
         "--insecure-dev",
@@ -49,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         "--listen",
         metavar="HOST:PORT",
         help="serve on this address instead of the config's [http_server] sockets",
+    )
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="log level (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--access-log", action="store_true", help="log every request: method, path, status"
     )
     parser.add_argument("--version", action="version", version=f"kbs (keybroker) {__version__}")
     return parser
@@ -202,15 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         return audit_main(argv[1:])
     if argv[:1] == ["self-signed-cert"]:
         return self_signed_cert_main(argv[1:])
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     args = _parser().parse_args(argv)
+    configure_logging(args.log_level)
     try:
         config = _config(args)
         if args.insecure_dev:
             _hint(config)
-        serve(config)
+        serve(config, log_level=args.log_level, access_log=args.access_log)
     except KeybrokerError as e:
         print(f"kbs: error: {e.detail}", file=sys.stderr)
         return 1

@@ -29,7 +29,8 @@ from keybroker.client.admin_tokens import (
 from keybroker.client.attesters import Attester, SampleDeviceAttester
 from keybroker.client.keys import TeeKey
 from keybroker.client.rcar import KbsClient
-from keybroker.errors import ClientError, KeybrokerError
+from keybroker.client.tpm_attester import TpmAttester
+from keybroker.errors import ClientError, KbsRejectedError, KeybrokerError
 from keybroker.protocol.models import JsonValue
 from keybroker.protocol.resource_path import ResourcePath
 
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cert-file", type=Path, help="CA certificate (PEM) of an HTTPS KBS")
     parser.add_argument("--version", action="version", version=f"kbs-client {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, title="commands")
 
     attest = commands.add_parser("attest", help="attest and print the attestation token")
     attest.add_argument("--tee-key-file", type=Path, help="TEE private key (PEM)")
@@ -65,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     _device_option(get)
 
     tokens = commands.add_parser("admin", help="admin credentials (keys, tokens)")
-    token_commands = tokens.add_subparsers(dest="credential_command", required=True)
+    token_commands = tokens.add_subparsers(
+        dest="credential_command", required=True, title="commands"
+    )
     keygen = token_commands.add_parser("keygen", help="create an Ed25519 admin key pair")
     keygen.add_argument("--private-key", type=Path, default=DEFAULT_DIR / "admin-key.pem")
     keygen.add_argument("--public-key", type=Path, default=DEFAULT_DIR / "admin-key.pub.pem")
@@ -86,7 +89,11 @@ def _parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="administer the KBS")
     config.add_argument("--admin-token-file", type=Path, help="admin bearer token file")
-    _admin_parsers(config.add_subparsers(dest="admin_command", required=True))
+    admin_commands = config.add_subparsers(dest="admin_command", required=True, title="commands")
+    _admin_parsers(admin_commands)
+    for chooser in (commands, token_commands, admin_commands):
+        # argparse names a missing command by its dest ("required: admin_command"); list them
+        chooser.metavar = "{" + ",".join(chooser.choices) + "}"
     return parser
 
 
@@ -142,6 +149,19 @@ def _admin_parsers(admin: Any) -> None:
 
 def _device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--tee",
+        choices=["sample", "tpm"],
+        default="sample",
+        help="the attester: sample (software, the default) or tpm (a TPM 2.0 through "
+        "tpm2-tools; TPM2TOOLS_TCTI or AA_TPM_DEVICE, AA_TPM_AK_HANDLE)",
+    )
+    parser.add_argument(
+        "--tpm-event-log",
+        type=Path,
+        help="with --tee tpm: send this TCG2 event log "
+        "(e.g. /sys/kernel/security/tpm0/binary_bios_measurements)",
+    )
+    parser.add_argument(
         "--sample-device",
         action="store_true",
         default=bool(os.environ.get("ENABLE_SAMPLE_DEVICE")),
@@ -178,8 +198,12 @@ def _policy_text(args: argparse.Namespace) -> str:
 def _guest(args: argparse.Namespace) -> KbsClient:
     tee_key = TeeKey.from_file(args.tee_key_file) if args.tee_key_file else None
     devices: list[Attester] = [SampleDeviceAttester()] if args.sample_device else []
+    attester = TpmAttester(event_log=args.tpm_event_log) if args.tee == "tpm" else None
+    if args.tpm_event_log and args.tee != "tpm":
+        raise ClientError("--tpm-event-log needs --tee tpm")
     return KbsClient(
         args.url,
+        attester=attester,
         tee_key=tee_key,
         init_data=args.init_data,
         cert_file=args.cert_file,
@@ -263,10 +287,17 @@ def _run(args: argparse.Namespace) -> None:
             data = client.get_resource(args.path)
         print(base64.b64encode(data).decode())
     else:
-        admin = AdminClient(
-            args.url, token=_admin_token(args.admin_token_file), cert_file=args.cert_file
-        )
-        _ADMIN_COMMANDS[args.admin_command](admin, args)
+        admin_token = _admin_token(args.admin_token_file)
+        admin = AdminClient(args.url, token=admin_token, cert_file=args.cert_file)
+        try:
+            _ADMIN_COMMANDS[args.admin_command](admin, args)
+        except KbsRejectedError as e:
+            if e.http_status == 401 and admin_token is None:
+                raise ClientError(
+                    f"{e.detail} (no admin token was sent: none given with --admin-token-file, "
+                    "and no file at $KBS_ADMIN_TOKEN_FILE or ~/.trustee/admin-token)"
+                ) from None
+            raise
 
 
 def _set_resource(admin: AdminClient, args: argparse.Namespace) -> None:
@@ -323,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `kbs-client ... | head`: the reader left; say nothing more (no traceback at exit)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     return 0
 
 

@@ -211,7 +211,10 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
     policy_data = {"plugin": call.name, "resource-path": list(call.rest), "query": call.query}
     if not await services.resource_policy.allows(claims, policy_data):
         await record(decision="deny", subject=subject, reason="denied by the resource policy")
-        raise PolicyDeniedError("Access denied by policy")
+        raise PolicyDeniedError(
+            "Access denied by policy: the resource policy refused this token for this resource "
+            "(an admin can see why with `kbs-client config evaluate-policy`)"
+        )
     services.audit.ensure_writable()
     try:
         # Find the key to encrypt to before touching the secret: no key, no read.
@@ -263,7 +266,9 @@ def _set_session_cookie(response: Response, session: Session, services: KbsServi
         SESSION_COOKIE,
         session.id,
         expires=int(session.expires_at - services.clock()),
-        path="/kbs/v0",
+        # No Path, as upstream: the browser-side default is the request's directory
+        # (/kbs/v0, or /<prefix>/kbs/v0 behind a proxy that maps a prefix to the KBS).
+        path=None,
         httponly=True,
         samesite="strict",
         secure=services.https,
@@ -289,13 +294,18 @@ def _segments(request: Request) -> list[str]:
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"request body of {declared} bytes exceeds {limit} bytes")
+        raise PayloadTooLargeError(
+            f"request body of {declared} bytes exceeds {limit} bytes "
+            "([http_server] payload_request_size, in MiB)"
+        )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
+            raise PayloadTooLargeError(
+                f"request body exceeds {limit} bytes ([http_server] payload_request_size, in MiB)"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 

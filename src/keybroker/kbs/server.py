@@ -35,8 +35,11 @@ from uvicorn.supervisors import Multiprocess
 
 from keybroker.config import (
     BuiltinAsConfig,
+    GrpcAsConfig,
     HttpServerConfig,
+    IntelTaConfig,
     KbsConfig,
+    NoAsConfig,
     TokenSignerConfig,
     parse_config,
 )
@@ -47,6 +50,9 @@ from keybroker.kbs.tls import server_context
 
 log = logging.getLogger(__name__)
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_LEVEL_ENV = "KEYBROKER_LOG_LEVEL"
 _CONFIG_ENV = "KEYBROKER_WORKER_CONFIG_FILE"
 _MEMORY_DIR_ENV = "KEYBROKER_WORKER_MEMORY_DIR"
 INSTANCE_ENV = "KBS_INSTANCE_ID"
@@ -89,8 +95,49 @@ def bind(text: str) -> socket.socket:
     return sock
 
 
-def serve(config: KbsConfig) -> None:
-    """Run the KBS until interrupted. Raises ConfigError before serving if it cannot start."""
+def configure_logging(level: str = "info") -> None:
+    """One format for the server and its workers: time, level, logger, message."""
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, force=True)
+
+
+def startup_summary(config: KbsConfig, scheme: str) -> str:
+    """What this server is about to serve, in one line an operator can check at a glance."""
+    http = config.http_server
+    listen = ", ".join(f"{scheme}://{s}" for s in http.sockets)
+    service = config.attestation_service
+    if isinstance(service, BuiltinAsConfig):
+        attestation = "builtin CoCo AS (in this process)"
+    elif isinstance(service, GrpcAsConfig):
+        attestation = f"CoCo AS over gRPC at {service.as_addr}"
+    elif isinstance(service, IntelTaConfig):
+        attestation = f"Intel Trust Authority at {service.base_url}"
+    elif isinstance(service, NoAsConfig):
+        attestation = "none (resource-only: /auth and /attest answer 404)"
+    else:  # pragma: no cover - refused by services.build_services before serving
+        attestation = service.type
+    trust = config.attestation_token
+    tokens = (
+        f"{len(trust.trusted_certs_paths)} certificate file(s), "
+        f"{len(trust.trusted_jwk_sets)} JWK set(s)"
+        + (", this server's own signer" if isinstance(service, BuiltinAsConfig) else "")
+    )
+    audit = config.audit
+    sink = "stdout" if audit.sink == "stdout" else str(audit.path)
+    keyed = "keyed" if audit.key_path is not None else "unkeyed"
+    return (
+        f"serving {listen} with {http.worker_count or 1} worker(s); attestation: {attestation}; "
+        f"resources: {config.storage_backend.storage_type}; "
+        f"sessions: {config.session_storage}; admin: {config.admin.authorization_mode}; "
+        f"tokens trusted: {tokens}; audit: {sink} ({keyed}, fsync {audit.fsync})"
+    )
+
+
+def serve(config: KbsConfig, *, log_level: str = "info", access_log: bool = False) -> None:
+    """Run the KBS until interrupted. Raises ConfigError before serving if it cannot start.
+    ``log_level`` is passed on to worker processes; ``access_log`` logs every request (method,
+    path, status) through uvicorn's access logger."""
     http = config.http_server
     scheme = "http" if http.insecure_http else "https"
     check_private_key_permissions(config)  # before a key is read or a socket bound
@@ -104,12 +151,14 @@ def serve(config: KbsConfig) -> None:
     workers = http.worker_count or 1
     instance = instance_id()
     sockets = [bind(text) for text in http.sockets]
-    for text in http.sockets:
-        log.info("Keybroker KBS listening on %s://%s (instance %s)", scheme, text, instance)
+    log.info("Keybroker KBS (instance %s) %s", instance, startup_summary(config, scheme))
+    if config.admin.authorization_mode == "InsecureAllowAll":
+        log.warning("the admin API is open to anyone who can reach this KBS (InsecureAllowAll)")
     if workers == 1:
         app = create_app(config, instance_id=instance)
-        uvicorn.Server(_uvicorn_config(app, workers, http)).run(sockets=sockets)
+        uvicorn.Server(_uvicorn_config(app, workers, http, access_log)).run(sockets=sockets)
         return
+    os.environ[_LOG_LEVEL_ENV] = log_level
     runtime_dir = _private_runtime_dir()
     try:
         config = _shared_signer(config, runtime_dir)
@@ -119,7 +168,7 @@ def serve(config: KbsConfig) -> None:
             "worker_count > 1: memory stores, if any, are shared by the workers in %s", runtime_dir
         )
         os.environ[_MEMORY_DIR_ENV] = str(runtime_dir / "memory")
-        uv_config = _uvicorn_config("keybroker.kbs.server:worker_app", workers, http)
+        uv_config = _uvicorn_config("keybroker.kbs.server:worker_app", workers, http, access_log)
         Multiprocess(uv_config, sockets=sockets).run()
     finally:
         shutil.rmtree(runtime_dir, ignore_errors=True)
@@ -127,6 +176,7 @@ def serve(config: KbsConfig) -> None:
 
 def worker_app() -> Starlette:
     """The app factory each worker process calls (uvicorn ``factory=True``)."""
+    configure_logging(os.environ.get(_LOG_LEVEL_ENV, "info"))  # a spawned process starts bare
     path = Path(os.environ[_CONFIG_ENV])
     config = parse_config(json.loads(path.read_bytes()), source="worker configuration")
     memory_dir = os.environ.get(_MEMORY_DIR_ENV)
@@ -184,13 +234,15 @@ def _tls_factory(http: HttpServerConfig, _config: object, _default: object) -> s
     return server_context(http)
 
 
-def _uvicorn_config(app: Starlette | str, workers: int, http: HttpServerConfig) -> uvicorn.Config:
+def _uvicorn_config(
+    app: Starlette | str, workers: int, http: HttpServerConfig, access_log: bool = False
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         factory=isinstance(app, str),
         workers=workers,
         log_config=None,
-        access_log=False,
+        access_log=access_log,
         server_header=False,
         proxy_headers=False,
         ssl_context_factory=None if http.insecure_http else partial(_tls_factory, http),

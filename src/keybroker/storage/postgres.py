@@ -28,6 +28,15 @@ from keybroker.storage.base import KeyValueStorage
 
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 CONNECT_TIMEOUT = 5
+# A pool that cannot connect says only that it timed out. One direct connection, at most this
+# often per store, finds out why (a wrong role or password reads differently from an outage).
+DIAGNOSE_INTERVAL = 30.0
+# What PostgreSQL says when it refuses a login, as opposed to being unreachable.
+_LOGIN_REFUSED = re.compile(
+    r'password authentication failed|role "[^"]*" does not exist|'
+    r'database "[^"]*" does not exist|no pg_hba\.conf entry|'
+    r"permission denied for database|not permitted to log in"
+)
 
 
 class PostgresKeyValueStorage(KeyValueStorage):
@@ -42,12 +51,15 @@ class PostgresKeyValueStorage(KeyValueStorage):
         if not _TABLE.fullmatch(namespace):
             raise StorageError(f"invalid PostgreSQL table name {namespace[:64]!r}")
         self._conninfo = conninfo
+        self._namespace = namespace
         self._table = sql.Identifier(namespace)
         self._clock = clock
         self._timeout = timeout
         self._pools: dict[asyncio.AbstractEventLoop, AsyncConnectionPool[Any]] = {}
         self._ready: set[asyncio.AbstractEventLoop] = set()
         self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+        self._diagnosed_at = -math.inf
+        self._diagnosis: str | None = None
 
     async def _pool(self) -> AsyncConnectionPool[Any]:
         """This loop's pool, with the table created: retried on every call until it works, so
@@ -117,8 +129,34 @@ class PostgresKeyValueStorage(KeyValueStorage):
                 if not fetch:
                     return cursor.rowcount
                 return await cursor.fetchall()
-        except (psycopg.OperationalError, PoolTimeout) as e:
+        except PoolTimeout as e:
+            raise _unavailable(e, await self._diagnose()) from None
+        except psycopg.OperationalError as e:
             raise _unavailable(e) from None
+        except psycopg.errors.InsufficientPrivilege as e:
+            raise StorageError(
+                f"PostgreSQL refused this KBS's role access to table {self._namespace} "
+                f"({_first_line(e)}): grant the role of [storage_backend] backends.postgres "
+                "the rights to create and use its tables"
+            ) from None
+
+    async def _diagnose(self) -> str | None:
+        """Why the pool cannot connect, when PostgreSQL refuses the login: one direct attempt,
+        at most every ``DIAGNOSE_INTERVAL`` seconds, so an outage does not double its cost."""
+        now = time.monotonic()
+        if now - self._diagnosed_at < DIAGNOSE_INTERVAL:
+            return self._diagnosis
+        self._diagnosed_at, self._diagnosis = now, None
+        try:
+            connection = await psycopg.AsyncConnection.connect(
+                self._conninfo, connect_timeout=max(1, math.ceil(min(self._timeout, 2)))
+            )
+        except psycopg.OperationalError as e:
+            if _LOGIN_REFUSED.search(str(e)):
+                self._diagnosis = _first_line(e)
+        else:
+            await connection.close()
+        return self._diagnosis
 
     async def _call(self, query: sql.Composed, params: tuple[Any, ...], fetch: bool = True) -> Any:
         await self._pool()
@@ -204,8 +242,17 @@ class PostgresKeyValueStorage(KeyValueStorage):
             await pool.close()
 
 
-def _unavailable(error: Exception) -> ServiceUnavailableError:
-    reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+
+
+def _unavailable(error: Exception, refused: str | None = None) -> ServiceUnavailableError:
+    reason = refused or _first_line(error)
+    if refused is not None or _LOGIN_REFUSED.search(reason):
+        return ServiceUnavailableError(
+            f"PostgreSQL refused the login ({reason}): check username, password and db in "
+            "[storage_backend] backends.postgres (or POSTGRES_URL)"
+        )
     return ServiceUnavailableError(f"PostgreSQL is unavailable ({reason}): retry later")
 
 

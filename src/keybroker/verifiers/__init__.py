@@ -17,6 +17,9 @@ from keybroker.verifiers.arm.cca import build_cca_verifier
 from keybroker.verifiers.azure.az_snp_vtpm import AzSnpVtpmVerifier
 from keybroker.verifiers.azure.az_tdx_vtpm import AzTdxVtpmVerifier
 from keybroker.verifiers.base import TeeClaims, Verifier
+from keybroker.verifiers.hygon.csv import CsvVerifier
+from keybroker.verifiers.hygon.dcu import HygonDcuVerifier
+from keybroker.verifiers.hygon.settings import build_hygon_fetcher
 from keybroker.verifiers.intel.dcap_settings import (
     CollateralAppraiser,
     build_fetcher,
@@ -25,6 +28,8 @@ from keybroker.verifiers.intel.dcap_settings import (
 from keybroker.verifiers.intel.verifier import SgxVerifier, TdxVerifier
 from keybroker.verifiers.sample import SampleVerifier
 from keybroker.verifiers.sample_device import SampleDeviceVerifier
+from keybroker.verifiers.tpm.trusted_aks import build_trusted_aks
+from keybroker.verifiers.tpm.verifier import TpmVerifier
 
 
 def build_verifiers(
@@ -34,6 +39,7 @@ def build_verifiers(
     Nothing here touches the network: collateral is fetched when a quote is verified."""
     appraiser = CollateralAppraiser(build_fetcher(dcap_settings(verifier_config), clock))
     snp_appraiser = build_snp_appraiser(verifier_config, clock)
+    hygon_fetcher = build_hygon_fetcher(verifier_config)
     return {
         Tee.SAMPLE: SampleVerifier(),
         Tee.SAMPLE_DEVICE: SampleDeviceVerifier(),
@@ -42,6 +48,9 @@ def build_verifiers(
         Tee.SNP: SnpVerifier(snp_appraiser, clock=clock),
         Tee.AZ_SNP_VTPM: AzSnpVtpmVerifier(snp_appraiser, clock=clock),
         Tee.AZ_TDX_VTPM: AzTdxVtpmVerifier(appraiser, clock=clock),
+        Tee.TPM: TpmVerifier(build_trusted_aks(verifier_config)),
+        Tee.CSV: CsvVerifier(hygon_fetcher),
+        Tee.HYGON_DCU: HygonDcuVerifier(hygon_fetcher),
         Tee.CCA: build_cca_verifier(verifier_config, clock=clock),
     }
 

@@ -77,6 +77,14 @@ def test_deny_all_resource_policy(kbs: Kbs) -> None:
     assert _denied(_guest(kbs)) == 403
 
 
+def test_a_policy_denial_points_to_evaluate_policy(kbs: Kbs) -> None:
+    _admin(kbs).set_resource("default/key/one", SECRET)
+    _admin(kbs).set_resource_policy(builtin_policy("deny_all"))
+    with pytest.raises(KbsRejectedError) as rejected:
+        _guest(kbs).get_resource("default/key/one")
+    assert "kbs-client config evaluate-policy" in rejected.value.detail
+
+
 def test_reference_values_turn_contraindicated_into_release(kbs: Kbs) -> None:
     admin = _admin(kbs)
     admin.set_resource("default/key/one", SECRET)

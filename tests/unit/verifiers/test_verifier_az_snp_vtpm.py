@@ -33,7 +33,8 @@ from keybroker.verifiers.azure.az_hcl import (
     parse_hcl_report,
 )
 from keybroker.verifiers.azure.az_snp_vtpm import AzSnpVtpmVerifier
-from keybroker.verifiers.azure.az_vtpm import b64url_bytes, init_data_pcr_value
+from keybroker.verifiers.azure.az_vtpm import b64url_bytes
+from keybroker.verifiers.tpm.quote import init_data_pcr_value
 from standins.amd_pki import AmdPki, Issued, build_report
 from standins.azure_vtpm import AzureVtpm, b64url, hcl_report
 

@@ -219,6 +219,46 @@ configuration := 96 if {
 	az_tdx.quote.body.xfam in query_reference_value("xfam")
 }
 
+# --- tpm: a plain TPM 2.0 (claims of keybroker.verifiers.tpm.verifier: pcrNN, ak_public) --
+#
+# As upstream's: the verifier has already refused AKs outside trusted_ak_keys_dir; the policy
+# may pin them again by reference value. Reference value ids: tpm_pcr11, trusted_aks.
+
+hardware := 2 if {
+	input.tpm
+}
+
+executables := 3 if {
+	input.tpm.pcr11 in query_reference_value("tpm_pcr11")
+	input.tpm.ak_public in query_reference_value("trusted_aks")
+}
+
+configuration := 0 if {
+	input.tpm
+}
+
+# --- csv: Hygon CSV (claims of keybroker.verifiers.hygon.csv) ------------------------------
+#
+# Upstream Trustee's default policy has no CSV rules (a CSV guest stays contraindicated there).
+# Reference value ids (ours, in the style of upstream's snp_ ids): csv_measure (the launch
+# digest); csv_api_major, csv_api_minor (the firmware API version in the guest policy).
+
+executables := 3 if {
+	input.csv.measure in query_reference_value("csv_measure")
+}
+
+hardware := 2 if {
+	reference_matches(input.csv.policy.api_major, query_reference_value("csv_api_major"))
+	reference_matches(input.csv.policy.api_minor, query_reference_value("csv_api_minor"))
+}
+
+# NODBG clear: the host may debug (read) the guest: never trusted.
+configuration := 96 if {
+	input.csv.policy.nodbg == 0
+} else := 3 if {
+	input.csv.policy.nodbg == 1
+}
+
 # A reference value registered as a list holds every accepted value; a scalar, the one.
 # (Each caller names its reference value id literally, so only those ids are fetched.)
 reference_matches(value, reference) if value in reference

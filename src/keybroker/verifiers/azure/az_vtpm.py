@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ from keybroker.verifiers.tpm.quote import (
     TPM_ALG_SHA256,
     TpmsAttest,
     TpmSignature,
+    init_data_pcr_value,
     parse_attest,
     pcr_values,
     verify_signature,
@@ -148,11 +148,6 @@ def check_versioned_user_data(hcl: HclReport, version: int, expected_report_data
     """From evidence version 2 on, the HCL user-data must carry the session's digest."""
     if version >= USER_DATA_VERSION:
         check_user_data(hcl, expected_report_data)
-
-
-def init_data_pcr_value(digest: bytes) -> bytes:
-    """PCR 8 after the guest extended it once with ``digest`` from its reset value (zeros)."""
-    return hashlib.sha256(bytes(32) + digest).digest()
 
 
 def check_init_data(quote: VerifiedVtpmQuote, expected_init_data: bytes | None) -> None:

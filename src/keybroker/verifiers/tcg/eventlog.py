@@ -18,6 +18,8 @@ What this module does, pure (bytes in, frozen values out; ``EvidenceError`` on a
 * :func:`replay_rtmrs` and :func:`verify_against_rtmrs` recompute RTMR0-3 from the SHA-384
   digests and compare them with a quote's; :func:`replay_registers` is the same replay for
   other digests and register counts (Hygon CSV logs use SM3).
+* :func:`replay_pcrs` replays a TPM's TCG2 log (``binary_bios_measurements``) into PCRs, as a
+  TPM extends them: EV_NO_ACTION events are not extended, PCR 0 may start at a locality.
 
 The spec-ID signature is not checked, and records after the end marker are ignored, as
 upstream does; the stricter checks upstream lacks are named where they are made.
@@ -58,6 +60,9 @@ SHA1_SIZE = 20
 RTMR_COUNT = 4
 RTMR_SIZE = 48
 RTMR_ALGORITHM = "SHA-384"
+PCR_COUNT = 24  # a PC client TPM's PCRs
+# TCG PC Client PFP 10.4.5.3: EV_NO_ACTION data naming the locality TPM2_Startup ran at
+STARTUP_LOCALITY = b"StartupLocality\x00"
 END_MARKERS = (b"\xff" * 8, b"\x00" * 8)
 
 # TPM_ALG_ID -> (name, digest size); names as upstream writes them in claims
@@ -87,6 +92,7 @@ __all__ = [
     "EventDigest",
     "EventLog",
     "parse_event_log",
+    "replay_pcrs",
     "replay_registers",
     "replay_rtmrs",
     "uefi_event_logs",
@@ -344,3 +350,34 @@ def verify_against_rtmrs(events: Sequence[Event], rtmrs: tuple[bytes, bytes, byt
                 f"the event log does not replay to RTMR{register} (event log index "
                 f"{register + 1}): replayed {replayed.hex()}, the quote has {quoted.hex()}"
             )
+
+
+def replay_pcrs(events: Sequence[Event], algorithm: str) -> dict[int, bytes]:
+    """The PCRs a TPM's TCG2 event log extends, replayed from its ``algorithm`` digests.
+
+    Unlike :func:`replay_registers` (CCEL, where upstream extends every event), this follows
+    the TPM: EV_NO_ACTION events are never extended, and a StartupLocality event, before any
+    PCR 0 extension, makes PCR 0 start at its locality instead of zeros (PC Client PFP 10.4.5.3).
+    Only the PCRs the log touches are returned. An extended event without an ``algorithm``
+    digest, or at an index that is not a PCR, is refused.
+    """
+    hash_algorithm = _HASHES.get(algorithm)
+    if hash_algorithm is None:
+        raise EvidenceError(f"cannot replay {algorithm} PCRs")
+    zeros = bytes(hash_algorithm().digest_size)
+    pcrs: dict[int, bytes] = {}
+    for number, event in enumerate(events):
+        label = f"event {number} ({event.type_name}) at PCR {event.mr_index}"
+        if event.event_type == EV_NO_ACTION:
+            if event.data.startswith(STARTUP_LOCALITY):
+                if event.mr_index != 0 or 0 in pcrs or len(event.data) != 17:
+                    raise EvidenceError(f"{label}: a StartupLocality event out of place")
+                pcrs[0] = zeros[:-1] + event.data[16:17]
+            continue
+        if event.mr_index >= PCR_COUNT:
+            raise EvidenceError(f"{label}: a TPM has PCRs 0 to {PCR_COUNT - 1}")
+        digest = event.digest(algorithm)
+        if digest is None:
+            raise EvidenceError(f"{label} has no {algorithm} digest to replay")
+        pcrs[event.mr_index] = _hash(hash_algorithm, pcrs.get(event.mr_index, zeros) + digest)
+    return pcrs

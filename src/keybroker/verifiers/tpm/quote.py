@@ -266,3 +266,9 @@ def pcr_values(
     if digest.digest() != attest.pcr_digest:
         raise EvidenceError("the PCR values do not hash to the TPM quote's PCR digest")
     return dict(zip(slots, values, strict=True))
+
+
+def init_data_pcr_value(digest: bytes) -> bytes:
+    """A SHA-256 PCR after one extension with ``digest`` from its reset value (zeros): where
+    guest-components' TPM attesters put the init-data digest (PCR 8)."""
+    return hashlib.sha256(bytes(32) + digest).digest()
