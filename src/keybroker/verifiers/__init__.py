@@ -13,6 +13,7 @@ from typing import Any
 from keybroker.protocol.models import Tee
 from keybroker.verifiers.amd.snp import SnpVerifier
 from keybroker.verifiers.amd.snp_settings import build_snp_appraiser
+from keybroker.verifiers.arm.cca import build_cca_verifier
 from keybroker.verifiers.azure.az_snp_vtpm import AzSnpVtpmVerifier
 from keybroker.verifiers.azure.az_tdx_vtpm import AzTdxVtpmVerifier
 from keybroker.verifiers.base import TeeClaims, Verifier
@@ -54,6 +55,7 @@ def build_verifiers(
         Tee.HYGON_DCU: HygonDcuVerifier(hygon_fetcher),
         Tee.NVIDIA: build_nvidia_verifier(verifier_config, clock),
         Tee.NVIDIA_DPU: build_dpu_verifier(verifier_config, clock),
+        Tee.CCA: build_cca_verifier(verifier_config, clock=clock),
     }
 
 

@@ -98,6 +98,33 @@ configuration := 96 if {
 
 intel_qe_vendor_id := "939a7233f79c4ca9940a0db3957f0607"
 
+# --- cca: Arm CCA realms (claims of keybroker.verifiers.arm.cca) -------------------------
+#
+# The verifier has already required the platform's CPAK in the trust-anchor store and its
+# firmware in the CCA rv-store. Reference value id, as upstream's CCA example policy:
+# cca.realm.cca-realm-initial-measurement (the RIM, base64).
+
+executables := 3 if {
+	input.cca.realm["cca-realm-initial-measurement"] in query_reference_value("cca.realm.cca-realm-initial-measurement")
+}
+
+hardware := 2 if cca_secured
+
+# Only the PSA "secured" lifecycle (0x3000-0x30ff) locks the platform's debug ports and
+# provisioning; in a debug, test or decommissioned state its secrets are not protected.
+configuration := 96 if {
+	input.cca
+	not cca_secured
+} else := 2 if {
+	cca_secured
+}
+
+cca_secured if {
+	lifecycle := input.cca.platform["cca-platform-lifecycle"]
+	lifecycle >= 12288
+	lifecycle <= 12543
+}
+
 # --- snp: AMD SEV-SNP (claims of keybroker.verifiers.snp) ----------------------------------
 #
 # Reference value ids, as upstream's: snp_launch_measurement; snp_bootloader, snp_tee_svn,

@@ -1,0 +1,1 @@
+"""Arm verifiers: the Confidential Compute Architecture (CCA) realm attestation token."""
