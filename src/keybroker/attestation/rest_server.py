@@ -13,8 +13,6 @@ Described in docs/restful-as-openapi.yaml. Errors are RFC 7807 problems like the
 
 from __future__ import annotations
 
-import base64
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -25,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from keybroker.attestation.service import BuiltinAttestationService
+from keybroker.attestation.service import BuiltinAttestationService, supplemental_challenge
 from keybroker.attestation.wire import b64url_decode, evidence_from_parts
 from keybroker.errors import BadRequestError, KeybrokerError, PayloadTooLargeError
 
@@ -64,7 +62,11 @@ class PolicyBody(_Body):
     policy: str
 
 
-M = TypeVar("M", AttestationBody, PolicyBody)
+class ChallengeBody(_Body):
+    inner: dict[str, str] = Field(default_factory=dict)
+
+
+M = TypeVar("M", AttestationBody, PolicyBody, ChallengeBody)
 
 
 async def _parse(request: Request, model: type[M]) -> M:
@@ -109,7 +111,10 @@ def create_as_app(service: BuiltinAttestationService) -> Starlette:
         return Response(status_code=200)
 
     async def challenge(request: Request) -> Response:
-        return PlainTextResponse(base64.b64encode(secrets.token_bytes(32)).decode())
+        # upstream's body is {"inner": {"tee", "tee_params"}}; an empty body asks for a nonce
+        empty = not (await request.body()).strip()
+        inner = None if empty else (await _parse(request, ChallengeBody)).inner
+        return PlainTextResponse(await supplemental_challenge(service, inner))
 
     async def jwks(request: Request) -> Response:
         return JSONResponse(service.signer.jwks())

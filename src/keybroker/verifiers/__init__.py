@@ -16,6 +16,8 @@ from keybroker.verifiers.amd.snp_settings import build_snp_appraiser
 from keybroker.verifiers.azure.az_snp_vtpm import AzSnpVtpmVerifier
 from keybroker.verifiers.azure.az_tdx_vtpm import AzTdxVtpmVerifier
 from keybroker.verifiers.base import TeeClaims, Verifier
+from keybroker.verifiers.ibm.se import SeVerifier
+from keybroker.verifiers.ibm.se_settings import se_settings
 from keybroker.verifiers.intel.dcap_settings import (
     CollateralAppraiser,
     build_fetcher,
@@ -41,6 +43,7 @@ def build_verifiers(
         Tee.SNP: SnpVerifier(snp_appraiser, clock=clock),
         Tee.AZ_SNP_VTPM: AzSnpVtpmVerifier(snp_appraiser, clock=clock),
         Tee.AZ_TDX_VTPM: AzTdxVtpmVerifier(appraiser, clock=clock),
+        Tee.SE: SeVerifier(se_settings(verifier_config), clock=clock),
     }
 
 

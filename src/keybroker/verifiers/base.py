@@ -74,6 +74,11 @@ class Verifier(ABC):
                 "(details in the KBS log)"
             ) from e
 
+    def challenge(self, tee_parameters: JsonValue) -> str | None:
+        """A TEE-specific challenge nonce (IBM SE's attestation request), or None for the
+        KBS's usual random nonce. May be CPU-heavy: callers run it off the event loop."""
+        return None
+
     @abstractmethod
     def _verify(
         self,
