@@ -26,6 +26,7 @@ from starlette.routing import Route
 from keybroker.attestation.service import BuiltinAttestationService, supplemental_challenge
 from keybroker.attestation.wire import b64url_decode, evidence_from_parts
 from keybroker.errors import BadRequestError, KeybrokerError, PayloadTooLargeError
+from keybroker.protocol.untrusted_json import parse_json
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -62,11 +63,7 @@ class PolicyBody(_Body):
     policy: str
 
 
-class ChallengeBody(_Body):
-    inner: dict[str, str] = Field(default_factory=dict)
-
-
-M = TypeVar("M", AttestationBody, PolicyBody, ChallengeBody)
+M = TypeVar("M", AttestationBody, PolicyBody)
 
 
 async def _parse(request: Request, model: type[M]) -> M:
@@ -111,9 +108,13 @@ def create_as_app(service: BuiltinAttestationService) -> Starlette:
         return Response(status_code=200)
 
     async def challenge(request: Request) -> Response:
-        # upstream's body is {"inner": {"tee", "tee_params"}}; an empty body asks for a nonce
-        empty = not (await request.body()).strip()
-        inner = None if empty else (await _parse(request, ChallengeBody)).inner
+        # upstream's body is a flat {"tee": ..., "tee_params": ...} (a map of strings)
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise PayloadTooLargeError(f"request body exceeds {MAX_BODY_BYTES} bytes")
+        inner = parse_json(body, what="challenge request") if body.strip() else {}
+        if not isinstance(inner, dict) or not all(isinstance(v, str) for v in inner.values()):
+            raise BadRequestError("a challenge request maps names to strings")
         return PlainTextResponse(await supplemental_challenge(service, inner))
 
     async def jwks(request: Request) -> Response:
