@@ -1,4 +1,4 @@
-"""A test world for IBM Secure Execution: IBM's PKI, a host, and a guest, without IBM Z.
+"""A STAND-IN for IBM's side of Secure Execution: PKI, a host and a guest, without IBM Z.
 
 - :class:`SePki`: a root CA (standing in for DigiCert Trusted Root G4), an intermediate CA, an
   *IBM Z host-key signing key* (IBM's subject; a code-signing certificate, not a CA), host-key

@@ -344,5 +344,16 @@ def test_mismatched_public_key_is_refused(world: World) -> None:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    with pytest.raises(ConfigError, match="not the public half"):
+    with pytest.raises(AttestationError, match="not the public half"):
+        world.verifier.challenge({})
+
+
+def test_password_protected_measurement_key_is_a_clear_error(world: World) -> None:
+    protected = _RSA.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"test1234"),
+    )
+    (world.root / "rsa" / "encrypt_key.pem").write_bytes(protected)
+    with pytest.raises(AttestationError, match="not an unencrypted PEM key"):
         world.verifier.challenge({})

@@ -45,10 +45,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from keybroker.errors import AttestationError, ConfigError, EvidenceError
+from keybroker.errors import AttestationError, EvidenceError, KeybrokerError
 from keybroker.protocol.models import JsonValue, Tee
 from keybroker.verifiers.base import TeeClaims, Verifier
 from keybroker.verifiers.ibm.se_formats import (
@@ -142,27 +143,56 @@ class _Keys:
     header: SeHeader
 
 
+def _not_set_up(problem: str) -> AttestationError:
+    # The material is read on first use, not at start-up: a problem is the operator's, but it
+    # surfaces at /auth, so it is an attestation failure that says what to fix.
+    return AttestationError(f"IBM SE is not set up: {problem}")
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
-            raise ConfigError(f"{what} {path} is larger than {MAX_FILE_BYTES} bytes")
+            raise _not_set_up(f"{what} {path} is larger than {MAX_FILE_BYTES} bytes")
         return path.read_bytes()
     except OSError as e:
-        raise AttestationError(
-            f"IBM SE is not set up: cannot read {what} {path} ({e.strerror})"
-        ) from None
+        raise _not_set_up(f"cannot read {what} {path} ({e.strerror})") from None
 
 
 def _files(directory: Path, what: str) -> list[Path]:
     try:
         files = sorted(p for p in directory.iterdir() if p.is_file())
     except OSError as e:
-        raise AttestationError(
-            f"IBM SE is not set up: cannot list {what} in {directory} ({e.strerror})"
-        ) from None
+        raise _not_set_up(f"cannot list {what} in {directory} ({e.strerror})") from None
     if len(files) > MAX_FILES:
-        raise ConfigError(f"{directory} holds {len(files)} files, at most {MAX_FILES} are read")
+        raise _not_set_up(f"{directory} holds {len(files)} files, at most {MAX_FILES} are read")
     return files
+
+
+def _measurement_encryption_key(s: SeSettings) -> rsa.RSAPrivateKey:
+    """The verifier's RSA key (upstream's ``encrypt_key.pem``), checked against its public half
+    when that file is there."""
+    pem = _read(s.measurement_key_private, "the SE measurement-encryption key")
+    try:
+        private = serialization.load_pem_private_key(pem, password=None)
+        public = (
+            serialization.load_pem_public_key(
+                _read(s.measurement_key_public, "the SE measurement-encryption public key")
+            )
+            if s.measurement_key_public.exists()
+            else None
+        )
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise _not_set_up(
+            f"{s.measurement_key_private} or {s.measurement_key_public} is not an unencrypted "
+            "PEM key"
+        ) from None
+    if not isinstance(private, rsa.RSAPrivateKey) or private.key_size < 2048:
+        raise _not_set_up(f"{s.measurement_key_private} must be an RSA key >= 2048 bits")
+    if public is not None and public != private.public_key():
+        raise _not_set_up(
+            f"{s.measurement_key_public} is not the public half of {s.measurement_key_private}"
+        )
+    return private
 
 
 def nonce_binding(binding_secret: bytes, measurement_key: bytes) -> bytes:
@@ -193,26 +223,7 @@ class SeVerifier(Verifier):
         with self._lock:
             if self._keys is None:
                 s = self._settings
-                pem = _read(s.measurement_key_private, "the SE measurement-encryption key")
-                try:
-                    private = serialization.load_pem_private_key(pem, password=None)
-                except (ValueError, TypeError) as e:
-                    raise ConfigError(
-                        f"{s.measurement_key_private} is not a PEM key: {e}"
-                    ) from None
-                if not isinstance(private, rsa.RSAPrivateKey) or private.key_size < 2048:
-                    raise ConfigError(
-                        f"{s.measurement_key_private} must be an RSA key >= 2048 bits"
-                    )
-                if s.measurement_key_public.exists():
-                    public = serialization.load_pem_public_key(
-                        _read(s.measurement_key_public, "the SE measurement-encryption public key")
-                    )
-                    if public != private.public_key():
-                        raise ConfigError(
-                            f"{s.measurement_key_public} is not the public half of "
-                            f"{s.measurement_key_private}"
-                        )
+                private = _measurement_encryption_key(s)
                 der = private.private_bytes(
                     serialization.Encoding.DER,
                     serialization.PrivateFormat.PKCS8,
@@ -239,17 +250,15 @@ class SeVerifier(Verifier):
         for path in _files(s.host_key_documents_dir, "host-key documents"):
             certs = load_certificates(_read(path, "host-key document"), str(path))
             if len(certs) != 1:
-                raise ConfigError(f"host-key document {path} holds {len(certs)} certificates")
+                raise _not_set_up(f"host-key document {path} holds {len(certs)} certificates")
             documents.append(certs[0])
         if not documents:
-            raise AttestationError(
-                f"IBM SE is not set up: no host-key documents in {s.host_key_documents_dir}"
-            )
+            raise _not_set_up(f"no host-key documents in {s.host_key_documents_dir}")
         if s.insecure_skip_certs_verification:
             log.warning("INSECURE: SE host-key documents used unverified")
             keys = [d.public_key() for d in documents]
             if not all(isinstance(k, ec.EllipticCurvePublicKey) for k in keys):
-                raise ConfigError("an SE host-key document does not hold an EC key")
+                raise _not_set_up("an SE host-key document does not hold an EC key")
             return [k for k in keys if isinstance(k, ec.EllipticCurvePublicKey)]
         material = TrustMaterial(
             certificates=[
@@ -271,6 +280,15 @@ class SeVerifier(Verifier):
 
     def challenge(self, tee_parameters: JsonValue) -> str:
         """Upstream's ``SeAttestationRequest`` as a JSON string (the KBS challenge nonce)."""
+        try:
+            return self._challenge()
+        except KeybrokerError:
+            raise
+        except Exception as e:  # odd material must refuse /auth, never answer 500
+            log.warning("the SE challenge failed (%s: %s)", type(e).__name__, e)
+            raise _not_set_up("the SE material could not be used (details in the KBS log)") from e
+
+    def _challenge(self) -> str:
         keys = self._load_keys()
         host_keys = self._load_host_keys()
         measurement_key = os.urandom(MEASUREMENT_KEY_SIZE)

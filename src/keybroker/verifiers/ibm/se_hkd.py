@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from keybroker.errors import ConfigError, EvidenceError
+from keybroker.errors import EvidenceError
 from keybroker.protocol.x509chain import build_path
 
 MAX_FILES = 64  # certificates, CRLs or host-key documents in one directory
@@ -57,7 +57,7 @@ def load_certificates(data: bytes, what: str) -> list[x509.Certificate]:
             return x509.load_pem_x509_certificates(data)
         return [x509.load_der_x509_certificate(data)]
     except ValueError as e:
-        raise ConfigError(f"{what} is not an X.509 certificate: {e}") from None
+        raise EvidenceError(f"{what} is not an X.509 certificate: {e}") from None
 
 
 def load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
@@ -66,7 +66,7 @@ def load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
             return x509.load_pem_x509_crl(data)
         return x509.load_der_x509_crl(data)
     except ValueError as e:
-        raise ConfigError(f"{what} is not a CRL: {e}") from None
+        raise EvidenceError(f"{what} is not a CRL: {e}") from None
 
 
 def _attribute(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
