@@ -122,7 +122,7 @@ class BuiltinAttestationService(AttestationBackend):
 
     async def challenge(self, tee: Tee, tee_parameters: JsonValue) -> str | None:
         verifier = self._verifiers.get(tee)
-        if verifier is None:
+        if verifier is None or not verifier.makes_challenge:
             return None
         # building an SE request costs ECDH and RSA operations: off the event loop
         return await asyncio.to_thread(verifier.challenge, tee_parameters)

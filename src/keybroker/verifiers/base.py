@@ -40,6 +40,8 @@ class Verifier(ABC):
     tee: ClassVar[Tee]
     # True for verifiers that may wait on I/O (a collateral fetch): run off the event loop
     may_block: ClassVar[bool] = False
+    # True for verifiers that make their own challenge (IBM SE): only they cost /auth a thread
+    makes_challenge: ClassVar[bool] = False
 
     def verify(
         self,

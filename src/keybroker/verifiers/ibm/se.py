@@ -204,6 +204,7 @@ def nonce_binding(binding_secret: bytes, measurement_key: bytes) -> bytes:
 class SeVerifier(Verifier):
     tee = TEE
     may_block = True  # RSA decryption, and the first use reads and verifies files
+    makes_challenge = True
 
     def __init__(self, settings: SeSettings, *, clock: Callable[[], float] = time.time) -> None:
         self._settings = settings
