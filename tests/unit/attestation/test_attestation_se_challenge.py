@@ -69,3 +69,9 @@ def test_restful_as_challenge_for_se_and_for_others(service: BuiltinAttestationS
         assert len(base64.b64decode(sample.text)) == 32
         assert client.post("/challenge", json={"tee": "z80"}).status_code == 400
         assert client.post("/challenge", json={"tee": ["se"]}).status_code == 400
+
+
+def test_builtin_service_makes_challenges_for_se_only(service: BuiltinAttestationService) -> None:
+    se = asyncio.run(service.challenge(Tee.SE, {}))
+    assert se is not None and _is_se_request(se)
+    assert asyncio.run(service.challenge(Tee.SAMPLE, {})) is None
