@@ -26,6 +26,7 @@ from keybroker.errors import (
     UnsupportedOperationError,
 )
 from keybroker.grpc_api import RECONNECT_OPTIONS, attestation_pb2, attestation_pb2_grpc
+from keybroker.protocol.canonical import HashAlgorithm
 from keybroker.protocol.models import JsonValue, Tee
 from keybroker.rvps.grpc_service import RemoteReferenceValues
 
@@ -94,6 +95,21 @@ class GrpcAttestationService(AttestationBackend):
 
     def supports(self, tee: Tee) -> bool:
         return True  # the remote service decides, and says so at /attest
+
+    def required_hash_algorithm(self, tee: Tee) -> HashAlgorithm | None:
+        return HashAlgorithm.SHA512 if tee is Tee.SE else None  # as upstream's gRPC client
+
+    async def challenge(self, tee: Tee, tee_parameters: JsonValue) -> str | None:
+        if tee is not Tee.SE:  # upstream asks the AS for SE challenges only
+            return None
+        request = attestation_pb2.ChallengeRequest(
+            inner={"tee": tee.value, "tee_params": json.dumps(tee_parameters)}
+        )
+        try:
+            reply = await self._client().GetAttestationChallenge(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e) from None
+        return str(reply.attestation_challenge)
 
     async def verify(self, evidence: list[EvidenceToVerify]) -> str:
         request = attestation_pb2.AttestationRequest(

@@ -9,14 +9,16 @@ and the detail names the problem without echoing evidence.
 
 from __future__ import annotations
 
-import base64
 import logging
-import secrets
 from typing import Any
 
 import grpc
 
-from keybroker.attestation.service import BuiltinAttestationService, EvidenceToVerify
+from keybroker.attestation.service import (
+    BuiltinAttestationService,
+    EvidenceToVerify,
+    supplemental_challenge,
+)
 from keybroker.attestation.wire import b64url_decode, evidence_from_parts
 from keybroker.errors import AttestationError, BadRequestError, KeybrokerError
 from keybroker.grpc_api import attestation_pb2, attestation_pb2_grpc
@@ -71,7 +73,10 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):  # t
     async def GetAttestationChallenge(  # noqa: N802
         self, request: attestation_pb2.ChallengeRequest, context: Any
     ) -> attestation_pb2.ChallengeResponse:
-        nonce = base64.b64encode(secrets.token_bytes(32)).decode()
+        try:
+            nonce = await supplemental_challenge(self._service, dict(request.inner))
+        except KeybrokerError as e:
+            await _abort(context, e)
         return attestation_pb2.ChallengeResponse(attestation_challenge=nonce)
 
 

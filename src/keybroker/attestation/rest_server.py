@@ -13,8 +13,6 @@ Described in docs/restful-as-openapi.yaml. Errors are RFC 7807 problems like the
 
 from __future__ import annotations
 
-import base64
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -25,9 +23,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from keybroker.attestation.service import BuiltinAttestationService
+from keybroker.attestation.service import BuiltinAttestationService, supplemental_challenge
 from keybroker.attestation.wire import b64url_decode, evidence_from_parts
 from keybroker.errors import BadRequestError, KeybrokerError, PayloadTooLargeError
+from keybroker.protocol.untrusted_json import parse_json
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -109,7 +108,14 @@ def create_as_app(service: BuiltinAttestationService) -> Starlette:
         return Response(status_code=200)
 
     async def challenge(request: Request) -> Response:
-        return PlainTextResponse(base64.b64encode(secrets.token_bytes(32)).decode())
+        # upstream's body is a flat {"tee": ..., "tee_params": ...} (a map of strings)
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise PayloadTooLargeError(f"request body exceeds {MAX_BODY_BYTES} bytes")
+        inner = parse_json(body, what="challenge request") if body.strip() else {}
+        if not isinstance(inner, dict) or not all(isinstance(v, str) for v in inner.values()):
+            raise BadRequestError("a challenge request maps names to strings")
+        return PlainTextResponse(await supplemental_challenge(service, inner))
 
     async def jwks(request: Request) -> Response:
         return JSONResponse(service.signer.jwks())

@@ -9,8 +9,10 @@ verifiers in-process, appraises each submodule with the attestation policy
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
+import secrets
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -21,9 +23,10 @@ from keybroker.attestation.init_data import parse_init_data
 from keybroker.attestation.policy import AttestationPolicies
 from keybroker.attestation.signer import TokenSigner
 from keybroker.config import BuiltinAsConfig
-from keybroker.errors import AttestationError, UnsupportedOperationError
+from keybroker.errors import AttestationError, BadRequestError, UnsupportedOperationError
 from keybroker.protocol.canonical import HashAlgorithm, runtime_data_digest
 from keybroker.protocol.models import InitData, JsonValue, Tee
+from keybroker.protocol.untrusted_json import parse_json
 from keybroker.rvps.store import ReferenceValues
 from keybroker.verifiers import TeeClaims, Verifier, build_verifiers
 
@@ -61,6 +64,11 @@ class AttestationBackend(ABC):
     def required_hash_algorithm(self, tee: Tee) -> HashAlgorithm | None:
         """The runtime-data hash this service needs for ``tee`` evidence; None when the guest
         may choose (the KBS then negotiates its usual preference)."""
+        return None
+
+    async def challenge(self, tee: Tee, tee_parameters: JsonValue) -> str | None:
+        """A TEE-specific challenge nonce (IBM SE's attestation request, as upstream's
+        ``generate_supplemental_challenge``), or None for the KBS's random nonce."""
         return None
 
     @abstractmethod
@@ -107,6 +115,17 @@ class BuiltinAttestationService(AttestationBackend):
 
     def supports(self, tee: Tee) -> bool:
         return tee in self._verifiers
+
+    def required_hash_algorithm(self, tee: Tee) -> HashAlgorithm | None:
+        # upstream binds SE runtime data with SHA-512, filling the 64-byte user-data field
+        return HashAlgorithm.SHA512 if tee is Tee.SE else None
+
+    async def challenge(self, tee: Tee, tee_parameters: JsonValue) -> str | None:
+        verifier = self._verifiers.get(tee)
+        if verifier is None or not verifier.makes_challenge:
+            return None
+        # building an SE request costs ECDH and RSA operations: off the event loop
+        return await asyncio.to_thread(verifier.challenge, tee_parameters)
 
     async def start(self) -> None:
         await self._policies.initialize()
@@ -179,6 +198,22 @@ class BuiltinAttestationService(AttestationBackend):
             annotated["runtime_data_claims"] = runtime_claims
         annotated[tee_claims.tee.value] = claims
         return annotated
+
+
+async def supplemental_challenge(service: AttestationBackend, inner: dict[str, str] | None) -> str:
+    """The AS's challenge endpoints (gRPC ``GetAttestationChallenge``, REST ``/challenge``):
+    ``inner`` is upstream's ``{"tee", "tee_params"}``; TEEs without their own challenge get a
+    random nonce."""
+    inner = inner or {}
+    nonce = None
+    if "tee" in inner:
+        try:
+            tee = Tee(inner["tee"])
+        except ValueError:
+            raise BadRequestError(f"unknown TEE {inner['tee'][:32]!r}") from None
+        params = parse_json(inner.get("tee_params") or "{}", what="tee_params")
+        nonce = await service.challenge(tee, params)
+    return nonce or base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 async def _run_verifier(

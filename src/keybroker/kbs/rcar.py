@@ -97,7 +97,8 @@ class Handshake:
         algorithm = select_hash_algorithm(
             request.extra_params, self._as.required_hash_algorithm(request.tee)
         )
-        session = await self._sessions.open(request.tee, algorithm)
+        nonce = await self._as.challenge(request.tee, request.extra_params)
+        session = await self._sessions.open(request.tee, algorithm, nonce=nonce)
         challenge = Challenge.model_validate(
             {"nonce": session.nonce, "extra-params": {"selected-hash-algorithm": algorithm.value}}
         )

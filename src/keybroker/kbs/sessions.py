@@ -91,11 +91,15 @@ class SessionStore:
         self._clock = clock
         self._unattested = unattested
 
-    async def open(self, tee: Tee, hash_algorithm: HashAlgorithm) -> Session:
+    async def open(
+        self, tee: Tee, hash_algorithm: HashAlgorithm, *, nonce: str | None = None
+    ) -> Session:
+        """``nonce``: a TEE-specific challenge from the attestation service (IBM SE's request),
+        else a fresh random one."""
         session = Session(
             id=secrets.token_hex(16),
             tee=tee,
-            nonce=base64.b64encode(secrets.token_bytes(NONCE_BYTES)).decode(),
+            nonce=nonce or base64.b64encode(secrets.token_bytes(NONCE_BYTES)).decode(),
             hash_algorithm=hash_algorithm,
             expires_at=self._clock() + self._lifetime,
         )

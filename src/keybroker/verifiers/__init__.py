@@ -20,6 +20,8 @@ from keybroker.verifiers.base import TeeClaims, Verifier
 from keybroker.verifiers.hygon.csv import CsvVerifier
 from keybroker.verifiers.hygon.dcu import HygonDcuVerifier
 from keybroker.verifiers.hygon.settings import build_hygon_fetcher
+from keybroker.verifiers.ibm.se import SeVerifier
+from keybroker.verifiers.ibm.se_settings import se_settings
 from keybroker.verifiers.intel.dcap_settings import (
     CollateralAppraiser,
     build_fetcher,
@@ -56,6 +58,7 @@ def build_verifiers(
         Tee.NVIDIA: build_nvidia_verifier(verifier_config, clock),
         Tee.NVIDIA_DPU: build_dpu_verifier(verifier_config, clock),
         Tee.CCA: build_cca_verifier(verifier_config, clock=clock),
+        Tee.SE: SeVerifier(se_settings(verifier_config), clock=clock),
     }
 
 

@@ -40,6 +40,8 @@ class Verifier(ABC):
     tee: ClassVar[Tee]
     # True for verifiers that may wait on I/O (a collateral fetch): run off the event loop
     may_block: ClassVar[bool] = False
+    # True for verifiers that make their own challenge (IBM SE): only they cost /auth a thread
+    makes_challenge: ClassVar[bool] = False
 
     def verify(
         self,
@@ -73,6 +75,11 @@ class Verifier(ABC):
                 f"{self.tee} evidence could not be verified: it is malformed or unsupported "
                 "(details in the KBS log)"
             ) from e
+
+    def challenge(self, tee_parameters: JsonValue) -> str | None:
+        """A TEE-specific challenge nonce (IBM SE's attestation request), or None for the
+        KBS's usual random nonce. May be CPU-heavy: callers run it off the event loop."""
+        return None
 
     @abstractmethod
     def _verify(

@@ -259,6 +259,28 @@ configuration := 96 if {
 	input.csv.policy.nodbg == 1
 }
 
+# --- se: IBM Secure Execution for Linux (claims of keybroker.verifiers.ibm.se) -----------
+#
+# As upstream: the verifier has checked the Ultravisor's measurement, the host keys and the
+# runtime-data binding, so a present `se` vouches for the executables and the hardware. The
+# configuration is affirmed only when the measured image is the configured SE header and that
+# header forbids dumping the guest (a dumpable guest's memory can leave the machine in clear);
+# an unknown image keeps the default configuration value.
+
+executables := 3 if {
+	input.se
+}
+
+hardware := 2 if {
+	input.se
+}
+
+configuration := 96 if {
+	input.se.image_dump_allowed == true
+} else := 2 if {
+	input.se.image_dump_allowed == false
+}
+
 # A reference value registered as a list holds every accepted value; a scalar, the one.
 # (Each caller names its reference value id literally, so only those ids are fetched.)
 reference_matches(value, reference) if value in reference

@@ -1,0 +1,1 @@
+"""IBM verifiers: Secure Execution for Linux on IBM Z and LinuxONE (``se``)."""
