@@ -22,9 +22,7 @@ Deliberate differences from upstream, each failing closed:
 from __future__ import annotations
 
 import importlib
-import json
 import logging
-import tomllib
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -188,9 +186,7 @@ def _known_verifier_sections(value: dict[str, Any] | None) -> dict[str, Any] | N
     return value
 
 
-VerifierConfigField = Annotated[
-    dict[str, Any] | None, AfterValidator(_known_verifier_sections)
-]
+VerifierConfigField = Annotated[dict[str, Any] | None, AfterValidator(_known_verifier_sections)]
 
 
 class AttestationTokenBrokerConfig(_Model):

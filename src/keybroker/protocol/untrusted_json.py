@@ -69,10 +69,11 @@ def parse_yaml(text: str, *, what: str, max_depth: int = MAX_DEPTH) -> JsonValue
     whose walk (the depth check, pydantic) takes exponential time ("billion laughs"), and
     upstream's files never use them.
     """
+
     class _NoAliasLoader(yaml.SafeLoader):
-        def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: ANN401 - PyYAML's API
+        def compose_node(self, parent: Any, index: Any) -> Any:
             if self.check_event(yaml.AliasEvent):
-                event = self.peek_event()
+                event = self.peek_event()  # type: ignore[no-untyped-call]
                 raise yaml.composer.ComposerError(
                     None, None, "YAML aliases are not accepted", event.start_mark
                 )
@@ -85,7 +86,7 @@ def parse_yaml(text: str, *, what: str, max_depth: int = MAX_DEPTH) -> JsonValue
     except yaml.YAMLError as e:
         raise BadRequestError(f"{what} is not valid yaml: {e}") from None
     check_depth(value, what=what, max_depth=max_depth)
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def check_depth(value: object, *, what: str, max_depth: int = MAX_DEPTH) -> None:

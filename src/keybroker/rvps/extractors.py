@@ -19,7 +19,7 @@ import base64
 import binascii
 import re
 from collections.abc import Callable
-from xml.etree.ElementTree import Element  # noqa: S405 - only the type; parsing is defusedxml
+from xml.etree.ElementTree import Element
 
 import defusedxml.ElementTree
 from defusedxml import DefusedXmlException

@@ -71,7 +71,7 @@ def test_get_policy_lists_objects_with_policy_id_as_upstream(client: TestClient)
 
 
 def _preflight(client: TestClient, origin: str) -> httpx.Response:
-    return client.options(
+    reply: httpx.Response = client.options(
         "/attestation",
         headers={
             "Origin": origin,
@@ -79,6 +79,7 @@ def _preflight(client: TestClient, origin: str) -> httpx.Response:
             "Access-Control-Request-Headers": "content-type",
         },
     )
+    return reply
 
 
 def test_allowed_origin_gets_cors_headers() -> None:
