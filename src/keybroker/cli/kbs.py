@@ -64,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--access-log", action="store_true", help="log every request: method, path, status"
     )
-    parser.add_argument("--version", action="version", version=f"kbs (keybroker) {__version__}")
+    parser.add_argument(
+        "-V", "--version", action="version", version=f"kbs (keybroker) {__version__}"
+    )
     return parser
 
 
