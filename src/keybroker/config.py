@@ -204,9 +204,17 @@ class AttestationTokenBrokerConfig(_Model):
         return _without_stale(data, "attestation_token_broker.")
 
 
+class SwidExtractorConfig(_Model):
+    """Upstream's ``swid_extractor`` settings: none yet (an empty table)."""
+
+
+class RvpsExtractorsConfig(_Model):
+    swid_extractor: SwidExtractorConfig | None = None
+
+
 class RvpsBuiltInConfig(_Model):
     type: Literal["BuiltIn"] = "BuiltIn"
-    extractors: dict[str, Any] | None = None
+    extractors: RvpsExtractorsConfig | None = None
     storage_type: StorageTypeField | None = None
 
 
@@ -577,14 +585,6 @@ def load_as_config(path: Path | None) -> AttestationServiceFileConfig:
         return AttestationServiceFileConfig.model_validate(document)
     except ValidationError as e:
         raise ConfigError(f"invalid configuration in {path}: {_describe(e)}") from None
-
-
-class SwidExtractorConfig(_Model):
-    """Upstream's ``swid_extractor`` settings: none yet (an empty table)."""
-
-
-class RvpsExtractorsConfig(_Model):
-    swid_extractor: SwidExtractorConfig | None = None
 
 
 class RvpsFileConfig(_Model):

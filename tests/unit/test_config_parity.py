@@ -94,6 +94,15 @@ def test_unknown_key_in_rvps_config_is_refused(tmp_path: Path) -> None:
         load_rvps_config(tmp_path / "rvps.json")
 
 
+def test_builtin_rvps_extractors_are_checked_like_the_standalone_ones() -> None:
+    upstream = {"type": "coco_as_builtin", "rvps_config": {"type": "BuiltIn"}}
+    upstream["rvps_config"] = {"type": "BuiltIn", "extractors": {"swid_extractor": {}}}
+    parse_config({"attestation_service": upstream})
+    upstream["rvps_config"] = {"type": "BuiltIn", "extractors": {"swid": {}}}
+    with pytest.raises(ConfigError, match=r"unknown key `attestation_service.rvps_config"):
+        parse_config({"attestation_service": upstream})
+
+
 def test_earlier_keybroker_rvps_spelling_still_loads_but_not_both(tmp_path: Path) -> None:
     earlier = RvpsFileConfig.model_validate({"storage_backend": {"storage_type": "Memory"}})
     assert earlier.storage.storage_type is StorageType.MEMORY

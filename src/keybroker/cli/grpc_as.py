@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     parser = argparse.ArgumentParser(prog="grpc-as", description="Attestation Service (gRPC)")
-    parser.add_argument("-c", "--config-file", type=Path, help="AS config file (TOML or JSON)")
+    parser.add_argument(
+        "-c", "--config-file", type=Path, help="AS config file (TOML, JSON or YAML)"
+    )
     parser.add_argument("-s", "--socket", default="127.0.0.1:3000", help="listen address")
     _tls_arguments(parser)
     add_version(parser)
@@ -161,7 +163,9 @@ def restful_main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     parser = argparse.ArgumentParser(prog="restful-as", description="Attestation Service (HTTP)")
-    parser.add_argument("-c", "--config-file", type=Path, help="AS config file (TOML or JSON)")
+    parser.add_argument(
+        "-c", "--config-file", type=Path, help="AS config file (TOML, JSON or YAML)"
+    )
     parser.add_argument("-s", "--socket", default="127.0.0.1:8080", help="listen address")
     _tls_arguments(parser)
     parser.add_argument(

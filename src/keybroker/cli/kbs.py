@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
             "each has its own --help"
         ),
     )
-    parser.add_argument("-c", "--config-file", type=Path, help="KBS config file (TOML or JSON)")
+    parser.add_argument(
+        "-c", "--config-file", type=Path, help="KBS config file (TOML, JSON or YAML)"
+    )
     parser.add_argument(
         "--insecure-dev",
         action="store_true",
