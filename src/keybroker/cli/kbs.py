@@ -1,6 +1,6 @@
 """``kbs``: run the Key Broker Service.
 
-kbs -c /etc/kbs/kbs-config.toml     # an upstream config file (TOML or JSON)
+kbs -c /etc/kbs/kbs-config.toml     # an upstream config file (TOML, JSON or YAML)
 KBS_CONFIG_FILE=... kbs             # the same, from the environment
 kbs --insecure-dev                  # laptop defaults: see DEV_DEFAULTS
 kbs --insecure-dev --listen 127.0.0.1:9090   # the same on another port
