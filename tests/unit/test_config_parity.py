@@ -153,6 +153,20 @@ def test_upstream_as_configs_load_without_warnings(
     assert not _stale_warnings(caplog)
 
 
+def test_verifiers_build_from_upstream_verifier_sections() -> None:
+    # the compose file's nvidia_verifier {type = "Remote"}, the tests' tpm_verifier
+    for parts in (
+        ("kbs", "config", "docker-compose", "as-config.json"),
+        ("attestation-service", "configs", "example_with_tpm_verifier.json"),
+    ):
+        build_verifiers(load_as_config(vector(*parts)).verifier_config)
+
+
+def test_unknown_key_inside_a_verifier_section_is_refused_when_verifiers_are_built() -> None:
+    with pytest.raises(ConfigError, match="nvidia_verifier"):
+        build_verifiers({"nvidia_verifier": {"type": "Remote", "typo": 1}})
+
+
 def test_stale_broker_type_in_a_kbs_config_is_warned_and_ignored(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
