@@ -1,8 +1,12 @@
 """The KBS configuration: upstream Trustee's file format, parsed once into frozen models.
 
 Section and key names, defaults and accepted spellings are upstream's, so an operator's
-upstream ``kbs-config.toml`` loads unchanged (TOML or JSON). An unknown key is an error that
-names the key and the file: a typo in a security setting must never be silently ignored.
+upstream ``kbs-config.toml`` loads unchanged (TOML, JSON or YAML, chosen by the file's suffix).
+An unknown key is an error that names the key and the file: a typo in a security setting must
+never be silently ignored. The one exception is :data:`STALE_KEYS`, keys that upstream's own
+shipped files still carry although upstream no longer reads them: each is logged as a warning
+and ignored. Sections under ``verifier_config`` must be ones a verifier reads
+(:data:`VERIFIER_SECTIONS`); each verifier checks the keys inside its own section.
 
 This module only parses and checks shapes. Whether a parsed feature is served is decided when
 the app is built (``keybroker.kbs.app``), which refuses what this version cannot serve with
@@ -18,13 +22,13 @@ Deliberate differences from upstream, each failing closed:
 from __future__ import annotations
 
 import importlib
-import json
-import tomllib
+import logging
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -34,7 +38,10 @@ from pydantic import (
     model_validator,
 )
 
-from keybroker.errors import ConfigError
+from keybroker.errors import BadRequestError, ConfigError
+from keybroker.protocol.untrusted_json import parse_json, parse_toml, parse_yaml
+
+log = logging.getLogger("keybroker.config")
 
 DEFAULT_SOCKET = "127.0.0.1:8080"
 DEFAULT_PAYLOAD_REQUEST_SIZE_MB = 2
@@ -126,6 +133,62 @@ class TokenSignerConfig(_Model):
     cert_url: str | None = None
 
 
+# Keys that upstream's own shipped files still carry although upstream no longer reads them:
+# "dotted.path" -> why it is ignored. Each is logged as a warning and dropped before validation;
+# every other unknown key is refused (see the module docstring).
+STALE_KEYS = {
+    "attestation_token_broker.type": "the token broker is always EAR",
+    "attestation_token_broker.policy_dir": "policies live in the policy store",
+    "policy_engine": "the policy engine is always Rego",
+    "policy_dir": "policies live in the policy store",
+    "storage.type": "upstream's RVPS ignores this earlier form: set storage.storage_type",
+    "storage.file_path": "upstream's RVPS ignores this earlier form: set storage.backends",
+}
+
+# The sections of `verifier_config` some verifier reads: upstream's names (`*_verifier`) and
+# Keybroker's own. A section not named here is refused; each verifier checks its own section.
+VERIFIER_SECTIONS = frozenset(
+    {
+        "dcap",
+        "dcap_verifier",
+        "snp",
+        "snp_verifier",
+        "tpm_verifier",
+        "nvidia_verifier",
+        "nvidia_dpu_verifier",
+        "cca",
+        "hygon",
+        "se",
+    }
+)
+
+
+def _without_stale(data: object, prefix: str) -> object:
+    """``data`` without the :data:`STALE_KEYS` under ``prefix`` (each logged as a warning)."""
+    if not isinstance(data, dict):
+        return data
+    kept = dict(data)
+    for key in list(kept):
+        path = f"{prefix}{key}"
+        if path in STALE_KEYS:
+            del kept[key]
+            log.warning("ignoring stale configuration key `%s`: %s", path, STALE_KEYS[path])
+    return kept
+
+
+def _known_verifier_sections(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    unknown = sorted(set(value or {}) - VERIFIER_SECTIONS)
+    if unknown:
+        names = ", ".join(f"`verifier_config.{name}`" for name in unknown)
+        raise ValueError(
+            f"unknown verifier section(s) {names}: expected one of {sorted(VERIFIER_SECTIONS)}"
+        )
+    return value
+
+
+VerifierConfigField = Annotated[dict[str, Any] | None, AfterValidator(_known_verifier_sections)]
+
+
 class AttestationTokenBrokerConfig(_Model):
     duration_min: int = Field(default=5, ge=1)
     issuer_name: str = "CoCo-Attestation-Service"
@@ -135,10 +198,23 @@ class AttestationTokenBrokerConfig(_Model):
     signer: TokenSignerConfig | None = None
     verbose_token: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _stale(cls, data: object) -> object:
+        return _without_stale(data, "attestation_token_broker.")
+
+
+class SwidExtractorConfig(_Model):
+    """Upstream's ``swid_extractor`` settings: none yet (an empty table)."""
+
+
+class RvpsExtractorsConfig(_Model):
+    swid_extractor: SwidExtractorConfig | None = None
+
 
 class RvpsBuiltInConfig(_Model):
     type: Literal["BuiltIn"] = "BuiltIn"
-    extractors: dict[str, Any] | None = None
+    extractors: RvpsExtractorsConfig | None = None
     storage_type: StorageTypeField | None = None
 
 
@@ -157,9 +233,14 @@ class BuiltinAsConfig(_AttestationServiceBase):
         RvpsBuiltInConfig()
     )
     attestation_token_broker: AttestationTokenBrokerConfig = AttestationTokenBrokerConfig()
-    # Verifier settings are opaque here: each verifier validates its own section.
-    verifier_config: dict[str, Any] | None = None
+    # Section names are checked here; each verifier validates the keys of its own section.
+    verifier_config: VerifierConfigField = None
     storage_type: StorageTypeField | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stale(cls, data: object) -> object:
+        return _without_stale(data, "")
 
 
 class GrpcAsConfig(_AttestationServiceBase):
@@ -486,23 +567,56 @@ class AttestationServiceFileConfig(_Model):
     rvps_config: Annotated[RvpsBuiltInConfig | RvpsGrpcConfig, Field(discriminator="type")] = (
         RvpsBuiltInConfig()
     )
-    verifier_config: dict[str, Any] | None = None
+    verifier_config: VerifierConfigField = None
     storage_backend: StorageBackendConfig = StorageBackendConfig()
     policy: PolicyConfig = PolicyConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stale(cls, data: object) -> object:
+        return _without_stale(data, "")
 
 
 def load_as_config(path: Path | None) -> AttestationServiceFileConfig:
     if path is None:
         return AttestationServiceFileConfig()
-    try:
-        text = path.read_text(encoding="utf-8")
-        document = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
-    except OSError as e:
-        raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from None
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"configuration file {path} is not valid: {e}") from None
+    document = read_document(path)
     try:
         return AttestationServiceFileConfig.model_validate(document)
+    except ValidationError as e:
+        raise ConfigError(f"invalid configuration in {path}: {_describe(e)}") from None
+
+
+class RvpsFileConfig(_Model):
+    """The config file of a standalone RVPS (``rvps -c FILE``), upstream's
+    ``{"storage": {...}, "extractors": {"swid_extractor": {}}}``. Every extractor (``sample``,
+    ``swid``) is always available, as upstream's; ``extractors`` only carries their settings.
+    Earlier Keybroker releases spelled ``storage`` as ``storage_backend``: still accepted."""
+
+    storage: StorageBackendConfig = StorageBackendConfig()
+    extractors: RvpsExtractorsConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spellings(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        if "storage_backend" in data:
+            if "storage" in data:
+                raise ValueError("set `storage` (upstream's name) or `storage_backend`, not both")
+            data = {**data, "storage": data["storage_backend"]}
+            del data["storage_backend"]
+        if "storage" in data:
+            data = {**data, "storage": _without_stale(data["storage"], "storage.")}
+        return data
+
+
+def load_rvps_config(path: Path | None) -> RvpsFileConfig:
+    if path is None:
+        return RvpsFileConfig()
+    document = read_document(path)
+    try:
+        return RvpsFileConfig.model_validate(document)
     except ValidationError as e:
         raise ConfigError(f"invalid configuration in {path}: {_describe(e)}") from None
 
@@ -572,23 +686,36 @@ def parse_config(document: dict[str, object], *, source: str = "<config>") -> Kb
 
 
 def load_config(path: Path) -> KbsConfig:
-    """Read a TOML (``.toml``) or JSON (``.json``) config file."""
+    """Read a TOML, JSON (``.json``) or YAML (``.yaml``, ``.yml``) config file."""
+    return parse_config(read_document(path), source=str(path))
+
+
+def read_document(path: Path) -> dict[str, object]:
+    """The table of a config file: JSON for ``.json``, YAML for ``.yaml``/``.yml``, else TOML
+    (as upstream's loader, which picks the format by suffix). Parsed with the depth bound of
+    ``keybroker.protocol.untrusted_json``."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"configuration file {path} is not UTF-8 text") from None
+    suffix = path.suffix.lower()
+    what = f"configuration file {path}"
     try:
-        document: dict[str, object]
-        if path.suffix.lower() == ".json":
-            loaded = json.loads(text)
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"configuration file {path} must hold a JSON object")
-            document = loaded
+        if suffix == ".json":
+            document = parse_json(text, what=what)
+        elif suffix in (".yaml", ".yml"):
+            document = parse_yaml(text, what=what)
         else:
-            document = tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"configuration file {path} is not valid: {e}") from None
-    return parse_config(document, source=str(path))
+            document = parse_toml(text, what=what)
+    except BadRequestError as e:
+        raise ConfigError(e.detail) from None
+    if document is None:  # an empty YAML file: every default
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"configuration file {path} must hold a table (mapping) at the top")
+    return document
 
 
 def _describe(error: ValidationError) -> str:

@@ -14,7 +14,14 @@ import pytest
 import yaml
 
 from keybroker import build_targets
-from keybroker.config import AttestationServiceFileConfig, KbsConfig, load_as_config, load_config
+from keybroker.config import (
+    AttestationServiceFileConfig,
+    KbsConfig,
+    RvpsFileConfig,
+    load_as_config,
+    load_config,
+    load_rvps_config,
+)
 from keybroker.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,18 +33,22 @@ SCRIPTS = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["s
 CONFIGS = {"kbs-config.toml", "kbs-passport-config.toml", "as-config.toml", "rvps-config.toml"}
 
 
-def _configs(deploy: Path) -> tuple[dict[str, KbsConfig], dict[str, AttestationServiceFileConfig]]:
+ServiceConfig = KbsConfig | AttestationServiceFileConfig | RvpsFileConfig
+
+
+def _configs(deploy: Path) -> tuple[dict[str, KbsConfig], dict[str, ServiceConfig]]:
     kbs = {
         n: load_config(deploy / "config" / n)
         for n in ("kbs-config.toml", "kbs-passport-config.toml")
     }
-    services = {
-        n: load_as_config(deploy / "config" / n) for n in ("as-config.toml", "rvps-config.toml")
+    services: dict[str, ServiceConfig] = {
+        "as-config.toml": load_as_config(deploy / "config" / "as-config.toml"),
+        "rvps-config.toml": load_rvps_config(deploy / "config" / "rvps-config.toml"),
     }
     return kbs, services
 
 
-def _paths(config: KbsConfig | AttestationServiceFileConfig) -> list[str]:
+def _paths(config: ServiceConfig) -> list[str]:
     """Every absolute file path a config names."""
     text = config.model_dump_json()
     return sorted(set(re.findall(r'"(/[^"\s]+)"', text)))
@@ -141,12 +152,14 @@ def problems(deploy: Path) -> list[str]:
             found.append(f"kbs config points at {address}: no compose service {_host(address)}")
         elif _port(_arg(compose[_host(address)]["entrypoint"], flag)) != _port(address):
             found.append(f"compose {host} listens elsewhere than kbs config's {address}")
-    as_rvps = service_configs["as-config.toml"].rvps_config
+    as_config = service_configs["as-config.toml"]
+    assert isinstance(as_config, AttestationServiceFileConfig)
+    as_rvps = as_config.rvps_config
     if getattr(as_rvps, "address", rvps_addr) != rvps_addr:
         found.append("as-config and kbs-config name different RVPS addresses")
 
     # every file the configs name is mounted, and every key is made by setup
-    mounts: dict[str, list[KbsConfig | AttestationServiceFileConfig]] = {
+    mounts: dict[str, list[ServiceConfig]] = {
         "kbs": list(kbs_configs.values()),
         "as": [service_configs["as-config.toml"]],
         "rvps": [service_configs["rvps-config.toml"]],
@@ -277,5 +290,5 @@ def test_the_default_image_is_upstreams_coco_as_builtin_with_vault_and_pkcs11() 
 
 
 def test_every_config_file_is_checked() -> None:
-    # examples/ holds the per-mode examples, checked by tests/unit/test_example_configs.py
-    assert {p.name for p in (DEPLOY / "config").iterdir() if p.name != "examples"} == CONFIGS
+    # deploy/config/examples/ is checked by test_example_configs.py
+    assert {p.name for p in (DEPLOY / "config").iterdir() if p.is_file()} == CONFIGS

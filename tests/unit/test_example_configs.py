@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from keybroker.config import KbsConfig, load_as_config, load_config
+from keybroker.config import KbsConfig, load_as_config, load_config, load_rvps_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "config" / "examples"
-AS_FILES = {"split-as.toml", "split-rvps.toml"}  # grpc-as and rvps read the AS file format
+AS_FILES = {"split-as.toml"}  # grpc-as reads the AS file format
+RVPS_FILES = {"split-rvps.toml"}  # rvps reads upstream's {storage, extractors}
 # The key files an example may name, and the command that makes each (docs/deployment.md).
 MADE_BY = {
     "tls.key": "kbs self-signed-cert",
@@ -44,6 +45,8 @@ def test_there_is_an_example_for_each_mode() -> None:
 def test_example_loads(path: Path) -> None:
     if path.name in AS_FILES:
         load_as_config(path)
+    elif path.name in RVPS_FILES:
+        load_rvps_config(path)
     else:
         assert isinstance(load_config(path), KbsConfig)
 

@@ -4,21 +4,28 @@
   {"raw": b64url} | {"structured": {...}}, "init_data": {"init_data_digest": b64url} |
   {"init_data_toml": "..."}, "runtime_data_hash_algorithm"}], "policy_ids": [...]}`` → the
   token (text);
-- ``POST /policy`` ``{"policy_id", "policy": b64url}``; ``GET /policy`` → policy ids;
+- ``POST /policy`` ``{"policy_id", "policy": b64url}``; ``GET /policy`` →
+  ``[{"policy-id": id}, ...]``;
 - ``POST /challenge`` ``{"tee", "tee_params"}`` → a nonce (text);
 - ``GET /.well-known/jwks.json``; ``GET /healthz``.
 
 Described in docs/restful-as-openapi.yaml. Errors are RFC 7807 problems like the KBS's.
+
+Browsers may call it cross-origin only from the origins given (``restful-as -r``): CORS as
+upstream's (methods GET, POST, OPTIONS; headers Content-Type, Authorization; preflight cached a
+day). With none given, no CORS headers are sent and browsers keep to the same origin.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -78,7 +85,9 @@ async def _parse(request: Request, model: type[M]) -> M:
         raise BadRequestError(f"malformed request: `{where}`: {first['msg']}") from None
 
 
-def create_as_app(service: BuiltinAttestationService) -> Starlette:
+def create_as_app(
+    service: BuiltinAttestationService, allowed_origins: Sequence[str] = ()
+) -> Starlette:
     async def attestation(request: Request) -> Response:
         body = await _parse(request, AttestationBody)
         evidence = [
@@ -98,7 +107,8 @@ def create_as_app(service: BuiltinAttestationService) -> Starlette:
 
     async def policy(request: Request) -> Response:
         if request.method == "GET":
-            return JSONResponse(await service.policies.list_ids())
+            ids = await service.policies.list_ids()
+            return JSONResponse([{"policy-id": policy_id} for policy_id in ids])
         body = await _parse(request, PolicyBody)
         try:
             source = b64url_decode(body.policy, "policy").decode("utf-8")
@@ -146,4 +156,15 @@ def create_as_app(service: BuiltinAttestationService) -> Starlette:
         ],
         exception_handlers={KeybrokerError: render},
         lifespan=lifespan,
+        middleware=[
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(allowed_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Content-Type", "Authorization"],
+                max_age=86400,
+            )
+        ]
+        if allowed_origins
+        else [],
     )

@@ -1,8 +1,11 @@
 """``grpc-as`` and ``restful-as``: the Attestation Service as a gRPC or an HTTP server.
 
     grpc-as [-c|--config-file FILE] [-s|--socket 127.0.0.1:3000]
+            [-t|--https-pubkey-cert CERT -k|--https-prikey KEY]
+    restful-as [-c FILE] [-s 127.0.0.1:8080] [-t CERT -k KEY] [-r|--allowed_origin ORIGIN,...]
 
-Upstream's command line. The config file (TOML or JSON) holds ``attestation_token_broker``,
+Upstream's command lines (``--https-cert``/``--https-key`` are Keybroker's earlier spellings of
+``-t``/``-k``). The config file (TOML, JSON or YAML) holds ``attestation_token_broker``,
 ``rvps_config`` (builtin) and ``storage_backend`` (Memory or LocalFs).
 """
 
@@ -18,6 +21,7 @@ from keybroker.attestation.policy import NAMESPACE as POLICY_NAMESPACE
 from keybroker.attestation.policy import AttestationPolicies
 from keybroker.attestation.service import BuiltinAttestationService
 from keybroker.attestation.signer import TokenSigner
+from keybroker.cli import add_version
 from keybroker.config import (
     AttestationServiceFileConfig,
     BuiltinAsConfig,
@@ -25,7 +29,7 @@ from keybroker.config import (
     StorageType,
     load_as_config,
 )
-from keybroker.errors import KeybrokerError, UnsupportedFeatureError
+from keybroker.errors import ConfigError, KeybrokerError, UnsupportedFeatureError
 from keybroker.policy.workers import PolicyLimits, PolicyWorkers
 from keybroker.rvps.store import NAMESPACE as RVPS_NAMESPACE
 from keybroker.rvps.store import ReferenceValues, ReferenceValueStore, remote_reference_values
@@ -66,6 +70,41 @@ def build_service(config: AttestationServiceFileConfig) -> BuiltinAttestationSer
     )
 
 
+def _tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-t",
+        "--https-pubkey-cert",
+        "--https-cert",
+        dest="https_cert",
+        type=Path,
+        help="certificate chain (PEM) to serve TLS with; needs -k",
+    )
+    parser.add_argument(
+        "-k",
+        "--https-prikey",
+        "--https-key",
+        dest="https_key",
+        type=Path,
+        help="private key (PEM) of the -t certificate",
+    )
+
+
+def cors_origins(values: list[str]) -> list[str]:
+    """The origins of ``-r/--allowed_origin`` (each flag may hold several, comma-separated).
+
+    Upstream logs and skips an origin that is not ``http://`` or ``https://``; Keybroker refuses
+    to start instead, so a typo never silently leaves a browser client locked out or a wildcard
+    intended where none is served.
+    """
+    origins = [part.strip() for value in values for part in value.split(",") if part.strip()]
+    for origin in origins:
+        if not origin.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"invalid CORS origin {origin[:100]!r}: expected http://host[:port] or https://..."
+            )
+    return origins
+
+
 async def _serve(
     service: BuiltinAttestationService, socket: str, tls: tuple[bytes, bytes] | None
 ) -> None:
@@ -83,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     parser = argparse.ArgumentParser(prog="grpc-as", description="Attestation Service (gRPC)")
-    parser.add_argument("-c", "--config-file", type=Path, help="AS config file (TOML or JSON)")
+    parser.add_argument(
+        "-c", "--config-file", type=Path, help="AS config file (TOML, JSON or YAML)"
+    )
     parser.add_argument("-s", "--socket", default="127.0.0.1:3000", help="listen address")
-    parser.add_argument("-t", "--https-cert", type=Path, help="TLS certificate chain (PEM)")
-    parser.add_argument("-k", "--https-key", type=Path, help="TLS private key (PEM)")
+    _tls_arguments(parser)
+    add_version(parser)
     args = parser.parse_args(argv)
     if (args.https_cert is None) != (args.https_key is None):
         print("grpc-as: error: -t and -k go together", file=sys.stderr)
@@ -122,17 +163,31 @@ def restful_main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     parser = argparse.ArgumentParser(prog="restful-as", description="Attestation Service (HTTP)")
-    parser.add_argument("-c", "--config-file", type=Path, help="AS config file (TOML or JSON)")
+    parser.add_argument(
+        "-c", "--config-file", type=Path, help="AS config file (TOML, JSON or YAML)"
+    )
     parser.add_argument("-s", "--socket", default="127.0.0.1:8080", help="listen address")
-    parser.add_argument("-t", "--https-cert", type=Path, help="HTTPS certificate (PEM)")
-    parser.add_argument("-k", "--https-key", type=Path, help="HTTPS private key (PEM)")
+    _tls_arguments(parser)
+    parser.add_argument(
+        "-r",
+        "--allowed_origin",
+        "--allowed-origin",
+        dest="allowed_origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="an origin (http[s]://host[:port]) allowed to call the API from a browser (CORS); "
+        "repeat it or separate origins with commas",
+    )
+    add_version(parser)
     args = parser.parse_args(argv)
     if (args.https_cert is None) != (args.https_key is None):
         print("restful-as: error: -t and -k go together", file=sys.stderr)
         return 1
     host, _, port = args.socket.rpartition(":")
     try:
-        app = create_as_app(build_service(load_as_config(args.config_file)))
+        origins = cors_origins(args.allowed_origin)
+        app = create_as_app(build_service(load_as_config(args.config_file)), origins)
     except KeybrokerError as e:
         print(f"restful-as: error: {e.detail}", file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """``kbs``: run the Key Broker Service.
 
-kbs -c /etc/kbs/kbs-config.toml     # an upstream config file (TOML or JSON)
+kbs -c /etc/kbs/kbs-config.toml     # an upstream config file (TOML, JSON or YAML)
 KBS_CONFIG_FILE=... kbs             # the same, from the environment
 kbs --insecure-dev                  # laptop defaults: see DEV_DEFAULTS
 kbs --insecure-dev --listen 127.0.0.1:9090   # the same on another port
@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
             "each has its own --help"
         ),
     )
-    parser.add_argument("-c", "--config-file", type=Path, help="KBS config file (TOML or JSON)")
+    parser.add_argument(
+        "-c", "--config-file", type=Path, help="KBS config file (TOML, JSON or YAML)"
+    )
     parser.add_argument(
         "--insecure-dev",
         action="store_true",
@@ -64,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--access-log", action="store_true", help="log every request: method, path, status"
     )
-    parser.add_argument("--version", action="version", version=f"kbs (keybroker) {__version__}")
+    parser.add_argument(
+        "-V", "--version", action="version", version=f"kbs (keybroker) {__version__}"
+    )
     return parser
 
 

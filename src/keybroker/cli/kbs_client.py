@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         help="KBS root URL (default: $KBS_URL, else http://127.0.0.1:8080)",
     )
     parser.add_argument("--cert-file", type=Path, help="CA certificate (PEM) of an HTTPS KBS")
-    parser.add_argument("--version", action="version", version=f"kbs-client {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"kbs-client {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, title="commands")
 
     attest = commands.add_parser("attest", help="attest and print the attestation token")

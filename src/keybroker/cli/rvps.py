@@ -1,10 +1,11 @@
 """``rvps`` and ``rvps-tool``: the Reference Value Provider Service over gRPC, and its client.
 
     rvps [-c|--config FILE] [-a|--address 127.0.0.1:50003]
-    rvps-tool register --path MESSAGE.json [--addr http://127.0.0.1:50003]
-    rvps-tool query --id ID [--addr http://127.0.0.1:50003]
+    rvps-tool register -p|--path MESSAGE.json [-a|--addr http://127.0.0.1:50003]
+    rvps-tool query -r|--reference-value-id ID [-a|--addr http://127.0.0.1:50003]
 
-Upstream's command lines. The config file (TOML or JSON) may hold ``storage_backend``.
+Upstream's command lines (``--id`` is Keybroker's earlier spelling of ``-r``). The config file
+(TOML, JSON or YAML) is upstream's ``{"storage": {...}, "extractors": {...}}``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
-from keybroker.config import AttestationServiceFileConfig, StorageType, load_as_config
+from keybroker.cli import add_version
+from keybroker.config import RvpsFileConfig, StorageType, load_rvps_config
 from keybroker.errors import KeybrokerError, UnsupportedFeatureError
 from keybroker.rvps.grpc_service import RemoteReferenceValues, build_server
 from keybroker.rvps.store import NAMESPACE, ReferenceValueStore
@@ -25,13 +27,13 @@ from keybroker.storage.provider import StorageProvider, local_fs_provider, memor
 log = logging.getLogger("keybroker.rvps")
 
 
-def _storage(config: AttestationServiceFileConfig) -> StorageProvider:
-    backend = config.storage_backend
+def _storage(config: RvpsFileConfig) -> StorageProvider:
+    backend = config.storage
     if backend.storage_type is StorageType.MEMORY:
         return memory_provider()
     if backend.storage_type is StorageType.LOCAL_FS and backend.backends.local_fs is not None:
         return local_fs_provider(backend.backends.local_fs.dir_path)
-    raise UnsupportedFeatureError(f"[storage_backend] storage_type = {backend.storage_type}")
+    raise UnsupportedFeatureError(f"[storage] storage_type = {backend.storage_type}")
 
 
 async def _serve(store: ReferenceValueStore, address: str) -> None:
@@ -46,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     parser = argparse.ArgumentParser(prog="rvps", description="Reference Value Provider Service")
-    parser.add_argument("-c", "--config", type=Path, help="config file (TOML or JSON)")
+    parser.add_argument("-c", "--config", type=Path, help="config file (TOML, JSON or YAML)")
     parser.add_argument("-a", "--address", default="127.0.0.1:50003", help="listen address")
+    add_version(parser)
     args = parser.parse_args(argv)
     try:
-        store = ReferenceValueStore(_storage(load_as_config(args.config)).get(NAMESPACE))
+        store = ReferenceValueStore(_storage(load_rvps_config(args.config)).get(NAMESPACE))
         asyncio.run(_serve(store, args.address))
     except (KeybrokerError, OSError) as e:
         print(f"rvps: error: {getattr(e, 'detail', e)}", file=sys.stderr)
@@ -62,13 +65,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def tool_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rvps-tool", description="Talk to an RVPS")
+    add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     register = commands.add_parser("register", help="register a provenance message")
-    register.add_argument("--path", type=Path, required=True, help="the message (JSON)")
-    register.add_argument("--addr", default="http://127.0.0.1:50003")
+    register.add_argument("-p", "--path", type=Path, required=True, help="the message (JSON)")
+    register.add_argument("-a", "--addr", default="http://127.0.0.1:50003")
     query = commands.add_parser("query", help="print the reference values of an id (JSON)")
-    query.add_argument("--id", required=True)
-    query.add_argument("--addr", default="http://127.0.0.1:50003")
+    query.add_argument(
+        "-r", "--reference-value-id", "--id", dest="id", required=True, help="the id to query"
+    )
+    query.add_argument("-a", "--addr", default="http://127.0.0.1:50003")
     args = parser.parse_args(argv)
     client = RemoteReferenceValues(args.addr)
     try:

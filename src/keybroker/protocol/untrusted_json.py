@@ -17,6 +17,8 @@ import json
 import tomllib
 from typing import Any
 
+import yaml
+
 from keybroker.errors import BadRequestError
 from keybroker.protocol.models import JsonValue
 
@@ -56,6 +58,33 @@ def parse_toml(text: str, *, what: str, max_depth: int = MAX_DEPTH) -> dict[str,
         raise _too_deep(what, max_depth) from None
     except tomllib.TOMLDecodeError as e:
         raise BadRequestError(f"{what} is not valid toml: {e}") from None
+    check_depth(value, what=what, max_depth=max_depth)
+    return value
+
+
+def parse_yaml(text: str, *, what: str, max_depth: int = MAX_DEPTH) -> JsonValue:
+    """The value of the YAML document ``text`` (PyYAML's safe loader: no object construction).
+
+    Anchors and aliases are refused: a handful of them nests shared references into a structure
+    whose walk (the depth check, pydantic) takes exponential time ("billion laughs"), and
+    upstream's files never use them.
+    """
+
+    class _NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(
+                    None, None, "YAML aliases are not accepted", event.start_mark
+                )
+            return super().compose_node(parent, index)
+
+    try:
+        value = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise _too_deep(what, max_depth) from None
+    except yaml.YAMLError as e:
+        raise BadRequestError(f"{what} is not valid yaml: {e}") from None
     check_depth(value, what=what, max_depth=max_depth)
     return value
 

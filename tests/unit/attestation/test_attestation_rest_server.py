@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from starlette.routing import Route
@@ -53,7 +54,7 @@ def test_attestation_policy_challenge_and_jwks(client: TestClient) -> None:
     assert (
         client.post("/policy", json={"policy_id": "mine_cpu", "policy": policy}).status_code == 200
     )
-    assert "mine_cpu" in client.get("/policy").json()
+    assert {"policy-id": "mine_cpu"} in client.get("/policy").json()
     bad = client.post(
         "/policy", json={"policy_id": "x", "policy": _b64url(b"package policy\na := {")}
     )
@@ -61,6 +62,54 @@ def test_attestation_policy_challenge_and_jwks(client: TestClient) -> None:
     assert len(base64.b64decode(client.post("/challenge", json={"tee": "sample"}).text)) == 32
     assert client.get("/.well-known/jwks.json").json()["keys"][0]["alg"] == "ES256"
     assert client.post("/attestation", content=b"{").status_code == 400
+
+
+def test_get_policy_lists_objects_with_policy_id_as_upstream(client: TestClient) -> None:
+    listed = client.get("/policy").json()
+    assert {"policy-id": "default_cpu"} in listed
+    assert all(list(item) == ["policy-id"] for item in listed)
+
+
+def _preflight(client: TestClient, origin: str) -> httpx.Response:
+    reply: httpx.Response = client.options(
+        "/attestation",
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    return reply
+
+
+def test_allowed_origin_gets_cors_headers() -> None:
+    app = create_as_app(build_service(AttestationServiceFileConfig()), ["https://ui.example"])
+    with TestClient(app) as cors_client:
+        preflight = _preflight(cors_client, "https://ui.example")
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://ui.example"
+        assert set(preflight.headers["access-control-allow-methods"].split(", ")) == {
+            "GET",
+            "POST",
+            "OPTIONS",
+        }
+        assert preflight.headers["access-control-max-age"] == "86400"
+        listed = cors_client.get("/policy", headers={"Origin": "https://ui.example"})
+        assert listed.headers["access-control-allow-origin"] == "https://ui.example"
+
+
+def test_other_origin_gets_no_cors_headers() -> None:
+    app = create_as_app(build_service(AttestationServiceFileConfig()), ["https://ui.example"])
+    with TestClient(app) as cors_client:
+        assert _preflight(cors_client, "https://evil.example").status_code == 400
+        listed = cors_client.get("/policy", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in listed.headers
+
+
+def test_no_allowed_origin_means_no_cors_headers(client: TestClient) -> None:
+    listed = client.get("/policy", headers={"Origin": "https://ui.example"})
+    assert "access-control-allow-origin" not in listed.headers
+    assert _preflight(client, "https://ui.example").status_code == 405
 
 
 def test_openapi_describes_exactly_the_routes(client: TestClient) -> None:

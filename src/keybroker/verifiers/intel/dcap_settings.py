@@ -11,14 +11,21 @@ timeout = 10
 insecure_http = false             # a PCCS over plain HTTP (replayable collateral): tests only
 ```
 
-Keybroker's own section (upstream configures Intel's library through
-``/etc/sgx_default_qcnl.conf``). The verifier never opens a socket itself: it calls the fetcher
-built here, in a worker thread.
+Keybroker's own section. Upstream's ``[attestation_service.verifier_config.dcap_verifier]``
+(``collateral_service``, ``tcb_update_type``, ``use_secure_cert``) is read too, mapped onto these
+settings (set one of the two sections): Intel's PCS URL means the default, any other URL a
+PCCS. Upstream parses ``use_secure_cert`` but always verifies the PCCS's TLS certificate, and so
+does Keybroker: ``false`` is logged and changes nothing (a PCCS with a private CA needs
+Keybroker's section and its ``ca_cert``).
+Upstream's ``file://`` collateral file (Intel's PCS Client Tool output) is not read: it is
+refused, pointing at ``dcap.offline_dir``. The verifier never opens a socket itself: it calls
+the fetcher built here, in a worker thread.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +34,7 @@ from typing import Any, Literal
 from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from keybroker.errors import ConfigError
+from keybroker.errors import ConfigError, UnsupportedFeatureError
 from keybroker.protocol.models import JsonValue
 from keybroker.verifiers.intel.dcap import Quote
 from keybroker.verifiers.intel.dcap_collateral import collateral_request, verify_collateral
@@ -37,6 +44,8 @@ from keybroker.verifiers.intel.dcap_fetcher import (
     DirectoryFetcher,
     PcsFetcher,
 )
+
+log = logging.getLogger("keybroker.verifiers.intel")
 
 
 class DcapSettings(BaseModel):
@@ -50,15 +59,58 @@ class DcapSettings(BaseModel):
     insecure_http: bool = False
 
 
-def dcap_settings(verifier_config: dict[str, Any] | None) -> DcapSettings:
-    section = (verifier_config or {}).get("dcap", {})
+class UpstreamQcnlSettings(BaseModel):
+    """Upstream's ``verifier_config.dcap_verifier`` (its ``QcnlConfig``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    collateral_service: str
+    use_secure_cert: bool | None = None
+    tcb_update_type: Literal["early", "standard"] = "early"
+
+
+def _validated(model: type[BaseModel], section: object, name: str) -> Any:
     try:
-        return DcapSettings.model_validate(section)
+        return model.model_validate(section)
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in e.errors()
         )
-        raise ConfigError(f"[attestation_service.verifier_config.dcap] {problems}") from None
+        raise ConfigError(f"[attestation_service.verifier_config.{name}] {problems}") from None
+
+
+def dcap_settings(verifier_config: dict[str, Any] | None) -> DcapSettings:
+    config = verifier_config or {}
+    if "dcap" in config and "dcap_verifier" in config:
+        raise ConfigError(
+            "set [attestation_service.verifier_config.dcap] or upstream's dcap_verifier, not both"
+        )
+    if "dcap_verifier" in config:
+        upstream = _validated(UpstreamQcnlSettings, config["dcap_verifier"], "dcap_verifier")
+        return _from_upstream(upstream)
+    settings: DcapSettings = _validated(DcapSettings, config.get("dcap", {}), "dcap")
+    return settings
+
+
+def _from_upstream(upstream: UpstreamQcnlSettings) -> DcapSettings:
+    service = upstream.collateral_service.strip()
+    if service.lower().startswith("file:"):
+        raise UnsupportedFeatureError(
+            "verifier_config.dcap_verifier.collateral_service file:// (a PCS Client Tool file) "
+            "is not read by Keybroker: lay the collateral out per FMSPC and set "
+            "verifier_config.dcap.offline_dir instead"
+        )
+    if upstream.use_secure_cert is False:
+        log.warning(
+            "verifier_config.dcap_verifier.use_secure_cert = false is ignored, as upstream "
+            "ignores it: the TLS certificate of %s is verified (for a PCCS with a private CA, "
+            "use Keybroker's verifier_config.dcap with ca_cert instead)",
+            service,
+        )
+    host = service.split("://", 1)[-1].split("/", 1)[0].lower()
+    return DcapSettings(
+        collateral_service=None if host == "api.trustedservices.intel.com" else service,
+        tcb_update=upstream.tcb_update_type,
+    )
 
 
 def build_fetcher(
