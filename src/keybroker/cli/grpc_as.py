@@ -21,7 +21,7 @@ from keybroker.attestation.policy import NAMESPACE as POLICY_NAMESPACE
 from keybroker.attestation.policy import AttestationPolicies
 from keybroker.attestation.service import BuiltinAttestationService
 from keybroker.attestation.signer import TokenSigner
-from keybroker.cli import add_version
+from keybroker.cli import Parser, add_version, missing_grpc_extra
 from keybroker.config import (
     AttestationServiceFileConfig,
     BuiltinAsConfig,
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    parser = argparse.ArgumentParser(prog="grpc-as", description="Attestation Service (gRPC)")
+    parser = Parser(prog="grpc-as", description="Attestation Service (gRPC)")
     parser.add_argument(
         "-c", "--config-file", type=Path, help="AS config file (TOML, JSON or YAML)"
     )
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         service = build_service(load_as_config(args.config_file))
         asyncio.run(_serve(service, args.socket, tls))
+    except ModuleNotFoundError as e:
+        return missing_grpc_extra("grpc-as", e)
     except KeybrokerError as e:
         print(f"grpc-as: error: {e.detail}", file=sys.stderr)
         return 1
@@ -162,7 +164,7 @@ def restful_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    parser = argparse.ArgumentParser(prog="restful-as", description="Attestation Service (HTTP)")
+    parser = Parser(prog="restful-as", description="Attestation Service (HTTP)")
     parser.add_argument(
         "-c", "--config-file", type=Path, help="AS config file (TOML, JSON or YAML)"
     )

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from keybroker import __version__
+from keybroker.cli import Parser
 from keybroker.config import DEFAULT_SOCKET, KbsConfig, load_config, parse_config
 from keybroker.errors import ConfigError, KeybrokerError
 from keybroker.kbs.audit import generate_key, load_key
@@ -38,7 +39,7 @@ DEV_DEFAULTS: dict[str, object] = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kbs",
         description="Keybroker Key Broker Service",
         epilog=(
@@ -129,7 +130,7 @@ def _sibling(name: str) -> str:
 
 def audit_main(argv: list[str]) -> int:
     """``kbs audit verify [--key FILE] LOG`` and ``kbs audit keygen --out FILE``."""
-    parser = argparse.ArgumentParser(prog="kbs audit", description="Audit log tools")
+    parser = Parser(prog="kbs audit", description="Audit log tools")
     commands = parser.add_subparsers(dest="command", required=True)
     verify = commands.add_parser("verify", help="check a log for edited/removed/moved records")
     verify.add_argument("file", type=Path)
@@ -183,7 +184,7 @@ def audit_main(argv: list[str]) -> int:
 
 def self_signed_cert_main(argv: list[str]) -> int:
     """``kbs self-signed-cert``: a key and certificate for test HTTPS setups."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kbs self-signed-cert",
         description="Write a private key and a self-signed certificate (tests, not production)",
     )

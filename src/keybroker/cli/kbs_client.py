@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from keybroker import __version__
+from keybroker.cli import Parser
 from keybroker.client.admin import AdminClient
 from keybroker.client.admin_tokens import (
     DEFAULT_DIR,
@@ -43,7 +44,7 @@ PRESET_POLICIES = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kbs-client", description="A client for KBS APIs")
+    parser = Parser(prog="kbs-client", description="A client for KBS APIs")
     parser.add_argument(
         "--url",
         default=os.environ.get("KBS_URL") or "http://127.0.0.1:8080",

@@ -10,17 +10,15 @@ Upstream's command lines (``--id`` is Keybroker's earlier spelling of ``-r``). T
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import sys
 from pathlib import Path
 
-from keybroker.cli import add_version
+from keybroker.cli import Parser, add_version, missing_grpc_extra
 from keybroker.config import RvpsFileConfig, StorageType, load_rvps_config
 from keybroker.errors import KeybrokerError, UnsupportedFeatureError
-from keybroker.rvps.grpc_service import RemoteReferenceValues, build_server
 from keybroker.rvps.store import NAMESPACE, ReferenceValueStore
 from keybroker.storage.provider import StorageProvider, local_fs_provider, memory_provider
 
@@ -37,6 +35,8 @@ def _storage(config: RvpsFileConfig) -> StorageProvider:
 
 
 async def _serve(store: ReferenceValueStore, address: str) -> None:
+    from keybroker.rvps.grpc_service import build_server  # noqa: PLC0415 - grpc extra
+
     server = build_server(store, address)
     await server.start()
     log.info("Keybroker RVPS (gRPC) listening on %s", address)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    parser = argparse.ArgumentParser(prog="rvps", description="Reference Value Provider Service")
+    parser = Parser(prog="rvps", description="Reference Value Provider Service")
     parser.add_argument("-c", "--config", type=Path, help="config file (TOML, JSON or YAML)")
     parser.add_argument("-a", "--address", default="127.0.0.1:50003", help="listen address")
     add_version(parser)
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = ReferenceValueStore(_storage(load_rvps_config(args.config)).get(NAMESPACE))
         asyncio.run(_serve(store, args.address))
+    except ModuleNotFoundError as e:
+        return missing_grpc_extra("rvps", e)
     except (KeybrokerError, OSError) as e:
         print(f"rvps: error: {getattr(e, 'detail', e)}", file=sys.stderr)
         return 1
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def tool_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rvps-tool", description="Talk to an RVPS")
+    parser = Parser(prog="rvps-tool", description="Talk to an RVPS")
     add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     register = commands.add_parser("register", help="register a provenance message")
@@ -76,7 +78,12 @@ def tool_main(argv: list[str] | None = None) -> int:
     )
     query.add_argument("-a", "--addr", default="http://127.0.0.1:50003")
     args = parser.parse_args(argv)
-    client = RemoteReferenceValues(args.addr)
+    try:
+        from keybroker.rvps.grpc_service import RemoteReferenceValues  # noqa: PLC0415
+
+        client = RemoteReferenceValues(args.addr)
+    except ModuleNotFoundError as e:
+        return missing_grpc_extra("rvps-tool", e)
     try:
         if args.command == "register":
             message = args.path.read_text(encoding="utf-8")
