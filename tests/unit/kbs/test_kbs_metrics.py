@@ -283,9 +283,9 @@ def test_metrics_off_answers_404() -> None:
 
 
 def test_unknown_metrics_access_value_is_refused() -> None:
-    with pytest.raises(ConfigError, match="metrics.access"):
+    with pytest.raises(ConfigError, match=r"metrics\.access"):
         kbs_config(metrics={"access": "everyone"})
-    with pytest.raises(ConfigError, match="unknown key `metrics.path`"):
+    with pytest.raises(ConfigError, match=r"unknown key `metrics\.path`"):
         kbs_config(metrics={"path": "/m"})
 
 
