@@ -70,7 +70,8 @@ def scrape(client: TestClient) -> str:
     reply = client.get("/metrics")
     assert reply.status_code == 200, reply.text
     assert reply.headers["content-type"].startswith("text/plain")
-    return reply.text
+    text: str = reply.text
+    return text
 
 
 def samples(text: str) -> Samples:
