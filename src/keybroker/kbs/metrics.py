@@ -39,6 +39,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -76,6 +77,9 @@ class KbsMetrics:
     """Every KBS metric. Methods are cheap and never raise into a request."""
 
     def __init__(self, *, multiprocess: Path | None = None) -> None:
+        # Upstream's exposition has no ``*_created`` series; prometheus-client's switch for
+        # them is process-wide, and no other code in this process wants them.
+        disable_created_metrics()
         self._multiprocess = multiprocess
         # In multiprocess mode values live in files and the scrape reads them all; registering
         # the metrics themselves too would count this worker twice.
