@@ -4,6 +4,7 @@ file and Kubernetes manifests must exist in the code and agree."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tomllib
@@ -12,8 +13,13 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
 
+from conftest import kbs_config
 from keybroker import build_targets
+from keybroker.client.admin import AdminClient
+from keybroker.client.rcar import KbsClient
 from keybroker.config import (
     AttestationServiceFileConfig,
     KbsConfig,
@@ -23,6 +29,8 @@ from keybroker.config import (
     load_rvps_config,
 )
 from keybroker.errors import ConfigError
+from keybroker.kbs.app import create_app
+from keybroker.kbs.resource_policy import builtin_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -312,15 +320,6 @@ def _exprs(node: object) -> list[str]:
 
 def _served() -> tuple[set[str], set[str]]:
     """The series names and label names a KBS serves, from a real scrape after a release."""
-    from prometheus_client.parser import text_string_to_metric_families
-    from starlette.testclient import TestClient
-
-    from conftest import kbs_config
-    from keybroker.client.admin import AdminClient
-    from keybroker.client.rcar import KbsClient
-    from keybroker.kbs.app import create_app
-    from keybroker.kbs.resource_policy import builtin_policy
-
     with TestClient(create_app(kbs_config()), client=("127.0.0.1", 1)) as client:
         AdminClient("http://testserver", http=client).set_resource("default/key/one", b"x")
         AdminClient("http://testserver", http=client).set_resource_policy(
@@ -339,8 +338,6 @@ def _served() -> tuple[set[str], set[str]]:
 
 
 def test_grafana_dashboard_uses_only_served_metrics_and_labels() -> None:
-    import json
-
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = _exprs(dashboard)
     assert len(exprs) >= 10
