@@ -79,7 +79,7 @@ class KbsMetrics:
     def __init__(self, *, multiprocess: Path | None = None) -> None:
         # Upstream's exposition has no ``*_created`` series; prometheus-client's switch for
         # them is process-wide, and no other code in this process wants them.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self._multiprocess = multiprocess
         # In multiprocess mode values live in files and the scrape reads them all; registering
         # the metrics themselves too would count this worker twice.
