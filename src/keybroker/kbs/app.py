@@ -86,11 +86,13 @@ def create_app(
         Route("/healthz", _healthz, methods=["GET"]),
         Route("/kbs/v0/{path:path}", _kbs, methods=["GET", "POST", "PUT", "DELETE"]),
     ]
-    if config.metrics.access != "off":
+    middleware = []
+    if config.metrics.access != "off":  # off: no route and no per-request HTTP counting
         routes.append(Route("/metrics", _metrics, methods=["GET"]))
+        middleware.append(Middleware(HttpMetricsMiddleware, metrics=services.metrics))
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(HttpMetricsMiddleware, metrics=services.metrics)],
+        middleware=middleware,
         exception_handlers={KeybrokerError: _render_error, Exception: _render_unexpected},
         lifespan=_lifespan,
     )
