@@ -131,7 +131,7 @@ class Bench:
     def scaling(self) -> dict[str, Any]:
         level = 16 if self.quick else 64
         rows: list[dict[str, Any]] = []
-        on, off = "loopback", "off"  # [metrics] access: counting on, or off altogether
+        on, off = "loopback", "off"  # [metrics] access: metrics on, or off
         setups = [(1, 1, "memory", on), (1, 2, "memory", on), (1, 2, "memory", off)]
         setups += [(1, 2, "redis+postgres", on), (2, 1, "redis+postgres", on)]
         setups += [(3, 1, "redis+postgres", on)]

@@ -125,7 +125,7 @@ path = "{workdir / f"audit-{port}.log"}"
 fsync = "{audit_fsync}"
 key_path = "{audit_key(workdir)}"
 
-# Prometheus metrics: "loopback" (the default, counting on) or "off" (no counting at all)
+# Prometheus metrics: "loopback" (the default) or "off" (no HTTP metrics, no metric files)
 [metrics]
 access = "{metrics}"
 """

@@ -277,10 +277,15 @@ def test_metrics_refused_to_a_remote_client_by_default() -> None:
     assert "loopback" in reply.json()["detail"]
 
 
-def test_metrics_off_answers_404() -> None:
+def test_metrics_off_answers_404_and_records_no_http_metrics() -> None:
     config = kbs_config(metrics={"access": "off"})
-    with TestClient(create_app(config), client=LOOPBACK) as local:
+    app = create_app(config)
+    with TestClient(app, client=LOOPBACK) as local:
         assert local.get("/metrics").status_code == 404
+        local.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "sample", "extra-params": {}})
+    found = samples(app.state.kbs.metrics.render().decode())
+    assert value(found, "kbs_http_requests_total") == 0
+    assert value(found, "kbs_http_request_duration_seconds_count") == 0
 
 
 def test_unknown_metrics_access_value_is_refused() -> None:
