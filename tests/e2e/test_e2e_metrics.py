@@ -5,6 +5,7 @@ death."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from kbs_process import running_kbs
@@ -23,7 +26,8 @@ from ports import free_port
 pytestmark = pytest.mark.e2e
 
 SECRET = b"counted, never shown"
-ROUNDS = 24
+BATCH = 8  # guest rounds at once
+MAX_ROUNDS = 400  # the kernel picks the worker for each connection: stop once both have some
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -59,11 +63,14 @@ def _scrape(url: str) -> Samples:
     with _no_keepalive(url) as http:
         reply = http.get("/metrics")
     assert reply.status_code == 200, reply.text
+    return _parse(reply.text)
+
+
+def _parse(text: str) -> Samples:
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(reply.text)
+        for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if not sample.name.endswith("_created")
     }
 
 
@@ -90,25 +97,38 @@ def _metrics_dir(worker: int) -> Path:
     return Path(entry.partition(b"=")[2].decode())
 
 
-def _counting_pids(directory: Path) -> set[int]:
-    return {int(f.stem.rsplit("_", 1)[1]) for f in directory.glob("counter_*.db")}
+def _per_worker_requests(directory: Path, scratch: Path) -> dict[int, float]:
+    """``kbs_http_requests_total`` as each worker counted it, from its own file alone."""
+    counts = {}
+    for source in directory.glob("counter_*.db"):
+        pid = int(source.stem.rsplit("_", 1)[1])
+        alone = scratch / str(pid)
+        alone.mkdir(exist_ok=True)
+        shutil.copyfile(source, alone / source.name)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(alone))  # type: ignore[no-untyped-call]
+        found = _parse(generate_latest(registry).decode())
+        counts[pid] = _value(found, "kbs_http_requests_total")
+    return counts
 
 
-def _assert_exact_totals(found: Samples) -> None:
-    assert _value(found, "kbs_http_requests_total") == 2 + 3 * ROUNDS  # 2 admin requests
-    assert _value(found, "kbs_http_request_duration_seconds_count") == 2 + 3 * ROUNDS
-    assert _value(found, "kbs_http_request_size_bytes_count") == 2 + 3 * ROUNDS
+def _assert_exact_totals(found: Samples, rounds: int) -> None:
+    requests = 2 + 3 * rounds  # 2 admin requests, then /auth, /attest and a GET per round
+    assert _value(found, "kbs_http_requests_total") == requests
+    assert _value(found, "kbs_http_request_duration_seconds_count") == requests
+    assert _value(found, "kbs_http_request_size_bytes_count") == requests
+    assert _value(found, "kbs_http_response_size_bytes_count") == requests
     assert _value(found, "kbs_http_active_connections") == 0
-    assert _value(found, "kbs_auth_requests_total") == ROUNDS
-    assert _value(found, "kbs_auth_successes_total") == ROUNDS
+    assert _value(found, "kbs_auth_requests_total") == rounds
+    assert _value(found, "kbs_auth_successes_total") == rounds
     assert _value(found, "kbs_auth_errors_total") == 0
-    assert _value(found, "kbs_attestation_requests_total") == ROUNDS
-    assert _value(found, "kbs_attestation_successes_total", tee_type="sample") == ROUNDS
-    assert _value(found, "kbs_policy_evaluations_total") == ROUNDS
-    assert _value(found, "kbs_policy_approvals_total") == ROUNDS
-    assert _value(found, "kbs_resource_reads_total", resource_path="default/key/one") == ROUNDS
+    assert _value(found, "kbs_attestation_requests_total") == rounds
+    assert _value(found, "kbs_attestation_successes_total", tee_type="sample") == rounds
+    assert _value(found, "kbs_policy_evaluations_total") == rounds
+    assert _value(found, "kbs_policy_approvals_total") == rounds
+    assert _value(found, "kbs_resource_reads_total", resource_path="default/key/one") == rounds
     assert _value(found, "kbs_resource_writes_total", resource_path="default/key/one") == 1
-    assert _value(found, "kbs_plugin_requests_total", plugin_name="resource") == ROUNDS + 1
+    assert _value(found, "kbs_plugin_requests_total", plugin_name="resource") == rounds + 1
     assert _value(found, "kbs_build_info", **_build_labels(found)) == 1
 
 
@@ -120,32 +140,52 @@ def _build_labels(found: Samples) -> dict[str, str]:
 def test_two_workers_give_exact_totals_and_keep_them_past_a_worker_death(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     with running_kbs(["-c", str(_config(tmp_path, port))], tmp_path, url) as server:
+        workers, directory = _wait_both_workers(server.pid)
+        assert directory.parent.stat().st_mode & 0o777 == 0o700  # the server's private dir
         admin = AdminClient(url, http=_no_keepalive(url))
         admin.set_resource("default/key/one", SECRET)
         admin.set_resource_policy(builtin_policy("allow_all"))
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            assert list(pool.map(lambda _: _guest_round(url), range(ROUNDS))) == [SECRET] * ROUNDS
-
-        workers = _workers(server.pid)
-        assert len(workers) == 2
-        directory = _metrics_dir(workers[0])
-        # the load really was spread: both workers counted requests into their own files
-        assert _counting_pids(directory) == set(workers)
-        assert directory.parent.stat().st_mode & 0o777 == 0o700  # the server's private dir
+        rounds = 0
+        with ThreadPoolExecutor(max_workers=BATCH) as pool:
+            while rounds < MAX_ROUNDS:
+                done = list(pool.map(lambda _: _guest_round(url), range(BATCH)))
+                assert done == [SECRET] * BATCH
+                rounds += BATCH
+                per_worker = _per_worker_requests(directory, scratch)
+                if sorted(per_worker) == sorted(workers) and min(per_worker.values()) > 0:
+                    break
+        # the load really was spread: each worker counted some of it, in its own file
+        assert sorted(per_worker) == sorted(workers) and min(per_worker.values()) > 0, per_worker
+        assert sum(per_worker.values()) == 2 + 3 * rounds
 
         # every scrape, whichever worker answers it, sees the server's totals
-        scrapes = [_scrape(url) for _ in range(6)]
-        for found in scrapes:
-            _assert_exact_totals(found)
+        for _ in range(6):
+            _assert_exact_totals(_scrape(url), rounds)
 
         victim = workers[0]
         os.kill(victim, signal.SIGKILL)
         replacement = _wait_replaced(server.pid, victim)
         assert replacement not in workers
-        _assert_exact_totals(_scrape(url))  # the dead worker's counts stay in the totals
+        _assert_exact_totals(_scrape(url), rounds)  # the dead worker's counts stay
         assert not list(directory.glob(f"gauge_livesum_{victim}.db"))  # its live gauge went
     assert not directory.exists()  # removed with the server's runtime directory
+
+
+def _wait_both_workers(server: int) -> tuple[list[int], Path]:
+    """Both workers, once each has built its app (and so its metric files)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        workers = _workers(server)
+        if len(workers) == 2:
+            directory = _metrics_dir(workers[0])
+            counting = {int(f.stem.rsplit("_", 1)[1]) for f in directory.glob("counter_*.db")}
+            if counting == set(workers):
+                return workers, directory
+        time.sleep(0.2)
+    raise AssertionError("the two workers did not both start")
 
 
 def _wait_replaced(server: int, victim: int) -> int:
