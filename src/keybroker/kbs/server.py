@@ -171,15 +171,6 @@ def serve(config: KbsConfig, *, log_level: str = "info", access_log: bool = Fals
             "worker_count > 1: memory stores, if any, are shared by the workers in %s", runtime_dir
         )
         os.environ[_MEMORY_DIR_ENV] = str(runtime_dir / "memory")
-        uv_config = _uvicorn_config("keybroker.kbs.server:worker_app", workers, http)
-        if config.metrics.access == "off":
-            Multiprocess(uv_config, sockets=sockets).run()
-            return
-        metrics_dir = runtime_dir / "metrics"
-        metrics_dir.mkdir(mode=0o700)
-        # read by prometheus-client when a worker imports it: every worker counts into files
-        # here and a scrape on any of them sums them all (keybroker.kbs.metrics)
-        os.environ[MULTIPROC_ENV] = str(metrics_dir)
         uv_config = _uvicorn_config("keybroker.kbs.server:worker_app", workers, http, access_log)
         if config.metrics.access == "off":
             Multiprocess(uv_config, sockets=sockets).run()
@@ -189,7 +180,6 @@ def serve(config: KbsConfig, *, log_level: str = "info", access_log: bool = Fals
         # read by prometheus-client when a worker imports it: every worker counts into files
         # here and a scrape on any of them sums them all (keybroker.kbs.metrics)
         os.environ[MULTIPROC_ENV] = str(metrics_dir)
-        _MetricsMultiprocess(uv_config, sockets=sockets, metrics_dir=metrics_dir).run()
         _MetricsMultiprocess(uv_config, sockets=sockets, metrics_dir=metrics_dir).run()
     finally:
         shutil.rmtree(runtime_dir, ignore_errors=True)
