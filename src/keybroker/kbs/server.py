@@ -133,7 +133,8 @@ def startup_summary(config: KbsConfig, scheme: str) -> str:
         f"serving {listen} with {http.worker_count or 1} worker(s); attestation: {attestation}; "
         f"resources: {config.storage_backend.storage_type}; "
         f"sessions: {config.session_storage}; admin: {config.admin.authorization_mode}; "
-        f"tokens trusted: {tokens}; audit: {sink} ({keyed}, fsync {audit.fsync})"
+        f"tokens trusted: {tokens}; audit: {sink} ({keyed}, fsync {audit.fsync}); "
+        f"/metrics: {config.metrics.access}"
     )
 
 
