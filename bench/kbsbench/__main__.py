@@ -7,7 +7,8 @@ Sections (see docs/performance.md for what each measures and the targets):
    resource GETs/s on attested sessions and with bearer tokens;
 2. the crypto floor, and handshake throughput as a fraction of it;
 3. scaling: worker_count 1 and 2; memory versus Redis+PostgreSQL stores; 1, 2 and 3 replicas
-   behind nginx;
+   behind nginx; and 2 workers with Prometheus metrics off (every other row counts them), the
+   cost of metrics;
 4. memory: server RSS after 10k and after 50k handshakes, run in rounds of 10k, each
    measured once the round's sessions have expired and been reaped.
 ``--quick`` runs every section small (a few hundred requests, no expiry waits) to show the
@@ -130,21 +131,28 @@ class Bench:
     def scaling(self) -> dict[str, Any]:
         level = 16 if self.quick else 64
         rows: list[dict[str, Any]] = []
-        setups = [(1, 1, "memory"), (1, 2, "memory"), (1, 2, "redis+postgres")]
-        setups += [(2, 1, "redis+postgres"), (3, 1, "redis+postgres")]
-        for replicas, workers, store in setups:
-            self._step(f"scaling: {replicas} replica(s) x {workers} worker(s), {store}")
+        on, off = "loopback", "off"  # [metrics] access: metrics on, or off
+        setups = [(1, 1, "memory", on), (1, 2, "memory", on), (1, 2, "memory", off)]
+        setups += [(1, 2, "redis+postgres", on), (2, 1, "redis+postgres", on)]
+        setups += [(3, 1, "redis+postgres", on)]
+        for replicas, workers, store, metrics in setups:
+            flag = "on" if metrics == on else "off"
+            self._step(
+                f"scaling: {replicas} replica(s) x {workers} worker(s), {store}, metrics {flag}"
+            )
             with cluster(
-                self._dir(f"scaling-{replicas}-{workers}-{store}"),
+                self._dir(f"scaling-{replicas}-{workers}-{store}-metrics-{flag}"),
                 replicas=replicas,
                 workers=workers,
                 store=store,
                 audit_fsync=self.audit_fsync,
+                metrics=metrics,
             ) as (url, _servers):
                 measured = loadgen(
                     url, "handshake", level, duration=self.duration, warmup=self.warmup
                 )
-            rows.append({"replicas": replicas, "workers": workers, "store": store, **measured})
+            row = {"replicas": replicas, "workers": workers, "store": store, "metrics": flag}
+            rows.append({**row, **measured})
         return {"concurrency": level, "rows": rows}
 
     def memory(self) -> dict[str, Any]:
@@ -222,7 +230,8 @@ def _table(results: dict[str, Any]) -> str:
     for row in sc["rows"]:
         lines.append(
             f"  {row['replicas']} replica(s) x {row['workers']} worker(s) {row['store']:<15}"
-            f" {row['per_second']:>7.0f}/s  p99 {row['p99_ms']:>6.1f} ms  errors {row['errors']}"
+            f" metrics {row['metrics']:<3} {row['per_second']:>7.0f}/s"
+            f"  p99 {row['p99_ms']:>6.1f} ms  errors {row['errors']}"
         )
     mem = results["memory"]
     lines.append(

@@ -76,6 +76,7 @@ def write_config(
     store: str,
     shared: Shared | None,
     audit_fsync: str,
+    metrics: str = "loopback",
 ) -> Path:
     if store == "memory":
         storage = f'[storage_backend]\nstorage_type = "LocalFs"\nsession_storage_type = "Memory"\n\n[storage_backend.backends.local_fs]\ndir_path = "{workdir / "repository"}"\n'  # noqa: E501
@@ -123,6 +124,10 @@ sink = "file"
 path = "{workdir / f"audit-{port}.log"}"
 fsync = "{audit_fsync}"
 key_path = "{audit_key(workdir)}"
+
+# Prometheus metrics: "loopback" (the default) or "off" (no HTTP metrics, no metric files)
+[metrics]
+access = "{metrics}"
 """
     )
     return config
@@ -186,7 +191,13 @@ def shared_stores(workdir: Path) -> Iterator[Shared]:
 
 @contextmanager
 def cluster(
-    workdir: Path, *, replicas: int, workers: int, store: str, audit_fsync: str
+    workdir: Path,
+    *,
+    replicas: int,
+    workers: int,
+    store: str,
+    audit_fsync: str,
+    metrics: str = "loopback",
 ) -> Iterator[tuple[str, list[Kbs]]]:
     """``replicas`` servers (behind nginx when more than one); yields the URL guests use."""
     with ExitStack() as stack:
@@ -195,7 +206,13 @@ def cluster(
         for _ in range(replicas):
             port = free_port()
             config = write_config(
-                workdir, port, workers=workers, store=store, shared=shared, audit_fsync=audit_fsync
+                workdir,
+                port,
+                workers=workers,
+                store=store,
+                shared=shared,
+                audit_fsync=audit_fsync,
+                metrics=metrics,
             )
             servers.append(stack.enter_context(running_server(config, port, workdir)))
         provision(servers[0].url)

@@ -556,6 +556,21 @@ class PolicyConfig(_Model):
     workers: int = Field(default=2, ge=1, le=64)
 
 
+# --- [metrics] (Keybroker) ------------------------------------------------------------------
+
+
+class MetricsConfig(_Model):
+    """Who may read ``GET /metrics`` (upstream serves it to anyone; no upstream key).
+
+    - ``loopback``: clients connecting from 127.0.0.0/8 or ::1 only (the default). Behind a
+      reverse proxy on the same host every client looks local: use ``admin`` there.
+    - ``admin``: a request the ``[admin]`` rules admit for the path ``/kbs/v0/metrics``.
+    - ``off``: ``/metrics`` answers 404.
+    """
+
+    access: Literal["loopback", "admin", "off"] = "loopback"
+
+
 # --- the whole file --------------------------------------------------------------------------
 
 
@@ -637,6 +652,7 @@ class KbsConfig(_Model):
     audit: AuditConfig = AuditConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
     policy: PolicyConfig = PolicyConfig()
+    metrics: MetricsConfig = MetricsConfig()
     plugins: list[PluginConfig] = Field(default_factory=_default_plugins)
 
     @property

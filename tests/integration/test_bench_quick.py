@@ -59,12 +59,13 @@ def test_quick_bench_runs_every_section_and_writes_results(tmp_path: Path) -> No
     assert _positive(floor["floor_per_core"]) and _positive(floor["fraction_of_floor"])
 
     rows = results["scaling"]["rows"]
-    assert [(r["replicas"], r["workers"], r["store"]) for r in rows] == [
-        (1, 1, "memory"),
-        (1, 2, "memory"),
-        (1, 2, "redis+postgres"),
-        (2, 1, "redis+postgres"),
-        (3, 1, "redis+postgres"),
+    assert [(r["replicas"], r["workers"], r["store"], r["metrics"]) for r in rows] == [
+        (1, 1, "memory", "on"),
+        (1, 2, "memory", "on"),
+        (1, 2, "memory", "off"),  # the cost of metrics: this row against the one above
+        (1, 2, "redis+postgres", "on"),
+        (2, 1, "redis+postgres", "on"),
+        (3, 1, "redis+postgres", "on"),
     ]
     for r in rows:
         assert r["errors"] == 0 and r["completed"] > 0, r.get("error_samples")

@@ -4,6 +4,7 @@ file and Kubernetes manifests must exist in the code and agree."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tomllib
@@ -12,8 +13,13 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
 
+from conftest import kbs_config
 from keybroker import build_targets
+from keybroker.client.admin import AdminClient
+from keybroker.client.rcar import KbsClient
 from keybroker.config import (
     AttestationServiceFileConfig,
     KbsConfig,
@@ -23,6 +29,8 @@ from keybroker.config import (
     load_rvps_config,
 )
 from keybroker.errors import ConfigError
+from keybroker.kbs.app import create_app
+from keybroker.kbs.resource_policy import builtin_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -292,3 +300,58 @@ def test_the_default_image_is_upstreams_coco_as_builtin_with_vault_and_pkcs11() 
 def test_every_config_file_is_checked() -> None:
     # deploy/config/examples/ is checked by test_example_configs.py
     assert {p.name for p in (DEPLOY / "config").iterdir() if p.is_file()} == CONFIGS
+
+
+# --- the Grafana dashboard -------------------------------------------------------------------
+
+DASHBOARD = DEPLOY / "grafana" / "keybroker-kbs.json"
+# labels Prometheus adds to every scraped series
+_TARGET_LABELS = {"instance", "job"}
+
+
+def _exprs(node: object) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["expr"]] if isinstance(node.get("expr"), str) else []
+        return found + [e for value in node.values() for e in _exprs(value)]
+    if isinstance(node, list):
+        return [e for value in node for e in _exprs(value)]
+    return []
+
+
+def _served() -> tuple[set[str], set[str]]:
+    """The series names and label names a KBS serves, from a real scrape after a release."""
+    with TestClient(create_app(kbs_config()), client=("127.0.0.1", 1)) as client:
+        AdminClient("http://testserver", http=client).set_resource("default/key/one", b"x")
+        AdminClient("http://testserver", http=client).set_resource_policy(
+            builtin_policy("allow_all")
+        )
+        KbsClient("http://testserver", http=client).get_resource("default/key/one")
+        text = client.get("/metrics").text
+    names: set[str] = set()
+    labels: set[str] = set()
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    for family in text_string_to_metric_families(text):
+        names.update(family.name + suffix for suffix in suffixes[family.type])
+        for sample in family.samples:
+            labels.update(sample.labels)
+    return names, labels
+
+
+def test_grafana_dashboard_uses_only_served_metrics_and_labels() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = _exprs(dashboard)
+    assert len(exprs) >= 10
+    names, labels = _served()
+    used = {name for expr in exprs for name in re.findall(r"\bkbs_[a-z_]+", expr)}
+    assert used and used <= names, sorted(used - names)
+    grouped = {
+        label.strip()
+        for expr in exprs
+        for group in re.findall(r"\bby \(([^)]*)\)", expr)
+        for label in group.split(",")
+    }
+    assert grouped <= labels | _TARGET_LABELS, sorted(grouped - labels - _TARGET_LABELS)
+    # every metric we serve has a panel
+    families = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in names}
+    shown = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in used}
+    assert families == shown, sorted(families - shown)

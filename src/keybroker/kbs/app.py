@@ -2,7 +2,8 @@
 
 Routes: ``/kbs/v0/auth`` and ``/attest`` (guests); ``/resource-policy``,
 ``/attestation-policy``, ``/reference-value[/<id>]`` and ``/policy-explain`` (admin); every
-other ``/kbs/v0/<plugin>/<path...>`` dispatched to a plugin; ``/healthz``. Handlers parse, call one
+other ``/kbs/v0/<plugin>/<path...>`` dispatched to a plugin; ``/healthz``; ``/metrics``
+(Prometheus, behind ``[metrics] access``). Handlers parse, call one
 service, serialize. Every ``KeybrokerError`` is rendered by one handler as RFC 7807 JSON; any
 other exception becomes a 500 whose detail reveals nothing.
 
@@ -12,6 +13,7 @@ The services are built once, here, and kept in ``app.state.kbs`` (no module glob
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,12 +24,14 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from keybroker.config import KbsConfig
 from keybroker.errors import (
+    AdminDeniedError,
     InvalidRequestPathError,
     KeybrokerError,
     MethodNotAllowedError,
@@ -44,12 +48,15 @@ from keybroker.kbs.auditing import (
     guest_subject,
     request_context,
 )
+from keybroker.kbs.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from keybroker.kbs.metrics import HttpMetricsMiddleware, KbsMetrics
 from keybroker.kbs.services import KbsServices, build_services
 from keybroker.kbs.sessions import SESSION_COOKIE, Session
 from keybroker.kbs.tokens import pointer
 from keybroker.plugins.base import Plugin, PluginRequest, PluginResponse
 from keybroker.protocol.jwe import seal
 from keybroker.protocol.jws import decode_unverified
+from keybroker.protocol.models import JsonValue
 from keybroker.storage.provider import StorageProvider
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,7 @@ log = logging.getLogger(__name__)
 PREFIX = "/kbs/v0/"
 INSTANCE_HEADER = "Keybroker-Instance"
 _PROBLEM_JSON = "application/problem+json"
+METRICS_ACL_PATH = "/kbs/v0/metrics"
 _INIT_DATA_CLAIMS = "/submods/cpu0/ear.veraison.annotated-evidence/init_data_claims"
 
 
@@ -67,19 +75,30 @@ def create_app(
     storage: StorageProvider | None = None,
     memory_dir: Path | None = None,
     instance_id: str = "in-process",
+    metrics_dir: Path | None = None,
 ) -> Starlette:
-    """The KBS app. ``instance_id`` names this server in ``/healthz`` (see ``server.serve``)."""
-    services = build_services(config, clock=clock, storage=storage, memory_dir=memory_dir)
+    """The KBS app. ``instance_id`` names this server in ``/healthz`` (see ``server.serve``);
+    ``metrics_dir``, the workers' shared metrics directory when there are several."""
+    services = build_services(
+        config, clock=clock, storage=storage, memory_dir=memory_dir, metrics_dir=metrics_dir
+    )
+    routes = [
+        Route("/healthz", _healthz, methods=["GET"]),
+        Route("/kbs/v0/{path:path}", _kbs, methods=["GET", "POST", "PUT", "DELETE"]),
+    ]
+    middleware = []
+    if config.metrics.access != "off":  # off: no route and no per-request HTTP counting
+        routes.append(Route("/metrics", _metrics, methods=["GET"]))
+        middleware.append(Middleware(HttpMetricsMiddleware, metrics=services.metrics))
     app = Starlette(
-        routes=[
-            Route("/healthz", _healthz, methods=["GET"]),
-            Route("/kbs/v0/{path:path}", _kbs, methods=["GET", "POST", "PUT", "DELETE"]),
-        ],
+        routes=routes,
+        middleware=middleware,
         exception_handlers={KeybrokerError: _render_error, Exception: _render_unexpected},
         lifespan=_lifespan,
     )
     app.state.kbs = services
     app.state.instance_id = instance_id
+    app.state.metrics_access = config.metrics.access
     return app
 
 
@@ -97,6 +116,30 @@ async def _healthz(request: Request) -> Response:
     # The instance header lets a caller tell which server answered: a test, that it reached
     # the process it started; an operator, which replica a load balancer picked.
     return PlainTextResponse("ok", headers={INSTANCE_HEADER: request.app.state.instance_id})
+
+
+async def _metrics(request: Request) -> Response:
+    services: KbsServices = request.app.state.kbs
+    access: str = request.app.state.metrics_access
+    if access == "admin":
+        # The ACL sees the scrape as /kbs/v0/metrics: admin ACLs are confined to /kbs paths.
+        await services.admin.check(METRICS_ACL_PATH, request.headers.get("authorization"))
+    elif not _is_loopback(request):
+        raise AdminDeniedError(
+            '/metrics is served to loopback clients only ([metrics] access = "loopback")'
+        )
+    body = await asyncio.to_thread(services.metrics.render)  # reads files with many workers
+    return Response(body, media_type=METRICS_CONTENT_TYPE)
+
+
+def _is_loopback(request: Request) -> bool:
+    host = request.client.host if request.client else None
+    if host is None:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "testclient" and other non-addresses are not loopback
+        return False
 
 
 async def _kbs(request: Request) -> Response:
@@ -185,7 +228,9 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
     )
     plugin.check(plugin_request)
     if plugin.requires_admin(plugin_request):
-        return await _admin(call, request, services, lambda: _handle_plain(plugin, plugin_request))
+        return await _admin(
+            call, request, services, lambda: _handle_plain(plugin, plugin_request, services.metrics)
+        )
 
     request_id, peer = request_context(request)
     record = partial(
@@ -209,7 +254,7 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
         raise
     subject = guest_subject(claims, token)
     policy_data = {"plugin": call.name, "resource-path": list(call.rest), "query": call.query}
-    if not await services.resource_policy.allows(claims, policy_data):
+    if not await _allowed(services, claims, policy_data):
         await record(decision="deny", subject=subject, reason="denied by the resource policy")
         raise PolicyDeniedError(
             "Access denied by policy: the resource policy refused this token for this resource "
@@ -220,9 +265,10 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
         # Find the key to encrypt to before touching the secret: no key, no read.
         encrypt = plugin.needs_encryption(plugin_request)
         recipient = services.tokens.tee_pubkey(claims) if encrypt else None
-        result = await plugin.handle(
-            replace(plugin_request, init_data_claims=pointer(claims, _INIT_DATA_CLAIMS))
-        )
+        with services.metrics.plugin_call(plugin.name):
+            result = await plugin.handle(
+                replace(plugin_request, init_data_claims=pointer(claims, _INIT_DATA_CLAIMS))
+            )
         body = _plain(result) if recipient is None else JSONResponse(seal(recipient, result.body))
     except KeybrokerError as e:
         await record(decision="failure", subject=subject, reason=e.detail)
@@ -231,8 +277,22 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
     return body
 
 
-async def _handle_plain(plugin: Plugin, request: PluginRequest) -> Response:
-    return _plain(await plugin.handle(request))
+async def _allowed(services: KbsServices, claims: JsonValue, policy_data: JsonValue) -> bool:
+    """The resource policy's answer, counted (``kbs_policy_*``)."""
+    metrics = services.metrics
+    metrics.policy_evaluations.inc()
+    try:
+        allowed = await services.resource_policy.allows(claims, policy_data)
+    except Exception:
+        metrics.policy_errors.inc()
+        raise
+    (metrics.policy_approvals if allowed else metrics.policy_violations).inc()
+    return allowed
+
+
+async def _handle_plain(plugin: Plugin, request: PluginRequest, metrics: KbsMetrics) -> Response:
+    with metrics.plugin_call(plugin.name):
+        return _plain(await plugin.handle(request))
 
 
 async def _admit(request: Request, services: KbsServices) -> AdminIdentity:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from typing import TypeVar
 
 from pydantic import ValidationError
 
 from keybroker.attestation.service import AttestationBackend, EvidenceToVerify
 from keybroker.errors import AttestationError, BadRequestError, KeybrokerError
+from keybroker.kbs.metrics import KbsMetrics
 from keybroker.kbs.sessions import Session, SessionStatus, SessionStore
 from keybroker.protocol.canonical import DEFAULT_HASH_ALGORITHM, HashAlgorithm, runtime_data
 from keybroker.protocol.jwk import parse_tee_pubkey
@@ -79,11 +81,48 @@ def select_hash_algorithm(
 
 
 class Handshake:
-    def __init__(self, attestation: AttestationBackend, sessions: SessionStore) -> None:
+    """The two RCAR steps, counted in upstream's metrics: ``kbs_auth_*`` (every /auth is a
+    request, then a success or an error) and ``kbs_attestation_*`` (every /attest is a
+    request; evidence the attestation service refused is a failure for its TEE; anything
+    else that stops it, an error)."""
+
+    def __init__(
+        self, attestation: AttestationBackend, sessions: SessionStore, metrics: KbsMetrics
+    ) -> None:
         self._as = attestation
         self._sessions = sessions
+        self._metrics = metrics
 
     async def auth(self, body: bytes) -> tuple[Challenge, Session]:
+        self._metrics.auth_requests.inc()
+        try:
+            result = await self._auth(body)
+        except Exception:
+            self._metrics.auth_errors.inc()
+            raise
+        self._metrics.auth_successes.inc()
+        return result
+
+    async def attest(self, body: bytes, session_id: str | None) -> tuple[str, Session]:
+        self._metrics.attestation_requests.inc()
+        verifying: Tee | None = None
+
+        def verify_started(tee: Tee | None) -> None:
+            nonlocal verifying
+            verifying = tee
+
+        try:
+            token, session = await self._attest(body, session_id, verify_started)
+        except Exception:
+            if verifying is None:
+                self._metrics.attestation_errors.inc()
+            else:
+                self._metrics.attestation_failures.labels(tee_type=verifying.value).inc()
+            raise
+        self._metrics.attestation_successes.labels(tee_type=session.tee.value).inc()
+        return token, session
+
+    async def _auth(self, body: bytes) -> tuple[Challenge, Session]:
         request = parse_json_model(Request, body)
         if request.version != PROTOCOL_VERSION:
             raise AttestationError(
@@ -104,7 +143,9 @@ class Handshake:
         )
         return challenge, session
 
-    async def attest(self, body: bytes, session_id: str | None) -> tuple[str, Session]:
+    async def _attest(
+        self, body: bytes, session_id: str | None, verify_started: Callable[[Tee | None], None]
+    ) -> tuple[str, Session]:
         if session_id is None:
             raise AttestationError("no kbs-session-id cookie: call /auth first")
         session = await self._sessions.get(session_id)
@@ -121,7 +162,9 @@ class Handshake:
         await self._sessions.claim_attestation(session)
         try:
             evidence = self._evidence(session, attestation, tee_pubkey)
+            verify_started(session.tee)  # from here on, a refusal is a failure of this TEE
             token = await self._as.verify(evidence)
+            verify_started(None)
         except KeybrokerError:
             await self._sessions.discard(session)
             raise

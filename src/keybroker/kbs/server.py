@@ -24,6 +24,8 @@ import shutil
 import socket
 import ssl
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -46,6 +48,7 @@ from keybroker.config import (
 from keybroker.errors import ConfigError
 from keybroker.kbs.app import create_app
 from keybroker.kbs.key_permissions import check_private_key_permissions
+from keybroker.kbs.metrics import MULTIPROC_ENV, forget_worker, multiprocess_dir
 from keybroker.kbs.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -130,7 +133,8 @@ def startup_summary(config: KbsConfig, scheme: str) -> str:
         f"serving {listen} with {http.worker_count or 1} worker(s); attestation: {attestation}; "
         f"resources: {config.storage_backend.storage_type}; "
         f"sessions: {config.session_storage}; admin: {config.admin.authorization_mode}; "
-        f"tokens trusted: {tokens}; audit: {sink} ({keyed}, fsync {audit.fsync})"
+        f"tokens trusted: {tokens}; audit: {sink} ({keyed}, fsync {audit.fsync}); "
+        f"/metrics: {config.metrics.access}"
     )
 
 
@@ -169,9 +173,45 @@ def serve(config: KbsConfig, *, log_level: str = "info", access_log: bool = Fals
         )
         os.environ[_MEMORY_DIR_ENV] = str(runtime_dir / "memory")
         uv_config = _uvicorn_config("keybroker.kbs.server:worker_app", workers, http, access_log)
-        Multiprocess(uv_config, sockets=sockets).run()
+        if config.metrics.access == "off":
+            Multiprocess(uv_config, sockets=sockets).run()
+            return
+        metrics_dir = runtime_dir / "metrics"
+        metrics_dir.mkdir(mode=0o700)
+        # read by prometheus-client when a worker imports it: every worker counts into files
+        # here and a scrape on any of them sums them all (keybroker.kbs.metrics)
+        os.environ[MULTIPROC_ENV] = str(metrics_dir)
+        _MetricsMultiprocess(uv_config, sockets=sockets, metrics_dir=metrics_dir).run()
     finally:
         shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+class _MetricsMultiprocess(Multiprocess):
+    """uvicorn's supervisor, which also tells the metrics when a worker is gone, so its live
+    gauges (``kbs_http_active_connections``) leave the sum with it."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], metrics_dir: Path):
+        super().__init__(config, sockets)
+        self._metrics_dir = metrics_dir
+
+    def keep_subprocess_alive(self) -> None:
+        with self._forgetting_replaced():
+            super().keep_subprocess_alive()
+
+    def restart_all(self) -> None:
+        with self._forgetting_replaced():
+            super().restart_all()
+
+    @contextmanager
+    def _forgetting_replaced(self) -> Iterator[None]:
+        before = {p.pid for p in self.processes}
+        try:
+            yield
+        finally:
+            gone = before - {p.pid for p in self.processes}
+            for pid in gone:
+                if pid is not None:
+                    forget_worker(pid, self._metrics_dir)
 
 
 def worker_app() -> Starlette:
@@ -184,6 +224,7 @@ def worker_app() -> Starlette:
         config,
         memory_dir=Path(memory_dir) if memory_dir else None,
         instance_id=os.environ[INSTANCE_ENV],
+        metrics_dir=multiprocess_dir(),
     )
 
 

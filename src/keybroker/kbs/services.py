@@ -50,6 +50,7 @@ from keybroker.kbs.limits import (
     UnattestedSessions,
     build_limits,
 )
+from keybroker.kbs.metrics import KbsMetrics
 from keybroker.kbs.rcar import Handshake
 from keybroker.kbs.resource_policy import KBS_NAMESPACE, ResourcePolicy
 from keybroker.kbs.sessions import SESSION_NAMESPACE, SessionStore
@@ -89,6 +90,7 @@ class KbsServices:
     providers: list[StorageProvider]
     audit: AuditLog
     policy_workers: PolicyWorkers
+    metrics: KbsMetrics
     attestation: AttestationBackend | None = None
     limits: GuestLimits | None = None
 
@@ -118,10 +120,13 @@ def build_services(
     clock: Callable[[], float] = time.time,
     storage: StorageProvider | None = None,
     memory_dir: Path | None = None,
+    metrics_dir: Path | None = None,
 ) -> KbsServices:
     """``memory_dir``: where "memory" stores live when several worker processes must share
-    them (a private directory the server creates and removes); None means process memory."""
+    them (a private directory the server creates and removes); None means process memory.
+    ``metrics_dir``: likewise for the workers' metrics (``keybroker.kbs.metrics``)."""
     _refuse_unserved(config)
+    metrics = KbsMetrics(multiprocess=metrics_dir)
     storage = storage or _provider(config.storage_backend.storage_type, config, clock, memory_dir)
     session_type = config.session_storage
     session_storage = (
@@ -163,7 +168,7 @@ def build_services(
             clock=clock,
             unattested=unattested,
         )
-        handshake = Handshake(attestation, sessions)
+        handshake = Handshake(attestation, sessions, metrics)
     elif isinstance(as_config, GrpcAsConfig):
         attestation = _grpc_backend(as_config)
         sessions = SessionStore(
@@ -172,7 +177,7 @@ def build_services(
             clock=clock,
             unattested=unattested,
         )
-        handshake = Handshake(attestation, sessions)
+        handshake = Handshake(attestation, sessions, metrics)
     elif isinstance(as_config, IntelTaConfig):
         attestation = _intel_ta_backend(as_config, config, clock)
         sessions = SessionStore(
@@ -181,7 +186,7 @@ def build_services(
             clock=clock,
             unattested=unattested,
         )
-        handshake = Handshake(attestation, sessions)
+        handshake = Handshake(attestation, sessions, metrics)
     elif isinstance(as_config, NoAsConfig):
         log.info("no attestation service: /auth and /attest answer 404 (resource-only KBS)")
     tokens = TokenVerifier.from_config(config.attestation_token, trusted_keys, clock=clock)
@@ -196,7 +201,7 @@ def build_services(
         handshake=handshake,
         sessions=sessions,
         resource_policy=ResourcePolicy(storage.get(KBS_NAMESPACE), workers),
-        plugins=_plugins(config, storage),
+        plugins=_plugins(config, storage, metrics),
         tokens=tokens,
         payload_limit=config.http_server.payload_limit_bytes,
         https=not config.http_server.insecure_http,
@@ -206,6 +211,7 @@ def build_services(
         policy_workers=workers,
         attestation=attestation,
         limits=limits,
+        metrics=metrics,
     )
 
 
@@ -380,7 +386,7 @@ def _secret_backend(kind: str, settings: BaseModel | None) -> SecretBackend:
     return backend
 
 
-def _plugins(config: KbsConfig, storage: StorageProvider) -> dict[str, Plugin]:
+def _plugins(config: KbsConfig, storage: StorageProvider, metrics: KbsMetrics) -> dict[str, Plugin]:
     plugins: dict[str, Plugin] = {}
     for entry in config.plugins:
         if isinstance(entry, ResourcePluginConfig):
@@ -396,7 +402,7 @@ def _plugins(config: KbsConfig, storage: StorageProvider) -> dict[str, Plugin]:
                 backend = _secret_backend(kind, entry.backend_settings())
             else:
                 raise UnsupportedFeatureError(f"resource plugin storage backend {kind}")
-            plugins["resource"] = ResourcePlugin(backend)
+            plugins["resource"] = ResourcePlugin(backend, metrics.resource)
         elif isinstance(entry, Pkcs11PluginConfig):
             plugins["pkcs11"] = Pkcs11Plugin(_secret_backend("pkcs11", entry.backend_settings()))
         elif isinstance(entry, SamplePluginConfig):
