@@ -18,6 +18,8 @@ HELP_DEFAULTS = [
     (rvps.tool_main, ["query", "--help"], "(default: http://127.0.0.1:50003)"),
     (grpc_as.main, ["--help"], "(default: 127.0.0.1:3000)"),
     (kbs.main, ["--help"], "(default: info)"),
+    (kbs.main, ["--help"], "`kbs audit keygen|verify ...`"),
+    (kbs.main, ["--help"], "`kbs self-signed-cert ...`"),
     (kbs.main, ["self-signed-cert", "--help"], "(default: "),
 ]
 
