@@ -11,8 +11,9 @@ fetched again, never served.
 
 ::
 
-    HttpsSource         GET from one service: HTTPS only (unless insecure_http), a total deadline
-                        per request, a response size cap; any failure -> ServiceUnavailableError
+    HttpsSource         one service: HTTPS only (unless insecure_http), a total deadline per
+                        request, a response size cap; ``get`` (200 only) and ``send`` (any
+                        method, JSON or bytes body, any status); failure -> ServiceUnavailableError
     OfflineDirectory    files prepared offline: names checked, size capped; a missing file ->
                         ServiceUnavailableError naming it (never a network fallback of its own)
     CollateralCache     get(key, fetch, keeping): memory (LRU, bounded in entries and bytes),
@@ -34,6 +35,8 @@ share the cache directory but not their fetches.
 A new user (a Hygon KDS client, NVIDIA's RIM service, ...) builds an ``HttpsSource`` for the
 service, an ``OfflineDirectory`` for air-gapped deployments and one ``CollateralCache`` with a
 ``Keeping`` per item kind, then writes ``get(key, lambda: source.get(path).body, keeping)``.
+A client of a service that appraises evidence (NVIDIA's NRAS, Veraison) talks to it through
+``send`` and judges the status itself.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import httpx
 
@@ -100,14 +103,21 @@ def read_bounded(path: Path, limit: int) -> bytes:
 
 @dataclass(frozen=True)
 class HttpAnswer:
+    status: int
     body: bytes
     headers: httpx.Headers
+    url: str  # where it came from (redirects are not followed, so the URL asked)
+
+
+class _DeadlineError(Exception):
+    """The total deadline passed while the answer was still arriving."""
 
 
 class HttpsSource:
-    """One collateral service at ``base_url``. ``get`` takes a path under it (``/…``) or an
-    absolute URL (held to the same scheme rule), answers only a 200 read within ``timeout``
-    seconds in total and no larger than ``max_bytes``."""
+    """One service at ``base_url``. ``get`` and ``send`` take a path under it (``/…``) or an
+    absolute URL (held to the same scheme rule) and read an answer within ``timeout`` seconds
+    in total and no larger than ``max_bytes``; ``get`` answers only a 200, ``send`` any status
+    for its caller to judge."""
 
     def __init__(
         self,
@@ -137,31 +147,55 @@ class HttpsSource:
         if scheme != "https" and not (scheme == "http" and self._insecure_http):
             raise ConfigError(
                 f"{self._service} {url!r} is not HTTPS (set insecure_http to allow plain HTTP, "
-                "which lets anyone on the path replay old collateral)"
+                "which lets anyone on the path replay or change what it answers)"
             )
 
     def close(self) -> None:
         self._client.close()
 
     def get(self, path_or_url: str, params: list[tuple[str, str]] | None = None) -> HttpAnswer:
+        """A 200 answer; any other status, or any failure, is a ServiceUnavailableError."""
+        return self._exchange("GET", path_or_url, {"params": tuple(params or ())}, only_200=True)
+
+    def send(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        params: dict[str, str] | None = None,
+        json: object = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> HttpAnswer:
+        """The answer to ``method`` with a JSON or bytes body, whatever its status (a 4xx may be
+        the service refusing what it was sent); an unreachable, slow or oversized answer is a
+        ServiceUnavailableError."""
+        request = {"params": params, "json": json, "content": content, "headers": headers}
+        return self._exchange(method, path_or_url, request, only_200=False)
+
+    def _exchange(
+        self, method: str, path_or_url: str, request: dict[str, Any], *, only_200: bool
+    ) -> HttpAnswer:
         url = self.base + path_or_url if path_or_url.startswith("/") else path_or_url
         self.check_url(url)
         if httpx.URL(url).scheme == "http":
-            logger.warning(
-                "INSECURE: %s collateral fetched over plain HTTP from %s", self._service, url
-            )
+            logger.warning("INSECURE: %s reached over plain HTTP at %s", self._service, url)
         try:
-            return self._get(url, tuple(params or ()))
-        except httpx.HTTPError as e:
+            return self._read(method, url, request, only_200)
+        except (httpx.HTTPError, _DeadlineError) as e:
             reason = str(e) or type(e).__name__
-            raise ServiceUnavailableError(f"{url} could not be fetched: {reason}") from e
+            if only_200:  # a collateral item
+                raise ServiceUnavailableError(f"{url} could not be fetched: {reason}") from e
+            raise ServiceUnavailableError(
+                f"{self._service} {url} cannot be reached: {reason}"
+            ) from e
 
-    def _get(self, url: str, params: tuple[tuple[str, str], ...]) -> HttpAnswer:
+    def _read(self, method: str, url: str, request: dict[str, Any], only_200: bool) -> HttpAnswer:
         # httpx's timeout bounds each network operation (connect, send, each read); the deadline
         # bounds the whole answer, so a service that drips a byte per read still fails soon
         deadline = time.monotonic() + self._timeout
-        with self._client.stream("GET", url, params=params) as response:
-            if response.status_code != 200:
+        with self._client.stream(method, url, **request) as response:
+            if only_200 and response.status_code != 200:
                 raise ServiceUnavailableError(f"{url} answered HTTP {response.status_code}")
             body = bytearray()
             for chunk in response.iter_bytes():
@@ -169,10 +203,10 @@ class HttpsSource:
                 if len(body) > self._max_bytes:
                     raise ServiceUnavailableError(f"{url} sent more than {self._max_bytes} bytes")
                 if time.monotonic() > deadline:
-                    raise ServiceUnavailableError(
-                        f"{url} could not be fetched: no full answer within {self._timeout} s"
-                    )
-            return HttpAnswer(bytes(body), response.headers)
+                    raise _DeadlineError(f"no full answer within {self._timeout} s")
+            return HttpAnswer(
+                response.status_code, bytes(body), response.headers, str(response.url)
+            )
 
 
 # --- offline ------------------------------------------------------------------------------------

@@ -42,9 +42,10 @@ MAX_BYTES = 4096
 
 class Origin:
     """A collateral service for these tests (not a stand-in for any vendor's): ``GET /item/<name>``
-    answers ``items[name]``. Instrumentation: ``requests`` (paths served, in order), ``hold``
-    (answers wait on it), ``available`` (False: 503), ``drip`` (the body one byte at a time, a
-    byte every 50 ms, for up to 10 s)."""
+    answers ``items[name]``; ``POST`` or ``DELETE /item/<name>`` answers it too, with status
+    ``status_of_sent`` and the request kept in ``sent``. Instrumentation: ``requests`` (paths
+    served, in order), ``hold`` (answers wait on it), ``available`` (False: 503), ``drip`` (the
+    body one byte at a time, a byte every 50 ms, for up to 10 s)."""
 
     def __init__(self) -> None:
         self.items: dict[str, bytes] = {}
@@ -52,12 +53,19 @@ class Origin:
         self.hold: threading.Event | None = None
         self.available = True
         self.drip = False
+        self.sent: list[Sent] = []
+        self.status_of_sent = 200
 
     def count(self, name: str) -> int:
         return self.requests.count(f"/item/{name}")
 
     async def item(self, request: Request) -> Response:
         self.requests.append(request.url.path)
+        status = 200
+        if request.method != "GET":
+            body = await request.body()
+            self.sent.append(Sent(request.method, request.url.query, dict(request.headers), body))
+            status = self.status_of_sent
         if self.hold is not None:
             await asyncio.to_thread(self.hold.wait, 10)
         if not self.available:
@@ -66,11 +74,20 @@ class Origin:
         if found is None:
             return Response(status_code=404)
         if self.drip:
-            return StreamingResponse(_drip())
-        return Response(found)
+            return StreamingResponse(_drip(), status_code=status)
+        return Response(found, status_code=status)
 
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/item/{name:str}", self.item)])
+        methods = ["GET", "POST", "DELETE"]
+        return Starlette(routes=[Route("/item/{name:str}", self.item, methods=methods)])
+
+
+@dataclass(frozen=True)
+class Sent:
+    method: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
 
 
 async def _drip() -> AsyncIterator[bytes]:
@@ -479,6 +496,67 @@ def test_plain_http_is_refused_unless_insecure(caplog: pytest.LogCaptureFixture)
         insecure.close()
         server.stop()
     assert "INSECURE" in caplog.text
+
+
+def test_send_posts_a_json_body_and_answers_any_status(served: Served) -> None:
+    served.origin.status_of_sent = 400  # e.g. a verification service refusing the evidence
+    answer = served.source().send(
+        "POST", "/item/a", params={"nonce": "AQI"}, json={"evidence": ["x", 1]}
+    )
+    assert (answer.status, answer.body) == (400, b"item a")
+    assert answer.url == f"{served.server.url}/item/a?nonce=AQI"
+    (sent,) = served.origin.sent
+    assert (sent.method, sent.query) == ("POST", "nonce=AQI")
+    assert sent.headers["content-type"] == "application/json"
+    assert json.loads(sent.body) == {"evidence": ["x", 1]}
+
+
+def test_send_posts_bytes_with_headers_and_deletes(served: Served) -> None:
+    source = served.source()
+    media_type = 'application/eat-collection; profile="x"'
+    answer = source.send(
+        "POST", "/item/b", content=b"\x00token", headers={"Content-Type": media_type}
+    )
+    assert answer.body == b"item b" and answer.headers["content-length"] == "6"
+    source.send("DELETE", f"{served.server.url}/item/b")
+    posted, deleted = served.origin.sent
+    assert (posted.body, posted.headers["content-type"]) == (b"\x00token", media_type)
+    assert (deleted.method, deleted.body) == ("DELETE", b"")
+
+
+def test_oversized_answer_to_a_post_is_refused(served: Served) -> None:
+    served.origin.items["big"] = b"x" * (MAX_BYTES + 1)
+    with pytest.raises(ServiceUnavailableError, match=f"sent more than {MAX_BYTES} bytes"):
+        served.source().send("POST", "/item/big", json={})
+    served.origin.status_of_sent = 400  # a refusal is held to the same cap
+    with pytest.raises(ServiceUnavailableError, match=f"sent more than {MAX_BYTES} bytes"):
+        served.source().send("POST", "/item/big", json={})
+
+
+def test_post_timeout_is_503_naming_the_service(served: Served) -> None:
+    served.origin.hold = threading.Event()
+    with pytest.raises(ServiceUnavailableError, match=r"the test origin .* cannot be reached"):
+        served.source(timeout=0.3).send("POST", "/item/a", json={})
+    assert not served.origin.hold.is_set()  # the service had not answered yet
+
+
+def test_post_answer_dripping_bytes_is_cut_off_at_the_deadline(served: Served) -> None:
+    served.origin.drip = True
+    with pytest.raises(ServiceUnavailableError, match=r"no full answer within 0\.5 s"):
+        served.source(timeout=0.5).send("POST", "/item/a", content=b"evidence")
+
+
+def test_send_to_an_unreachable_service_is_503(served: Served) -> None:
+    source = served.source()
+    served.server.stop()
+    with pytest.raises(ServiceUnavailableError, match="cannot be reached"):
+        source.send("POST", "/item/a", json={})
+
+
+def test_send_over_plain_http_is_refused_unless_insecure() -> None:
+    source = HttpsSource("https://service.example", service="x", max_bytes=1)
+    with pytest.raises(ConfigError, match="not HTTPS"):
+        source.send("POST", "http://service.example/session", json={})
 
 
 # --- offline directory ---------------------------------------------------------------------------

@@ -16,9 +16,10 @@ The client, per token:
    client does);
 4. ``DELETE <session>``, best effort.
 
-Every answer is read up to :data:`MAX_RESPONSE_BYTES`. A service that cannot be reached or
-answers 5xx is :class:`ServiceUnavailableError` (503); one that refuses the evidence with a
-4xx is :class:`EvidenceError`.
+Every exchange goes through the one collateral fetcher's ``HttpsSource``: an answer is read up
+to :data:`MAX_RESPONSE_BYTES` within the timeout. A service that cannot be reached or answers
+5xx is :class:`ServiceUnavailableError` (503); one that refuses the evidence with a 4xx is
+:class:`EvidenceError`.
 
 :func:`appraise_ear` accepts an EAR only when it verifies with the discovered key (ES256 and
 friends, pinned to the key type), its ``eat_nonce`` is the realm challenge, and it appraises
@@ -33,14 +34,14 @@ import base64
 import binascii
 import json
 import logging
-import ssl
 from collections.abc import Callable, Mapping
 from urllib.parse import urljoin
 
 import httpx
 
-from keybroker.errors import ConfigError, EvidenceError, KeybrokerError, ServiceUnavailableError
+from keybroker.errors import EvidenceError, KeybrokerError, ServiceUnavailableError
 from keybroker.protocol.jws import PublicKey, public_key_from_jwk, verify_jwt
+from keybroker.verifiers.collateral_fetch import HttpAnswer, HttpsSource
 
 log = logging.getLogger(__name__)
 
@@ -64,41 +65,34 @@ class VeraisonClient:
         insecure_http: bool = False,
         client: httpx.Client | None = None,
     ) -> None:
-        base = address.rstrip("/")
-        url = httpx.URL(base)
-        if url.scheme not in ("https", "http") or (url.scheme == "http" and not insecure_http):
-            raise ConfigError(
-                f"the Veraison address {address!r} is not HTTPS (set insecure_http to allow "
-                "plain HTTP, which lets anyone on the path forge the verification key)"
-            )
-        self._base, self._origin = base, (url.scheme, url.host, url.port)
-        self._insecure_http = url.scheme == "http"
-        verify: ssl.SSLContext | bool = True
-        if ca_pem is not None:
-            verify = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
-        self._client = client or httpx.Client(timeout=timeout, verify=verify)
+        self._source = HttpsSource(
+            address,
+            service="the Veraison service",
+            max_bytes=MAX_RESPONSE_BYTES,
+            timeout=timeout,
+            ca_pem=ca_pem,
+            client=client,
+            insecure_http=insecure_http,
+        )
+        self._base = self._source.base
+        url = httpx.URL(self._base)
+        self._origin = (url.scheme, url.host, url.port)
 
     def close(self) -> None:
-        self._client.close()
+        self._source.close()
 
     def appraise(self, token: bytes, nonce: bytes) -> tuple[str, PublicKey]:
         """The EAR (unverified JWT) Veraison returns for ``token`` in a session whose nonce is
         ``nonce``, and the key Veraison publishes to verify it."""
-        if self._insecure_http:
-            log.warning("INSECURE: CCA tokens appraised over plain HTTP by %s", self._base)
+        key, endpoint = self._discover()
+        session = self._new_session(endpoint, nonce)
         try:
-            key, endpoint = self._discover()
-            session = self._new_session(endpoint, nonce)
-            try:
-                return self._submit(session, token), key
-            finally:
-                self._delete(session)
-        except httpx.HTTPError as e:
-            raise ServiceUnavailableError(f"the Veraison service {self._base}: {e}") from None
+            return self._submit(session, token), key
+        finally:
+            self._delete(session)
 
     def _discover(self) -> tuple[PublicKey, str]:
-        response, body = self._request("GET", self._base + DISCOVERY_PATH)
-        discovery = _json(response, body, "discovery")
+        discovery = _json(self._request("GET", DISCOVERY_PATH), "discovery")
         jwk = discovery.get("ear-verification-key")
         endpoints = discovery.get("api-endpoints")
         endpoint = (
@@ -116,43 +110,41 @@ class VeraisonClient:
         return key, self._same_origin(urljoin(self._base + "/", endpoint))
 
     def _new_session(self, endpoint: str, nonce: bytes) -> str:
-        response, body = self._request(
+        answer = self._request(
             "POST",
             endpoint,
             params={"nonce": base64.urlsafe_b64encode(nonce).decode()},
             headers={"Accept": SESSION_MEDIA_TYPE},
         )
-        if response.status_code != 201:
-            raise ServiceUnavailableError(
-                f"Veraison refused a new session: HTTP {response.status_code}"
-            )
-        location = response.headers.get("location")
+        if answer.status != 201:
+            raise ServiceUnavailableError(f"Veraison refused a new session: HTTP {answer.status}")
+        location = answer.headers.get("location")
         if not location:
             raise ServiceUnavailableError("Veraison created a session without a Location")
-        session = _json(response, body, "new session")
+        session = _json(answer, "new session")
         if _b64any(session.get("nonce")) != nonce:
             raise ServiceUnavailableError("the Veraison session does not carry the nonce asked")
-        return self._same_origin(urljoin(str(response.url), location))
+        return self._same_origin(urljoin(answer.url, location))
 
     def _submit(self, session: str, token: bytes) -> str:
-        response, body = self._request(
+        answer = self._request(
             "POST",
             session,
             content=token,
             headers={"Accept": SESSION_MEDIA_TYPE, "Content-Type": MEDIA_TYPE},
         )
-        if 400 <= response.status_code < 500:
-            detail = _json(response, body, "refusal").get("detail") if body else None
+        if 400 <= answer.status < 500:
+            detail = _json(answer, "refusal").get("detail") if answer.body else None
             raise EvidenceError(
-                f"the Veraison service refused the CCA token (HTTP {response.status_code}"
+                f"the Veraison service refused the CCA token (HTTP {answer.status}"
                 f"{': ' + str(detail)[:200] if detail else ''})"
             )
-        if response.status_code != 200:
+        if answer.status != 200:
             raise ServiceUnavailableError(
-                f"the Veraison session answered HTTP {response.status_code}, not 200 (the "
+                f"the Veraison session answered HTTP {answer.status}, not 200 (the "
                 "asynchronous model is not supported)"
             )
-        state = _json(response, body, "session")
+        state = _json(answer, "session")
         if state.get("status") != "complete" or not isinstance(state.get("result"), str):
             raise EvidenceError(
                 f"the Veraison session ended {str(state.get('status'))[:32]!r} without a result"
@@ -161,8 +153,8 @@ class VeraisonClient:
 
     def _delete(self, session: str) -> None:
         try:
-            self._client.delete(session)
-        except httpx.HTTPError:
+            self._source.send("DELETE", session)
+        except ServiceUnavailableError:
             log.info("could not delete the Veraison session %s", session)
 
     def _same_origin(self, url: str) -> str:
@@ -172,28 +164,29 @@ class VeraisonClient:
             raise ServiceUnavailableError(f"Veraison sent us to another origin: {url[:200]}")
         return url
 
-    def _request(self, method: str, url: str, **kwargs: object) -> tuple[httpx.Response, bytes]:
-        with self._client.stream(method, url, **kwargs) as response:  # type: ignore[arg-type]
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > MAX_RESPONSE_BYTES:
-                    raise ServiceUnavailableError(
-                        f"{url} sent more than {MAX_RESPONSE_BYTES} bytes"
-                    )
-        if response.status_code >= 500:
-            raise ServiceUnavailableError(f"{url} answered HTTP {response.status_code}")
-        return response, bytes(body)
+    def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: dict[str, str] | None = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> HttpAnswer:
+        answer = self._source.send(method, url, params=params, content=content, headers=headers)
+        if answer.status >= 500:
+            raise ServiceUnavailableError(f"{answer.url} answered HTTP {answer.status}")
+        return answer
 
 
-def _json(response: httpx.Response, body: bytes, what: str) -> dict[str, object]:
+def _json(answer: HttpAnswer, what: str) -> dict[str, object]:
     try:
-        value = json.loads(body)
+        value = json.loads(answer.body)
     except ValueError:
         value = None
     if not isinstance(value, dict):
         raise ServiceUnavailableError(
-            f"the Veraison {what} answer (HTTP {response.status_code}) is not a JSON object"
+            f"the Veraison {what} answer (HTTP {answer.status}) is not a JSON object"
         )
     return value
 

@@ -7,8 +7,9 @@ Upstream's remote mode, kept wire-compatible: for each device, ``POST <verifier_
 token>], {<submodule>: <detached EAT>}]``; both are ES384 JWTs signed by a key of NRAS's JWK set
 (``/.well-known/jwks.json``, found by the header ``kid``).
 
-:class:`NrasClient` moves bytes and is trusted for nothing but availability: it refuses plain
-HTTP (unless ``insecure_http``), caps bodies and times out. :func:`nras_claims` proves the
+:class:`NrasClient` moves bytes and is trusted for nothing but availability: it talks to NRAS
+through the one collateral fetcher's ``HttpsSource`` (no plain HTTP unless ``insecure_http``,
+bodies capped, a total deadline). :func:`nras_claims` proves the
 answer: exactly one overall token and one EAT, each signed (ES384 only) by a key of the JWK set,
 each inside its ``nbf``/``exp`` window at the injected time with ``iss`` and ``iat`` present;
 the EAT says the report's nonce matched. The claims are the EAT's, plus the overall token's
@@ -20,8 +21,6 @@ the EAT says the report's nonce matched. The claims are the EAT's, plus the over
 from __future__ import annotations
 
 import json
-import logging
-import ssl
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,15 +28,13 @@ from typing import Any
 import httpx
 
 from keybroker.errors import (
-    ConfigError,
     EvidenceError,
     ServiceUnavailableError,
     TokenVerificationError,
 )
 from keybroker.protocol.jws import decode_unverified, public_key_from_jwk, verify_jwt
 from keybroker.protocol.models import JsonValue
-
-log = logging.getLogger(__name__)
+from keybroker.verifiers.collateral_fetch import HttpsSource
 
 NRAS_URL = "https://nras.attestation.nvidia.com/v4/attest"
 NRAS_JWKS_URL = "https://nras.attestation.nvidia.com/.well-known/jwks.json"
@@ -60,33 +57,29 @@ class NrasClient:
         insecure_http: bool = False,
         client: httpx.Client | None = None,
     ) -> None:
-        for url in (verifier_url, jwks_url):
-            scheme = httpx.URL(url).scheme
-            if scheme not in ("https", "http") or (scheme == "http" and not insecure_http):
-                raise ConfigError(
-                    f"the NRAS URL {url!r} is not HTTPS (insecure_http allows plain HTTP, which "
-                    "lets anyone on the path forge NRAS's answers' transport)"
-                )
-        self._verifier_url = verifier_url.rstrip("/")
+        self._source = HttpsSource(
+            verifier_url,
+            service="NRAS",
+            max_bytes=MAX_RESPONSE_BYTES,
+            timeout=timeout,
+            ca_pem=ca_pem,
+            client=client,
+            insecure_http=insecure_http,
+        )
+        self._source.check_url(jwks_url)
         self._jwks_url = jwks_url
-        self._insecure = insecure_http
-        verify: ssl.SSLContext | bool = True
-        if ca_pem is not None:
-            verify = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
-        self._client = client or httpx.Client(timeout=timeout, verify=verify)
         self._keys: dict[str, dict[str, Any]] | None = None
         self._lock = threading.Lock()
 
     def attest(self, endpoint: str, body: dict[str, JsonValue]) -> bytes:
         """NRAS's answer to one device's evidence; EvidenceError when NRAS refuses it (4xx),
         ServiceUnavailableError when NRAS cannot be reached or fails (5xx)."""
-        url = f"{self._verifier_url}/{endpoint}"
-        status, answer = self._request("POST", url, body)
-        if 400 <= status < 500:
-            raise EvidenceError(f"NRAS refused the {endpoint} evidence (HTTP {status})")
-        if status != 200:
-            raise ServiceUnavailableError(f"NRAS {url} answered HTTP {status}")
-        return answer
+        answer = self._source.send("POST", f"/{endpoint}", json=body)
+        if 400 <= answer.status < 500:
+            raise EvidenceError(f"NRAS refused the {endpoint} evidence (HTTP {answer.status})")
+        if answer.status != 200:
+            raise ServiceUnavailableError(f"NRAS {answer.url} answered HTTP {answer.status}")
+        return answer.body
 
     def keys(self, *, refresh: bool = False) -> dict[str, dict[str, Any]]:
         with self._lock:
@@ -95,35 +88,19 @@ class NrasClient:
             return self._keys
 
     def _fetch_keys(self) -> dict[str, dict[str, Any]]:
-        status, answer = self._request("GET", self._jwks_url, None)
-        if status != 200:
-            raise ServiceUnavailableError(f"NRAS JWK set {self._jwks_url} answered HTTP {status}")
+        answer = self._source.send("GET", self._jwks_url)
+        if answer.status != 200:
+            raise ServiceUnavailableError(
+                f"NRAS JWK set {self._jwks_url} answered HTTP {answer.status}"
+            )
         try:
-            document = json.loads(answer)
+            document = json.loads(answer.body)
             keys = document["keys"]
         except (ValueError, KeyError, TypeError):
             raise ServiceUnavailableError("NRAS's JWK set is not a JWK set") from None
         if not isinstance(keys, list) or len(keys) > MAX_JWKS_KEYS:
             raise ServiceUnavailableError("NRAS's JWK set is not a list of at most 64 keys")
         return {str(key["kid"]): key for key in keys if isinstance(key, dict) and "kid" in key}
-
-    def _request(self, method: str, url: str, body: JsonValue) -> tuple[int, bytes]:
-        if self._insecure:
-            log.warning("INSECURE: NRAS reached over plain HTTP at %s", url)
-        try:
-            with self._client.stream(method, url, json=body) as response:
-                data = bytearray()
-                for chunk in response.iter_bytes():
-                    data += chunk
-                    if len(data) > MAX_RESPONSE_BYTES:
-                        raise ServiceUnavailableError(
-                            f"NRAS {url} sent more than {MAX_RESPONSE_BYTES} bytes"
-                        )
-                return response.status_code, bytes(data)
-        except httpx.HTTPError as e:
-            raise ServiceUnavailableError(
-                f"NRAS {url} cannot be reached ({type(e).__name__})"
-            ) from e
 
 
 def nras_claims(
