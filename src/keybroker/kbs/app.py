@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 PREFIX = "/kbs/v0/"
 INSTANCE_HEADER = "Keybroker-Instance"
 _PROBLEM_JSON = "application/problem+json"
+_EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"]
 _INIT_DATA_CLAIMS = "/submods/cpu0/ear.veraison.annotated-evidence/init_data_claims"
 
 
@@ -79,7 +80,7 @@ def create_app(
             Route("/healthz", _healthz, methods=["GET"]),
             # Every method reaches the dispatcher, which answers a 405 with the endpoint's own
             # Allow header (the router only knows the union of all endpoints' methods).
-            Route("/kbs/v0/{path:path}", _kbs),
+            Route("/kbs/v0/{path:path}", _kbs, methods=_EVERY_METHOD),
         ],
         exception_handlers={
             KeybrokerError: _render_error,
