@@ -220,6 +220,7 @@ def _schemathesis(
             check=False,
             cwd=tmp_path,
         )
+        (tmp_path / "schemathesis.out").write_text(result.stdout + result.stderr)
         if walk is not None:
             with httpx.Client(base_url=url, event_hooks={"response": [record]}) as http:
                 walk(http)
