@@ -157,8 +157,18 @@ class ResourceNotFoundError(NotFoundError):
 
 
 class MethodNotAllowedError(KeybrokerError):
+    """The endpoint does not answer the method; ``allow`` names those it does (RFC 9110 requires
+    the ``Allow`` header on a 405; it is empty when the deployment offers no method here)."""
+
     status = 405
     variant = "MethodNotAllowed"
+
+    def __init__(self, detail: str, *, allow: tuple[str, ...] = ()) -> None:
+        super().__init__(detail)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allow)}
 
 
 class UnsupportedOperationError(MethodNotAllowedError):

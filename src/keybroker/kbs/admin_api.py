@@ -38,14 +38,16 @@ async def _resource_policy(call: ApiCall, services: KbsServices) -> Response:
     if call.method == "GET":
         return JSONResponse(await services.resource_policy.list_ids())
     if call.method != "POST":
-        raise MethodNotAllowedError("/kbs/v0/resource-policy answers GET and POST")
+        raise MethodNotAllowedError(
+            "/kbs/v0/resource-policy answers GET and POST", allow=("GET", "POST")
+        )
     await services.resource_policy.set(_policy_text(call.body))
     return Response(status_code=200)
 
 
 async def _attestation_policy(call: ApiCall, services: KbsServices) -> Response:
     if call.method != "POST":
-        raise MethodNotAllowedError("/kbs/v0/attestation-policy answers POST")
+        raise MethodNotAllowedError("/kbs/v0/attestation-policy answers POST", allow=("POST",))
     document = _json_object(call.body, "attestation policy request")
     policy_type, policy_id = document.get("type", "rego"), document.get("policy_id")
     if policy_type != "rego":
@@ -57,13 +59,16 @@ async def _attestation_policy(call: ApiCall, services: KbsServices) -> Response:
 
 
 async def _reference_value(call: ApiCall, services: KbsServices) -> Response:
+    """``POST /reference-value`` registers; ``GET /reference-value/<id>`` reads one value."""
     attestation = _attestation(services)
-    if call.method == "POST":
+    reference_value_id = "/".join(call.rest)
+    if not reference_value_id:
+        if call.method != "POST":
+            raise MethodNotAllowedError("/kbs/v0/reference-value answers POST", allow=("POST",))
         names = await attestation.register_reference_value(call.body.decode("utf-8", "replace"))
         return JSONResponse({"registered": names})
     if call.method != "GET":
-        raise MethodNotAllowedError("/kbs/v0/reference-value answers GET and POST")
-    reference_value_id = "/".join(call.rest)
+        raise MethodNotAllowedError("/kbs/v0/reference-value/<id> answers GET", allow=("GET",))
     value = await attestation.query_reference_value(reference_value_id)
     if value is None:
         raise ResourceNotFoundError(f"no reference value {reference_value_id[:64]!r}")
@@ -72,7 +77,7 @@ async def _reference_value(call: ApiCall, services: KbsServices) -> Response:
 
 async def _policy_explain(call: ApiCall, services: KbsServices) -> Response:
     if call.method != "POST":
-        raise MethodNotAllowedError("/kbs/v0/policy-explain answers POST")
+        raise MethodNotAllowedError("/kbs/v0/policy-explain answers POST", allow=("POST",))
     attestation = services.attestation
     result = await explain(
         parse_explain_request(call.body),

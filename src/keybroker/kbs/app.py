@@ -3,7 +3,8 @@
 Routes: ``/kbs/v0/auth`` and ``/attest`` (guests); ``/resource-policy``,
 ``/attestation-policy``, ``/reference-value[/<id>]`` and ``/policy-explain`` (admin); every
 other ``/kbs/v0/<plugin>/<path...>`` dispatched to a plugin; ``/healthz``; ``/metrics``
-(Prometheus, behind ``[metrics] access``). Handlers parse, call one
+(Prometheus, behind ``[metrics] access``); the API's own OpenAPI document at
+``/kbs/v0/openapi.json``. Handlers parse, call one
 service, serialize. Every ``KeybrokerError`` is rendered by one handler as RFC 7807 JSON; any
 other exception becomes a 500 whose detail reveals nothing.
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -35,6 +37,7 @@ from keybroker.errors import (
     InvalidRequestPathError,
     KeybrokerError,
     MethodNotAllowedError,
+    NotFoundError,
     PayloadTooLargeError,
     PluginNotFoundError,
     PolicyDeniedError,
@@ -50,6 +53,7 @@ from keybroker.kbs.auditing import (
 )
 from keybroker.kbs.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from keybroker.kbs.metrics import HttpMetricsMiddleware, KbsMetrics
+from keybroker.kbs.openapi import SPEC_NAME, document_json
 from keybroker.kbs.services import KbsServices, build_services
 from keybroker.kbs.sessions import SESSION_COOKIE, Session
 from keybroker.kbs.tokens import pointer
@@ -65,6 +69,7 @@ PREFIX = "/kbs/v0/"
 INSTANCE_HEADER = "Keybroker-Instance"
 _PROBLEM_JSON = "application/problem+json"
 METRICS_ACL_PATH = "/kbs/v0/metrics"
+_EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"]
 _INIT_DATA_CLAIMS = "/submods/cpu0/ear.veraison.annotated-evidence/init_data_claims"
 
 
@@ -84,7 +89,9 @@ def create_app(
     )
     routes = [
         Route("/healthz", _healthz, methods=["GET"]),
-        Route("/kbs/v0/{path:path}", _kbs, methods=["GET", "POST", "PUT", "DELETE"]),
+        # Every method reaches the dispatcher, which answers a 405 with the endpoint's own
+        # Allow header (the router only knows the union of all endpoints' methods).
+        Route("/kbs/v0/{path:path}", _kbs, methods=_EVERY_METHOD),
     ]
     middleware = []
     if config.metrics.access != "off":  # off: no route and no per-request HTTP counting
@@ -93,7 +100,11 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=middleware,
-        exception_handlers={KeybrokerError: _render_error, Exception: _render_unexpected},
+        exception_handlers={
+            KeybrokerError: _render_error,
+            HTTPException: _render_routing,
+            Exception: _render_unexpected,
+        },
         lifespan=_lifespan,
     )
     app.state.kbs = services
@@ -145,6 +156,10 @@ def _is_loopback(request: Request) -> bool:
 async def _kbs(request: Request) -> Response:
     services: KbsServices = request.app.state.kbs
     name, *rest = _segments(request)
+    if name == SPEC_NAME and not rest:
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowedError(f"{PREFIX}{SPEC_NAME} answers GET", allow=("GET", "HEAD"))
+        return Response(document_json(), media_type="application/json")
     if name in ("auth", "attest") and services.limits is not None:
         # Before the body is read: a flooding client costs as little as possible.
         peer = request.client.host if request.client else None
@@ -198,7 +213,7 @@ async def _rcar(call: ApiCall, request: Request, services: KbsServices) -> Respo
             f"/{call.name} is not served: this KBS has no attestation service (passport mode)"
         )
     if call.method != "POST":
-        raise MethodNotAllowedError(f"/kbs/v0/{call.name} answers POST only")
+        raise MethodNotAllowedError(f"/kbs/v0/{call.name} answers POST only", allow=("POST",))
     if call.name == "auth":
         challenge, session = await handshake.auth(call.body)
         response = JSONResponse(challenge.model_dump(by_alias=True))
@@ -226,6 +241,11 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
     plugin_request = PluginRequest(
         method=call.method, path=call.rest, query=call.query, body=call.body
     )
+    allowed = plugin.methods(plugin_request)
+    if call.method not in allowed:
+        raise MethodNotAllowedError(
+            f"plugin {call.name} does not answer {call.method}", allow=allowed
+        )
     plugin.check(plugin_request)
     if plugin.requires_admin(plugin_request):
         return await _admin(
@@ -386,6 +406,23 @@ async def _render_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(
         exc.problem(), status_code=exc.status, media_type=_PROBLEM_JSON, headers=exc.headers()
     )
+
+
+async def _render_routing(request: Request, exc: Exception) -> Response:
+    """The router's own 404 (a path outside /kbs/v0/ and /healthz) and 405 (a method /healthz
+    does not answer), as problems like every other error."""
+    if not isinstance(exc, HTTPException):
+        return await _render_unexpected(request, exc)
+    error: KeybrokerError
+    if exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        methods = tuple(m.strip() for m in allow.split(",") if m.strip())
+        error = MethodNotAllowedError(f"{request.url.path[:64]} answers {allow}", allow=methods)
+    elif exc.status_code == 404:
+        error = NotFoundError(f"no endpoint {request.url.path[:64]!r}")
+    else:
+        error = KeybrokerError(f"HTTP {exc.status_code}")
+    return await _render_error(request, error)
 
 
 async def _render_unexpected(request: Request, exc: Exception) -> Response:

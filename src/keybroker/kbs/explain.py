@@ -20,8 +20,18 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from keybroker.attestation.ear import status_of
-from keybroker.attestation.policy import AttestationPolicies, appraisal, compile_attestation_policy
-from keybroker.errors import BadRequestError, KeybrokerError, UnsupportedOperationError
+from keybroker.attestation.policy import (
+    DEFAULT_POLICIES,
+    AttestationPolicies,
+    appraisal,
+    compile_attestation_policy,
+)
+from keybroker.errors import (
+    BadRequestError,
+    KeybrokerError,
+    ResourceNotFoundError,
+    UnsupportedOperationError,
+)
 from keybroker.kbs.resource_policy import ResourcePolicy, compile_resource_policy, decision
 from keybroker.kbs.tokens import TokenVerifier, pointer
 from keybroker.policy.workers import PooledPolicy
@@ -32,7 +42,8 @@ class ExplainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["resource", "attestation"]
-    policy_id: str = "default_cpu"  # attestation policies only
+    # attestation policies only; the same ids as POST /attestation-policy accepts
+    policy_id: str = Field(default="default_cpu", pattern=r"^[A-Za-z0-9_-]{1,128}$")
     policy: str | None = None  # base64url Rego: explain a draft instead of the stored policy
     input: JsonValue = None
     token: str | None = None
@@ -74,7 +85,7 @@ async def explain(
                 attestation_policies.workers, _draft(request.policy), request.policy_id
             )
             if request.policy
-            else await attestation_policies.compiled(request.policy_id)
+            else await _stored(attestation_policies, request.policy_id)
         )
         data = await attestation_policies.reference_data(policy)
     rules: dict[str, JsonValue] = {}
@@ -94,6 +105,13 @@ async def _decision(
     appraised = await appraisal(request.policy_id, policy, policy_input, data)
     vector: dict[str, JsonValue] = dict(appraised.trust_vector)
     return {"trust_claims": vector, "status": status_of(appraised.trust_vector)}
+
+
+async def _stored(policies: AttestationPolicies, policy_id: str) -> PooledPolicy:
+    # An unknown id is the caller's mistake (404), not a failed evaluation (500).
+    if policy_id not in DEFAULT_POLICIES and policy_id not in await policies.list_ids():
+        raise ResourceNotFoundError(f"no attestation policy {policy_id!r}")
+    return await policies.compiled(policy_id)
 
 
 def _input(request: ExplainRequest, tokens: TokenVerifier) -> JsonValue:

@@ -35,6 +35,10 @@ class PluginResponse:
 class Plugin(ABC):
     name: ClassVar[str]
 
+    def methods(self, request: PluginRequest) -> tuple[str, ...]:
+        """The HTTP methods this plugin answers at the request's path (others answer 405)."""
+        return ("DELETE", "GET", "POST", "PUT")
+
     def check(self, request: PluginRequest) -> None:  # noqa: B027 - optional hook
         """Reject a malformed request before any authorization work (default: accept)."""
 

@@ -64,4 +64,7 @@ class ResourcePlugin(Plugin):
         if request.method == "DELETE":
             await self._backend.delete(path)
             return PluginResponse(b"", content_type="text/plain")
-        raise MethodNotAllowedError(f"the resource plugin does not answer {request.method}")
+        raise MethodNotAllowedError(
+            f"the resource plugin does not answer {request.method}",
+            allow=tuple(sorted(_READ | _WRITE)),
+        )

@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from keybroker.errors import BadRequestError, ConfigError
+from keybroker.errors import BadRequestError, ConfigError, StorageError
 from keybroker.protocol.models import JsonValue
 from keybroker.protocol.untrusted_json import parse_json
 from keybroker.rvps.extractors import EXTRACTORS
 from keybroker.rvps.reference_value import ReferenceValue
-from keybroker.storage.base import KeyValueStorage
+from keybroker.storage.base import KeyValueStorage, validate_key
 
 NAMESPACE = "reference_value"
 MESSAGE_VERSION = "0.1.0"
@@ -60,12 +60,14 @@ class ReferenceValueStore:
                 f"no reference-value extractor {kind[:32]!r}: expected one of {sorted(EXTRACTORS)}"
             )
         values = extractor(payload, self._clock())
+        for value in values:  # all names checked before any is stored
+            _checked_id(value.name)
         for value in values:
             await self._storage.set(value.name, value.to_bytes())
         return [value.name for value in values]
 
     async def query(self, reference_value_id: str) -> JsonValue | None:
-        raw = await self._storage.get(reference_value_id)
+        raw = await self._storage.get(_checked_id(reference_value_id))
         if raw is None:
             return None
         value = ReferenceValue.from_bytes(raw)
@@ -84,6 +86,15 @@ class ReferenceValueStore:
 
     async def all_ids(self) -> list[str]:
         return await self._storage.list_keys()
+
+
+def _checked_id(reference_value_id: str) -> str:
+    """An id from a request or a message is untrusted: one the storage could not name is the
+    caller's mistake (400), not a storage failure (500)."""
+    try:
+        return validate_key(reference_value_id)
+    except StorageError as e:
+        raise BadRequestError(f"reference value id: {e.detail}") from None
 
 
 def remote_reference_values(address: str) -> ReferenceValues:

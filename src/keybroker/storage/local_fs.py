@@ -64,6 +64,9 @@ TEMP_PREFIX = ".tmp-"
 EXPIRY_SUFFIX = ".expires"
 INLINE_READ_MAX = 1024 * 1024
 SWEEP_MIN_WRITES = 256
+# The longest file name common filesystems take (ext4, xfs, btrfs: 255 bytes). A key is one
+# file name once its slashes are escaped, and its deadline sidecar adds a dot and a suffix.
+NAME_MAX = 255
 
 
 # --- file primitives --------------------------------------------------------------------------
@@ -245,6 +248,12 @@ class LocalFsKeyValueStorage(KeyValueStorage):
     def _expiry_file(self, key: str) -> Path:
         return self._dir / f".{key.replace('/', SLASH)}{EXPIRY_SUFFIX}"
 
+    def _storable(self, key: str) -> bool:
+        """Whether the key's files have names the filesystem takes; a key that does not could
+        never have been stored, so reading or deleting it finds nothing (rather than an OS
+        error surfacing as a 500 for a client's over-long id)."""
+        return len(self._expiry_file(key).name.encode()) <= NAME_MAX
+
     @staticmethod
     def _key_of(name: str) -> str | None:
         """The key a file name stands for, or None for temp files, sidecars and strays."""
@@ -288,6 +297,8 @@ class LocalFsKeyValueStorage(KeyValueStorage):
     # operations
 
     async def _get(self, key: str, *, may_expire: bool = True) -> bytes | None:
+        if not self._storable(key):
+            return None
         value = await read_file(self._file(key), what="stored value")
         if value is None or not may_expire or not self._expired(key):
             return value
@@ -336,6 +347,11 @@ class LocalFsKeyValueStorage(KeyValueStorage):
         ttl: float | None,
         wait: bool,
     ) -> bool | _Busy:
+        if not self._storable(key):
+            raise StorageError(
+                f"key {key[:64]!r} is too long for LocalFs: its file names would pass "
+                f"{NAME_MAX} bytes once every / is escaped"
+            )
         file = self._file(key)
         with self._locked(wait=wait) as locked:
             if not locked:
@@ -364,6 +380,8 @@ class LocalFsKeyValueStorage(KeyValueStorage):
         return await self._write(partial(self._delete_locked, key))
 
     def _delete_locked(self, key: str, wait: bool) -> bytes | _Busy | None:
+        if not self._storable(key):
+            return None
         with self._locked(wait=wait) as locked:
             if not locked:
                 return _BUSY

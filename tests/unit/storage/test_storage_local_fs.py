@@ -297,3 +297,22 @@ def test_get_many_opens_only_the_files_a_listing_shows(
     files = [path for path in opened if path != str(tmp_path / "reference")]  # not the lock
     # kept; soon and its deadline (read again under the lock, then purged); later and its deadline
     assert len(files) <= 6
+
+
+def test_key_too_long_for_a_file_name_is_absent_and_refused_on_write(tmp_path: Path) -> None:
+    # Found by schemathesis: GET /kbs/v0/reference-value/<300 characters> answered 500 with
+    # ENAMETOOLONG. Such a key can never have been stored, so reading or deleting it finds
+    # nothing; storing it is refused with a clear error, not an OS error.
+    storage = LocalFsKeyValueStorage(tmp_path, "reference_value")
+    longest = "k" * (local_fs.NAME_MAX - len("." + local_fs.EXPIRY_SUFFIX))
+    too_long = "a/" + "k" * 250  # the escaped slash makes its file name 255 + 3 bytes
+
+    assert asyncio.run(storage.set(longest, b"fits"))
+    assert asyncio.run(storage.get(longest)) == b"fits"
+    assert asyncio.run(storage.get(too_long)) is None
+    assert asyncio.run(storage.get_many([too_long, longest])) == {longest: b"fits"}
+    assert asyncio.run(storage.delete(too_long)) is None
+    with pytest.raises(StorageError, match="too long for LocalFs"):
+        asyncio.run(storage.set(too_long, b"x"))
+    with pytest.raises(StorageError, match="too long for LocalFs"):
+        asyncio.run(storage.set(longest + "k", b"x"))
