@@ -55,6 +55,13 @@ _METHOD_405 = (
 )
 
 
+_METRICS_LOOPBACK = (
+    "both runs serve /metrics to loopback clients ([metrics] access = loopback, the default), "
+    "which is what schemathesis is; admin mode's 401 and 403 are in tests/unit/kbs/"
+    "test_kbs_metrics.py"
+)
+
+
 def _unreachable() -> dict[Operation, str]:
     """(operation, status) pairs no run reaches, and why. Kept exact: a pair that a run does
     reach must leave this table (the test says so)."""
@@ -78,6 +85,8 @@ def _unreachable() -> dict[Operation, str]:
         table[path, method, 405] = _METHOD_405
     for path in ("/kbs/v0/attestation-policy", "/kbs/v0/reference-value"):
         table[path, "post", 404] = _NO_AS
+    for status in (401, 403):
+        table["/metrics", "get", status] = _METRICS_LOOPBACK
     return table
 
 
@@ -239,8 +248,8 @@ def jwt_admin_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         (403): schemathesis sends its one admin token everywhere."""
         reader = {"Authorization": f"Bearer {mint(key, role='reader')}"}
         for path, method, status in sorted(_documented()):
-            if path.startswith("/kbs/v0/pkcs11/"):
-                continue  # not configured: 404 (see _PKCS11)
+            if path.startswith("/kbs/v0/pkcs11/") or path == "/metrics":
+                continue  # not configured: 404 (see _PKCS11); loopback access (_METRICS_LOOPBACK)
             if status in (401, 403) and "AdminUnauthenticated" in str(
                 document()["paths"][path][method]["responses"].get("401")
             ):
