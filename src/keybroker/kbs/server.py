@@ -156,8 +156,6 @@ def serve(config: KbsConfig, *, log_level: str = "info", access_log: bool = Fals
     instance = instance_id()
     sockets = [bind(text) for text in http.sockets]
     log.info("Keybroker KBS (instance %s) %s", instance, startup_summary(config, scheme))
-    if config.admin.authorization_mode == "InsecureAllowAll":
-        log.warning("the admin API is open to anyone who can reach this KBS (InsecureAllowAll)")
     if workers == 1:
         app = create_app(config, instance_id=instance)
         uvicorn.Server(_uvicorn_config(app, workers, http, access_log)).run(sockets=sockets)
