@@ -174,9 +174,7 @@ def test_validate_auth_puts_the_request_behind_admin_authorization(
             "authentication": {"bearer_jwt": {"identity_providers": [provider]}},
             "authorization": {"regex_acl": {"acls": [acl]}},
         },
-        plugins=[
-            {"name": "external", "backends": [{"name": "echo", **_plain_backend(plain_plugin)}]}
-        ],
+        plugins=[{"name": "external", "backends": [backend]}],
     )
     admin = {"authorization": f"Bearer {mint(key)}"}
     with TestClient(create_app(config, clock=FakeClock()), client=LOOPBACK) as client:
