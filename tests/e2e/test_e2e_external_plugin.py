@@ -8,7 +8,7 @@ import ipaddress
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -106,7 +106,7 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     }
 
 
-def _kbs(backend: dict[str, object]) -> TestClient:
+def _kbs(backend: Mapping[str, object]) -> TestClient:
     config = kbs_config(plugins=[{"name": "external", "backends": [{"name": "echo", **backend}]}])
     return TestClient(create_app(config, clock=FakeClock()), client=LOOPBACK)
 
