@@ -333,3 +333,9 @@ def test_duplicate_backend_names_are_refused_at_load() -> None:
     backend = {"name": "a", "endpoint": "http://h:1"}
     with pytest.raises(ConfigError, match="duplicate"):
         kbs_config(plugins=[{"name": "external", "backends": [backend, backend]}])
+
+
+def test_missing_ca_file_stops_start_up(tmp_path: Path) -> None:
+    backend = {"endpoint": "https://127.0.0.1:1", "ca_cert_path": str(tmp_path / "absent.pem")}
+    with pytest.raises(ConfigError, match="cannot read ca_cert_path"), _kbs(backend):
+        pass
