@@ -12,6 +12,7 @@ What it answers, by the first forwarded path segment (``/kbs/v0/external/<backen
 - ``slow``: the same after ``--slow-seconds`` (default 30);
 - ``huge``: a body of ``--huge-bytes`` (default 2 MiB) bytes;
 - ``refuse``: ``status_code`` 403;
+- ``fail``: raises (the KBS sees gRPC ``UNKNOWN``);
 - anything else: ``status_code`` 404.
 """
 
@@ -56,6 +57,8 @@ class EchoPlugin(plugin_pb2_grpc.KbsPluginServicer):  # type: ignore[misc]
         first = self._first(list(request.path))
         if first == "huge":
             return plugin_pb2.PluginResponse(body=b"x" * self._huge, status_code=200)
+        if first == "fail":
+            raise RuntimeError("the echo plugin was asked to fail")
         if first == "refuse":
             return plugin_pb2.PluginResponse(body=b"no", status_code=403)
         if first not in ("echo", "sealed", "admin", "slow"):

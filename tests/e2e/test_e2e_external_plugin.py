@@ -207,6 +207,14 @@ def test_plugin_refusal_status_answers_401(plain_plugin: PluginProcess) -> None:
     assert reply.text != "no"  # the plugin's own body is not echoed
 
 
+def test_plugin_exception_answers_503(plain_plugin: PluginProcess) -> None:
+    with _kbs(_plain_backend(plain_plugin)) as client:
+        _attested(client)
+        reply = client.get("/kbs/v0/external/echo/fail")
+    assert reply.status_code == 503, reply.text
+    assert "failed (gRPC UNKNOWN)" in reply.json()["detail"]
+
+
 def test_unknown_backend_answers_404(plain_plugin: PluginProcess) -> None:
     with _kbs(_plain_backend(plain_plugin)) as client:
         reply = client.get("/kbs/v0/external/nobody/echo")
