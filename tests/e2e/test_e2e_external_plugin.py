@@ -8,6 +8,7 @@ import ipaddress
 import json
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from admin_tokens import mint, write_public_pem
 from conftest import FakeClock, kbs_config, vector
 from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
-from keybroker.config import load_config
+from keybroker.config import load_config, parse_config
 from keybroker.errors import ConfigError
 from keybroker.kbs.app import create_app
 from keybroker.plugins.external import MAX_ANSWER_BYTES
@@ -328,6 +329,14 @@ def test_upstream_external_plugin_config_loads(name: str) -> None:
     config = load_config(vector("kbs", "test-config", name))
     (plugin,) = config.plugins
     assert plugin.name == "external"
+
+
+def test_upstream_integration_config_with_explicit_tls_mode_loads() -> None:
+    document = tomllib.loads(vector("kbs", "configs", "external-plugin-test.toml").read_text())
+    # its [admin] is the legacy `type = ...` form, refused on its own (docs/configuration.md)
+    document["admin"] = {"authorization_mode": "InsecureAllowAll"}
+    config = parse_config(document)
+    assert [plugin.name for plugin in config.plugins] == ["sample", "external"]
 
 
 def test_https_backend_without_ca_is_refused_at_load() -> None:
