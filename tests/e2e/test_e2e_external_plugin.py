@@ -332,7 +332,7 @@ def test_upstream_external_plugin_config_loads(name: str) -> None:
 
 
 def test_upstream_integration_config_with_explicit_tls_mode_loads() -> None:
-    document = tomllib.loads(vector("kbs", "configs", "external-plugin-test.toml").read_text())
+    document = tomllib.loads(vector("kbs", "test-config", "external-plugin-test.toml").read_text())
     # its [admin] is the legacy `type = ...` form, refused on its own (docs/configuration.md)
     document["admin"] = {"authorization_mode": "InsecureAllowAll"}
     config = parse_config(document)
