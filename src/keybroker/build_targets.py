@@ -37,6 +37,7 @@ EXTRA_SWITCHES: dict[str, tuple[bool, str]] = {
     "PKCS11": (False, "pkcs11"),
     "POSTGRES": (False, "postgres"),
     "REDIS": (False, "redis"),
+    "EXTERNAL_PLUGIN": (False, "grpc"),  # the external plugin's gRPC client
 }
 REFUSED_SWITCHES: dict[str, str] = {
     "AWS": "Keybroker has no AWS Secrets Manager resource backend yet "
@@ -44,8 +45,6 @@ REFUSED_SWITCHES: dict[str, str] = {
     "GCP": "Keybroker has no GCP Secret Manager resource backend yet (use VAULT, ALIYUN or PKCS11)",
     "NEBULA_CA_PLUGIN": "Keybroker does not serve the nebula-ca plugin yet ([[plugins]] name = "
     '"nebula-ca" stops start-up)',
-    "EXTERNAL_PLUGIN": "Keybroker does not serve external gRPC plugins yet ([[plugins]] name = "
-    '"external" stops start-up)',
     "PQC_EXPERIMENTAL": "Keybroker's resource JWE has no ML-KEM (post-quantum) algorithm",
 }
 # kbs-client switches: Keybroker's client carries every attester it has; nothing to select.

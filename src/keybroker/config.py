@@ -493,18 +493,64 @@ class SamplePluginConfig(_Model):
     item: str
 
 
+class ExternalBackendConfig(_Model):
+    """One gRPC plugin process behind upstream's ``external`` plugin, answering
+    ``/kbs/v0/external/<name>/...``. ``http://`` is plaintext, ``https://`` is TLS against
+    ``ca_cert_path`` (upstream). ``client_cert_path`` + ``client_key_path`` add a client
+    certificate (mTLS, a Keybroker extension)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    endpoint: str = Field(pattern=r"^https?://[^/\s]+/?$")
+    timeout_ms: int | None = Field(default=None, gt=0, le=600_000)
+    tls_mode: Literal["tls", "insecure"] | None = None  # upstream's older, explicit form
+    ca_cert_path: Path | None = None
+    client_cert_path: Path | None = None
+    client_key_path: Path | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExternalBackendConfig:
+        tls = self.endpoint.startswith("https://")
+        if self.tls_mode is not None and (self.tls_mode == "tls") != tls:
+            raise ValueError(f"backend {self.name}: tls_mode {self.tls_mode} vs {self.endpoint}")
+        if tls and self.ca_cert_path is None:
+            raise ValueError(f"backend {self.name}: an https:// endpoint needs `ca_cert_path`")
+        if (self.client_cert_path is None) != (self.client_key_path is None):
+            raise ValueError(f"backend {self.name}: set both client_cert_path and client_key_path")
+        if not tls and (self.ca_cert_path or self.client_cert_path):
+            raise ValueError(f"backend {self.name}: TLS files need an https:// endpoint")
+        return self
+
+
+class ExternalPluginConfig(_Model):
+    """Upstream's ``external`` plugin: a gateway to gRPC plugin processes (``KbsPlugin``)."""
+
+    name: Literal["external"]
+    backends: list[ExternalBackendConfig] = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ExternalPluginConfig:
+        names = [backend.name for backend in self.backends]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate backend name in the external plugin")
+        return self
+
+
 class OtherPluginConfig(BaseModel):
-    """A plugin a later version serves (nebula-ca, pkcs11, external, provisioner).
+    """A plugin a later version serves (nebula-ca, provisioner).
 
     Its settings are kept as given; building the app refuses it with a clear message.
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    name: Literal["nebula-ca", "nebula_ca", "external", "provisioner"]
+    name: Literal["nebula-ca", "nebula_ca", "provisioner"]
 
 
 PluginConfig = Annotated[
-    ResourcePluginConfig | Pkcs11PluginConfig | SamplePluginConfig | OtherPluginConfig,
+    ResourcePluginConfig
+    | Pkcs11PluginConfig
+    | SamplePluginConfig
+    | ExternalPluginConfig
+    | OtherPluginConfig,
     Field(discriminator="name"),
 ]
 

@@ -54,6 +54,11 @@ def test_grpc_integration_and_aliyun_add_their_extras() -> None:
     ) == ("coco-as", "grpc", ("aliyun", "grpc"))
 
 
+def test_external_plugin_adds_the_grpc_extra() -> None:
+    chosen = _plan("background-check-kbs", "EXTERNAL_PLUGIN=true", "VAULT=false")
+    assert chosen == ("coco-as", "builtin", ("grpc",))
+
+
 def test_keybrokers_own_switches_add_their_extras() -> None:
     chosen = _plan("passport-resource-kbs", "PKCS11=true", "POSTGRES=true", "REDIS=true")
     assert chosen == (None, "builtin", ("pkcs11", "postgres", "redis", "vault"))
@@ -110,7 +115,6 @@ def test_an_unknown_target_or_switch_names_the_accepted_ones() -> None:
         ("AWS", "no AWS Secrets Manager resource backend"),
         ("GCP", "no GCP Secret Manager resource backend"),
         ("NEBULA_CA_PLUGIN", "does not serve the nebula-ca plugin"),
-        ("EXTERNAL_PLUGIN", "does not serve external gRPC plugins"),
         ("PQC_EXPERIMENTAL", "no ML-KEM"),
     ],
 )

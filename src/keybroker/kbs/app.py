@@ -247,7 +247,7 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
             f"plugin {call.name} does not answer {call.method}", allow=allowed
         )
     plugin.check(plugin_request)
-    if plugin.requires_admin(plugin_request):
+    if await plugin.ask_requires_admin(plugin_request):
         return await _admin(
             call, request, services, lambda: _handle_plain(plugin, plugin_request, services.metrics)
         )
@@ -283,7 +283,7 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
     services.audit.ensure_writable()
     try:
         # Find the key to encrypt to before touching the secret: no key, no read.
-        encrypt = plugin.needs_encryption(plugin_request)
+        encrypt = await plugin.ask_needs_encryption(plugin_request)
         recipient = services.tokens.tee_pubkey(claims) if encrypt else None
         with services.metrics.plugin_call(plugin.name):
             result = await plugin.handle(

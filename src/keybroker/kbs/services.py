@@ -25,6 +25,7 @@ from keybroker.attestation.signer import TokenSigner
 from keybroker.config import (
     SECRET_BACKENDS,
     BuiltinAsConfig,
+    ExternalPluginConfig,
     GrpcAsConfig,
     IdentityProvider,
     IntelTaConfig,
@@ -254,6 +255,16 @@ def _grpc_backend(config: GrpcAsConfig) -> AttestationBackend:
     return GrpcAttestationService(config)
 
 
+def _external_plugin(config: ExternalPluginConfig) -> Plugin:
+    try:
+        from keybroker.plugins.external import ExternalPlugin  # noqa: PLC0415
+    except ImportError:  # an optional extra, as for coco_as_grpc
+        raise ConfigError(
+            "the external plugin needs the grpc extra: pip install 'keybroker[grpc]'"
+        ) from None
+    return ExternalPlugin(config)
+
+
 def _intel_ta_backend(
     as_config: IntelTaConfig, config: KbsConfig, clock: Callable[[], float]
 ) -> AttestationBackend:
@@ -407,6 +418,8 @@ def _plugins(config: KbsConfig, storage: StorageProvider, metrics: KbsMetrics) -
             plugins["pkcs11"] = Pkcs11Plugin(_secret_backend("pkcs11", entry.backend_settings()))
         elif isinstance(entry, SamplePluginConfig):
             plugins["sample"] = SamplePlugin(entry.item)
+        elif isinstance(entry, ExternalPluginConfig):
+            plugins["external"] = _external_plugin(entry)
         elif isinstance(entry, OtherPluginConfig):
             raise UnsupportedFeatureError(f"plugin {entry.name}")
     return plugins

@@ -48,5 +48,13 @@ class Plugin(ABC):
     @abstractmethod
     def needs_encryption(self, request: PluginRequest) -> bool: ...
 
+    async def ask_requires_admin(self, request: PluginRequest) -> bool:
+        """What the KBS calls: ``requires_admin``, unless the answer needs I/O (``external``)."""
+        return self.requires_admin(request)
+
+    async def ask_needs_encryption(self, request: PluginRequest) -> bool:
+        """What the KBS calls: ``needs_encryption``, unless the answer needs I/O."""
+        return self.needs_encryption(request)
+
     @abstractmethod
     async def handle(self, request: PluginRequest) -> PluginResponse: ...
