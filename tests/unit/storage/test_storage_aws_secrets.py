@@ -26,6 +26,7 @@ from keybroker.errors import (
     KbsRejectedError,
     ResourceNotFoundError,
     ServiceUnavailableError,
+    StorageError,
     UnsupportedOperationError,
 )
 from keybroker.kbs.app import create_app
@@ -169,22 +170,53 @@ def test_service_that_never_answers_is_unavailable() -> None:
         server.stop()
 
 
-def test_server_error_is_unavailable() -> None:
-    async def failing(request: Request) -> Response:
+def _answering(status: int, code: str) -> ServedApp:
+    """A STAND-IN endpoint answering every call with the AWS JSON error ``code``."""
+
+    async def refuse(request: Request) -> Response:
         return Response(
-            b'{"__type":"InternalServiceError","message":"boom"}',
-            status_code=500,
-            headers={"x-amzn-ErrorType": "InternalServiceError"},
+            b'{"__type":"%s","message":"stand-in refusal"}' % code.encode(),
+            status_code=status,
+            headers={"x-amzn-ErrorType": code},
             media_type="application/x-amz-json-1.1",
         )
 
-    server = ServedApp(Starlette(routes=[Route("/", failing, methods=["POST"])]))
+    server = ServedApp(Starlette(routes=[Route("/", refuse, methods=["POST"])]))
     server.start()
+    return server
+
+
+def test_server_error_is_unavailable() -> None:
+    server = _answering(500, "InternalServiceError")
     try:
         with pytest.raises(ServiceUnavailableError, match="InternalServiceError"):
             asyncio.run(_backend(server.url, max_attempts=1).read(ResourcePath("a", "b", "x")))
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    "code", ["AccessDeniedException", "InvalidRequestException", "DecryptionFailure"]
+)
+def test_other_refusals_are_storage_errors_naming_the_code(code: str) -> None:
+    """Not "not found" and not "retry later": the operator must fix something."""
+    server = _answering(400, code)
+    try:
+        with pytest.raises(StorageError, match=code) as refused:
+            asyncio.run(_backend(server.url).read(ResourcePath("a", "b", "x")))
+        assert not isinstance(refused.value, ResourceNotFoundError | ServiceUnavailableError)
+        assert "stand-in refusal" not in str(refused.value)  # AWS's message: log only
+    finally:
+        server.stop()
+
+
+def test_no_credentials_is_a_storage_error(
+    moto: MotoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(StorageError, match="no AWS credentials"):
+        asyncio.run(_backend(moto.url).read(ResourcePath("a", "b", "x")))
 
 
 def test_no_region_anywhere_stops_start_up() -> None:
