@@ -115,18 +115,13 @@ class AwsSecretsSecretBackend(SecretBackend):
 
     def _get_secret_value(self, secret_id: str) -> dict[str, Any] | None:
         """The ``GetSecretValue`` response, or None for "no such secret" (in a worker thread)."""
-        from botocore.exceptions import (  # noqa: PLC0415  (boto3 is the optional `aws` extra)
-            BotoCoreError,
-            ClientError,
-            ConnectionError,
-            HTTPClientError,
-            NoCredentialsError,
-        )
+        # boto3 is the optional `aws` extra; _make_client has checked that it is installed.
+        from botocore import exceptions as boto  # noqa: PLC0415
 
         try:
             response: dict[str, Any] = self._client.get_secret_value(SecretId=secret_id)
             return response
-        except ClientError as e:
+        except boto.ClientError as e:
             error = e.response.get("Error", {})
             code = str(error.get("Code", ""))[:100]
             status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
@@ -147,18 +142,18 @@ class AwsSecretsSecretBackend(SecretBackend):
                     f"AWS Secrets Manager is busy or failing: {what}: retry later"
                 ) from None
             raise StorageError(f"AWS Secrets Manager refused GetSecretValue: {what}") from None
-        except (ConnectionError, HTTPClientError) as e:
+        except (boto.ConnectionError, boto.HTTPClientError) as e:
             log.warning("AWS Secrets Manager at %s: %s", self._where, type(e).__name__)
             raise ServiceUnavailableError(
                 f"{self._where} is unreachable or did not answer within "
                 f"{self._config.timeout} s: retry later"
             ) from None
-        except NoCredentialsError:
+        except boto.NoCredentialsError:
             raise StorageError(
                 "no AWS credentials found (environment, shared files, web identity or "
                 "instance role)"
             ) from None
-        except BotoCoreError as e:
+        except boto.BotoCoreError as e:
             raise StorageError(f"AWS Secrets Manager request failed: {type(e).__name__}") from None
 
     async def _write(self, path: ResourcePath, data: bytes) -> None:
