@@ -33,6 +33,7 @@ BOOLEANS = ("true", "false")
 # Keybroker's own (upstream's docker/Dockerfile passes FEATURES=pkcs11).
 EXTRA_SWITCHES: dict[str, tuple[bool, str]] = {
     "ALIYUN": (False, "aliyun"),
+    "AWS": (False, "aws"),
     "VAULT": (True, "vault"),
     "PKCS11": (False, "pkcs11"),
     "POSTGRES": (False, "postgres"),
@@ -40,8 +41,6 @@ EXTRA_SWITCHES: dict[str, tuple[bool, str]] = {
     "EXTERNAL_PLUGIN": (False, "grpc"),  # the external plugin's gRPC client
 }
 REFUSED_SWITCHES: dict[str, str] = {
-    "AWS": "Keybroker has no AWS Secrets Manager resource backend yet "
-    "(use VAULT, ALIYUN or PKCS11)",
     "GCP": "Keybroker has no GCP Secret Manager resource backend yet (use VAULT, ALIYUN or PKCS11)",
     "NEBULA_CA_PLUGIN": "Keybroker does not serve the nebula-ca plugin yet ([[plugins]] name = "
     '"nebula-ca" stops start-up)',

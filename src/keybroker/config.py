@@ -405,6 +405,7 @@ SECRET_BACKENDS = {
     "pkcs11": ("keybroker.storage.pkcs11", "Pkcs11Config", "Pkcs11SecretBackend"),
     "vault": ("keybroker.storage.vault", "VaultConfig", "VaultSecretBackend"),
     "aliyun": ("keybroker.storage.aliyun_kms", "AliyunKmsConfig", "AliyunKmsSecretBackend"),
+    "aws": ("keybroker.storage.aws_secrets", "AwsSecretsConfig", "AwsSecretsSecretBackend"),
 }
 _SECRET_BACKEND_SPELLINGS = {
     "kvstorage": "kvstorage",
@@ -415,6 +416,7 @@ _SECRET_BACKEND_SPELLINGS = {
     "aliyun": "aliyun",
     "aliyun_kms": "aliyun",
     "aliyunkms": "aliyun",
+    "aws": "aws",
 }
 
 
@@ -422,8 +424,8 @@ class ResourcePluginConfig(_Model):
     """The ``resource`` plugin, in the forms operators have.
 
     - current upstream: ``storage_backend_type = "kvstorage"`` (the shared key-value store), or
-      another secret backend (``pkcs11``, ``vault``, ``aliyun``) whose settings sit beside it
-      in the same table and are checked by that backend's own model;
+      another secret backend (``pkcs11``, ``vault``, ``aliyun``, ``aws``) whose settings sit
+      beside it in the same table and are checked by that backend's own model;
     - seed-era upstream: ``type = "LocalFs"`` with ``dir_path`` (files at
       ``<dir_path>/<repo>/<type>/<tag>``), or ``type = "Aliyun"`` / ``"Vault"`` / ...
     """

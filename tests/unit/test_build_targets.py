@@ -112,7 +112,6 @@ def test_an_unknown_target_or_switch_names_the_accepted_ones() -> None:
 @pytest.mark.parametrize(
     ("switch", "reason"),
     [
-        ("AWS", "no AWS Secrets Manager resource backend"),
         ("GCP", "no GCP Secret Manager resource backend"),
         ("NEBULA_CA_PLUGIN", "does not serve the nebula-ca plugin"),
         ("PQC_EXPERIMENTAL", "no ML-KEM"),
@@ -213,3 +212,8 @@ def test_a_build_dir_toml_cannot_hold_is_refused(tmp_path: Path) -> None:
     odd = tmp_path / 'a"b'
     with pytest.raises(BuildError, match="cannot write"):
         kbs_config(plan("background-check-kbs", {}), odd, odd / "s.pem", "127.0.0.1:1", "x:1")
+
+
+def test_aws_installs_the_aws_extra() -> None:
+    assert "aws" in plan("background-check-kbs", {"AWS": "true"}).extras
+    assert "aws" not in plan("background-check-kbs", {"AWS": "false"}).extras

@@ -2,7 +2,8 @@
 
 The key-value backend runs over PostgreSQL here (the key-value suite covers the other stores);
 PKCS#11 runs on a real SoftHSM2 token; Vault (KV v1 and v2) is the production hvac client against
-the Vault stand-in over HTTP. Aliyun KMS is read-only and has its own module.
+the Vault stand-in over HTTP. Aliyun KMS and AWS Secrets Manager are read-only and have their
+own modules (test_storage_aliyun_kms.py, test_storage_aws_secrets.py).
 """
 
 from __future__ import annotations
