@@ -493,18 +493,40 @@ class SamplePluginConfig(_Model):
     item: str
 
 
+class NebulaCaPluginConfig(BaseModel):
+    """Upstream's ``nebula-ca`` plugin; its keys are checked by
+    :class:`keybroker.plugins.nebula_ca.NebulaCaConfig` at load time."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: Literal["nebula-ca", "nebula_ca"]
+
+    def settings(self) -> BaseModel:
+        module = importlib.import_module("keybroker.plugins.nebula_ca")
+        model: type[BaseModel] = module.NebulaCaConfig
+        return model.model_validate(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _known_settings(self) -> NebulaCaPluginConfig:
+        self.settings()
+        return self
+
+
 class OtherPluginConfig(BaseModel):
-    """A plugin a later version serves (nebula-ca, pkcs11, external, provisioner).
+    """A plugin a later version serves (external, provisioner).
 
     Its settings are kept as given; building the app refuses it with a clear message.
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    name: Literal["nebula-ca", "nebula_ca", "external", "provisioner"]
+    name: Literal["external", "provisioner"]
 
 
 PluginConfig = Annotated[
-    ResourcePluginConfig | Pkcs11PluginConfig | SamplePluginConfig | OtherPluginConfig,
+    ResourcePluginConfig
+    | Pkcs11PluginConfig
+    | SamplePluginConfig
+    | NebulaCaPluginConfig
+    | OtherPluginConfig,
     Field(discriminator="name"),
 ]
 

@@ -30,6 +30,7 @@ from keybroker.config import (
     IntelTaConfig,
     KbsConfig,
     NoAsConfig,
+    NebulaCaPluginConfig,
     OtherPluginConfig,
     Pkcs11PluginConfig,
     PostgresBackendConfig,
@@ -56,6 +57,7 @@ from keybroker.kbs.resource_policy import KBS_NAMESPACE, ResourcePolicy
 from keybroker.kbs.sessions import SESSION_NAMESPACE, SessionStore
 from keybroker.kbs.tokens import TokenVerifier
 from keybroker.plugins.base import Plugin
+from keybroker.plugins.nebula_ca import NebulaCaConfig, NebulaCaPlugin
 from keybroker.plugins.pkcs11 import Pkcs11Plugin
 from keybroker.plugins.resource import ResourcePlugin
 from keybroker.plugins.sample import SamplePlugin
@@ -407,6 +409,10 @@ def _plugins(config: KbsConfig, storage: StorageProvider, metrics: KbsMetrics) -
             plugins["pkcs11"] = Pkcs11Plugin(_secret_backend("pkcs11", entry.backend_settings()))
         elif isinstance(entry, SamplePluginConfig):
             plugins["sample"] = SamplePlugin(entry.item)
+        elif isinstance(entry, NebulaCaPluginConfig):
+            settings = entry.settings()
+            assert isinstance(settings, NebulaCaConfig)
+            plugins["nebula-ca"] = NebulaCaPlugin(settings)
         elif isinstance(entry, OtherPluginConfig):
             raise UnsupportedFeatureError(f"plugin {entry.name}")
     return plugins
