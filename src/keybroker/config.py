@@ -25,7 +25,7 @@ import importlib
 import logging
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -40,6 +40,9 @@ from pydantic import (
 
 from keybroker.errors import BadRequestError, ConfigError
 from keybroker.protocol.untrusted_json import parse_json, parse_toml, parse_yaml
+
+if TYPE_CHECKING:
+    from keybroker.plugins.nebula_ca import NebulaCaConfig
 
 log = logging.getLogger("keybroker.config")
 
@@ -500,10 +503,10 @@ class NebulaCaPluginConfig(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
     name: Literal["nebula-ca", "nebula_ca"]
 
-    def settings(self) -> BaseModel:
-        module = importlib.import_module("keybroker.plugins.nebula_ca")
-        model: type[BaseModel] = module.NebulaCaConfig
-        return model.model_validate(self.model_extra or {})
+    def settings(self) -> NebulaCaConfig:
+        from keybroker.plugins.nebula_ca import NebulaCaConfig  # noqa: PLC0415 - lazy, as above
+
+        return NebulaCaConfig.model_validate(self.model_extra or {})
 
     @model_validator(mode="after")
     def _known_settings(self) -> NebulaCaPluginConfig:

@@ -29,8 +29,8 @@ from keybroker.config import (
     IdentityProvider,
     IntelTaConfig,
     KbsConfig,
-    NoAsConfig,
     NebulaCaPluginConfig,
+    NoAsConfig,
     OtherPluginConfig,
     Pkcs11PluginConfig,
     PostgresBackendConfig,
@@ -57,7 +57,7 @@ from keybroker.kbs.resource_policy import KBS_NAMESPACE, ResourcePolicy
 from keybroker.kbs.sessions import SESSION_NAMESPACE, SessionStore
 from keybroker.kbs.tokens import TokenVerifier
 from keybroker.plugins.base import Plugin
-from keybroker.plugins.nebula_ca import NebulaCaConfig, NebulaCaPlugin
+from keybroker.plugins.nebula_ca import NebulaCaPlugin
 from keybroker.plugins.pkcs11 import Pkcs11Plugin
 from keybroker.plugins.resource import ResourcePlugin
 from keybroker.plugins.sample import SamplePlugin
@@ -410,9 +410,7 @@ def _plugins(config: KbsConfig, storage: StorageProvider, metrics: KbsMetrics) -
         elif isinstance(entry, SamplePluginConfig):
             plugins["sample"] = SamplePlugin(entry.item)
         elif isinstance(entry, NebulaCaPluginConfig):
-            settings = entry.settings()
-            assert isinstance(settings, NebulaCaConfig)
-            plugins["nebula-ca"] = NebulaCaPlugin(settings)
+            plugins["nebula-ca"] = NebulaCaPlugin(entry.settings())
         elif isinstance(entry, OtherPluginConfig):
             raise UnsupportedFeatureError(f"plugin {entry.name}")
     return plugins

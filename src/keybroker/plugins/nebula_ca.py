@@ -118,9 +118,8 @@ class CredentialParams(BaseModel):
     def from_query(cls, query: dict[str, str]) -> CredentialParams:
         unknown = sorted(set(query) - QUERY_KEYS)
         if unknown:
-            raise BadRequestError(
-                f"nebula-ca credential: unknown parameter(s) {', '.join(k[:32] for k in unknown[:5])}"
-            )
+            named = ", ".join(key[:32] for key in unknown[:5])
+            raise BadRequestError(f"nebula-ca credential: unknown parameter(s) {named}")
         name, ip = query.get("name"), query.get("ip")
         if name is None or ip is None:
             raise BadRequestError("nebula-ca credential: `name` and `ip` are required")
@@ -266,9 +265,7 @@ class NebulaCaPlugin(Plugin):
 
     def check(self, request: PluginRequest) -> None:
         if request.path != ("credential",):
-            raise InvalidRequestPathError(
-                "nebula-ca answers only GET /kbs/v0/nebula-ca/credential"
-            )
+            raise InvalidRequestPathError("nebula-ca answers only GET /kbs/v0/nebula-ca/credential")
         CredentialParams.from_query(request.query)
 
     def requires_admin(self, request: PluginRequest) -> bool:

@@ -76,7 +76,7 @@ def test_a_credential_query_becomes_upstreams_sign_flags(
         ),
         ({"name": "pod1", "ip": "10.0.0.1/24", "groups": "g" * 10_000}, "too long"),
         ({"name": "pod1", "ip": "10.0.0.1/24", "subnets": "10.1.0.0/16,nope"}, "IPv4 CIDR"),
-        ({"name": "pod1", "ip": "10.0.0.1/24", "ca-key": "/tmp/x"}, "unknown parameter"),
+        ({"name": "pod1", "ip": "10.0.0.1/24", "ca-key": "elsewhere.key"}, "unknown parameter"),
     ],
 )
 def test_a_bad_credential_query_is_refused(query: dict[str, str], message: str) -> None:
