@@ -6,14 +6,23 @@ tests/e2e/test_e2e_nebula_ca.py; here each refused query has its own case.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 from conftest import vector
 from keybroker.config import KbsConfig, NebulaCaPluginConfig, load_config
-from keybroker.errors import BadRequestError, ConfigError, InvalidRequestPathError
+from keybroker.errors import (
+    BadRequestError,
+    ConfigError,
+    InvalidRequestPathError,
+    ServiceUnavailableError,
+)
+from keybroker.plugins import nebula_ca
 from keybroker.plugins.base import PluginRequest
 from keybroker.plugins.nebula_ca import (
     MAX_LIST_ITEMS,
@@ -21,6 +30,7 @@ from keybroker.plugins.nebula_ca import (
     CredentialParams,
     NebulaCaConfig,
     NebulaCaPlugin,
+    SelfSignedCaConfig,
 )
 
 
@@ -133,3 +143,28 @@ def test_only_get_credential_is_served(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestPathError):
         plugin.check(request)
     assert plugin.needs_encryption(request) and not plugin.requires_admin(request)
+
+
+def test_a_request_outside_the_cas_ips_is_refused_by_nebula_cert(tmp_path: Path) -> None:
+    ca = SelfSignedCaConfig(name="Limited CA", ips="10.9.0.0/16")
+    plugin = NebulaCaPlugin(NebulaCaConfig(work_dir=tmp_path, ca_config=ca))
+    inside = PluginRequest("GET", ("credential",), {"name": "pod1", "ip": "10.9.8.7/21"})
+    answer = json.loads(asyncio.run(plugin.handle(inside)).body)
+    assert bytes(answer["ca_crt"]) == (tmp_path / "ca" / "ca.crt").read_bytes()
+    outside = PluginRequest("GET", ("credential",), {"name": "pod1", "ip": "192.168.1.1/24"})
+    with pytest.raises(BadRequestError, match="nebula-cert refused to sign"):
+        asyncio.run(plugin.handle(outside))
+    assert not list(tmp_path.glob("credential-*"))  # removed after a failure too
+
+
+def test_a_hanging_nebula_cert_answers_503(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # FAULT INJECTION: a wrapper around the real binary whose `sign` never finishes in time
+    hanging = tmp_path / "hanging-nebula-cert"
+    real = shutil.which("nebula-cert")
+    hanging.write_text(f'#!/bin/sh\n[ "$1" = sign ] && exec sleep 30\nexec {real} "$@"\n')
+    hanging.chmod(0o700)
+    monkeypatch.setattr(nebula_ca, "SIGN_TIMEOUT_SECONDS", 0.5)
+    plugin = NebulaCaPlugin(NebulaCaConfig(work_dir=tmp_path, nebula_cert_bin_path=str(hanging)))
+    request = PluginRequest("GET", ("credential",), {"name": "pod1", "ip": "10.9.8.7/21"})
+    with pytest.raises(ServiceUnavailableError, match="timed out"):
+        asyncio.run(plugin.handle(request))
