@@ -13,6 +13,7 @@ import pytest
 from kbs_process import kbs_client, open_kbs_config, running_kbs
 from keybroker.client.rcar import KbsClient
 from ports import free_port
+from system_tools import require
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +40,11 @@ duration = "100h"
 
 def _nebula_cert(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["nebula-cert", *args], capture_output=True, text=True, timeout=60, check=False
+        [str(require("nebula-cert", "nebula")), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
