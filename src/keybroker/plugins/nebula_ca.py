@@ -15,6 +15,7 @@ private 0700 directory that is removed afterwards.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import ipaddress
 import json
 import logging
@@ -231,12 +232,15 @@ class NebulaCaPlugin(Plugin):
         self.ca_key = config.work_dir / "ca" / "ca.key"
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_SIGNINGS)
         log.info("nebula-ca: nebula-cert version %s", self._nebula.version())
-        self._ensure_ca(config.ca_config)
+        self.ca_crt.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # worker processes start together: one creates the CA, the others then reuse it
+        with (self.ca_crt.parent / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._ensure_ca(config.ca_config)
 
     def _ensure_ca(self, ca: SelfSignedCaConfig) -> None:
         """Reuse ``ca.{crt,key}`` if both exist (a previous run, or imported out-of-band);
         create them if neither does; refuse a half-present CA."""
-        self.ca_crt.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         crt, key = self.ca_crt.exists(), self.ca_key.exists()
         if not crt and not key:
             result = self._nebula.run(
