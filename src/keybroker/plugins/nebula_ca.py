@@ -231,12 +231,17 @@ class NebulaCaPlugin(Plugin):
         self.ca_crt = config.work_dir / "ca" / "ca.crt"
         self.ca_key = config.work_dir / "ca" / "ca.key"
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_SIGNINGS)
-        log.info("nebula-ca: nebula-cert version %s", self._nebula.version())
-        self.ca_crt.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # worker processes start together: one creates the CA, the others then reuse it
-        with (self.ca_crt.parent / ".lock").open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._ensure_ca(config.ca_config)
+        try:
+            log.info("nebula-ca: nebula-cert version %s", self._nebula.version())
+            self.ca_crt.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # worker processes start together: one creates the CA, the others then reuse it
+            with (self.ca_crt.parent / ".lock").open("a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._ensure_ca(config.ca_config)
+        except subprocess.TimeoutExpired:
+            raise ConfigError("[[plugins]] nebula-ca: nebula-cert timed out at start-up") from None
+        except OSError as e:
+            raise ConfigError(f"[[plugins]] nebula-ca: {e}") from None
 
     def _ensure_ca(self, ca: SelfSignedCaConfig) -> None:
         """Reuse ``ca.{crt,key}`` if both exist (a previous run, or imported out-of-band);
@@ -287,7 +292,11 @@ class NebulaCaPlugin(Plugin):
 
     def _credential(self, params: CredentialParams) -> dict[str, list[int]]:
         """Sign, verify and read a node credential in a private directory, then remove it."""
-        directory = Path(tempfile.mkdtemp(prefix="credential-", dir=self._work_dir))  # 0700
+        try:
+            directory = Path(tempfile.mkdtemp(prefix="credential-", dir=self._work_dir))  # 0700
+        except OSError as e:
+            log.error("nebula-ca: cannot make a directory in %s: %s", self._work_dir, e)
+            raise ServiceUnavailableError("nebula-ca: the work directory is not usable") from None
         node_crt, node_key = directory / "node.crt", directory / "node.key"
         try:
             try:

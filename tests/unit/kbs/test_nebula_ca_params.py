@@ -168,3 +168,10 @@ def test_a_hanging_nebula_cert_answers_503(tmp_path: Path, monkeypatch: pytest.M
     request = PluginRequest("GET", ("credential",), {"name": "pod1", "ip": "10.9.8.7/21"})
     with pytest.raises(ServiceUnavailableError, match="timed out"):
         asyncio.run(plugin.handle(request))
+
+
+def test_an_unwritable_work_dir_stops_start_up(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="nebula-ca"):
+        NebulaCaPlugin(NebulaCaConfig(work_dir=blocker / "nebula-ca"))
