@@ -42,9 +42,13 @@ EXTRA_SWITCHES: dict[str, tuple[bool, str]] = {
 }
 REFUSED_SWITCHES: dict[str, str] = {
     "GCP": "Keybroker has no GCP Secret Manager resource backend yet (use VAULT, ALIYUN or PKCS11)",
-    "NEBULA_CA_PLUGIN": "Keybroker does not serve the nebula-ca plugin yet ([[plugins]] name = "
-    '"nebula-ca" stops start-up)',
     "PQC_EXPERIMENTAL": "Keybroker's resource JWE has no ML-KEM (post-quantum) algorithm",
+}
+# Switches for what every build serves but needs a system tool for: name -> the note when true.
+TOOL_SWITCHES: dict[str, str] = {
+    "NEBULA_CA_PLUGIN": "NEBULA_CA_PLUGIN: the nebula-ca plugin is always there; it runs "
+    "nebula-cert (Debian package `nebula`), which must be on PATH or set as "
+    "`nebula_cert_bin_path`",
 }
 # kbs-client switches: Keybroker's client carries every attester it has; nothing to select.
 CLIENT_SWITCHES: dict[str, str] = {
@@ -55,7 +59,14 @@ CLIENT_SWITCHES: dict[str, str] = {
 AS_SWITCHES = ("AS_TYPE", "AS_TYPES", "COCO_AS_INTEGRATION_TYPE")
 # Upstream cross-compiles for ARCH; pip installs for the interpreter that runs the build.
 HOST_SWITCHES = ("ARCH",)
-SWITCHES = (*AS_SWITCHES, *EXTRA_SWITCHES, *REFUSED_SWITCHES, *CLIENT_SWITCHES, *HOST_SWITCHES)
+SWITCHES = (
+    *AS_SWITCHES,
+    *EXTRA_SWITCHES,
+    *TOOL_SWITCHES,
+    *REFUSED_SWITCHES,
+    *CLIENT_SWITCHES,
+    *HOST_SWITCHES,
+)
 _MACHINES = {"arm64": "aarch64", "amd64": "x86_64"}
 
 # Default listening addresses: upstream's quickstart ports.
@@ -151,7 +162,7 @@ def _not_applying(target: str, switches: dict[str, str]) -> None:
             what = "has no attestation service" if target != "cli" else "is the client only"
             raise BuildError(f"{', '.join(given)}: make {target} {what}")
     if target == "cli":
-        given = [name for name in EXTRA_SWITCHES if name in switches]
+        given = [name for name in (*EXTRA_SWITCHES, *TOOL_SWITCHES) if name in switches]
         if given:
             raise BuildError(f"{', '.join(given)}: make cli builds the client, with no backends")
 
@@ -183,7 +194,11 @@ def plan(target: str, switches: dict[str, str]) -> Plan:
         value = switches.get(name, "true" if default else "false")
         if _choice(name, value, BOOLEANS) == "true":
             extras.add(extra)
-    notes = []
+    notes = [
+        note
+        for name, note in TOOL_SWITCHES.items()
+        if _choice(name, switches.get(name, "false"), BOOLEANS) == "true"
+    ]
     if "aliyun" in extras:
         notes.append("ALIYUN: the Aliyun KMS client is part of Keybroker (extra `aliyun` is empty)")
     return Plan(target, as_type, integration, tuple(sorted(extras)), tuple(notes))

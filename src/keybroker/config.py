@@ -25,7 +25,7 @@ import importlib
 import logging
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -40,6 +40,9 @@ from pydantic import (
 
 from keybroker.errors import BadRequestError, ConfigError
 from keybroker.protocol.untrusted_json import parse_json, parse_toml, parse_yaml
+
+if TYPE_CHECKING:
+    from keybroker.plugins.nebula_ca import NebulaCaConfig
 
 log = logging.getLogger("keybroker.config")
 
@@ -537,14 +540,32 @@ class ExternalPluginConfig(_Model):
         return self
 
 
+class NebulaCaPluginConfig(BaseModel):
+    """Upstream's ``nebula-ca`` plugin; its keys are checked by
+    :class:`keybroker.plugins.nebula_ca.NebulaCaConfig` at load time."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: Literal["nebula-ca", "nebula_ca"]
+
+    def settings(self) -> NebulaCaConfig:
+        from keybroker.plugins.nebula_ca import NebulaCaConfig  # noqa: PLC0415 - lazy, as above
+
+        return NebulaCaConfig.model_validate(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _known_settings(self) -> NebulaCaPluginConfig:
+        self.settings()
+        return self
+
+
 class OtherPluginConfig(BaseModel):
-    """A plugin a later version serves (nebula-ca, provisioner).
+    """A plugin a later version serves (provisioner).
 
     Its settings are kept as given; building the app refuses it with a clear message.
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    name: Literal["nebula-ca", "nebula_ca", "provisioner"]
+    name: Literal["provisioner"]
 
 
 PluginConfig = Annotated[
@@ -552,6 +573,7 @@ PluginConfig = Annotated[
     | Pkcs11PluginConfig
     | SamplePluginConfig
     | ExternalPluginConfig
+    | NebulaCaPluginConfig
     | OtherPluginConfig,
     Field(discriminator="name"),
 ]

@@ -113,7 +113,6 @@ def test_an_unknown_target_or_switch_names_the_accepted_ones() -> None:
     ("switch", "reason"),
     [
         ("GCP", "no GCP Secret Manager resource backend"),
-        ("NEBULA_CA_PLUGIN", "does not serve the nebula-ca plugin"),
         ("PQC_EXPERIMENTAL", "no ML-KEM"),
     ],
 )
@@ -217,3 +216,14 @@ def test_a_build_dir_toml_cannot_hold_is_refused(tmp_path: Path) -> None:
 def test_aws_installs_the_aws_extra() -> None:
     assert "aws" in plan("background-check-kbs", {"AWS": "true"}).extras
     assert "aws" not in plan("background-check-kbs", {"AWS": "false"}).extras
+
+
+def test_the_nebula_ca_switch_adds_no_extra_and_names_the_tool_it_needs() -> None:
+    chosen = plan("background-check-kbs", {"NEBULA_CA_PLUGIN": "true"})
+    assert chosen.extras == ("vault",)
+    assert any("nebula-cert" in note for note in chosen.notes)
+    assert not plan("background-check-kbs", {"NEBULA_CA_PLUGIN": "false"}).notes
+    with pytest.raises(BuildError, match=r"true \| false"):
+        plan("background-check-kbs", {"NEBULA_CA_PLUGIN": "yes"})
+    with pytest.raises(BuildError, match="NEBULA_CA_PLUGIN: make cli builds the client"):
+        plan("cli", {"NEBULA_CA_PLUGIN": "true"})

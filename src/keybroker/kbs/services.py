@@ -30,6 +30,7 @@ from keybroker.config import (
     IdentityProvider,
     IntelTaConfig,
     KbsConfig,
+    NebulaCaPluginConfig,
     NoAsConfig,
     OtherPluginConfig,
     Pkcs11PluginConfig,
@@ -57,6 +58,7 @@ from keybroker.kbs.resource_policy import KBS_NAMESPACE, ResourcePolicy
 from keybroker.kbs.sessions import SESSION_NAMESPACE, SessionStore
 from keybroker.kbs.tokens import TokenVerifier
 from keybroker.plugins.base import Plugin
+from keybroker.plugins.nebula_ca import NebulaCaPlugin
 from keybroker.plugins.pkcs11 import Pkcs11Plugin
 from keybroker.plugins.resource import ResourcePlugin
 from keybroker.plugins.sample import SamplePlugin
@@ -420,6 +422,8 @@ def _plugins(config: KbsConfig, storage: StorageProvider, metrics: KbsMetrics) -
             plugins["sample"] = SamplePlugin(entry.item)
         elif isinstance(entry, ExternalPluginConfig):
             plugins["external"] = _external_plugin(entry)
+        elif isinstance(entry, NebulaCaPluginConfig):
+            plugins["nebula-ca"] = NebulaCaPlugin(entry.settings())
         elif isinstance(entry, OtherPluginConfig):
             raise UnsupportedFeatureError(f"plugin {entry.name}")
     return plugins
