@@ -163,7 +163,7 @@ def _starter(tmp_path: Path, target: str, **switches: str) -> Path:
     out.mkdir()
     config = out / "kbs-config.toml"
     signer = tmp_path / "keys" / "token-signer.pem"
-    config.write_text(kbs_config(plan(target, switches), out, signer, "127.0.0.1:8080", "x:1"))
+    config.write_text(kbs_config(plan(target, switches), out, signer, "127.0.0.1:18080", "x:1"))
     return config
 
 
@@ -171,7 +171,7 @@ def test_the_builtin_starter_config_loads_with_the_strict_parser(tmp_path: Path)
     config = load_config(_starter(tmp_path, "background-check-kbs"))
     assert isinstance(config.attestation_service, BuiltinAsConfig)
     assert config.admin.authorization_mode == "AuthenticatedAuthorization"
-    assert config.http_server.sockets == ["127.0.0.1:8080"]
+    assert config.http_server.sockets == ["127.0.0.1:18080"]
     assert config.audit.key_path == tmp_path / "background-check-kbs" / "keys" / "audit.key"
 
 
