@@ -11,12 +11,12 @@ import pytest
 from keybroker.cli import grpc_as, kbs, kbs_client, rvps
 
 HELP_DEFAULTS = [
-    (kbs_client.main, ["--help"], "(default: $KBS_URL, else http://127.0.0.1:8080)"),
+    (kbs_client.main, ["--help"], f"(default: $KBS_URL, else {kbs_client.DEFAULT_URL})"),
     (kbs_client.main, ["admin", "keygen", "--help"], "admin-key.pem)"),
     (kbs_client.main, ["admin", "token", "--help"], "(default 1h)"),
-    (rvps.main, ["--help"], "(default: 127.0.0.1:50003)"),
-    (rvps.tool_main, ["query", "--help"], "(default: http://127.0.0.1:50003)"),
-    (grpc_as.main, ["--help"], "(default: 127.0.0.1:3000)"),
+    (rvps.main, ["--help"], f"(default: {rvps.DEFAULT_ADDRESS})"),
+    (rvps.tool_main, ["query", "--help"], f"(default: {rvps.DEFAULT_URL})"),
+    (grpc_as.main, ["--help"], f"(default: {grpc_as.GRPC_AS_SOCKET})"),
     (kbs.main, ["--help"], "(default: info)"),
     (kbs.main, ["--help"], "`kbs audit keygen|verify ...`"),
     (kbs.main, ["--help"], "`kbs self-signed-cert ...`"),

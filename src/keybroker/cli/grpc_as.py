@@ -37,6 +37,10 @@ from keybroker.storage.provider import StorageProvider, local_fs_provider, memor
 
 log = logging.getLogger("keybroker.grpc_as")
 
+# upstream's default listen addresses
+GRPC_AS_SOCKET = "127.0.0.1:3000"
+RESTFUL_AS_SOCKET = "127.0.0.1:8080"
+
 
 def _storage(config: AttestationServiceFileConfig) -> StorageProvider:
     backend = config.storage_backend
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "-c", "--config-file", type=Path, help="AS config file (TOML, JSON or YAML)"
     )
-    parser.add_argument("-s", "--socket", default="127.0.0.1:3000", help="listen address")
+    parser.add_argument("-s", "--socket", default=GRPC_AS_SOCKET, help="listen address")
     _tls_arguments(parser)
     add_version(parser)
     args = parser.parse_args(argv)
@@ -168,7 +172,7 @@ def restful_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "-c", "--config-file", type=Path, help="AS config file (TOML, JSON or YAML)"
     )
-    parser.add_argument("-s", "--socket", default="127.0.0.1:8080", help="listen address")
+    parser.add_argument("-s", "--socket", default=RESTFUL_AS_SOCKET, help="listen address")
     _tls_arguments(parser)
     parser.add_argument(
         "-r",

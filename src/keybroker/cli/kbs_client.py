@@ -31,9 +31,12 @@ from keybroker.client.attesters import Attester, SampleDeviceAttester
 from keybroker.client.keys import TeeKey
 from keybroker.client.rcar import KbsClient
 from keybroker.client.tpm_attester import TpmAttester
+from keybroker.config import DEFAULT_SOCKET
 from keybroker.errors import ClientError, KbsRejectedError, KeybrokerError
 from keybroker.protocol.models import JsonValue
 from keybroker.protocol.resource_path import ResourcePath
+
+DEFAULT_URL = f"http://{DEFAULT_SOCKET}"  # where `kbs --insecure-dev` (make run) serves
 
 PRESET_POLICIES = {
     "allow_all": "allow_all",
@@ -47,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="kbs-client", description="A client for KBS APIs")
     parser.add_argument(
         "--url",
-        default=os.environ.get("KBS_URL") or "http://127.0.0.1:8080",
-        help="KBS root URL (default: $KBS_URL, else http://127.0.0.1:8080)",
+        default=os.environ.get("KBS_URL") or DEFAULT_URL,
+        help=f"KBS root URL (default: $KBS_URL, else {DEFAULT_URL})",
     )
     parser.add_argument("--cert-file", type=Path, help="CA certificate (PEM) of an HTTPS KBS")
     parser.add_argument("-V", "--version", action="version", version=f"kbs-client {__version__}")

@@ -24,6 +24,10 @@ from keybroker.storage.provider import StorageProvider, local_fs_provider, memor
 
 log = logging.getLogger("keybroker.rvps")
 
+# upstream's defaults: where rvps listens, and where rvps-tool finds it
+DEFAULT_ADDRESS = "127.0.0.1:50003"
+DEFAULT_URL = f"http://{DEFAULT_ADDRESS}"
+
 
 def _storage(config: RvpsFileConfig) -> StorageProvider:
     backend = config.storage
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser = Parser(prog="rvps", description="Reference Value Provider Service")
     parser.add_argument("-c", "--config", type=Path, help="config file (TOML, JSON or YAML)")
-    parser.add_argument("-a", "--address", default="127.0.0.1:50003", help="listen address")
+    parser.add_argument("-a", "--address", default=DEFAULT_ADDRESS, help="listen address")
     add_version(parser)
     args = parser.parse_args(argv)
     try:
@@ -71,12 +75,12 @@ def tool_main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     register = commands.add_parser("register", help="register a provenance message")
     register.add_argument("-p", "--path", type=Path, required=True, help="the message (JSON)")
-    register.add_argument("-a", "--addr", default="http://127.0.0.1:50003")
+    register.add_argument("-a", "--addr", default=DEFAULT_URL)
     query = commands.add_parser("query", help="print the reference values of an id (JSON)")
     query.add_argument(
         "-r", "--reference-value-id", "--id", dest="id", required=True, help="the id to query"
     )
-    query.add_argument("-a", "--addr", default="http://127.0.0.1:50003")
+    query.add_argument("-a", "--addr", default=DEFAULT_URL)
     args = parser.parse_args(argv)
     try:
         from keybroker.rvps.grpc_service import RemoteReferenceValues  # noqa: PLC0415
