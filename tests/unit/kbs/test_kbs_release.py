@@ -187,3 +187,17 @@ def test_sample_plugin_is_admin_only() -> None:
     with TestClient(create_app(kbs_config(plugins=[{"name": "sample", "item": "v"}]))) as client:
         reply = client.get("/kbs/v0/sample/anything")
         assert reply.status_code == 200 and reply.text == "sample plugin response"
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE"])
+def test_sample_plugin_answers_as_upstream_for_every_method(method: str) -> None:
+    with TestClient(create_app(kbs_config(plugins=[{"name": "sample", "item": "v"}]))) as client:
+        reply = client.request(method, "/kbs/v0/sample/a/b", content=b"ignored")
+    assert reply.status_code == 200
+    assert reply.content == b"sample plugin response"  # not a JWE: the answer is not sealed
+    assert reply.headers["content-type"].startswith("text/plain")
+
+
+def test_sample_plugin_without_item_stops_start_up() -> None:
+    with pytest.raises(ConfigError, match="item"):
+        kbs_config(plugins=[{"name": "sample"}])
