@@ -40,6 +40,7 @@ from pydantic import (
 
 from keybroker.errors import BadRequestError, ConfigError
 from keybroker.protocol.untrusted_json import parse_json, parse_toml, parse_yaml
+from keybroker.storage.versions import DEFAULT_MAX_VERSIONS, MAX_VERSIONS_LIMIT
 
 if TYPE_CHECKING:
     from keybroker.plugins.nebula_ca import NebulaCaConfig
@@ -438,6 +439,8 @@ class ResourcePluginConfig(_Model):
     storage_backend_type: str | None = None
     type: str | None = None
     dir_path: Path | None = None
+    # Keybroker only: how many versions of a resource the kvstorage backend keeps.
+    max_versions: int | None = Field(default=None, ge=1, le=MAX_VERSIONS_LIMIT)
 
     def backend_kind(self) -> str:
         """``kvstorage``, ``legacy_local_fs`` or a key of :data:`SECRET_BACKENDS`."""
@@ -464,12 +467,19 @@ class ResourcePluginConfig(_Model):
     @model_validator(mode="after")
     def _known_settings(self) -> ResourcePluginConfig:
         kind = self.backend_kind()
+        if self.max_versions is not None and kind != "kvstorage":
+            raise ValueError(
+                f"`max_versions` applies to the kvstorage resource backend, not to {kind}"
+            )
         if kind in SECRET_BACKENDS:
             self.backend_settings()  # unknown or missing keys are named here, at load time
         elif self.model_extra:
             unknown = ", ".join(f"`{key}`" for key in sorted(self.model_extra))
             raise ValueError(f"unknown key(s) {unknown} for the {kind} resource backend")
         return self
+
+    def kv_max_versions(self) -> int:
+        return self.max_versions or DEFAULT_MAX_VERSIONS
 
     def legacy_dir(self) -> Path:
         return self.dir_path or Path(DEFAULT_LEGACY_REPOSITORY_DIR)

@@ -37,6 +37,7 @@ no resource bytes, no private keys, no tokens, no policy bodies.
     ├── PolicyEvaluationError (500)    a compiled policy failed while evaluating
     │   └── PolicyLimitError (500)     it passed the time or memory limit of an evaluation
     ├── ServiceUnavailableError (503)  a backing service is down
+    ├── NotImplementedByBackendError (501)  the backend cannot do it (versions, listing)
     └── ClientError                    raised by the SDK (``keybroker.client``), never served
         ├── KbsConnectionError         the KBS could not be reached
         └── KbsRejectedError           the KBS answered with an error (keeps status and type)
@@ -209,6 +210,14 @@ class PolicyLimitError(PolicyEvaluationError):
 class ServiceUnavailableError(KeybrokerError):
     status = 503
     variant = "ServiceUnavailable"
+
+
+class NotImplementedByBackendError(KeybrokerError):
+    """The operation exists, but the configured backend does not offer it (a read-only
+    backend asked to list, a backend without versions asked for one)."""
+
+    status = 501
+    variant = "NotImplemented"
 
 
 class ClientError(KeybrokerError):

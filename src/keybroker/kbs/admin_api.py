@@ -1,26 +1,45 @@
 """The KBS's administrative endpoints: resource policy, attestation policies, reference values,
-policy explain. Access has been checked (and is audited) by the caller in ``app``.
+policy explain, resource listing and versions. Access has been checked (and is audited) by the
+caller in ``app``.
+
+Resource listing and metadata put the resource name (or prefix) in the *path*
+(``/kbs/v0/resources/<repo>[/<type>]``, ``/kbs/v0/resource-meta/<repo>/<type>/<tag>[/<action>]``)
+so that the admin ACL's path regexes can confine a role to a repository. Values are never
+returned by either.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from starlette.responses import JSONResponse, Response
 
 from keybroker.attestation.service import AttestationBackend, BuiltinAttestationService
 from keybroker.errors import (
     BadRequestError,
+    InvalidRequestPathError,
     MethodNotAllowedError,
     PluginNotFoundError,
     ResourceNotFoundError,
 )
 from keybroker.kbs.explain import explain, parse_explain_request
 from keybroker.kbs.services import KbsServices
+from keybroker.plugins.resource import ResourcePlugin
+from keybroker.protocol.models import JsonValue
+from keybroker.protocol.resource_path import ResourcePath
 from keybroker.protocol.untrusted_json import parse_json
+from keybroker.storage.base import MAX_PAGE
+from keybroker.storage.secrets import SecretBackend
+from keybroker.storage.versions import MAX_VERSION_NUMBER, ResourceRecord, parse_version
+
+DEFAULT_PAGE = 100
+MAX_CURSOR_CHARS = 1100  # base64url of the longest resource name (3 x 255 + 2 characters)
+_RESOURCE_ACTIONS = ("delete", "purge", "rollback", "undelete")
 
 
 @dataclass(frozen=True)
@@ -96,11 +115,185 @@ def _attestation(services: KbsServices) -> AttestationBackend:
     return services.attestation
 
 
+async def _resources(call: ApiCall, services: KbsServices) -> Response:
+    """``GET /resources[/<repo>[/<type>]]?limit=&cursor=``: a page of names and versions."""
+    if call.method != "GET":
+        raise MethodNotAllowedError("/kbs/v0/resources answers GET", allow=("GET",))
+    segments = list(call.rest)
+    if segments and not segments[-1]:
+        segments.pop()  # /resources/repo/ lists repo
+    if "prefix" in call.query:
+        if segments:
+            raise BadRequestError("give the prefix in the path or in ?prefix=, not both")
+        segments = [s for s in call.query["prefix"].split("/")] if call.query["prefix"] else []
+        if segments and not segments[-1]:
+            segments.pop()
+    prefix = _prefix(segments)
+    limit = _limit(call.query.get("limit"))
+    after = _cursor(call.query.get("cursor"), prefix)
+    page, next_name = await _backend(services).list_resources(prefix, after, limit)
+    listed: list[JsonValue] = [_summary(name, record) for name, record in page]
+    return JSONResponse(
+        {
+            "resources": listed,
+            "next_cursor": None if next_name is None else _encode_cursor(next_name),
+        }
+    )
+
+
+async def _resource_meta(call: ApiCall, services: KbsServices) -> Response:
+    """``GET /resource-meta/<repo>/<type>/<tag>``: versions and times, never values.
+    ``POST /resource-meta/<repo>/<type>/<tag>/<action>`` with ``{"version": N}``: rollback,
+    delete (soft), undelete, purge."""
+    backend = _backend(services)
+    if len(call.rest) == 3:
+        if call.method != "GET":
+            raise MethodNotAllowedError(
+                "/kbs/v0/resource-meta/<repo>/<type>/<tag> answers GET", allow=("GET",)
+            )
+        path = ResourcePath.from_segments(call.rest)
+        return JSONResponse(_details(str(path), await backend.metadata(path)))
+    if len(call.rest) != 4 or call.rest[3] not in _RESOURCE_ACTIONS:
+        raise InvalidRequestPathError(
+            "expected /kbs/v0/resource-meta/<repo>/<type>/<tag>[/"
+            + "|".join(_RESOURCE_ACTIONS)
+            + "]"
+        )
+    if call.method != "POST":
+        raise MethodNotAllowedError(
+            f"/kbs/v0/resource-meta/.../{call.rest[3]} answers POST", allow=("POST",)
+        )
+    path, action = ResourcePath.from_segments(call.rest[:3]), call.rest[3]
+    version = _body_version(call.body, required=action in ("rollback", "undelete"))
+    if action == "rollback":
+        assert version is not None  # noqa: S101 - required above
+        answer: int | None = await backend.rollback(path, version)
+    elif action == "undelete":
+        assert version is not None  # noqa: S101 - required above
+        answer = await backend.undelete(path, version)
+    elif action == "delete":
+        await backend.delete(path, version)
+        answer = version
+    else:
+        await backend.purge(path, version)
+        answer = version
+    return JSONResponse({"resource": str(path), "action": action, "version": answer})
+
+
+def _backend(services: KbsServices) -> SecretBackend:
+    plugin = services.plugins.get("resource")
+    if not isinstance(plugin, ResourcePlugin):
+        raise PluginNotFoundError("this KBS has no resource plugin")
+    return plugin.backend
+
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_\-.]{0,254}")
+
+
+def _prefix(segments: list[str]) -> str:
+    """``repo/`` or ``repo/type/`` (whole segments only), or "" for every resource."""
+    if len(segments) > 2:
+        raise BadRequestError(
+            "a listing prefix is a repository or repository/type (at most 2 segments)"
+        )
+    for segment in segments:
+        # the resource-path rule: no leading dot, no separator, so no traversal
+        if not _SEGMENT.fullmatch(segment):
+            raise BadRequestError(
+                f"invalid prefix segment {segment[:64]!r}: each segment must match "
+                r"^[A-Za-z0-9_\-][A-Za-z0-9_\-.]*$"
+            )
+    return "".join(f"{segment}/" for segment in segments)
+
+
+def _limit(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_PAGE
+    if not (text.isascii() and text.isdigit()) or len(text) > 6 or not 1 <= int(text) <= MAX_PAGE:
+        raise BadRequestError(f"limit must be an integer from 1 to {MAX_PAGE}, found {text[:16]!r}")
+    return int(text)
+
+
+def _encode_cursor(name: str) -> str:
+    return base64.urlsafe_b64encode(name.encode()).rstrip(b"=").decode()
+
+
+def _cursor(text: str | None, prefix: str) -> str | None:
+    """The name a page continues after. Cursors are not secret or signed: a tampered one can
+    only move the start within the prefix the caller may list (the prefix filters every page),
+    so it is checked for shape and refused when malformed, never trusted further."""
+    if text is None:
+        return None
+    if len(text) > MAX_CURSOR_CHARS:
+        raise BadRequestError("invalid cursor: too long")
+    try:
+        name = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
+        if _encode_cursor(name) != text.rstrip("="):
+            raise ValueError("not canonical")
+        ResourcePath.parse(name)
+    except (binascii.Error, ValueError, InvalidRequestPathError):
+        raise BadRequestError("invalid cursor: use the next_cursor of a listing") from None
+    if not name.startswith(prefix) or name.startswith("/"):
+        raise BadRequestError("invalid cursor: it belongs to another prefix")
+    return name
+
+
+def _body_version(body: bytes, *, required: bool) -> int | None:
+    document = _json_object(body, "request") if body.strip() else {}
+    version = document.get("version")
+    if version is None:
+        if required:
+            raise BadRequestError('the request needs a "version" (a positive integer)')
+        return None
+    if isinstance(version, str):
+        return parse_version(version)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise BadRequestError(f'"version" must be a positive integer, found {version!r:.32}')
+    if not 1 <= version <= MAX_VERSION_NUMBER:
+        raise BadRequestError(f'"version" must be from 1 to {MAX_VERSION_NUMBER}')
+    return version
+
+
+def _time(value: float | None) -> str | None:
+    if value is None:
+        return None
+    return datetime.fromtimestamp(value, UTC).isoformat(timespec="milliseconds")
+
+
+def _summary(name: str, record: ResourceRecord) -> dict[str, JsonValue]:
+    live = record.live(None)
+    return {
+        "name": name,
+        "current_version": record.current,
+        "version_count": len(record.versions),
+        "created": _time(record.created),
+        "updated": _time(record.updated),
+        "deleted": live is None,
+        "size": None if live is None else live.size,
+        "versioned": not record.legacy,
+    }
+
+
+def _details(name: str, record: ResourceRecord) -> dict[str, JsonValue]:
+    versions: list[JsonValue] = [
+        {
+            "version": v.number,
+            "created": _time(v.created),
+            "size": v.size,
+            "deleted": _time(v.deleted),
+        }
+        for v in record.versions
+    ]
+    return {**_summary(name, record), "versions": versions}
+
+
 ADMIN_ENDPOINTS: dict[str, Callable[[ApiCall, KbsServices], Awaitable[Response]]] = {
     "resource-policy": _resource_policy,
     "attestation-policy": _attestation_policy,
     "reference-value": _reference_value,
     "policy-explain": _policy_explain,
+    "resources": _resources,
+    "resource-meta": _resource_meta,
 }
 
 

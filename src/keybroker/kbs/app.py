@@ -273,7 +273,20 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
         await record(decision="deny", subject=None, reason=e.detail)
         raise
     subject = guest_subject(claims, token)
-    policy_data = {"plugin": call.name, "resource-path": list(call.rest), "query": call.query}
+    try:
+        # The version to release is fixed before the policy judges it (a resource plugin read)
+        plugin_request = await plugin.prepare_release(plugin_request)
+    except KeybrokerError as e:
+        await record(decision="failure", subject=subject, reason=e.detail)
+        raise
+    policy_data: dict[str, JsonValue] = {
+        "plugin": call.name,
+        "resource-path": list(call.rest),
+        "query": dict(call.query),
+    }
+    released = plugin_request.resolved_version
+    if released is not None:
+        policy_data["version"] = released.number
     if not await _allowed(services, claims, policy_data):
         await record(decision="deny", subject=subject, reason="denied by the resource policy")
         raise PolicyDeniedError(
@@ -293,7 +306,12 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
     except KeybrokerError as e:
         await record(decision="failure", subject=subject, reason=e.detail)
         raise
-    await record(decision="allow", subject=subject)  # no record, no release: a failure answers 503
+    # no record, no release: a failure answers 503. The record names the version released.
+    await record(
+        decision="allow",
+        subject=subject,
+        reason="" if released is None else f"version {released.number}",
+    )
     return body
 
 
@@ -338,7 +356,12 @@ async def _guest_token(request: Request, services: KbsServices) -> str:
 
 
 def _plain(result: PluginResponse) -> Response:
-    return Response(result.body, status_code=result.status, media_type=result.content_type)
+    return Response(
+        result.body,
+        status_code=result.status,
+        media_type=result.content_type,
+        headers=dict(result.headers),
+    )
 
 
 def _set_session_cookie(response: Response, session: Session, services: KbsServices) -> None:

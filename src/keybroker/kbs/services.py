@@ -408,7 +408,9 @@ def _plugins(config: KbsConfig, storage: StorageProvider, metrics: KbsMetrics) -
             except ValueError as e:
                 raise ConfigError(f"[[plugins]] resource: {e}") from None
             if kind == "kvstorage":
-                backend: SecretBackend = KvSecretBackend(storage.get(RESOURCE_NAMESPACE))
+                backend: SecretBackend = KvSecretBackend.in_namespaces(
+                    storage.get, RESOURCE_NAMESPACE, max_versions=entry.kv_max_versions()
+                )
             elif kind == "legacy_local_fs":
                 backend = DirectoryTreeSecretBackend(entry.legacy_dir())
             elif kind in SECRET_BACKENDS:

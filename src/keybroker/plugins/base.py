@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from keybroker.protocol.models import JsonValue
+from keybroker.storage.versions import Version
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,9 @@ class PluginRequest:
     body: bytes = b""
     # init-data claims from the guest's token, for plugins that tailor their answer to them
     init_data_claims: JsonValue = None
+    # the version a guest's read will release, found before the resource policy runs (the
+    # policy sees its number as data "version"); None where the plugin keeps no versions
+    resolved_version: Version | None = None
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class PluginResponse:
     body: bytes
     content_type: str = "application/octet-stream"
     status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class Plugin(ABC):
@@ -55,6 +60,11 @@ class Plugin(ABC):
     async def ask_needs_encryption(self, request: PluginRequest) -> bool:
         """What the KBS calls: ``needs_encryption``, unless the answer needs I/O."""
         return self.needs_encryption(request)
+
+    async def prepare_release(self, request: PluginRequest) -> PluginRequest:
+        """Before the resource policy judges a guest's request: ``request`` with what the
+        policy must see filled in (``resolved_version``). Default: unchanged."""
+        return request
 
     @abstractmethod
     async def handle(self, request: PluginRequest) -> PluginResponse: ...

@@ -5,10 +5,15 @@ Upstream Trustee's ``KeyValueStorage`` (``deps/key-value-storage``) in Python: `
 opaque bytes; this module does not interpret them and holds no policy.
 
 Backends subclass :class:`KeyValueStorage` and implement the protected ``_get``/``_set``/
-``_delete``/``_list`` (and ``_close`` when they hold connections). The public methods, as in
-python-tuf's ``FetcherInterface.fetch()``, validate every key before a backend sees it and turn a
-backend's foreign failures (``OSError``, a driver's exceptions) into :class:`StorageError`, so
-callers only ever handle Keybroker errors.
+``_delete``/``_list``/``_compare_and_set`` (and ``_close`` when they hold connections).
+``compare_and_set`` is Keybroker's addition: one atomic read-compare-write, natively per backend
+(one SQL statement, one Lua script, or under the backend's lock), on which the versioned
+resources of :mod:`keybroker.storage.versions` build. ``list_page`` (also ours) lists a bounded,
+sorted page of keys under a prefix; backends that can do it natively override ``_list_page``.
+
+The public methods, as in python-tuf's ``FetcherInterface.fetch()``, validate every key before
+a backend sees it and turn a backend's foreign failures (``OSError``, a driver's exceptions)
+into :class:`StorageError`, so callers only ever handle Keybroker errors.
 
 Keys use upstream's alphabet (ASCII letters and digits, ``-``, ``_``, ``.``, ``/``). On top of
 upstream, no ``/``-separated segment may be empty or start with a dot: that rules out ``.`` and
@@ -28,6 +33,7 @@ from keybroker.errors import KeybrokerError, StorageError
 
 MAX_KEY_LENGTH = 512
 MAX_NAMESPACE_LENGTH = 128
+MAX_PAGE = 1000  # the most keys one list_page call returns, whatever the caller asks
 _KEY_CHARS = re.compile(r"[A-Za-z0-9_./-]+")
 _NAMESPACE = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -123,6 +129,38 @@ class KeyValueStorage(ABC):
         """Every live key of this namespace, sorted."""
         return sorted(await self._guarded("list", self._list()))
 
+    async def compare_and_set(self, key: str, expected: bytes | None, new: bytes | None) -> bool:
+        """Atomically: if ``key`` holds ``expected`` (None: no live value), make it hold ``new``
+        (None: delete it) and return True; otherwise change nothing and return False.
+
+        Across processes and replicas exactly one of several callers that read the same
+        ``expected`` wins. A value written here is permanent (no TTL). Atomic with respect to
+        every other ``compare_and_set`` on the key (and, on every backend but the workers'
+        shared memory store, with ``set`` and ``delete`` too): keys managed by compare-and-set
+        should only ever be changed through it.
+        """
+        validate_key(key)
+        return await self._guarded(
+            "compare_and_set",
+            self._compare_and_set(
+                key,
+                None if expected is None else bytes(expected),
+                None if new is None else bytes(new),
+            ),
+        )
+
+    async def list_page(self, prefix: str, after: str | None, limit: int) -> list[str]:
+        """At most ``limit`` (1 to :data:`MAX_PAGE`) live keys starting with ``prefix`` and
+        sorting after ``after`` (from the start when None), in order."""
+        # a prefix is a key's beginning: the key alphabet, any segment boundary allowed
+        if prefix and (len(prefix) > MAX_KEY_LENGTH or not _KEY_CHARS.fullmatch(prefix)):
+            raise StorageError(f"invalid key prefix {prefix[:64]!r}")
+        if after is not None:
+            validate_key(after)
+        if not 1 <= limit <= MAX_PAGE:
+            raise StorageError(f"a page has 1 to {MAX_PAGE} keys, asked for {limit}")
+        return await self._guarded("list", self._list_page(prefix, after, limit))
+
     async def close(self) -> None:
         """Release connections and handles. The instance is not used afterwards."""
         await self._guarded("close", self._close())
@@ -149,6 +187,19 @@ class KeyValueStorage(ABC):
 
     @abstractmethod
     async def _list(self) -> list[str]: ...
+
+    @abstractmethod
+    async def _compare_and_set(
+        self, key: str, expected: bytes | None, new: bytes | None
+    ) -> bool: ...
+
+    async def _list_page(self, prefix: str, after: str | None, limit: int) -> list[str]:
+        """Every key is listed and filtered: O(namespace) per page. PostgreSQL and Redis
+        override this with a query bounded by the prefix."""
+        keys = sorted(key for key in await self._list() if key.startswith(prefix))
+        if after is not None:
+            keys = [key for key in keys if key > after]
+        return keys[:limit]
 
     async def _close(self) -> None:
         return None

@@ -394,6 +394,35 @@ class LocalFsKeyValueStorage(KeyValueStorage):
         fsync_directory(self._dir)  # a deleted secret must not come back after a power cut
         return value if live else None
 
+    async def _compare_and_set(self, key: str, expected: bytes | None, new: bytes | None) -> bool:
+        return await self._write(partial(self._compare_and_set_locked, key, expected, new))
+
+    def _compare_and_set_locked(
+        self, key: str, expected: bytes | None, new: bytes | None, wait: bool
+    ) -> bool | _Busy:
+        """Under the writer lock every writer of the namespace takes: atomic across workers."""
+        if not self._storable(key):
+            raise StorageError(f"key {key[:64]!r} is too long for LocalFs")
+        file = self._file(key)
+        with self._locked(wait=wait) as locked:
+            if not locked:
+                return _BUSY
+            refuse_symlink(file, "a stored value")
+            current = read_file_sync(file, what="stored value")
+            if current is not None and self._expired(key):
+                self._remove(key)
+                current = None
+            if current != expected:
+                return False
+            if new is None:
+                self._remove(key)
+            else:
+                unlink_if_exists(self._expiry_file(key))  # compare-and-set values are permanent
+                write_atomically(file, new)
+        if new is None:
+            fsync_directory(self._dir)
+        return True
+
     async def _list(self) -> list[str]:
         return await asyncio.to_thread(self._list_sync)
 

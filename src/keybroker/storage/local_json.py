@@ -134,6 +134,21 @@ class LocalJsonKeyValueStorage(KeyValueStorage):
             self._store(self._purged(entries))
             return previous
 
+    async def _compare_and_set(self, key: str, expected: bytes | None, new: bytes | None) -> bool:
+        return await asyncio.to_thread(self._compare_and_set_sync, key, expected, new)
+
+    def _compare_and_set_sync(self, key: str, expected: bytes | None, new: bytes | None) -> bool:
+        with self._locked():  # the flock every writer takes: atomic across workers
+            entries = self._purged(self._load())
+            if self._live(entries, key) != expected:
+                return False
+            if new is None:
+                entries.pop(key, None)
+            else:
+                entries[key] = (new, None)
+            self._store(entries)
+            return True
+
     async def _list(self) -> list[str]:
         def live_keys() -> list[str]:
             entries = self._load()

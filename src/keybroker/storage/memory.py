@@ -68,6 +68,16 @@ class MemoryKeyValueStorage(KeyValueStorage):
     async def _list(self) -> list[str]:
         return [key for key in list(self._entries) if self._live(key) is not None]
 
+    async def _compare_and_set(self, key: str, expected: bytes | None, new: bytes | None) -> bool:
+        # No await between the comparison and the change: atomic on one event loop.
+        if self._live(key) != expected:
+            return False
+        if new is None:
+            self._entries.pop(key, None)
+        else:
+            self._entries[key] = (new, None)
+        return True
+
     def _sweep(self) -> None:
         now = self._clock()
         expired = [

@@ -3,8 +3,11 @@
 Rows are ``(key TEXT PRIMARY KEY, value BYTEA, expires_at DOUBLE PRECISION NULL)``; the table is
 created at first use. Expiry follows the injected clock (a row past its deadline reads as
 missing and is deleted lazily). An exclusive insert is one ``INSERT ... ON CONFLICT`` statement,
-so exactly one of several replicas wins. A database that cannot be reached within the timeout
-answers ``ServiceUnavailableError`` (503) and the next call tries again: no restart needed.
+so exactly one of several replicas wins; so is each ``compare_and_set`` (a conditional
+``INSERT``, ``UPDATE`` or ``DELETE``). Pages of keys are read in byte order (``COLLATE "C"``,
+Python's order too, whatever the database's collation), bounded by ``LIMIT``. A database that
+cannot be reached within the timeout answers ``ServiceUnavailableError`` (503) and the next
+call tries again: no restart needed.
 
 Connections come from a pool per event loop (each worker process and test loop has its own).
 """
@@ -223,6 +226,44 @@ class PostgresKeyValueStorage(KeyValueStorage):
         if expires_at is not None and expires_at <= self._clock():
             return None
         return bytes(value)
+
+    async def _compare_and_set(self, key: str, expected: bytes | None, new: bytes | None) -> bool:
+        now = self._clock()
+        live = sql.SQL("(row.expires_at IS NULL OR row.expires_at > %s)")
+        if expected is None and new is None:
+            query = sql.SQL("SELECT 1 FROM {t} AS row WHERE key = %s AND {live}")
+            rows = await self._call(query.format(t=self._table, live=live), (key, now))
+            return not rows
+        if expected is None:  # create: only over an absent or expired row
+            query = sql.SQL(
+                "INSERT INTO {t} AS row (key, value, expires_at) VALUES (%s, %s, NULL) "
+                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = NULL "
+                "WHERE row.expires_at IS NOT NULL AND row.expires_at <= %s"
+            )
+            params: tuple[Any, ...] = (key, new, now)
+        elif new is None:
+            query = sql.SQL("DELETE FROM {t} AS row WHERE key = %s AND value = %s AND {live}")
+            params = (key, expected, now)
+        else:
+            query = sql.SQL(
+                "UPDATE {t} AS row SET value = %s, expires_at = NULL "
+                "WHERE key = %s AND value = %s AND {live}"
+            )
+            params = (new, key, expected, now)
+        # one statement: the comparison and the change are atomic across replicas
+        changed = await self._call(query.format(t=self._table, live=live), params, fetch=False)
+        return bool(changed)
+
+    async def _list_page(self, prefix: str, after: str | None, limit: int) -> list[str]:
+        rows = await self._call(
+            sql.SQL(
+                'SELECT key FROM {} WHERE left(key, %s) = %s AND key COLLATE "C" > %s '
+                "AND (expires_at IS NULL OR expires_at > %s) "
+                'ORDER BY key COLLATE "C" LIMIT %s'
+            ).format(self._table),
+            (len(prefix), prefix, after or "", self._clock(), limit),
+        )
+        return [str(row[0]) for row in rows]
 
     async def _list(self) -> list[str]:
         rows = await self._call(

@@ -2,8 +2,8 @@
 
 Each key is a hash ``<namespace>:<key>`` holding the value (``v``) and, for expiring entries,
 the deadline by the injected clock (``e``); Redis's own expiry (``PEXPIRE``) reclaims the memory
-as well. Inserts without overwrite and deletes are Lua scripts, so they are atomic across
-replicas. A server that cannot be reached within the timeout answers
+as well. Inserts without overwrite, deletes and ``compare_and_set`` are Lua scripts, so they
+are atomic across replicas. A server that cannot be reached within the timeout answers
 ``ServiceUnavailableError`` (503); the next call reconnects.
 """
 
@@ -44,6 +44,22 @@ _DELETE = """
 local found = redis.call('HMGET', KEYS[1], 'v', 'e')
 redis.call('DEL', KEYS[1])
 return found
+"""
+
+# KEYS[1] = key; ARGV = "1" if a live value is expected, the expected value, "1" to write
+# (else delete), the new value, now. The comparison and the change are one script: atomic.
+_COMPARE_AND_SET = """
+local found = redis.call('HMGET', KEYS[1], 'v', 'e')
+local current = found[1]
+if current and found[2] and tonumber(found[2]) <= tonumber(ARGV[5]) then current = false end
+if ARGV[1] == '1' then
+  if (not current) or current ~= ARGV[2] then return 0 end
+elseif current then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'v', ARGV[4]) end
+return 1
 """
 
 
@@ -160,6 +176,57 @@ class RedisKeyValueStorage(KeyValueStorage):
             if self._live(value, deadline) is not None:
                 live.append(key)
         return live
+
+    async def _compare_and_set(self, key: str, expected: bytes | None, new: bytes | None) -> bool:
+        changed = await self._do(
+            "eval",
+            _COMPARE_AND_SET,
+            1,
+            self._prefix + key,
+            "0" if expected is None else "1",
+            expected or b"",
+            "0" if new is None else "1",
+            new or b"",
+            repr(self._clock()),
+        )
+        return bool(changed)
+
+    async def _list_page(self, prefix: str, after: str | None, limit: int) -> list[str]:
+        """SCAN matches the prefix (the key alphabet has no glob characters), then the first
+        ``limit`` live keys after ``after`` are checked in pipelined batches."""
+        names: list[str] = []
+        client = self._client()
+        try:
+            async for name in client.scan_iter(match=self._prefix + prefix + "*", count=500):
+                key = name.decode()[len(self._prefix) :]
+                if after is None or key > after:
+                    names.append(key)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            raise ServiceUnavailableError(
+                f"Redis is unavailable ({type(e).__name__}): retry later"
+            ) from None
+        names.sort()
+        page: list[str] = []
+        now = self._clock()
+        for start in range(0, len(names), limit):
+            batch = names[start : start + limit]
+            pipeline = client.pipeline(transaction=False)
+            for key in batch:  # the deadline and existence only: values are never loaded
+                pipeline.hget(self._prefix + key, "e")
+                pipeline.exists(self._prefix + key)
+            try:
+                replies = await pipeline.execute()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                raise ServiceUnavailableError(
+                    f"Redis is unavailable ({type(e).__name__}): retry later"
+                ) from None
+            for index, key in enumerate(batch):
+                deadline, exists = replies[2 * index], replies[2 * index + 1]
+                if exists and (deadline is None or float(deadline) > now):
+                    page.append(key)
+            if len(page) >= limit:
+                break
+        return page[:limit]
 
     async def run_script(self, script: str, keys: list[str], args: list[str]) -> Any:
         """Run a Lua ``script`` atomically on keys of this namespace (``keys`` are prefixed;

@@ -1,7 +1,9 @@
 """Secret backends of the ``resource`` plugin: where the bytes of ``repo/type/tag`` live.
 
-- :class:`KvSecretBackend`: upstream's ``kvstorage`` backend. Resource ``repo/type/tag`` is the
-  key ``"repo/type/tag"`` of a key-value store (the KBS binds it to namespace ``repository``).
+- :class:`KvSecretBackend`: upstream's ``kvstorage`` backend, versioned. Resource
+  ``repo/type/tag``'s current bytes are the key ``"repo/type/tag"`` of a key-value store (the
+  KBS binds it to namespace ``repository``), its versions live beside it
+  (:mod:`keybroker.storage.versions`).
 - :class:`DirectoryTreeSecretBackend`: the seed-era ``type = "LocalFs"`` backend. Resource
   ``repo/type/tag`` is the file ``<dir_path>/<repo>/<type>/<tag>``, so an operator can drop
   files in.
@@ -9,6 +11,10 @@
 The public methods of :class:`SecretBackend` enforce the size limit, report a missing resource
 as :class:`ResourceNotFoundError` and turn a backend's foreign failures into
 :class:`StorageError`. No policy here: whether a caller may read a resource is decided before.
+
+Versions, listing and metadata are offered by backends that can keep them (``versioned``); the
+others answer :class:`NotImplementedByBackendError` (501) for them, and keep reading, writing
+and deleting exactly as before.
 """
 
 from __future__ import annotations
@@ -17,9 +23,16 @@ import asyncio
 import logging
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
-from keybroker.errors import PayloadTooLargeError, ResourceNotFoundError, StorageError
+from keybroker.errors import (
+    NotImplementedByBackendError,
+    PayloadTooLargeError,
+    ResourceNotFoundError,
+    StorageError,
+)
 from keybroker.protocol.resource_path import ResourcePath
 from keybroker.storage.base import KeyValueStorage, translate_errors
 from keybroker.storage.local_fs import (
@@ -28,19 +41,35 @@ from keybroker.storage.local_fs import (
     read_file,
     write_atomically,
 )
+from keybroker.storage.versions import (
+    DEFAULT_MAX_VERSIONS,
+    ResourceRecord,
+    Version,
+    VersionedResources,
+)
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 DEFAULT_MAX_RESOURCE_BYTES = 16 * 1024 * 1024
 DEFAULT_REPOSITORY_DIR = Path("/opt/confidential-containers/kbs/repository")
 
 
 class SecretBackend(ABC):
+    versioned = False  # whether versions, listing and metadata are offered
+
     def __init__(self, *, max_bytes: int = DEFAULT_MAX_RESOURCE_BYTES) -> None:
         self.max_bytes = max_bytes
 
-    async def read(self, path: ResourcePath) -> bytes:
-        data = await translate_errors(f"reading resource {path}", self._read(path))
+    async def resolve(self, path: ResourcePath, requested: int | None) -> Version | None:
+        """The version a read of ``path`` would release (None if there is none, or the backend
+        keeps no versions), for the resource policy to see before anything is read."""
+        if requested is not None:
+            raise self._unversioned("reading a given version")
+        return None
+
+    async def read(self, path: ResourcePath, version: Version | None = None) -> bytes:
+        data = await translate_errors(f"reading resource {path}", self._read_at(path, version))
         if data is None:
             raise ResourceNotFoundError(f"resource not found: {path}")
         if len(data) > self.max_bytes:
@@ -49,16 +78,63 @@ class SecretBackend(ABC):
             )
         return data
 
-    async def write(self, path: ResourcePath, data: bytes) -> None:
+    async def write(self, path: ResourcePath, data: bytes) -> int | None:
+        """Store ``data``; the version it became (None if the backend keeps no versions)."""
         if len(data) > self.max_bytes:  # it could be stored, but never read back
             raise PayloadTooLargeError(
                 f"a resource has at most {self.max_bytes} bytes, found {len(data)}"
             )
-        await translate_errors(f"writing resource {path}", self._write(path, bytes(data)))
+        return await translate_errors(f"writing resource {path}", self._store(path, bytes(data)))
 
-    async def delete(self, path: ResourcePath) -> None:
-        if not await translate_errors(f"deleting resource {path}", self._delete(path)):
+    async def delete(self, path: ResourcePath, version: int | None = None) -> None:
+        """Delete the resource (versioned backends: soft-delete the current version, or
+        ``version``, which can be undeleted until it is purged)."""
+        if version is not None and not self.versioned:
+            raise self._unversioned("deleting a given version")
+        if not await translate_errors(f"deleting resource {path}", self._remove(path, version)):
             raise ResourceNotFoundError(f"resource not found: {path}")
+
+    # --- versions, listing, metadata: versioned backends only ------------------------------
+
+    async def metadata(self, path: ResourcePath) -> ResourceRecord:
+        raise self._unversioned("resource metadata")
+
+    async def list_resources(
+        self, prefix: str, after: str | None, limit: int
+    ) -> tuple[list[tuple[str, ResourceRecord]], str | None]:
+        raise self._unversioned("listing resources")
+
+    async def rollback(self, path: ResourcePath, version: int) -> int:
+        raise self._unversioned("rollback")
+
+    async def undelete(self, path: ResourcePath, version: int) -> int:
+        raise self._unversioned("undelete")
+
+    async def purge(self, path: ResourcePath, version: int | None) -> None:
+        raise self._unversioned("purge")
+
+    def _unversioned(self, what: str) -> NotImplementedByBackendError:
+        return NotImplementedByBackendError(
+            f"{what} is not offered by the {self.kind} resource backend (it keeps no "
+            'versions); use storage_backend_type = "kvstorage"'
+        )
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__.removesuffix("SecretBackend") or "this"
+
+    # What the public methods call: versioned backends override these; the others implement
+    # only _read, _write and _delete.
+
+    async def _read_at(self, path: ResourcePath, version: Version | None) -> bytes | None:
+        return await self._read(path)
+
+    async def _store(self, path: ResourcePath, data: bytes) -> int | None:
+        await self._write(path, data)
+        return None
+
+    async def _remove(self, path: ResourcePath, version: int | None) -> bool:
+        return await self._delete(path)
 
     @abstractmethod
     async def _read(self, path: ResourcePath) -> bytes | None:
@@ -73,20 +149,98 @@ class SecretBackend(ABC):
 
 
 class KvSecretBackend(SecretBackend):
+    """Versioned resources on three namespaces of a key-value store: ``storage`` holds the
+    current bytes in upstream's layout, ``meta`` the version records, ``versions`` the bytes
+    of every version (see :mod:`keybroker.storage.versions`)."""
+
+    versioned = True
+
     def __init__(
-        self, storage: KeyValueStorage, *, max_bytes: int = DEFAULT_MAX_RESOURCE_BYTES
+        self,
+        storage: KeyValueStorage,
+        *,
+        meta: KeyValueStorage,
+        versions: KeyValueStorage,
+        max_versions: int = DEFAULT_MAX_VERSIONS,
+        max_bytes: int = DEFAULT_MAX_RESOURCE_BYTES,
     ) -> None:
         super().__init__(max_bytes=max_bytes)
-        self._storage = storage
+        self._resources = VersionedResources(storage, meta, versions, max_versions=max_versions)
+
+    @classmethod
+    def in_namespaces(
+        cls,
+        namespace: Callable[[str], KeyValueStorage],
+        base: str = "repository",
+        *,
+        max_versions: int = DEFAULT_MAX_VERSIONS,
+        max_bytes: int = DEFAULT_MAX_RESOURCE_BYTES,
+    ) -> KvSecretBackend:
+        """The backend on namespaces ``<base>``, ``<base>_meta`` and ``<base>_versions`` of
+        one store (``namespace`` is the provider's look-up)."""
+        return cls(
+            namespace(base),
+            meta=namespace(f"{base}_meta"),
+            versions=namespace(f"{base}_versions"),
+            max_versions=max_versions,
+            max_bytes=max_bytes,
+        )
+
+    @property
+    def kind(self) -> str:
+        return "kvstorage"
+
+    async def resolve(self, path: ResourcePath, requested: int | None) -> Version | None:
+        return await self._guard(path, self._resources.resolve(path, requested))
+
+    async def _read_at(self, path: ResourcePath, version: Version | None) -> bytes | None:
+        if version is None:
+            version = await self._resources.resolve(path, None)
+            if version is None:
+                return None
+        return await self._resources.read(path, version)
+
+    async def _store(self, path: ResourcePath, data: bytes) -> int | None:
+        return await self._resources.write(path, data)
+
+    async def _remove(self, path: ResourcePath, version: int | None) -> bool:
+        await self._resources.delete(path, version)  # a missing one raises, with its reason
+        return True
 
     async def _read(self, path: ResourcePath) -> bytes | None:
-        return await self._storage.get(str(path))
+        return await self._read_at(path, None)
 
     async def _write(self, path: ResourcePath, data: bytes) -> None:
-        await self._storage.set(str(path), data)
+        await self._store(path, data)
 
     async def _delete(self, path: ResourcePath) -> bool:
-        return await self._storage.delete(str(path)) is not None
+        return await self._remove(path, None)
+
+    async def metadata(self, path: ResourcePath) -> ResourceRecord:
+        record = await self._guard(path, self._resources.record(path))
+        if record is None:
+            raise ResourceNotFoundError(f"resource not found: {path}")
+        return record
+
+    async def list_resources(
+        self, prefix: str, after: str | None, limit: int
+    ) -> tuple[list[tuple[str, ResourceRecord]], str | None]:
+        return await translate_errors(
+            "listing resources", self._resources.list(prefix, after, limit)
+        )
+
+    async def rollback(self, path: ResourcePath, version: int) -> int:
+        return await self._guard(path, self._resources.rollback(path, version))
+
+    async def undelete(self, path: ResourcePath, version: int) -> int:
+        return await self._guard(path, self._resources.undelete(path, version))
+
+    async def purge(self, path: ResourcePath, version: int | None) -> None:
+        await self._guard(path, self._resources.purge(path, version))
+
+    @staticmethod
+    async def _guard(path: ResourcePath, pending: Awaitable[T]) -> T:
+        return await translate_errors(f"resource {path}", pending)
 
 
 class DirectoryTreeSecretBackend(SecretBackend):
