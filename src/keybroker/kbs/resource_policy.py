@@ -1,7 +1,8 @@
 """The resource policy: Rego deciding whether an attested guest may have what it asks for.
 
 ``input`` is the verified token's claims; ``data`` is ``{"plugin", "resource-path", "query"}``
-of the request; the rule is ``data.policy.allow``. Anything but ``true`` denies (an undefined
+of the request, plus ``"version"`` (the number about to be released) for a read of a versioned
+resource; the rule is ``data.policy.allow``. Anything but ``true`` denies (an undefined
 rule or a non-boolean result included).
 
 The policy text lives in the ``kbs`` namespace of the shared store under upstream's key
@@ -32,7 +33,7 @@ POLICY_ID = "resource-policy"
 _POLICY_SUFFIX = ".rego"
 _RULE = "policy/allow"
 # what a request adds as data; handed over in input, so a new query string compiles nothing
-REQUEST_DATA = ("plugin", "resource-path", "query")
+REQUEST_DATA = ("plugin", "resource-path", "query", "version")
 DECISION_CACHE_SIZE = 4096
 
 

@@ -284,10 +284,12 @@ class VersionedResources:
         """Soft-delete version ``number`` (the current one when None); its number."""
 
         def mark(record: ResourceRecord | None, now: float) -> _Change:
-            target = None if record is None else record.live(number)
-            if record is None or target is None:
-                which = "its current version" if number is None else f"version {number}"
-                raise ResourceNotFoundError(f"resource {path} has no live {which}")
+            if record is None:
+                raise ResourceNotFoundError(f"resource not found: {path}")
+            target = record.live(number)
+            if target is None:
+                which = "current version" if number is None else f"version {number}"
+                raise ResourceNotFoundError(f"resource not found: {path} has no live {which}")
             versions = tuple(
                 replace(v, deleted=now) if v.number == target.number else v for v in record.versions
             )

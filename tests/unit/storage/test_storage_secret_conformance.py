@@ -31,9 +31,16 @@ MIB = 1024 * 1024
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SecretBackend]:
     if request.param == "kv-postgres":
         with fresh_postgres_database() as db:
-            store = PostgresKeyValueStorage(f"host=127.0.0.1 user=postgres dbname={db}", "repo")
-            yield KvSecretBackend(store)
-            asyncio.run(store.close())
+            conninfo = f"host=127.0.0.1 user=postgres dbname={db}"
+            stores: list[PostgresKeyValueStorage] = []
+
+            def namespace(name: str) -> PostgresKeyValueStorage:
+                stores.append(PostgresKeyValueStorage(conninfo, name))
+                return stores[-1]
+
+            yield KvSecretBackend.in_namespaces(namespace, "repo")
+            for store in stores:
+                asyncio.run(store.close())
     elif request.param == "directory-tree":
         yield DirectoryTreeSecretBackend(tmp_path / "repository")
     elif request.param.startswith("vault"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def mode(path: Path) -> int:
 @pytest.fixture(params=["kv", "directory_tree"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> SecretBackend:
     if request.param == "kv":
-        return KvSecretBackend(MemoryKeyValueStorage())
+        return KvSecretBackend.in_namespaces(lambda _namespace: MemoryKeyValueStorage())
     return DirectoryTreeSecretBackend(tmp_path / "repository")
 
 
@@ -71,23 +72,30 @@ def test_oversized_write_refused(backend: SecretBackend) -> None:
 
 def test_default_size_limit_is_16_mib() -> None:
     assert DEFAULT_MAX_RESOURCE_BYTES == 16 * 1024 * 1024
-    assert KvSecretBackend(MemoryKeyValueStorage()).max_bytes == DEFAULT_MAX_RESOURCE_BYTES
+    backend = KvSecretBackend.in_namespaces(lambda _namespace: MemoryKeyValueStorage())
+    assert backend.max_bytes == DEFAULT_MAX_RESOURCE_BYTES
 
 
 # --- kvstorage --------------------------------------------------------------------------------
 
 
 def test_kv_backend_uses_upstream_key_and_namespace(tmp_path: Path) -> None:
-    backend = KvSecretBackend(LocalFsKeyValueStorage(tmp_path, "repository"))
+    """The current version is mirrored under upstream's key, so upstream's KBS reads it."""
+    backend = KvSecretBackend.in_namespaces(partial(LocalFsKeyValueStorage, tmp_path))
     asyncio.run(backend.write(ResourcePath("default", "key", "one"), b"abc"))
     assert (tmp_path / "repository" / "default\\x2Fkey\\x2Fone").read_bytes() == b"abc"
+    asyncio.run(backend.write(ResourcePath("default", "key", "one"), b"def"))
+    assert (tmp_path / "repository" / "default\\x2Fkey\\x2Fone").read_bytes() == b"def"
 
 
 def test_kv_backend_refuses_an_oversized_stored_value() -> None:
     storage = MemoryKeyValueStorage()
     asyncio.run(storage.set(str(PATH), b"123456789"))
     with pytest.raises(StorageError, match="larger than the limit of 8 bytes"):
-        asyncio.run(KvSecretBackend(storage, max_bytes=8).read(PATH))
+        backend = KvSecretBackend(
+            storage, meta=MemoryKeyValueStorage(), versions=MemoryKeyValueStorage(), max_bytes=8
+        )
+        asyncio.run(backend.read(PATH))
 
 
 # --- seed-era directory tree ------------------------------------------------------------------
