@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("--path", required=True, help="repository/type/tag")
     get.add_argument("--tee-key-file", type=Path, help="TEE private key (PEM)")
     get.add_argument("--attestation-token", type=Path, help="token file (passport mode)")
+    get.add_argument("--version", dest="resource_version", type=int, help="this version")
     get.add_argument("init_data", nargs="?", help="init-data plaintext (TOML)")
     _device_option(get)
 
@@ -105,8 +106,27 @@ def _admin_parsers(admin: Any) -> None:
     set_resource = admin.add_parser("set-resource", help="store a resource")
     set_resource.add_argument("--path", required=True)
     set_resource.add_argument("--resource-file", type=Path, required=True)
-    delete_resource = admin.add_parser("delete-resource", help="delete a resource")
+    delete_resource = admin.add_parser(
+        "delete-resource", help="delete a resource (soft: its current version, or --version)"
+    )
     delete_resource.add_argument("--path", required=True)
+    delete_resource.add_argument("--version", dest="resource_version", type=int)
+    listing = admin.add_parser(
+        "list-resources", help="list resources: names, versions, times (JSON; never values)"
+    )
+    listing.add_argument("--prefix", default="", help="repository or repository/type")
+    listing.add_argument("--limit", type=int, help="one page of at most this many")
+    listing.add_argument("--cursor", help="continue after a page (its next_cursor)")
+    meta = admin.add_parser("get-resource-meta", help="a resource's versions and times (JSON)")
+    meta.add_argument("--path", required=True)
+    for name, what, required in (
+        ("rollback-resource", "make a version current again (as a new version)", True),
+        ("undelete-resource", "bring back a soft-deleted version", True),
+        ("purge-resource", "destroy a version, or the whole resource, for good", False),
+    ):
+        action = admin.add_parser(name, help=what)
+        action.add_argument("--path", required=True)
+        action.add_argument("--version", dest="resource_version", type=int, required=required)
     policy = admin.add_parser("set-resource-policy", help="install the resource policy")
     choice = policy.add_mutually_exclusive_group(required=True)
     choice.add_argument("--policy-file", type=Path, help="a Rego file")
@@ -286,9 +306,9 @@ def _run(args: argparse.Namespace) -> None:
         client = _guest(args)
         if args.attestation_token:
             token = _read(args.attestation_token, "token file").decode().strip()
-            data = client.get_resource_with_token(args.path, token)
+            data = client.get_resource_with_token(args.path, token, version=args.resource_version)
         else:
-            data = client.get_resource(args.path)
+            data = client.get_resource(args.path, version=args.resource_version)
         print(base64.b64encode(data).decode())
     else:
         admin_token = _admin_token(args.admin_token_file)
@@ -305,13 +325,46 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _set_resource(admin: AdminClient, args: argparse.Namespace) -> None:
-    admin.set_resource(args.path, _read(args.resource_file, "resource file"))
-    print(f"resource {args.path} set", file=sys.stderr)
+    version = admin.set_resource(args.path, _read(args.resource_file, "resource file"))
+    suffix = "" if version is None else f" (version {version})"
+    print(f"resource {args.path} set{suffix}", file=sys.stderr)
 
 
 def _delete_resource(admin: AdminClient, args: argparse.Namespace) -> None:
-    admin.delete_resource(args.path)
+    admin.delete_resource(args.path, version=args.resource_version)
     print(f"resource {args.path} deleted", file=sys.stderr)
+
+
+def _list_resources(admin: AdminClient, args: argparse.Namespace) -> None:
+    if args.limit is None and args.cursor is None:
+        print(json.dumps({"resources": admin.list_all_resources(args.prefix)}, indent=2))
+    else:
+        page = admin.list_resources(args.prefix, limit=args.limit, cursor=args.cursor)
+        print(json.dumps(page, indent=2))
+
+
+def _get_resource_meta(admin: AdminClient, args: argparse.Namespace) -> None:
+    print(json.dumps(admin.resource_meta(args.path), indent=2))
+
+
+def _rollback_resource(admin: AdminClient, args: argparse.Namespace) -> None:
+    version = admin.rollback_resource(args.path, args.resource_version)
+    print(
+        f"resource {args.path}: version {args.resource_version} is current again "
+        f"as version {version}",
+        file=sys.stderr,
+    )
+
+
+def _undelete_resource(admin: AdminClient, args: argparse.Namespace) -> None:
+    admin.undelete_resource(args.path, args.resource_version)
+    print(f"resource {args.path}: version {args.resource_version} undeleted", file=sys.stderr)
+
+
+def _purge_resource(admin: AdminClient, args: argparse.Namespace) -> None:
+    admin.purge_resource(args.path, args.resource_version)
+    which = "" if args.resource_version is None else f" version {args.resource_version}"
+    print(f"resource {args.path}{which} purged", file=sys.stderr)
 
 
 def _set_resource_policy(admin: AdminClient, args: argparse.Namespace) -> None:
@@ -341,6 +394,11 @@ def _evaluate_policy(admin: AdminClient, args: argparse.Namespace) -> None:
 _ADMIN_COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace], None]] = {
     "set-resource": _set_resource,
     "delete-resource": _delete_resource,
+    "list-resources": _list_resources,
+    "get-resource-meta": _get_resource_meta,
+    "rollback-resource": _rollback_resource,
+    "undelete-resource": _undelete_resource,
+    "purge-resource": _purge_resource,
     "set-resource-policy": _set_resource_policy,
     "set-attestation-policy": _set_attestation_policy,
     "set-sample-reference-value": _set_sample_reference_value,

@@ -5,14 +5,17 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 
 from keybroker.client.http import make_http, send
+from keybroker.errors import ClientError
 from keybroker.protocol.models import JsonValue
 from keybroker.protocol.resource_path import ResourcePath
 
 API = "/kbs/v0"
+VERSION_HEADER = "Keybroker-Resource-Version"  # keybroker.plugins.resource names it too
 
 
 class AdminClient:
@@ -30,17 +33,78 @@ class AdminClient:
     def close(self) -> None:
         self._http.close()
 
-    def set_resource(self, path: ResourcePath | str, data: bytes) -> None:
-        send(
+    def set_resource(self, path: ResourcePath | str, data: bytes) -> int | None:
+        """Store a resource; the version it became (None if the backend keeps none)."""
+        response = send(
             self._http,
             "POST",
             f"{API}/resource/{_path(path)}",
             content=data,
             headers={**self._headers, "Content-Type": "application/octet-stream"},
         )
+        version = response.headers.get(VERSION_HEADER, "")
+        return int(version) if version.isdigit() else None
 
-    def delete_resource(self, path: ResourcePath | str) -> None:
-        send(self._http, "DELETE", f"{API}/resource/{_path(path)}", headers=self._headers)
+    def delete_resource(self, path: ResourcePath | str, *, version: int | None = None) -> None:
+        """Delete a resource (versioned backends: soft-delete its current version or
+        ``version``)."""
+        query = "" if version is None else f"?version={int(version)}"
+        send(self._http, "DELETE", f"{API}/resource/{_path(path)}{query}", headers=self._headers)
+
+    def list_resources(
+        self, prefix: str = "", *, limit: int | None = None, cursor: str | None = None
+    ) -> dict[str, JsonValue]:
+        """One page of resources under ``prefix`` (``repo`` or ``repo/type``), with its
+        ``next_cursor``. The prefix goes in the path, where admin ACLs can match it."""
+        segments = [s for s in prefix.strip("/").split("/") if s]
+        target = "/".join([f"{API}/resources", *[quote(s, safe="") for s in segments]])
+        params: dict[str, str] = {}
+        if limit is not None:
+            params["limit"] = str(limit)
+        if cursor is not None:
+            params["cursor"] = cursor
+        reply = send(self._http, "GET", target, params=params, headers=self._headers).json()
+        return reply if isinstance(reply, dict) else {}
+
+    def list_all_resources(self, prefix: str = "", *, max_pages: int = 1000) -> list[JsonValue]:
+        """Every resource under ``prefix``, following the cursors (at most ``max_pages``)."""
+        found: list[JsonValue] = []
+        cursor: str | None = None
+        for _ in range(max_pages):
+            page = self.list_resources(prefix, cursor=cursor)
+            listed = page.get("resources")
+            found.extend(listed if isinstance(listed, list) else [])
+            next_cursor = page.get("next_cursor")
+            if not isinstance(next_cursor, str):
+                return found
+            cursor = next_cursor
+        raise ClientError(f"the listing did not end within {max_pages} pages")
+
+    def resource_meta(self, path: ResourcePath | str) -> dict[str, JsonValue]:
+        """A resource's versions and times (never its value)."""
+        target = f"{API}/resource-meta/{_path(path)}"
+        reply = send(self._http, "GET", target, headers=self._headers).json()
+        return reply if isinstance(reply, dict) else {}
+
+    def rollback_resource(self, path: ResourcePath | str, version: int) -> int:
+        """Make ``version`` current again (as a new version); the new version's number."""
+        return self._version_action(path, "rollback", version) or 0
+
+    def undelete_resource(self, path: ResourcePath | str, version: int) -> None:
+        self._version_action(path, "undelete", version)
+
+    def purge_resource(self, path: ResourcePath | str, version: int | None = None) -> None:
+        """Destroy ``version`` for good, or the whole resource with every version."""
+        self._version_action(path, "purge", version)
+
+    def _version_action(
+        self, path: ResourcePath | str, action: str, version: int | None
+    ) -> int | None:
+        body: dict[str, JsonValue] = {} if version is None else {"version": int(version)}
+        target = f"{API}/resource-meta/{_path(path)}/{action}"
+        reply = send(self._http, "POST", target, json=body, headers=self._headers).json()
+        answer = reply.get("version") if isinstance(reply, dict) else None
+        return answer if isinstance(answer, int) else None
 
     def set_resource_policy(self, rego: str) -> None:
         encoded = _b64url(rego)

@@ -92,25 +92,32 @@ class KbsClient:
         evidence = {device.tee.value: device.evidence(digest) for device in self._devices}
         return json.dumps(evidence, separators=(",", ":"))
 
-    def get_resource(self, path: ResourcePath | str) -> bytes:
-        """Fetch and decrypt a resource, attesting first (and again once on a 401)."""
+    def get_resource(self, path: ResourcePath | str, *, version: int | None = None) -> bytes:
+        """Fetch and decrypt a resource (its current version, or ``version``), attesting first
+        (and again once on a 401)."""
         if self.token is None:
             self.attest()
         try:
-            return self._fetch(path, headers={})
+            return self._fetch(path, headers={}, version=version)
         except KbsRejectedError as e:
             if e.http_status != 401:
                 raise
         self.attest()
-        return self._fetch(path, headers={})
+        return self._fetch(path, headers={}, version=version)
 
-    def get_resource_with_token(self, path: ResourcePath | str, token: str) -> bytes:
+    def get_resource_with_token(
+        self, path: ResourcePath | str, token: str, *, version: int | None = None
+    ) -> bytes:
         """Passport mode: present a token obtained elsewhere (bound to this client's TEE key)."""
-        return self._fetch(path, headers={"Authorization": f"Bearer {token}"})
+        headers = {"Authorization": f"Bearer {token}"}
+        return self._fetch(path, headers=headers, version=version)
 
-    def _fetch(self, path: ResourcePath | str, *, headers: dict[str, str]) -> bytes:
+    def _fetch(
+        self, path: ResourcePath | str, *, headers: dict[str, str], version: int | None = None
+    ) -> bytes:
         resource = path if isinstance(path, ResourcePath) else ResourcePath.parse(path)
-        response = send(self._http, "GET", f"{API}/resource/{resource}", headers=headers)
+        query = "" if version is None else f"?version={int(version)}"
+        response = send(self._http, "GET", f"{API}/resource/{resource}{query}", headers=headers)
         return self._tee_key.decrypt(_json_object(response))
 
 
