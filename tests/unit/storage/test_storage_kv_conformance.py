@@ -345,3 +345,138 @@ def test_concurrent_overwriting_writers_leave_one_whole_value(
         assert await handles[2].list_keys() == ["shared"]
 
     run(scenario())
+
+
+# --- compare-and-set and pages (the versioned resources build on them) -------------------------
+
+
+def test_compare_and_set_creates_only_an_absent_key(
+    run: Runner[Any], storage: KeyValueStorage
+) -> None:
+    async def scenario() -> None:
+        assert await storage.compare_and_set("meta/a", None, b"one") is True
+        assert await storage.compare_and_set("meta/a", None, b"two") is False
+        assert await storage.get("meta/a") == b"one"
+
+    run(scenario())
+
+
+def test_compare_and_set_replaces_only_the_expected_value(
+    run: Runner[Any], storage: KeyValueStorage
+) -> None:
+    async def scenario() -> None:
+        await storage.compare_and_set("meta/a", None, b"one")
+        assert await storage.compare_and_set("meta/a", b"stale", b"two") is False
+        assert await storage.get("meta/a") == b"one"
+        assert await storage.compare_and_set("meta/a", b"one", b"two") is True
+        assert await storage.get("meta/a") == b"two"
+        assert await storage.compare_and_set("meta/missing", b"one", b"x") is False
+        assert await storage.get("meta/missing") is None
+
+    run(scenario())
+
+
+def test_compare_and_set_deletes_only_the_expected_value(
+    run: Runner[Any], storage: KeyValueStorage
+) -> None:
+    async def scenario() -> None:
+        await storage.compare_and_set("meta/a", None, b"one")
+        assert await storage.compare_and_set("meta/a", b"other", None) is False
+        assert await storage.get("meta/a") == b"one"
+        assert await storage.compare_and_set("meta/a", b"one", None) is True
+        assert await storage.get("meta/a") is None
+        assert await storage.compare_and_set("meta/a", None, None) is True  # still absent
+        await storage.set("meta/b", b"x")
+        assert await storage.compare_and_set("meta/b", None, None) is False
+
+    run(scenario())
+
+
+def test_compare_and_set_treats_an_expired_value_as_absent(
+    run: Runner[Any], storage: KeyValueStorage, clock: SteppedClock
+) -> None:
+    async def scenario() -> None:
+        await storage.set("meta/a", b"old", ttl=5)
+        clock.advance(6)
+        assert await storage.compare_and_set("meta/a", b"old", b"new") is False
+        assert await storage.compare_and_set("meta/a", None, b"new") is True
+        clock.advance(3600)  # what compare-and-set writes is permanent
+        assert await storage.get("meta/a") == b"new"
+
+    run(scenario())
+
+
+def test_concurrent_compare_and_set_increments_lose_nothing(
+    run: Runner[Any], new_storage: Factory
+) -> None:
+    """Writers on several handles (workers, replicas) increment one counter with a
+    read-compare-retry loop: every increment lands exactly once."""
+    writers, increments = 6, 8
+
+    async def increment(handle: KeyValueStorage) -> int:
+        conflicts = 0
+        for _ in range(increments):
+            while True:
+                raw = await handle.get("counter")
+                value = int(raw) if raw is not None else 0
+                if await handle.compare_and_set("counter", raw, str(value + 1).encode()):
+                    break
+                conflicts += 1
+        return conflicts
+
+    async def scenario() -> None:
+        handles = [new_storage() for _ in range(3)]
+        await asyncio.gather(*(increment(handles[i % 3]) for i in range(writers)))
+        assert await handles[0].get("counter") == str(writers * increments).encode()
+
+    run(scenario())
+
+
+def test_list_page_is_bounded_sorted_and_resumable(
+    run: Runner[Any], storage: KeyValueStorage
+) -> None:
+    async def scenario() -> None:
+        names = [f"tenant-a/type/{i:03}" for i in range(25)] + ["tenant-ab/type/x", "b/c/d"]
+        for name in names:
+            await storage.set(name, b"v")
+        seen: list[str] = []
+        after: str | None = None
+        while True:
+            page = await storage.list_page("tenant-a/", after, 10)
+            assert len(page) <= 10 and page == sorted(page)
+            seen.extend(page)
+            if len(page) < 10:
+                break
+            after = page[-1]
+        assert seen == sorted(n for n in names if n.startswith("tenant-a/"))
+        assert await storage.list_page("", None, 1000) == sorted(names)
+
+    run(scenario())
+
+
+def test_list_page_skips_expired_keys(
+    run: Runner[Any], storage: KeyValueStorage, clock: SteppedClock
+) -> None:
+    async def scenario() -> None:
+        await storage.set("p/a", b"1", ttl=5)
+        await storage.set("p/b", b"2")
+        clock.advance(6)
+        assert await storage.list_page("p/", None, 10) == ["p/b"]
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1001])
+def test_list_page_refuses_an_unbounded_limit(
+    run: Runner[Any], storage: KeyValueStorage, limit: int
+) -> None:
+    with pytest.raises(StorageError, match="a page has 1 to 1000 keys"):
+        run(storage.list_page("", None, limit))
+
+
+@pytest.mark.parametrize("prefix", ["a b", "a%2F", "x" * 513])
+def test_list_page_refuses_a_prefix_outside_the_key_alphabet(
+    run: Runner[Any], storage: KeyValueStorage, prefix: str
+) -> None:
+    with pytest.raises(StorageError, match="invalid key prefix"):
+        run(storage.list_page(prefix, None, 10))
