@@ -318,9 +318,7 @@ def test_retry_loop_on_conflicts_is_bounded_and_cleans_up() -> None:
     async def pause(seconds: float) -> None:
         pauses.append(seconds)
 
-    resources = VersionedResources(
-        MemoryKeyValueStorage(), _AlwaysLosing(), versions, pause=pause
-    )
+    resources = VersionedResources(MemoryKeyValueStorage(), _AlwaysLosing(), versions, pause=pause)
 
     async def scenario() -> None:
         with pytest.raises(Exception, match="gave up after 32 attempts"):
@@ -332,7 +330,12 @@ def test_retry_loop_on_conflicts_is_bounded_and_cleans_up() -> None:
     assert max(pauses) <= 0.01 * CAS_ATTEMPTS
 
 
-@pytest.mark.parametrize("text", ["abc", "-1", "0", "01", "1.5", "+3", "2147483648", "9" * 40, "１"])
+FULLWIDTH_ONE = "\uff11"  # a Unicode digit: str.isdigit() says yes, the parser must not
+
+
+@pytest.mark.parametrize(
+    "text", ["abc", "-1", "0", "01", "1.5", "+3", "2147483648", "9" * 40, FULLWIDTH_ONE, ""]
+)
 def test_version_query_non_numeric_negative_or_huge_is_refused(text: str) -> None:
     with pytest.raises(BadRequestError):
         parse_version(text)
