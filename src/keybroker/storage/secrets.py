@@ -14,7 +14,9 @@ as :class:`ResourceNotFoundError` and turn a backend's foreign failures into
 
 Versions, listing and metadata are offered by backends that can keep them (``versioned``); the
 others answer :class:`NotImplementedByBackendError` (501) for them, and keep reading, writing
-and deleting exactly as before.
+and deleting exactly as before. The directory tree lists its files and reports each as an
+unversioned resource (version 1, the file's size and modification time): its files are the
+truth, edited by operators outside the KBS, so it keeps no versions.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -53,6 +56,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_MAX_RESOURCE_BYTES = 16 * 1024 * 1024
 DEFAULT_REPOSITORY_DIR = Path("/opt/confidential-containers/kbs/repository")
+
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_\-.]{0,254}")
+
+
+def _file_record(info: os.stat_result) -> ResourceRecord:
+    """A file of the directory tree as an unversioned resource."""
+    version = Version(1, "", info.st_mtime, info.st_size)
+    return ResourceRecord(1, 2, info.st_mtime, info.st_mtime, (version,), legacy=True)
 
 
 class SecretBackend(ABC):
@@ -289,6 +301,60 @@ class DirectoryTreeSecretBackend(SecretBackend):
     async def _read(self, path: ResourcePath) -> bytes | None:
         _, target = self._locate(path)
         return await read_file(target, what=f"resource {path}", max_bytes=self.max_bytes)
+
+    async def metadata(self, path: ResourcePath) -> ResourceRecord:
+        _, target = self._locate(path)
+        try:
+            info = await asyncio.to_thread(os.stat, target)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ResourceNotFoundError(f"resource not found: {path}") from None
+        except OSError as e:
+            raise StorageError(f"reading resource {path} failed: {e.strerror}") from None
+        return _file_record(info)
+
+    async def list_resources(
+        self, prefix: str, after: str | None, limit: int
+    ) -> tuple[list[tuple[str, ResourceRecord]], str | None]:
+        return await translate_errors(
+            "listing resources", asyncio.to_thread(self._list_sync, prefix, after, limit)
+        )
+
+    def _list_sync(
+        self, prefix: str, after: str | None, limit: int
+    ) -> tuple[list[tuple[str, ResourceRecord]], str | None]:
+        """Walk ``<root>/<repo>/<type>/<tag>`` (names that are valid segments only, links
+        resolving outside the root skipped): O(files) per page."""
+        wanted = [segment for segment in prefix.split("/") if segment]
+        found: list[tuple[str, ResourceRecord]] = []
+        # sorted as whole names ("a-b/..." before "a/..."), the order cursors continue in
+        for name in sorted(self._walk(self._root, wanted, [])):
+            if after is not None and name <= after:
+                continue
+            try:
+                _, target = self._locate(ResourcePath.parse(name))
+                info = os.stat(target)
+            except (StorageError, OSError):
+                continue  # outside the root, or gone since
+            found.append((name, _file_record(info)))
+            if len(found) == limit:
+                return found, name
+        return found, None
+
+    def _walk(self, directory: Path, wanted: list[str], parents: list[str]) -> Iterator[str]:
+        depth = len(parents)
+        try:
+            names = os.listdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for name in names:
+            if not _SEGMENT.fullmatch(name) or (depth < len(wanted) and name != wanted[depth]):
+                continue
+            entry = directory / name
+            if depth == 2:
+                if entry.is_file():
+                    yield "/".join([*parents, name])
+            elif entry.is_dir():
+                yield from self._walk(entry, wanted, [*parents, name])
 
     async def _write(self, path: ResourcePath, data: bytes) -> None:
         _, target = self._locate(path)

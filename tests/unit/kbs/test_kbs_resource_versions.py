@@ -410,20 +410,33 @@ def test_tenant_acl_confines_listing_meta_and_writes_to_its_prefix(
 
 
 def test_unversioned_backend_says_so_with_501_and_keeps_working(tmp_path: Path) -> None:
-    config = kbs_config(
-        plugins=[{"name": "resource", "type": "LocalFs", "dir_path": str(tmp_path / "tree")}]
-    )
+    """The seed-era directory tree keeps no versions (its files are the truth, edited outside
+    the KBS) but lists its files, as unversioned resources."""
+    tree = tmp_path / "tree"
+    config = kbs_config(plugins=[{"name": "resource", "type": "LocalFs", "dir_path": str(tree)}])
     with TestClient(create_app(config)) as client:
         admin = AdminClient("http://testserver", http=client)
         admin.set_resource_policy(builtin_policy("allow_all"))
         assert admin.set_resource("a/b/c", b"plain") is None
+        admin.set_resource("a-b/b/c", b"plain")
+        (tree / "a" / "b" / "dropped").write_bytes(b"by an operator")
+        (tree / "a" / "b" / ".hidden").write_bytes(b"never listed")
         assert _guest(client).get_resource("a/b/c") == b"plain"
-        for url in ("/kbs/v0/resources", "/kbs/v0/resource-meta/a/b/c"):
-            reply = client.get(url)
+        names = [r["name"] for r in admin.list_all_resources()]
+        assert names == ["a-b/b/c", "a/b/c", "a/b/dropped"]
+        first = admin.list_resources("a", limit=1)
+        assert [r["name"] for r in first["resources"]] == ["a/b/c"]
+        second = admin.list_resources("a", limit=1, cursor=str(first["next_cursor"]))
+        assert [r["name"] for r in second["resources"]] == ["a/b/dropped"]
+        meta = admin.resource_meta("a/b/dropped")
+        assert meta["versioned"] is False and meta["size"] == len(b"by an operator")
+        assert "by an operator" not in json.dumps(admin.list_all_resources())
+        for action in ("rollback", "undelete"):
+            reply = client.post(f"/kbs/v0/resource-meta/a/b/c/{action}", json={"version": 1})
             assert reply.status_code == 501
             assert "not offered by the DirectoryTree resource backend" in reply.json()["detail"]
         with pytest.raises(KbsRejectedError) as versioned:
             _guest(client).get_resource("a/b/c", version=1)
         assert versioned.value.http_status == 501
         admin.delete_resource("a/b/c")
-        assert not (tmp_path / "tree" / "a" / "b" / "c").exists()
+        assert not (tree / "a" / "b" / "c").exists()
