@@ -8,8 +8,11 @@ describes for:
 - ``POST /v1/auth/<mount>/login`` (AppRole: ``role_id`` + ``secret_id`` -> ``auth.client_token``,
   ``lease_duration``);
 - the KV v1 engine: ``GET``/``POST``/``PUT``/``DELETE``/``LIST`` ``/v1/<mount>/<path>``;
-- the KV v2 engine: ``GET``/``POST``/``PUT`` ``/v1/<mount>/data/<path>`` (versions,
-  ``?version=``), ``GET``/``DELETE`` ``/v1/<mount>/metadata/<path>``;
+- the KV v2 engine: ``GET``/``POST``/``PUT``/``DELETE`` ``/v1/<mount>/data/<path>`` (versions,
+  ``?version=``, ``options.cas``, soft delete of the latest version),
+  ``POST /v1/<mount>/delete|undelete/<path>`` and ``PUT /v1/<mount>/destroy/<path>`` (``{"versions":
+  [...]}``), ``GET``/``POST``/``DELETE``/``LIST`` ``/v1/<mount>/metadata/<path>`` (``max_versions``,
+  default 10: older versions are dropped);
 - ``GET /v1/sys/health``, and ``sealed``: then every other request is 503 ``{"errors": ["Vault
   is sealed"]}``, as a sealed Vault answers;
 - ``GET /v1/sys/internal/ui/mounts/<path>``, the CLI's preflight: the mount's ``type`` and
@@ -20,9 +23,9 @@ Response shapes follow the API documentation (``data`` envelopes, version metada
 []}``, 204 on writes to KV v1 and deletes) and, where the documentation is silent, what Vault is
 seen to answer (a KV v1-style path on a KV v2 mount: 404 with the warning "Invalid path for a
 versioned K/V secrets engine" and no ``errors``). It does not implement policies beyond "a valid
-token may do anything", leases on secrets, namespaces, soft deletes of KV v2 versions,
-check-and-set, or anything else. The production client (``keybroker.storage.vault`` over hvac) is
-unchanged in tests: only the server differs.
+token may do anything", leases on secrets, namespaces, ``cas_required``,
+``delete_version_after``, custom metadata, or anything else. The production client
+(``keybroker.storage.vault`` over hvac) is unchanged in tests: only the server differs.
 
 Test instrumentation that is not Vault: ``seen_tokens`` (every ``X-Vault-Token`` received) and
 ``hold_reads`` (see :meth:`VaultStandIn._latch`).
@@ -49,11 +52,30 @@ from standins.server import ServedApp
 
 
 @dataclass
+class VersionState:
+    created: str
+    deleted: str = ""
+    destroyed: bool = False
+
+    def metadata(self, version: int) -> dict[str, Any]:
+        return {
+            "created_time": self.created,
+            "deletion_time": self.deleted,
+            "destroyed": self.destroyed,
+            "version": version,
+            "custom_metadata": None,
+        }
+
+
+@dataclass
 class KvMount:
     version: int
-    # v1: path -> fields; v2: path -> list of versions (fields), newest last
+    # v1: path -> fields; v2: path -> list of versions (fields, None once destroyed or
+    # dropped by max_versions), newest last, and each version's state (kept ones only)
     v1: dict[str, dict[str, Any]] = field(default_factory=dict)
-    v2: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    v2: dict[str, list[dict[str, Any] | None]] = field(default_factory=dict)
+    v2_state: dict[str, dict[int, VersionState]] = field(default_factory=dict)
+    v2_max_versions: dict[str, int] = field(default_factory=dict)
 
 
 def _now_text() -> str:
@@ -229,45 +251,125 @@ class VaultStandIn:
         if kind == "data":
             return await self._kv2_data(mount, path, method, request)
         if kind == "metadata":
-            return self._kv2_metadata(mount, path, method)
+            return await self._kv2_metadata(mount, path, method, request)
+        if kind in ("delete", "undelete", "destroy") and method in ("POST", "PUT"):
+            return await self._kv2_versions(mount, kind, path, request)
         mismatch = {**_envelope({}), "data": None, "warnings": [_VERSIONED_PATH]}
         return JSONResponse(mismatch, status_code=404)  # what Vault answers a KV v1-style path
 
-    async def _kv2_data(self, mount: KvMount, path: str, method: str, request: Request) -> Response:
+    async def _kv2_data(  # noqa: PLR0911 - one answer per documented case
+        self, mount: KvMount, path: str, method: str, request: Request
+    ) -> Response:
         versions = mount.v2.get(path)
+        states = _states(mount, path)
         if method == "GET":
             await self._latch()
             wanted = int(request.query_params.get("version") or len(versions or []))
-            if not versions or not 1 <= wanted <= len(versions):
+            state = states.get(wanted)
+            if not versions or state is None:
                 return _errors(404)
-            metadata = _version_metadata(wanted)
-            return JSONResponse(_envelope({"data": versions[wanted - 1], "metadata": metadata}))
+            fields = versions[wanted - 1]
+            if state.deleted or state.destroyed or fields is None:
+                # Vault: 404 with the version's metadata and no data
+                body = _envelope({"data": None, "metadata": state.metadata(wanted)})
+                return JSONResponse(body, status_code=404)
+            return JSONResponse(_envelope({"data": fields, "metadata": state.metadata(wanted)}))
         if method in ("POST", "PUT"):
             body = await request.json()
             if not isinstance(body.get("data"), dict):
                 return _errors(400, "no data provided")
+            cas = (body.get("options") or {}).get("cas")
+            if cas is not None and int(cas) != len(versions or []):
+                return _errors(400, "check-and-set parameter did not match the current version")
             mount.v2.setdefault(path, []).append(body["data"])
-            return JSONResponse(_envelope(_version_metadata(len(mount.v2[path]))))
+            number = len(mount.v2[path])
+            state = VersionState(_now_text())
+            mount.v2_state.setdefault(path, {})[number] = state
+            self._prune(mount, path)
+            return JSONResponse(_envelope(state.metadata(number)))
+        if method == "DELETE":  # soft-delete the latest version
+            if versions:
+                latest = states.get(len(versions))
+                if latest is not None and not latest.deleted:
+                    latest.deleted = _now_text()
+            return Response(status_code=204)
         return _errors(405)
 
-    def _kv2_metadata(self, mount: KvMount, path: str, method: str) -> Response:
+    def _prune(self, mount: KvMount, path: str) -> None:
+        keep = mount.v2_max_versions.get(path) or 10
+        states = mount.v2_state[path]
+        for number in sorted(states)[:-keep] if len(states) > keep else []:
+            del states[number]
+            mount.v2[path][number - 1] = None
+
+    async def _kv2_versions(
+        self, mount: KvMount, kind: str, path: str, request: Request
+    ) -> Response:
+        body = await request.json()
+        numbers = body.get("versions")
+        if not isinstance(numbers, list) or not numbers:
+            return _errors(400, "no version number provided")
+        for number in numbers:
+            state = _states(mount, path).get(int(number))
+            if state is None:
+                continue
+            if kind == "delete" and not state.deleted:
+                state.deleted = _now_text()
+            elif kind == "undelete" and not state.destroyed:
+                state.deleted = ""
+            elif kind == "destroy":
+                state.destroyed = True
+                mount.v2[path][int(number) - 1] = None
+        return Response(status_code=204)
+
+    async def _kv2_metadata(
+        self, mount: KvMount, path: str, method: str, request: Request
+    ) -> Response:
         if method == "DELETE":
             mount.v2.pop(path, None)
+            mount.v2_state.pop(path, None)
+            mount.v2_max_versions.pop(path, None)
+            return Response(status_code=204)
+        if method == "LIST":
+            prefix = path.rstrip("/") + "/" if path.strip("/") else ""
+            keys = sorted(
+                {
+                    rest.split("/")[0] + ("/" if "/" in rest else "")
+                    for rest in (k[len(prefix) :] for k in mount.v2 if k.startswith(prefix))
+                }
+            )
+            return JSONResponse(_envelope({"keys": keys})) if keys else _errors(404)
+        if method in ("POST", "PUT"):
+            body = await request.json()
+            mount.v2_max_versions[path] = int(body.get("max_versions") or 0)
             return Response(status_code=204)
         versions = mount.v2.get(path)
         if method != "GET":
             return _errors(405)
         if not versions:
             return _errors(404)
-        numbers = range(1, len(versions) + 1)
+        states = _states(mount, path)
         return JSONResponse(
             _envelope(
                 {
                     "current_version": len(versions),
-                    "versions": {str(n): _version_metadata(n) for n in numbers},
+                    "oldest_version": min(states, default=0),
+                    "max_versions": mount.v2_max_versions.get(path, 0),
+                    "created_time": states[min(states)].created if states else "",
+                    "updated_time": states[max(states)].created if states else "",
+                    "versions": {str(n): state.metadata(n) for n, state in states.items()},
                 }
             )
         )
+
+
+def _states(mount: KvMount, path: str) -> dict[int, VersionState]:
+    """The version states of ``path``; versions a test put in ``v2`` directly are live."""
+    states = mount.v2_state.setdefault(path, {}) if path in mount.v2 else {}
+    for number, fields in enumerate(mount.v2.get(path, []), start=1):
+        if fields is not None and number not in states:
+            states[number] = VersionState(_now_text())
+    return states
 
 
 def _envelope(data: dict[str, Any]) -> dict[str, Any]:
@@ -280,15 +382,6 @@ def _envelope(data: dict[str, Any]) -> dict[str, Any]:
         "wrap_info": None,
         "warnings": None,
         "auth": None,
-    }
-
-
-def _version_metadata(version: int) -> dict[str, Any]:
-    return {
-        "created_time": _now_text(),
-        "deletion_time": "",
-        "destroyed": False,
-        "version": version,
     }
 
 

@@ -2,9 +2,18 @@
 
 Resource ``repo/type/tag`` is the Vault secret ``<mount_path>/repo/type/tag`` holding one field,
 ``data``, the resource in standard base64: upstream Trustee's layout, so secrets written by
-either are read by the other. With ``kv_version = 2`` every write is a new version and a read
-returns the latest; a delete removes the secret with all its versions (its metadata). A deleted
-or destroyed latest version reads as missing. Reading an older version is not offered.
+either are read by the other.
+
+With ``kv_version = 2`` Keybroker's resource versions are Vault's own: every write is a new
+Vault version (Vault numbers them atomically, so concurrent writers never lose one), a read
+returns the latest unless a version is asked for, a delete soft-deletes the latest version (or
+the one named) and undelete brings it back (Vault's ``delete``/``undelete``), purge destroys a
+version (``destroy``) or the whole secret (its metadata), and rollback writes an older
+version's data as a new version, as ``vault kv rollback`` does. Retention is the mount's or
+the secret's ``max_versions``. Listing walks the mount with ``LIST`` (one request per folder)
+and reads each listed secret's metadata. Sizes are not in Vault's metadata: they read as
+unknown. A deleted or destroyed version reads as missing. ``kv_version = 1`` keeps no versions:
+listing, metadata and versions answer 501 there.
 
 ``kv_version`` must match the mount. On first use the backend asks Vault what the mount is
 (``sys/internal/ui/mounts``, the Vault CLI's preflight) and refuses a mismatch: through the wrong
@@ -39,15 +48,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 
 from keybroker.errors import (
+    BadRequestError,
     ConfigError,
     KeybrokerError,
+    ResourceNotFoundError,
     ServiceUnavailableError,
     StorageError,
 )
 from keybroker.protocol.resource_path import ResourcePath
+from keybroker.storage.base import MAX_PAGE
 from keybroker.storage.secrets import DEFAULT_MAX_RESOURCE_BYTES, SecretBackend
 from keybroker.storage.vault_settings import (
     VaultConfig,
@@ -55,6 +69,7 @@ from keybroker.storage.vault_settings import (
     tls_context,
     warn_if_insecure,
 )
+from keybroker.storage.versions import ResourceRecord, Version
 
 __all__ = ["VaultConfig", "VaultSecretBackend"]
 
@@ -73,6 +88,7 @@ class VaultSecretBackend(SecretBackend):
         max_bytes: int = DEFAULT_MAX_RESOURCE_BYTES,
     ) -> None:
         super().__init__(max_bytes=max_bytes)
+        self.versioned = config.kv_version == 2
         try:
             import hvac  # type: ignore[import-untyped]  # noqa: PLC0415 - optional extra
             import requests  # noqa: PLC0415 - hvac's transport
@@ -264,12 +280,12 @@ class VaultSecretBackend(SecretBackend):
             raise StorageError(f"Vault mount {mount} is KV version 2: set kv_version = 2")
         raise StorageError(f"Vault has no KV secrets engine for {mount}/{label}: check mount_path")
 
-    def _read_sync(self, label: str) -> bytes | None:
+    def _read_sync(self, label: str, version: int | None = None) -> bytes | None:
         kv, mount = self._client.secrets.kv, self._config.mount_path
         try:
             if self._config.kv_version == 2:
                 answer = kv.v2.read_secret_version(
-                    path=label, mount_point=mount, raise_on_deleted_version=True
+                    path=label, version=version, mount_point=mount, raise_on_deleted_version=True
                 )
                 fields = _field(_field(answer, "data"), "data")
             else:
@@ -301,15 +317,19 @@ class VaultSecretBackend(SecretBackend):
             return False
         return True
 
-    def _write_sync(self, label: str, data: bytes) -> None:
+    def _write_sync(self, label: str, data: bytes) -> int | None:
+        """Store ``data``; the Vault version it became (KV v2)."""
         kv, mount = self._client.secrets.kv, self._config.mount_path
         fields = {"data": base64.b64encode(data).decode("ascii")}
         if self._config.kv_version == 2:
-            kv.v2.create_or_update_secret(path=label, secret=fields, mount_point=mount)
+            answer = kv.v2.create_or_update_secret(path=label, secret=fields, mount_point=mount)
+            number = _field(answer, "data").get("version") if isinstance(answer, dict) else None
+            return number if isinstance(number, int) else None
         else:  # PUT: without a method hvac reads the secret first to choose POST or PUT
             kv.v1.create_or_update_secret(
                 path=label, secret=fields, method="PUT", mount_point=mount
             )
+        return None
 
     def _delete_sync(self, label: str) -> bool:
         # two requests: Vault answers 204 to deleting nothing, and we must report a missing one
@@ -325,11 +345,189 @@ class VaultSecretBackend(SecretBackend):
     async def _read(self, path: ResourcePath) -> bytes | None:
         return await self._run(str(path), lambda: self._read_sync(str(path)))
 
+    # --- versions (KV v2): Vault's own ------------------------------------------------------
+
+    def _record_sync(self, label: str) -> ResourceRecord | None:
+        """The secret's versions from its Vault metadata; destroyed versions are left out."""
+        kv, mount = self._client.secrets.kv, self._config.mount_path
+        try:
+            answer = kv.v2.read_secret_metadata(path=label, mount_point=mount)
+        except self._hvac.exceptions.InvalidPath as e:
+            self._absent(e, label)
+            return None
+        return _vault_record(_field(answer, "data"), f"{mount}/{label}")
+
+    async def resolve(self, path: ResourcePath, requested: int | None) -> Version | None:
+        if not self.versioned:
+            return await super().resolve(path, requested)
+        record = await self._run(str(path), lambda: self._record_sync(str(path)))
+        return None if record is None else record.live(requested)
+
+    async def _read_at(self, path: ResourcePath, version: Version | None) -> bytes | None:
+        if version is None or not self.versioned:
+            return await self._read(path)
+        number = version.number
+        return await self._run(str(path), lambda: self._read_sync(str(path), number))
+
+    async def _store(self, path: ResourcePath, data: bytes) -> int | None:
+        return await self._run(str(path), lambda: self._write_sync(str(path), data))
+
+    async def _remove(self, path: ResourcePath, version: int | None) -> bool:
+        if not self.versioned:
+            return await self._delete(path)
+        target = await self._live_version(path, version)
+        await self._kv2_call(path, "delete_secret_versions", versions=[target])
+        return True
+
+    async def metadata(self, path: ResourcePath) -> ResourceRecord:
+        if not self.versioned:
+            return await super().metadata(path)
+        record = await self._run(str(path), lambda: self._record_sync(str(path)))
+        if record is None:
+            raise ResourceNotFoundError(f"resource not found: {path}")
+        return record
+
+    async def list_resources(
+        self, prefix: str, after: str | None, limit: int
+    ) -> tuple[list[tuple[str, ResourceRecord]], str | None]:
+        if not self.versioned:
+            return await super().list_resources(prefix, after, limit)
+        names = await self._run(prefix or "/", lambda: self._names_sync(prefix))
+        names = [name for name in names if after is None or name > after][: min(limit, MAX_PAGE)]
+        page = []
+        for name in names:
+            record = await self._run(name, partial(self._record_sync, name))
+            if record is not None:
+                page.append((name, record))
+        return page, names[-1] if len(names) == limit else None
+
+    def _names_sync(self, prefix: str) -> list[str]:
+        """Every secret three folders deep under ``prefix`` (``LIST``, one per folder)."""
+        mount = self._config.mount_path
+        found: list[str] = []
+        folders = [prefix]
+        while folders:
+            folder = folders.pop()
+            try:
+                # GET with list=true, Vault's documented stand-in for the LIST method (which
+                # some proxies and HTTP stacks refuse)
+                answer = self._client.adapter.get(
+                    f"/v1/{mount}/metadata/{folder}", params={"list": "true"}
+                )
+            except self._hvac.exceptions.InvalidPath:
+                continue  # an empty folder
+            keys = _field(answer, "data").get("keys") if isinstance(answer, dict) else None
+            for key in keys if isinstance(keys, list) else []:
+                name = f"{folder}{key}"
+                depth = name.rstrip("/").count("/")
+                if key.endswith("/") and depth < 2:
+                    folders.append(name)
+                elif not key.endswith("/") and depth == 2 and _is_path(name):
+                    found.append(name)
+        return sorted(found)
+
+    async def rollback(self, path: ResourcePath, version: int) -> int:
+        if not self.versioned:
+            return await super().rollback(path, version)
+        await self._live_version(path, version)
+        data = await self._run(str(path), lambda: self._read_sync(str(path), version))
+        if data is None:
+            raise ResourceNotFoundError(f"resource {path} has no live version {version}")
+        number = await self._store(path, data)
+        if number is None:
+            raise StorageError(f"Vault did not say which version rollback of {path} made")
+        return number
+
+    async def undelete(self, path: ResourcePath, version: int) -> int:
+        if not self.versioned:
+            return await super().undelete(path, version)
+        record = await self.metadata(path)
+        found = record.version(version)
+        if found is None:
+            raise ResourceNotFoundError(f"resource {path} has no version {version}")
+        if found.deleted is None:
+            raise BadRequestError(f"version {version} of {path} is not deleted")
+        await self._kv2_call(path, "undelete_secret_versions", versions=[version])
+        return version
+
+    async def purge(self, path: ResourcePath, version: int | None) -> None:
+        if not self.versioned:
+            return await super().purge(path, version)
+        record = await self.metadata(path)
+        if version is None:
+            await self._kv2_call(path, "delete_metadata_and_all_versions")
+            return None
+        if record.version(version) is None:
+            raise ResourceNotFoundError(f"resource {path} has no version {version}")
+        await self._kv2_call(path, "destroy_secret_versions", versions=[version])
+        return None
+
+    async def _live_version(self, path: ResourcePath, version: int | None) -> int:
+        record = await self.metadata(path)
+        live = record.live(version)
+        if live is None:
+            which = "current version" if version is None else f"version {version}"
+            raise ResourceNotFoundError(f"resource not found: {path} has no live {which}")
+        return live.number
+
+    async def _kv2_call(self, path: ResourcePath, name: str, **arguments: Any) -> None:
+        kv, mount = self._client.secrets.kv, self._config.mount_path
+        label = str(path)
+        await self._run(
+            label,
+            lambda: getattr(kv.v2, name)(path=label, mount_point=mount, **arguments),
+        )
+
     async def _write(self, path: ResourcePath, data: bytes) -> None:
         await self._run(str(path), lambda: self._write_sync(str(path), data))
 
     async def _delete(self, path: ResourcePath) -> bool:
         return await self._run(str(path), lambda: self._delete_sync(str(path)))
+
+
+def _vault_time(value: object) -> float | None:
+    """Vault's RFC 3339 times (nanoseconds, ``Z``) as seconds; "" or anything else: None."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.replace("Z", "+00:00")
+    head, dot, rest = text.partition(".")
+    if dot:  # Python takes at most microseconds
+        digits = "".join(c for c in rest if c.isdigit())
+        text = f"{head}.{digits[:6]}{rest[len(digits) :]}"
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def _vault_record(metadata: Any, where: str) -> ResourceRecord:
+    """A secret's Vault KV v2 metadata as Keybroker's record of versions."""
+    try:
+        current = int(metadata["current_version"])
+        versions = []
+        for key, item in sorted(metadata["versions"].items(), key=lambda pair: int(pair[0])):
+            if item.get("destroyed"):
+                continue  # purged: gone for good
+            created = _vault_time(item.get("created_time"))
+            deleted = _vault_time(item.get("deletion_time"))
+            versions.append(Version(int(key), "", created, None, deleted))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise StorageError(f"Vault metadata of {where} is not KV v2 metadata") from None
+    return ResourceRecord(
+        current=current or None,
+        next=current + 1,
+        created=_vault_time(metadata.get("created_time")),
+        updated=_vault_time(metadata.get("updated_time")),
+        versions=tuple(versions),
+    )
+
+
+def _is_path(name: str) -> bool:
+    try:
+        ResourcePath.parse(name)
+    except KeybrokerError:
+        return False
+    return True
 
 
 def _field(answer: Any, name: str) -> Any:

@@ -17,7 +17,7 @@ import pytest
 from secret_backend_vault import vault_backend
 
 from databases import fresh_postgres_database
-from keybroker.errors import ResourceNotFoundError
+from keybroker.errors import NotImplementedByBackendError, ResourceNotFoundError
 from keybroker.protocol.resource_path import ResourcePath
 from keybroker.storage.pkcs11 import Pkcs11Config, Pkcs11SecretBackend
 from keybroker.storage.postgres import PostgresKeyValueStorage
@@ -122,5 +122,110 @@ def test_concurrent_writers(backend: SecretBackend, path: ResourcePath) -> None:
         )
         assert [await backend.read(p) for p in others] == values
         assert await backend.read(path) in values
+
+    asyncio.run(scenario())
+
+
+# --- versions, listing and metadata: the same on every backend that keeps versions ------------
+
+
+@pytest.fixture(params=["kv-postgres", "vault-kv2"])
+def versioned(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SecretBackend]:
+    if request.param == "kv-postgres":
+        with fresh_postgres_database() as db:
+            conninfo = f"host=127.0.0.1 user=postgres dbname={db}"
+            stores: list[PostgresKeyValueStorage] = []
+
+            def namespace(name: str) -> PostgresKeyValueStorage:
+                stores.append(PostgresKeyValueStorage(conninfo, name))
+                return stores[-1]
+
+            yield KvSecretBackend.in_namespaces(namespace)
+            for store in stores:
+                asyncio.run(store.close())
+    else:
+        with vault_backend(tmp_path, kv_version=2) as vault:
+            yield vault
+
+
+async def _at(backend: SecretBackend, path: ResourcePath, number: int | None) -> bytes | None:
+    version = await backend.resolve(path, number)
+    if version is None:
+        return None
+    try:
+        return await backend.read(path, version)
+    except ResourceNotFoundError:
+        return None
+
+
+def test_versions_rollback_and_soft_delete(versioned: SecretBackend, path: ResourcePath) -> None:
+    async def scenario() -> None:
+        assert [await versioned.write(path, v) for v in (b"v1", b"v2", b"v3")] == [1, 2, 3]
+        assert await _at(versioned, path, None) == b"v3"
+        assert await _at(versioned, path, 1) == b"v1"
+        assert await versioned.rollback(path, 1) == 4
+        assert await versioned.read(path) == b"v1"
+        await versioned.delete(path)  # soft: the current version
+        assert await _at(versioned, path, None) is None
+        with pytest.raises(ResourceNotFoundError):
+            await versioned.read(path)
+        assert await versioned.undelete(path, 4) == 4
+        assert await versioned.read(path) == b"v1"
+        await versioned.delete(path, 2)
+        assert await _at(versioned, path, 2) is None
+        record = await versioned.metadata(path)
+        assert record.current == 4 and [v.number for v in record.versions] == [1, 2, 3, 4]
+        assert record.version(2) is not None and record.version(2).deleted is not None  # type: ignore[union-attr]
+
+    asyncio.run(scenario())
+
+
+def test_purge_a_version_then_the_resource(versioned: SecretBackend, path: ResourcePath) -> None:
+    async def scenario() -> None:
+        await versioned.write(path, b"v1")
+        await versioned.write(path, b"v2")
+        await versioned.purge(path, 1)
+        assert await _at(versioned, path, 1) is None
+        assert [v.number for v in (await versioned.metadata(path)).versions] == [2]
+        assert await versioned.read(path) == b"v2"
+        await versioned.purge(path, None)
+        with pytest.raises(ResourceNotFoundError):
+            await versioned.metadata(path)
+        with pytest.raises(ResourceNotFoundError):
+            await versioned.read(path)
+
+    asyncio.run(scenario())
+
+
+def test_listing_by_prefix_in_pages(versioned: SecretBackend, path: ResourcePath) -> None:
+    names = [ResourcePath(path.repository, t, g) for t, g in (("a", "x"), ("a", "y"), ("b", "z"))]
+
+    async def scenario() -> None:
+        for name in names:
+            await versioned.write(name, b"SECRET")
+        first, cursor = await versioned.list_resources(f"{path.repository}/", None, 2)
+        assert [n for n, _ in first] == [str(names[0]), str(names[1])]
+        assert cursor == str(names[1])
+        rest, end = await versioned.list_resources(f"{path.repository}/", cursor, 2)
+        assert [n for n, _ in rest] == [str(names[2])] and end is None
+        only_a, _ = await versioned.list_resources(f"{path.repository}/a/", None, 10)
+        assert [n for n, _ in only_a] == [str(names[0]), str(names[1])]
+        assert all(record.current == 1 for _, record in first + rest)
+        assert "SECRET" not in repr(first + rest)
+
+    asyncio.run(scenario())
+
+
+def test_backends_without_versions_say_so(backend: SecretBackend, path: ResourcePath) -> None:
+    async def scenario() -> None:
+        await backend.write(path, b"value")
+        if backend.versioned:
+            assert (await backend.metadata(path)).current is not None
+            return
+        with pytest.raises(NotImplementedByBackendError, match="not offered by the"):
+            await backend.resolve(path, 1)
+        for operation in (backend.rollback(path, 1), backend.undelete(path, 1)):
+            with pytest.raises(NotImplementedByBackendError):
+                await operation
 
     asyncio.run(scenario())

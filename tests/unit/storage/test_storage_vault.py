@@ -16,7 +16,12 @@ from starlette.testclient import TestClient
 from conftest import FakeClock, kbs_config
 from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
-from keybroker.errors import ConfigError, ServiceUnavailableError, StorageError
+from keybroker.errors import (
+    ConfigError,
+    ResourceNotFoundError,
+    ServiceUnavailableError,
+    StorageError,
+)
 from keybroker.kbs.app import create_app
 from keybroker.kbs.resource_policy import builtin_policy
 from keybroker.kbs.tls import self_signed_certificate
@@ -49,18 +54,24 @@ def test_upstream_layout_is_read_and_written(tmp_path: Path) -> None:
         }
 
 
-def test_kv2_overwrite_adds_versions_and_delete_removes_all(tmp_path: Path) -> None:
+def test_kv2_overwrite_adds_versions_delete_is_soft_and_purge_removes_all(
+    tmp_path: Path,
+) -> None:
     with vault_stand_in(tmp_path) as server:
         backend = VaultSecretBackend.from_config(
             _config(server.url, token=server.stand_in.root_token, mount_path="kv2", kv_version=2)
         )
 
         async def scenario() -> None:
-            for value in (b"v1", b"v2", b"v3"):
-                await backend.write(PATH, value)
+            assert [await backend.write(PATH, v) for v in (b"v1", b"v2", b"v3")] == [1, 2, 3]
             assert await backend.read(PATH) == b"v3"
             assert len(server.stand_in.mounts["kv2"].v2["default/vault/one"]) == 3
-            await backend.delete(PATH)
+            await backend.delete(PATH)  # Vault's soft delete of the latest version
+            state = server.stand_in.mounts["kv2"].v2_state["default/vault/one"][3]
+            assert state.deleted and not state.destroyed
+            with pytest.raises(ResourceNotFoundError):
+                await backend.read(PATH)
+            await backend.purge(PATH, None)
             assert "default/vault/one" not in server.stand_in.mounts["kv2"].v2
 
         asyncio.run(scenario())
