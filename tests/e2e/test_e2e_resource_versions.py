@@ -2,7 +2,7 @@
 race writes to one resource; an operator drives listing, metadata, rollback, delete, undelete
 and purge through ``kbs-client``; a guest fetches ``--version N`` under a policy that pins one;
 the audit log names each version released; a resource stored before versioning is served and
-migrated."""
+migrated; the Vault backend does the same on KV v2's own versions."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from databases import fresh_postgres_database, private_redis
 from kbs_process import kbs_client, open_kbs_config, running_kbs
 from keybroker.client.admin import AdminClient
 from ports import free_port
+from standins.vault import RunningStandIn, VaultStandIn
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -215,3 +216,61 @@ def test_resource_stored_before_versioning_is_served_and_migrated(replicas: Repl
     assert base64.b64decode(got.strip()) == b"from before"
     got = _cli(replicas, 1, "get-resource", "--path", "old/key/one")
     assert base64.b64decode(got.strip()) == b"new"
+
+
+def test_vault_kv2_versions_through_a_real_kbs(tmp_path: Path) -> None:
+    """The Vault backend maps versions onto KV v2's own (the Vault stand-in over HTTP)."""
+    server = RunningStandIn(VaultStandIn())
+    server.start()
+    try:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        config = tmp_path / "kbs.toml"
+        config.write_text(
+            open_kbs_config(
+                port,
+                f"""[[plugins]]
+name = "resource"
+storage_backend_type = "vault"
+vault_url = "{server.url}"
+token = "{server.stand_in.root_token}"
+mount_path = "kv2"
+kv_version = 2
+""",
+            )
+        )
+        with running_kbs(["-c", str(config)], tmp_path, url):
+            replicas = Replicas([url], tmp_path, "vault", "")
+            for content in (b"first", b"second"):
+                (tmp_path / "secret").write_bytes(content)
+                _cli(
+                    replicas,
+                    0,
+                    "config",
+                    "set-resource",
+                    "--path",
+                    PATH,
+                    "--resource-file",
+                    str(tmp_path / "secret"),
+                )
+            _cli(replicas, 0, "config", "set-resource-policy", "--allow-all")
+            got = _cli(replicas, 0, "get-resource", "--path", PATH, "--version", "1")
+            assert base64.b64decode(got.strip()) == b"first"
+            _cli(replicas, 0, "config", "rollback-resource", "--path", PATH, "--version", "1")
+            meta = json.loads(_cli(replicas, 0, "config", "get-resource-meta", "--path", PATH))
+            assert meta["current_version"] == 3 and meta["versioned"] is True
+            assert [v["version"] for v in meta["versions"]] == [1, 2, 3]
+            _cli(replicas, 0, "config", "delete-resource", "--path", PATH)
+            gone = kbs_client("--url", url, "get-resource", "--path", PATH)
+            assert gone.returncode == 1 and "404" in gone.stderr
+            _cli(replicas, 0, "config", "undelete-resource", "--path", PATH, "--version", "3")
+            got = _cli(replicas, 0, "get-resource", "--path", PATH)
+            assert base64.b64decode(got.strip()) == b"first"
+            listed = json.loads(
+                _cli(replicas, 0, "config", "list-resources", "--prefix", "tenant-a")
+            )
+            assert [r["name"] for r in listed["resources"]] == [PATH]
+            _cli(replicas, 0, "config", "purge-resource", "--path", PATH)
+            assert "tenant-a/keys/raced" not in server.stand_in.mounts["kv2"].v2
+    finally:
+        server.stop()
