@@ -11,6 +11,11 @@ bytes); a reader takes the highest, so a crash between the two steps, or two wri
 replicas, still leaves one well-defined value. Objects without a Keybroker version (written by
 upstream) rank below every versioned one; two of them under one label are ambiguous and refused.
 
+Listing and metadata are offered (each label is an unversioned resource, version 1, its size
+unknown: reading it would load the secret); versions are not. A token offers no atomic
+compare-and-set, so version numbers could not be allocated safely across replicas sharing an
+HSM: rollback, undelete, purge and ``?version=`` answer 501.
+
 The token session is opened and logged in at start-up (a wrong PIN, module or slot stops the
 KBS there) and reopened once if the token drops it. python-pkcs11 is synchronous and a session
 is not thread-safe: calls run in a worker thread, one at a time.
@@ -31,9 +36,17 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from keybroker.errors import ConfigError, ServiceUnavailableError, StorageError
+from keybroker.errors import (
+    ConfigError,
+    KeybrokerError,
+    ResourceNotFoundError,
+    ServiceUnavailableError,
+    StorageError,
+)
 from keybroker.protocol.resource_path import ResourcePath
+from keybroker.storage.base import MAX_PAGE
 from keybroker.storage.secrets import DEFAULT_MAX_RESOURCE_BYTES, SecretBackend
+from keybroker.storage.versions import ResourceRecord, Version
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -206,6 +219,36 @@ class Pkcs11SecretBackend(SecretBackend):
     async def _read(self, path: ResourcePath) -> bytes | None:
         return await self._run(lambda: self._read_sync(str(path)))
 
+    def _labels_sync(self) -> list[str]:
+        """The labels of the token's secret keys that are resource paths, sorted, unique."""
+        attribute = self._p11.Attribute
+        labels = set()
+        for item in self._session.get_objects({attribute.CLASS: self._p11.ObjectClass.SECRET_KEY}):
+            try:
+                label = str(item[attribute.LABEL])
+                ResourcePath.parse(label)
+            except (self._p11.exceptions.AttributeTypeInvalid, KeybrokerError):
+                continue  # not one of ours (a wrapping key, say)
+            labels.add(label)
+        return sorted(labels)
+
+    async def list_resources(
+        self, prefix: str, after: str | None, limit: int
+    ) -> tuple[list[tuple[str, ResourceRecord]], str | None]:
+        labels = await self._run(self._labels_sync)
+        names = [
+            label
+            for label in labels
+            if label.startswith(prefix) and (after is None or label > after)
+        ][: min(limit, MAX_PAGE)]
+        page = [(name, _unversioned()) for name in names]
+        return page, names[-1] if len(names) == limit else None
+
+    async def metadata(self, path: ResourcePath) -> ResourceRecord:
+        if not await self._run(lambda: bool(self._objects(str(path)))):
+            raise ResourceNotFoundError(f"resource not found: {path}")
+        return _unversioned()
+
     async def _write(self, path: ResourcePath, data: bytes) -> None:
         await self._run(lambda: self._write_sync(str(path), data))
 
@@ -217,3 +260,7 @@ class Pkcs11SecretBackend(SecretBackend):
             if self._session is not None:
                 self._session.close()
                 self._session = None
+
+
+def _unversioned() -> ResourceRecord:
+    return ResourceRecord(1, 2, None, None, (Version(1, "", None, None),), legacy=True)

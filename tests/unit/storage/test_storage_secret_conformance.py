@@ -22,6 +22,7 @@ from keybroker.protocol.resource_path import ResourcePath
 from keybroker.storage.pkcs11 import Pkcs11Config, Pkcs11SecretBackend
 from keybroker.storage.postgres import PostgresKeyValueStorage
 from keybroker.storage.secrets import DirectoryTreeSecretBackend, KvSecretBackend, SecretBackend
+from keybroker.storage.vault import VaultSecretBackend
 from softhsm import SoftHsm
 
 MIB = 1024 * 1024
@@ -227,5 +228,32 @@ def test_backends_without_versions_say_so(backend: SecretBackend, path: Resource
         for operation in (backend.rollback(path, 1), backend.undelete(path, 1)):
             with pytest.raises(NotImplementedByBackendError):
                 await operation
+
+    asyncio.run(scenario())
+
+
+def test_listing_and_metadata_where_the_backend_can_list(
+    backend: SecretBackend, path: ResourcePath
+) -> None:
+    """Every writable backend lists, except Vault KV v1 (501); values never appear."""
+    others = [ResourcePath(path.repository, "conformance", f"{path.tag}{i}") for i in (1, 2)]
+
+    async def scenario() -> None:
+        for name in (path, *others):
+            await backend.write(name, b"SECRET-in-listing")
+        if isinstance(backend, VaultSecretBackend) and not backend.versioned:
+            with pytest.raises(
+                NotImplementedByBackendError, match="not offered by the Vault resource backend"
+            ):
+                await backend.list_resources(f"{path.repository}/", None, 10)
+            return
+        page, cursor = await backend.list_resources(f"{path.repository}/", None, 2)
+        assert [name for name, _ in page] == [str(path), str(others[0])]
+        rest, end = await backend.list_resources(f"{path.repository}/", cursor, 2)
+        assert [name for name, _ in rest] == [str(others[1])] and end is None
+        assert "SECRET-in-listing" not in repr(page + rest)
+        assert (await backend.metadata(path)).current is not None
+        with pytest.raises(ResourceNotFoundError):
+            await backend.metadata(ResourcePath(path.repository, "none", "here"))
 
     asyncio.run(scenario())
