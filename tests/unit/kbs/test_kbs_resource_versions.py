@@ -21,6 +21,7 @@ from keybroker.client.admin import VERSION_HEADER, AdminClient
 from keybroker.client.rcar import KbsClient
 from keybroker.errors import ConfigError, KbsRejectedError
 from keybroker.kbs.app import create_app
+from keybroker.kbs.openapi import document
 from keybroker.kbs.resource_policy import builtin_policy
 from keybroker.plugins import resource as resource_plugin
 
@@ -440,3 +441,17 @@ def test_unversioned_backend_says_so_with_501_and_keeps_working(tmp_path: Path) 
         assert versioned.value.http_status == 501
         admin.delete_resource("a/b/c")
         assert not (tree / "a" / "b" / "c").exists()
+
+
+def test_answers_match_the_openapi_schemas(admin: AdminClient) -> None:
+    schemas = document()["components"]["schemas"]
+    admin.set_resource("a/b/c", SECRET)
+    entry = admin.list_resources("a")["resources"][0]
+    assert set(entry) == set(schemas["ResourceSummary"]["required"])
+    assert set(entry) == set(schemas["ResourceSummary"]["properties"])
+    meta = admin.resource_meta("a/b/c")
+    versions_schema = schemas["ResourceMeta"]["allOf"][1]["properties"]["versions"]["items"]
+    assert set(meta) == set(entry) | {"versions"}
+    assert set(meta["versions"][0]) == set(versions_schema["required"])
+    page = admin.list_resources("a")
+    assert set(page) == set(schemas["ResourceList"]["required"])
