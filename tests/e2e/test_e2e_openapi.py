@@ -62,6 +62,15 @@ _METRICS_LOOPBACK = (
 )
 
 
+_HAS_RESOURCE_PLUGIN = "this KBS has a resource plugin (a listing without one is a 404)"
+_LISTINGS = (
+    "/kbs/v0/resources",
+    "/kbs/v0/resources/{repository}",
+    "/kbs/v0/resources/{repository}/{type}",
+)
+_META = "/kbs/v0/resource-meta/{repository}/{type}/{tag}"
+
+
 def _unreachable() -> dict[Operation, str]:
     """(operation, status) pairs no run reaches, and why. Kept exact: a pair that a run does
     reach must leave this table (the test says so)."""
@@ -81,8 +90,14 @@ def _unreachable() -> dict[Operation, str]:
         ("/kbs/v0/reference-value", "post"),
         ("/kbs/v0/reference-value/{reference_value_id}", "get"),
         ("/kbs/v0/policy-explain", "post"),
+        *[(path, "get") for path in _LISTINGS],
+        (_META, "get"),
+        *[(f"{_META}/{action}", "post") for action in ("delete", "purge", "rollback", "undelete")],
     ]:
         table[path, method, 405] = _METHOD_405
+    # (the fixed seed reaches the router's 404 on the two-segment form, with a newline in it)
+    for path in _LISTINGS[:2]:
+        table[path, "get", 404] = _HAS_RESOURCE_PLUGIN
     for path in ("/kbs/v0/attestation-policy", "/kbs/v0/reference-value"):
         table[path, "post", 404] = _NO_AS
     for status in (401, 403):
@@ -149,8 +164,7 @@ fsync = "never"
 
 [[plugins]]
 name = "resource"
-type = "LocalFs"
-dir_path = "{tmp_path / "resources"}"
+storage_backend_type = "kvstorage"
 
 {sample}"""
     )
@@ -302,6 +316,23 @@ def walked(tmp_path_factory: pytest.TempPathFactory) -> set[Operation]:
         admin.set_attestation_policy(builtin_attestation_policy("default_cpu"), policy_id="walked")
         http.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "sample"})
         assert http.post("/kbs/v0/attest", content=b"[]").status_code == 400  # in a session
+        # versions: every action's 200, and their 400s on a bad version
+        assert admin.set_resource("default/key/one", b"second") == 2
+        assert http.get("/kbs/v0/resource-meta/default/key/one").status_code == 200
+        assert admin.rollback_resource("default/key/one", 1) == 3
+        admin.delete_resource("default/key/one", version=2)
+        admin.undelete_resource("default/key/one", 2)
+        admin.purge_resource("default/key/one", 2)
+        for action in ("rollback", "purge", "undelete", "delete"):
+            bad = http.post(f"/kbs/v0/resource-meta/default/key/one/{action}", json={"version": 0})
+            assert bad.status_code == 400
+        for listing in (
+            "/kbs/v0/resources",
+            "/kbs/v0/resources/default",
+            "/kbs/v0/resources/default/key",
+        ):
+            assert http.get(listing).status_code == 200
+            assert http.get(listing, params={"limit": "0"}).status_code == 400
         admin.set_sample_reference_value("walked", ["1"])
         assert http.get("/kbs/v0/reference-value/walked").status_code == 200
         for method in METHODS:

@@ -161,6 +161,10 @@ class KeyValueStorage(ABC):
             raise StorageError(f"a page has 1 to {MAX_PAGE} keys, asked for {limit}")
         return await self._guarded("list", self._list_page(prefix, after, limit))
 
+    def storable(self, key: str) -> bool:
+        """Whether this backend can hold ``key`` at all (LocalFs: its file name length)."""
+        return True
+
     async def close(self) -> None:
         """Release connections and handles. The instance is not used afterwards."""
         await self._guarded("close", self._close())

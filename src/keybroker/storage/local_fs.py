@@ -248,6 +248,9 @@ class LocalFsKeyValueStorage(KeyValueStorage):
     def _expiry_file(self, key: str) -> Path:
         return self._dir / f".{key.replace('/', SLASH)}{EXPIRY_SUFFIX}"
 
+    def storable(self, key: str) -> bool:
+        return self._storable(key)
+
     def _storable(self, key: str) -> bool:
         """Whether the key's files have names the filesystem takes; a key that does not could
         never have been stored, so reading or deleting it finds nothing (rather than an OS

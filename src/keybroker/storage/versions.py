@@ -257,6 +257,13 @@ class VersionedResources:
     async def write(self, path: ResourcePath, data: bytes) -> int:
         """Store ``data`` as a new version, made current; its number."""
         blob = _new_blob()
+        keys = (
+            (self._mirror, str(path)),
+            (self._meta, str(path)),
+            (self._versions, f"{path}/{blob}"),
+        )
+        if not all(store.storable(key) for store, key in keys):
+            raise BadRequestError(f"resource name {str(path)[:64]}... is too long for this store")
         await self._versions.set(f"{path}/{blob}", data)
         size = len(data)
 

@@ -455,3 +455,17 @@ def test_answers_match_the_openapi_schemas(admin: AdminClient) -> None:
     assert set(meta["versions"][0]) == set(versions_schema["required"])
     page = admin.list_resources("a")
     assert set(page) == set(schemas["ResourceList"]["required"])
+
+
+def test_name_too_long_for_a_local_fs_store_is_a_400_not_a_500(tmp_path: Path) -> None:
+    config = kbs_config(
+        storage_backend={
+            "storage_type": "LocalFs",
+            "backends": {"local_fs": {"dir_path": str(tmp_path / "store")}},
+        }
+    )
+    with TestClient(create_app(config)) as client:
+        reply = client.post(f"/kbs/v0/resource/a/b/{'t' * 200}", content=b"x")
+        assert reply.status_code == 400
+        assert "too long for this store" in reply.json()["detail"]
+        assert not list((tmp_path / "store" / "repository_versions").iterdir())
