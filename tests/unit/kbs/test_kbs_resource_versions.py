@@ -465,7 +465,7 @@ def test_name_too_long_for_a_local_fs_store_is_a_400_not_a_500(tmp_path: Path) -
         }
     )
     with TestClient(create_app(config)) as client:
-        reply = client.post(f"/kbs/v0/resource/a/b/{'t' * 200}", content=b"x")
+        reply = client.post(f"/kbs/v0/resource/a/b/{'t' * 235}", content=b"x")
         assert reply.status_code == 400
         assert "too long for this store" in reply.json()["detail"]
         assert not list((tmp_path / "store" / "repository_versions").iterdir())
