@@ -48,7 +48,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -69,6 +68,7 @@ from keybroker.storage.vault_settings import (
     tls_context,
     warn_if_insecure,
 )
+from keybroker.storage.vault_versions import is_resource_name, vault_record
 from keybroker.storage.versions import ResourceRecord, Version
 
 __all__ = ["VaultConfig", "VaultSecretBackend"]
@@ -355,7 +355,7 @@ class VaultSecretBackend(SecretBackend):
         except self._hvac.exceptions.InvalidPath as e:
             self._absent(e, label)
             return None
-        return _vault_record(_field(answer, "data"), f"{mount}/{label}")
+        return vault_record(_field(answer, "data"), f"{mount}/{label}")
 
     async def resolve(self, path: ResourcePath, requested: int | None) -> Version | None:
         if not self.versioned:
@@ -422,7 +422,7 @@ class VaultSecretBackend(SecretBackend):
                 depth = name.rstrip("/").count("/")
                 if key.endswith("/") and depth < 2:
                     folders.append(name)
-                elif not key.endswith("/") and depth == 2 and _is_path(name):
+                elif not key.endswith("/") and depth == 2 and is_resource_name(name):
                     found.append(name)
         return sorted(found)
 
@@ -483,51 +483,6 @@ class VaultSecretBackend(SecretBackend):
 
     async def _delete(self, path: ResourcePath) -> bool:
         return await self._run(str(path), lambda: self._delete_sync(str(path)))
-
-
-def _vault_time(value: object) -> float | None:
-    """Vault's RFC 3339 times (nanoseconds, ``Z``) as seconds; "" or anything else: None."""
-    if not isinstance(value, str) or not value:
-        return None
-    text = value.replace("Z", "+00:00")
-    head, dot, rest = text.partition(".")
-    if dot:  # Python takes at most microseconds
-        digits = "".join(c for c in rest if c.isdigit())
-        text = f"{head}.{digits[:6]}{rest[len(digits) :]}"
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None
-
-
-def _vault_record(metadata: Any, where: str) -> ResourceRecord:
-    """A secret's Vault KV v2 metadata as Keybroker's record of versions."""
-    try:
-        current = int(metadata["current_version"])
-        versions = []
-        for key, item in sorted(metadata["versions"].items(), key=lambda pair: int(pair[0])):
-            if item.get("destroyed"):
-                continue  # purged: gone for good
-            created = _vault_time(item.get("created_time"))
-            deleted = _vault_time(item.get("deletion_time"))
-            versions.append(Version(int(key), "", created, None, deleted))
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise StorageError(f"Vault metadata of {where} is not KV v2 metadata") from None
-    return ResourceRecord(
-        current=current or None,
-        next=current + 1,
-        created=_vault_time(metadata.get("created_time")),
-        updated=_vault_time(metadata.get("updated_time")),
-        versions=tuple(versions),
-    )
-
-
-def _is_path(name: str) -> bool:
-    try:
-        ResourcePath.parse(name)
-    except KeybrokerError:
-        return False
-    return True
 
 
 def _field(answer: Any, name: str) -> Any:

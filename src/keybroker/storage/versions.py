@@ -159,7 +159,7 @@ def parse_version(text: str) -> int:
 
 @dataclass(frozen=True)
 class _Change:
-    """A new record (None: remove it), the blob ids it no longer names, and the answer."""
+    """The new record (None: remove it) and the number the caller answers with."""
 
     record: ResourceRecord | None
     answer: int

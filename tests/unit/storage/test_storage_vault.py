@@ -27,6 +27,7 @@ from keybroker.kbs.resource_policy import builtin_policy
 from keybroker.kbs.tls import self_signed_certificate
 from keybroker.protocol.resource_path import ResourcePath
 from keybroker.storage.vault import VaultConfig, VaultSecretBackend
+from keybroker.storage.vault_versions import vault_record, vault_time
 
 PATH = ResourcePath("default", "vault", "one")
 
@@ -248,3 +249,14 @@ def test_unknown_vault_setting_is_named_at_load() -> None:
     }
     with pytest.raises(ConfigError, match=r"unknown key `plugins\.0\.mountpath`"):
         kbs_config(plugins=[plugin])
+
+
+def test_vault_times_with_nanoseconds_read_as_seconds() -> None:
+    assert vault_time("2018-03-22T02:24:06.945319214Z") == pytest.approx(1521685446.945319)
+    assert vault_time("2018-03-22T02:24:06Z") == 1521685446.0
+    assert vault_time("") is None and vault_time("yesterday") is None and vault_time(7) is None
+
+
+def test_malformed_vault_metadata_fails_closed() -> None:
+    with pytest.raises(StorageError, match="is not KV v2 metadata"):
+        vault_record({"current_version": "x", "versions": {}}, "kv2/a/b/c")
