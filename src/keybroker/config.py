@@ -655,6 +655,8 @@ class AttestationServiceFileConfig(_Model):
     verifier_config: VerifierConfigField = None
     storage_backend: StorageBackendConfig = StorageBackendConfig()
     policy: PolicyConfig = PolicyConfig()
+    # Keybroker only, as in the KBS config: start although others may read the signer's key
+    insecure_key_permissions: bool = False
 
     @model_validator(mode="before")
     @classmethod
