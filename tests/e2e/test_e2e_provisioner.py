@@ -50,10 +50,9 @@ allow if {
 class Kbs:
     url: str
     store: Path  # <dir_path>/provisioner, upstream's LocalFs layout
-    admin: dict[str, str]  # role admin
+    admin: dict[str, str]  # role operator: the provisioner's admin paths only (docs/plugins.md)
     editor: dict[str, str]  # role policy-editor: may not provision
     editor_token_file: Path
-    admin_token_file: Path
     logs: list[Path]
 
 
@@ -73,7 +72,7 @@ identity_providers = [{{ issuer = "ops", public_key_uri = "{public_key}" }}]
 
 [admin.authorization.regex_acl]
 acls = [
-    {{ role = "admin", allowed_endpoints = "^/kbs/v0/.+$" }},
+    {{ role = "operator", allowed_endpoints = "^/kbs/v0/provisioner/provision(/.*)?$" }},
     {{ role = "policy-editor", allowed_endpoints = "^/kbs/v0/resource-policy$" }},
 ]
 
@@ -100,9 +99,8 @@ def kbs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kbs]:
     public_key = write_public_pem(key, tmp_path / "admin.pub.pem")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    admin, editor = _bearer(key, "admin"), _bearer(key, "policy-editor")
-    admin_file, editor_file = tmp_path / "admin-token", tmp_path / "editor-token"
-    admin_file.write_text(admin)
+    admin, editor = _bearer(key, "operator"), _bearer(key, "policy-editor")
+    editor_file = tmp_path / "editor-token"
     editor_file.write_text(editor)
     (tmp_path / "policy.rego").write_text(POLICY)
     with running_kbs(["-c", str(_config(tmp_path, port, public_key))], tmp_path, url):
@@ -123,7 +121,6 @@ def kbs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kbs]:
             admin={"Authorization": f"Bearer {admin}"},
             editor={"Authorization": f"Bearer {editor}"},
             editor_token_file=editor_file,
-            admin_token_file=admin_file,
             logs=[tmp_path / "kbs.log", tmp_path / "kbs-audit.log"],
         )
 
@@ -201,7 +198,7 @@ def test_unauthenticated_provision_is_refused(kbs: Kbs) -> None:
     anonymous = httpx.post(f"{kbs.url}{PROVISION}", json=body)
     assert anonymous.status_code == 401 and "AdminAuthAccess" in anonymous.text
     forged_key = ec.generate_private_key(ec.SECP256R1())
-    forged = {"Authorization": f"Bearer {_bearer(forged_key, 'admin')}"}
+    forged = {"Authorization": f"Bearer {_bearer(forged_key, 'operator')}"}
     assert httpx.post(f"{kbs.url}{PROVISION}", json=body, headers=forged).status_code == 401
     # an admin whose role does not cover the provisioner paths
     wrong_role = httpx.post(f"{kbs.url}{PROVISION}", json=body, headers=kbs.editor)
@@ -284,7 +281,7 @@ def test_a_guest_the_resource_policy_refuses_is_refused(kbs: Kbs) -> None:
             kbs.url,
             "config",
             "--admin-token-file",
-            str(kbs.admin_token_file),
+            str(kbs.editor_token_file),
             "set-resource-policy",
             *args,
         )
