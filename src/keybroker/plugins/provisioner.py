@@ -82,10 +82,14 @@ _METHODS: dict[Route, str] = {"provision": "POST", "deprovision": "DELETE", "fet
 
 class ProvisionerConfig(BaseModel):
     """``[[plugins]] name = "provisioner"``: upstream's one key, ``key_length`` (characters of
-    the generated passphrase). Keybroker refuses lengths under 16 (a weak disk key)."""
+    the generated passphrase). Keybroker refuses lengths under 16 (a weak disk key).
+
+    ``kbs_url`` is the key of an earlier upstream version (it went into the init-data that
+    version answered with); it loads, is ignored, and says so in the log."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     key_length: int = Field(default=DEFAULT_KEY_LENGTH, ge=MIN_KEY_LENGTH, le=MAX_KEY_LENGTH)
+    kbs_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,11 @@ class ProvisionerPlugin(Plugin):
     def __init__(self, config: ProvisionerConfig, storage: KeyValueStorage) -> None:
         self._key_length = config.key_length
         self._storage = storage
+        if config.kbs_url is not None:
+            log.warning(
+                "[[plugins]] provisioner: `kbs_url` is ignored (upstream's provisioner no longer "
+                "builds the guest's init-data; the operator does)"
+            )
 
     def methods(self, request: PluginRequest) -> tuple[str, ...]:
         route = _route(request.path)

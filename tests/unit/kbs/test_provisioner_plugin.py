@@ -27,6 +27,7 @@ from keybroker.errors import (
     PayloadTooLargeError,
     PolicyDeniedError,
     ResourceNotFoundError,
+    StorageError,
 )
 from keybroker.kbs.app import create_app
 from keybroker.plugins.base import PluginRequest
@@ -156,6 +157,24 @@ def test_concurrent_provisions_of_one_vm_store_one_key() -> None:
     assert asyncio.run(storage.list_keys()) == [json.loads(answers[0])["resource_path"]]
 
 
+class _FailingWrites(MemoryKeyValueStorage):
+    """The real in-memory store, whose writes fail after they begin (a disk or a database
+    going away mid-write)."""
+
+    async def _set(self, key: str, value: bytes, overwrite: bool, ttl: float | None) -> bool:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failed_write_answers_an_error_and_leaves_the_store_as_it_was() -> None:
+    storage = _FailingWrites()
+    plugin = ProvisionerPlugin(ProvisionerConfig(), storage)
+    request = PluginRequest("POST", ("provision",), body=b'{"vm_name": "vm-1"}')
+    with pytest.raises(StorageError, match="No space left on device") as caught:
+        asyncio.run(plugin.handle(request))
+    assert caught.value.status == 500
+    assert asyncio.run(storage.list_keys()) == []
+
+
 def test_the_compact_answer_matches_upstreams_serde_bytes() -> None:
     plugin, _ = _plugin()
     request = PluginRequest("POST", ("provision",), body=b'{"vm_name": "vm-1"}')
@@ -266,6 +285,19 @@ def test_upstream_form_of_the_config_loads(tmp_path: Path) -> None:
     path.write_text('[[plugins]]\nname = "provisioner"\nkey_length = 64\n')
     (plugin,) = load_config(path).plugins
     assert isinstance(plugin, ProvisionerPluginConfig) and plugin.settings().key_length == 64
+
+
+def test_an_earlier_upstream_kbs_url_loads_and_is_ignored_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = KbsConfig.model_validate(
+        {"plugins": [{"name": "provisioner", "kbs_url": "https://kbs.example:8080"}]}
+    )
+    (entry,) = config.plugins
+    assert isinstance(entry, ProvisionerPluginConfig)
+    with caplog.at_level("WARNING", logger="keybroker.plugins.provisioner"):
+        ProvisionerPlugin(entry.settings(), MemoryKeyValueStorage())
+    assert "`kbs_url` is ignored" in caplog.text
 
 
 @pytest.mark.parametrize(
