@@ -43,6 +43,7 @@ from keybroker.protocol.untrusted_json import parse_json, parse_toml, parse_yaml
 
 if TYPE_CHECKING:
     from keybroker.plugins.nebula_ca import NebulaCaConfig
+    from keybroker.plugins.provisioner import ProvisionerConfig
 
 log = logging.getLogger("keybroker.config")
 
@@ -558,14 +559,22 @@ class NebulaCaPluginConfig(BaseModel):
         return self
 
 
-class OtherPluginConfig(BaseModel):
-    """A plugin a later version serves (provisioner).
-
-    Its settings are kept as given; building the app refuses it with a clear message.
-    """
+class ProvisionerPluginConfig(BaseModel):
+    """Upstream's ``provisioner`` plugin; its keys are checked by
+    :class:`keybroker.plugins.provisioner.ProvisionerConfig` at load time."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     name: Literal["provisioner"]
+
+    def settings(self) -> ProvisionerConfig:
+        from keybroker.plugins.provisioner import ProvisionerConfig  # noqa: PLC0415 - lazy
+
+        return ProvisionerConfig.model_validate(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _known_settings(self) -> ProvisionerPluginConfig:
+        self.settings()
+        return self
 
 
 PluginConfig = Annotated[
@@ -574,7 +583,7 @@ PluginConfig = Annotated[
     | SamplePluginConfig
     | ExternalPluginConfig
     | NebulaCaPluginConfig
-    | OtherPluginConfig,
+    | ProvisionerPluginConfig,
     Field(discriminator="name"),
 ]
 
