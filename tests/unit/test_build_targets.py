@@ -110,7 +110,7 @@ def test_an_unknown_target_or_switch_names_the_accepted_ones() -> None:
 
 
 def test_a_switch_keybroker_cannot_build_is_refused_with_the_reason() -> None:
-    with pytest.raises(BuildError, match="GCP=true: .*no GCP Secret Manager resource backend"):
+    with pytest.raises(BuildError, match=r"GCP=true: .*no GCP Secret Manager resource backend"):
         plan("background-check-kbs", {"GCP": "true"})
     assert plan("background-check-kbs", {"GCP": "false"}).extras == ("vault",)
 
