@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -64,7 +65,7 @@ class TeeKey:
     def from_pem(cls, pem: bytes) -> TeeKey:
         try:
             key = serialization.load_pem_private_key(pem, password=None)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             raise ClientError(
                 "the TEE key file is not an unencrypted PEM private key "
                 "(RSA PKCS#1/PKCS#8, EC PKCS#8 or ML-KEM-768 PKCS#8)"
