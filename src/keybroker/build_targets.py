@@ -30,7 +30,9 @@ BOOLEANS = ("true", "false")
 
 # Boolean switches: name -> (default, extra installed when true, or the reason it is refused).
 # Upstream's defaults (kbs/Makefile): VAULT on, the rest off. PKCS11, POSTGRES and REDIS are
-# Keybroker's own (upstream's docker/Dockerfile passes FEATURES=pkcs11).
+# Keybroker's own (upstream's docker/Dockerfile passes FEATURES=pkcs11). PQC_EXPERIMENTAL's
+# extra brings what AKP (ML-KEM-768) tee keys need; it applies to `make cli` too, whose client
+# can make such keys.
 EXTRA_SWITCHES: dict[str, tuple[bool, str]] = {
     "ALIYUN": (False, "aliyun"),
     "AWS": (False, "aws"),
@@ -39,10 +41,11 @@ EXTRA_SWITCHES: dict[str, tuple[bool, str]] = {
     "POSTGRES": (False, "postgres"),
     "REDIS": (False, "redis"),
     "EXTERNAL_PLUGIN": (False, "grpc"),  # the external plugin's gRPC client
+    "PQC_EXPERIMENTAL": (False, "pqc"),
 }
+CLIENT_EXTRA_SWITCHES = ("PQC_EXPERIMENTAL",)
 REFUSED_SWITCHES: dict[str, str] = {
     "GCP": "Keybroker has no GCP Secret Manager resource backend yet (use VAULT, ALIYUN or PKCS11)",
-    "PQC_EXPERIMENTAL": "Keybroker's resource JWE has no ML-KEM (post-quantum) algorithm",
 }
 # Switches for what every build serves but needs a system tool for: name -> the note when true.
 TOOL_SWITCHES: dict[str, str] = {
@@ -162,7 +165,11 @@ def _not_applying(target: str, switches: dict[str, str]) -> None:
             what = "has no attestation service" if target != "cli" else "is the client only"
             raise BuildError(f"{', '.join(given)}: make {target} {what}")
     if target == "cli":
-        given = [name for name in (*EXTRA_SWITCHES, *TOOL_SWITCHES) if name in switches]
+        given = [
+            name
+            for name in (*EXTRA_SWITCHES, *TOOL_SWITCHES)
+            if name in switches and name not in CLIENT_EXTRA_SWITCHES
+        ]
         if given:
             raise BuildError(f"{', '.join(given)}: make cli builds the client, with no backends")
 
@@ -180,7 +187,12 @@ def plan(target: str, switches: dict[str, str]) -> Plan:
         INTEGRATION_TYPES,
     )
     if target == "cli":
-        return Plan(target, None, integration, ())
+        extras = {
+            EXTRA_SWITCHES[name][1]
+            for name in CLIENT_EXTRA_SWITCHES
+            if _choice(name, switches.get(name, "false"), BOOLEANS) == "true"
+        }
+        return Plan(target, None, integration, tuple(sorted(extras)))
     if target == "passport-resource-kbs":
         as_type = None
     else:

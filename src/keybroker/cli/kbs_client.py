@@ -28,7 +28,7 @@ from keybroker.client.admin_tokens import (
     write_private,
 )
 from keybroker.client.attesters import Attester, SampleDeviceAttester
-from keybroker.client.keys import TeeKey
+from keybroker.client.keys import DEFAULT_TEE_KEY_ALGORITHM, TEE_KEY_ALGORITHMS, TeeKey
 from keybroker.client.rcar import KbsClient
 from keybroker.client.tpm_attester import TpmAttester
 from keybroker.config import DEFAULT_SOCKET
@@ -58,13 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, title="commands")
 
     attest = commands.add_parser("attest", help="attest and print the attestation token")
-    attest.add_argument("--tee-key-file", type=Path, help="TEE private key (PEM)")
+    _tee_key_options(attest)
     attest.add_argument("init_data", nargs="?", help="init-data plaintext (TOML)")
     _device_option(attest)
 
     get = commands.add_parser("get-resource", help="fetch a resource; prints its base64")
     get.add_argument("--path", required=True, help="repository/type/tag")
-    get.add_argument("--tee-key-file", type=Path, help="TEE private key (PEM)")
+    _tee_key_options(get)
     get.add_argument("--attestation-token", type=Path, help="token file (passport mode)")
     get.add_argument("init_data", nargs="?", help="init-data plaintext (TOML)")
     _device_option(get)
@@ -151,6 +151,19 @@ def _admin_parsers(admin: Any) -> None:
     evaluate.add_argument("--submod", default="cpu0", help="submodule of the token (attestation)")
 
 
+def _tee_key_options(parser: argparse.ArgumentParser) -> None:
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument("--tee-key-file", type=Path, help="TEE private key (PEM)")
+    key.add_argument(
+        "--tee-key-algorithm",
+        choices=list(TEE_KEY_ALGORITHMS),
+        default=DEFAULT_TEE_KEY_ALGORITHM,
+        help="kind of the fresh TEE key when no --tee-key-file is given, by upstream's "
+        f"attestation-agent names (default {DEFAULT_TEE_KEY_ALGORITHM}; "
+        "ML-KEM-768+A192KW is the experimental post-quantum key)",
+    )
+
+
 def _device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tee",
@@ -200,7 +213,10 @@ def _policy_text(args: argparse.Namespace) -> str:
 
 
 def _guest(args: argparse.Namespace) -> KbsClient:
-    tee_key = TeeKey.from_file(args.tee_key_file) if args.tee_key_file else None
+    if args.tee_key_file:
+        tee_key = TeeKey.from_file(args.tee_key_file)
+    else:
+        tee_key = TeeKey.generate(args.tee_key_algorithm)
     devices: list[Attester] = [SampleDeviceAttester()] if args.sample_device else []
     attester = TpmAttester(event_log=args.tpm_event_log) if args.tee == "tpm" else None
     if args.tpm_event_log and args.tee != "tpm":
