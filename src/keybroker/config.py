@@ -429,8 +429,8 @@ class ResourcePluginConfig(_Model):
     """The ``resource`` plugin, in the forms operators have.
 
     - current upstream: ``storage_backend_type = "kvstorage"`` (the shared key-value store), or
-      another secret backend (``pkcs11``, ``vault``, ``aliyun``, ``aws``, ``gcp``) whose settings sit
-      beside it in the same table and are checked by that backend's own model;
+      another secret backend (``pkcs11``, ``vault``, ``aliyun``, ``aws``, ``gcp``) whose
+      settings sit beside it in the same table and are checked by that backend's own model;
     - seed-era upstream: ``type = "LocalFs"`` with ``dir_path`` (files at
       ``<dir_path>/<repo>/<type>/<tag>``), or ``type = "Aliyun"`` / ``"Vault"`` / ...
     """

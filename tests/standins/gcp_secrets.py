@@ -12,8 +12,8 @@ transport) uses:
   key file), for the JWT-bearer grant (RFC 7523) a service account's client sends: the
   assertion must be RS256-signed by a key of a trusted account (``kid`` = its key id,
   ``iss`` = its e-mail), addressed to Google's token service (``aud``), carry the ``scope``,
-  be at most an hour long and not expired. It answers ``{"access_token", "expires_in", "token_type"}``, or 400
-  ``invalid_grant`` as Google does;
+  be at most an hour long and not expired. It answers ``{"access_token", "expires_in",
+  "token_type"}``, or 400 ``invalid_grant`` as Google does;
 - the bearer check of the API: the access token must be one this token endpoint issued and not
   expired, else 401 ``UNAUTHENTICATED``.
 
