@@ -157,7 +157,7 @@ class GcpSecretsSecretBackend(SecretBackend):
         except (google.TooManyRequests, google.ServerError) as e:
             self._log_refusal(name, e)
             raise _RetryLaterError(f"busy or failing: {_status(e)}") from None
-        except google.Unauthenticated as e:
+        except google.Unauthorized as e:  # HTTP 401 UNAUTHENTICATED, after one refresh
             self._log_refusal(name, e)
             raise ServiceUnavailableError(
                 f"{self._where} refused the KBS's credentials ({_status(e)}): see the KBS log"
