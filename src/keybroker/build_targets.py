@@ -34,6 +34,7 @@ BOOLEANS = ("true", "false")
 EXTRA_SWITCHES: dict[str, tuple[bool, str]] = {
     "ALIYUN": (False, "aliyun"),
     "AWS": (False, "aws"),
+    "GCP": (False, "gcp"),
     "VAULT": (True, "vault"),
     "PKCS11": (False, "pkcs11"),
     "POSTGRES": (False, "postgres"),
@@ -41,7 +42,6 @@ EXTRA_SWITCHES: dict[str, tuple[bool, str]] = {
     "EXTERNAL_PLUGIN": (False, "grpc"),  # the external plugin's gRPC client
 }
 REFUSED_SWITCHES: dict[str, str] = {
-    "GCP": "Keybroker has no GCP Secret Manager resource backend yet (use VAULT, ALIYUN or PKCS11)",
     "PQC_EXPERIMENTAL": "Keybroker's resource JWE has no ML-KEM (post-quantum) algorithm",
 }
 # Switches for what every build serves but needs a system tool for: name -> the note when true.

@@ -112,7 +112,6 @@ def test_an_unknown_target_or_switch_names_the_accepted_ones() -> None:
 @pytest.mark.parametrize(
     ("switch", "reason"),
     [
-        ("GCP", "no GCP Secret Manager resource backend"),
         ("PQC_EXPERIMENTAL", "no ML-KEM"),
     ],
 )
@@ -216,6 +215,11 @@ def test_a_build_dir_toml_cannot_hold_is_refused(tmp_path: Path) -> None:
 def test_aws_installs_the_aws_extra() -> None:
     assert "aws" in plan("background-check-kbs", {"AWS": "true"}).extras
     assert "aws" not in plan("background-check-kbs", {"AWS": "false"}).extras
+
+
+def test_gcp_installs_the_gcp_extra() -> None:
+    assert "gcp" in plan("background-check-kbs", {"GCP": "true"}).extras
+    assert "gcp" not in plan("background-check-kbs", {"GCP": "false"}).extras
 
 
 def test_the_nebula_ca_switch_adds_no_extra_and_names_the_tool_it_needs() -> None:
