@@ -26,10 +26,13 @@ import base64
 import json
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs
 
+import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -39,6 +42,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from keybroker.storage.gcp_secrets import crc32c
+from standins.server import ServedApp
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -218,3 +222,52 @@ class SecretManagerStandIn:
         if not isinstance(iat, int) or not isinstance(exp, int):
             return False
         return iat - 60 <= now < exp and exp - iat <= 3600
+
+
+PROJECT = "stand-in-project"
+
+
+@dataclass
+class GcpStandIn:
+    server: ServedApp
+    state: SecretManagerStandIn
+    account: ServiceAccount
+
+    @property
+    def token_uri(self) -> str:
+        return f"{self.server.url}/token"
+
+
+def adc_env(credentials_file: Path, tmp_path: Path) -> dict[str, str]:
+    """The Application Default Credentials chain's first link, and no other: no gcloud
+    configuration of the host, no metadata server probe."""
+    return {
+        "GOOGLE_APPLICATION_CREDENTIALS": str(credentials_file),
+        "CLOUDSDK_CONFIG": str(tmp_path / "no-gcloud-config"),
+        "NO_GCE_CHECK": "True",
+        "GCE_METADATA_HOST": "127.0.0.1:9",  # never reached: NO_GCE_CHECK; a closed port anyway
+    }
+
+
+@contextmanager
+def gcp_stand_in() -> Iterator[GcpStandIn]:
+    state = SecretManagerStandIn(PROJECT)
+    account = ServiceAccount(f"kbs-reader@{PROJECT}.iam.gserviceaccount.com")
+    state.trust(account)
+    server = ServedApp(state.app())
+    server.start()
+    try:
+        yield GcpStandIn(server, state, account)
+    finally:
+        server.stop()
+
+
+def use_service_account(
+    stand_in: GcpStandIn,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    account: ServiceAccount | None = None,
+) -> None:
+    key_file = (account or stand_in.account).key_file(tmp_path / "sa.json", stand_in.token_uri)
+    for name, value in adc_env(key_file, tmp_path).items():
+        monkeypatch.setenv(name, value)

@@ -12,14 +12,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
-from secret_backend_gcp import (
-    PROJECT,
-    GcpStandIn,
-    adc_env,
-    gcp_backend,
-    gcp_stand_in,
-    use_service_account,
-)
+from secret_backend_gcp import gcp_backend
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -48,7 +41,14 @@ from keybroker.storage.gcp_secrets import (
     secret_version_name,
 )
 from ports import free_port
-from standins.gcp_secrets import ServiceAccount
+from standins.gcp_secrets import (
+    PROJECT,
+    GcpStandIn,
+    ServiceAccount,
+    adc_env,
+    gcp_stand_in,
+    use_service_account,
+)
 from standins.server import ServedApp
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from secret_backend_aliyun import aliyun_backend
-from secret_backend_gcp import gcp_backend, gcp_stand_in, use_service_account
+from secret_backend_gcp import gcp_backend
 from secret_backend_vault import vault_backend
 
 from databases import fresh_postgres_database
@@ -32,6 +32,7 @@ from keybroker.storage.postgres import PostgresKeyValueStorage
 from keybroker.storage.secrets import DirectoryTreeSecretBackend, KvSecretBackend, SecretBackend
 from softhsm import SoftHsm
 from standins.aws_secrets import REGION, MotoServer, aws_env
+from standins.gcp_secrets import gcp_stand_in, use_service_account
 
 MIB = 1024 * 1024
 
