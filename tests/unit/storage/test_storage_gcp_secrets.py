@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from conftest import kbs_config
+from conftest import kbs_config, vector
 from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
 from keybroker.config import parse_config
@@ -322,6 +322,31 @@ def test_upstream_documented_config_loads() -> None:
     assert minimal.plugins[0].backend_settings() == GcpSecretsConfig(  # type: ignore[union-attr]
         project_id="1234"
     )
+
+
+def test_upstream_config_table_loads_with_its_examples() -> None:
+    """Upstream has no example file for the ``Gcp`` backend: its docs/config.md table (a vector)
+    lists the keys with an example each. Every key with its example loads; the required one
+    is required here too."""
+    text = vector("kbs", "docs-config.md").read_text()
+    table = text.split('When `storage_backend_type = "Gcp"`:', 1)[1].split("\n\n", 2)[1]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in table.splitlines()[2:]  # past the header and its rule
+    ]
+    examples = {row[0].strip("`"): row[4].strip("`") for row in rows}
+    assert set(examples) == {"project_id", "endpoint_url"}
+    config = parse_config(
+        {"plugins": [{"name": "resource", "storage_backend_type": "Gcp", **examples}]},
+        source="upstream docs/config.md",
+    )
+    settings = config.plugins[0].backend_settings()  # type: ignore[union-attr]
+    assert settings == GcpSecretsConfig.model_validate(examples)
+    required = {row[0].strip("`") for row in rows if row[3] == "Yes"}
+    assert required == {"project_id"}
+    for key in required:
+        with pytest.raises(ValidationError, match=key):
+            GcpSecretsConfig.model_validate({k: v for k, v in examples.items() if k != key})
 
 
 def test_missing_project_id_or_unknown_key_is_refused_at_load_time() -> None:
