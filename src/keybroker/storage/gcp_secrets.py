@@ -10,10 +10,13 @@ The client is Google's own (``google-cloud-secret-manager``, the optional ``gcp`
 its REST transport (HTTP/1.1 + JSON, ``AccessSecretVersion`` as ``GET v1/{name}:access``),
 configured from upstream's keys ``project_id`` and ``endpoint_url``. Credentials always come from
 Google's Application Default Credentials chain (``GOOGLE_APPLICATION_CREDENTIALS``, the gcloud
-ADC file, the metadata server of GCE/GKE/Cloud Run); google-auth obtains, caches and refreshes
-the OAuth 2.0 bearer token as in any Google client. The configuration never holds a key, and no
-token is ever logged. No credentials anywhere stops start-up with a :class:`ConfigError`. The
-client blocks, so every call runs in a worker thread, never on the event loop.
+ADC file, the metadata server of GCE/GKE/Cloud Run). A service-account key is exchanged at its
+key file's ``token_uri`` for an access token (the OAuth 2.0 JWT-bearer grant), which google-auth
+caches until shortly before it expires and renews then or on a 401. The configuration never
+holds a key, and no token is ever logged. No credentials anywhere stops start-up with a
+:class:`ConfigError`. The client blocks, so every call runs in a worker thread, never on the
+event loop. (The client installs beside Keybroker's pinned protobuf 7 and grpcio 1.85; its
+gRPC transport is not used.)
 
 Failures: ``NOT_FOUND`` is a missing resource (404); so is a tag that cannot be a secret name
 (Secret Manager allows only letters, digits, ``-`` and ``_``), without a request. Throttling
