@@ -103,6 +103,7 @@ class SecretManagerStandIn:
         self.token_lifetime = 3600
         self.denied: set[str] = set()  # secrets the caller may not read (403)
         self.throttle = False
+        self.token_unavailable = False  # the token endpoint answers 503
         self.corrupt_checksum = False
         self.access_calls = 0
         self.token_calls = 0
@@ -133,6 +134,8 @@ class SecretManagerStandIn:
 
     async def _token(self, request: Request) -> JSONResponse:
         self.token_calls += 1
+        if self.token_unavailable:
+            return JSONResponse({"error": "temporarily_unavailable"}, status_code=503)
         # application/x-www-form-urlencoded, as RFC 6749 has it (parsed here: no multipart dep)
         form = {k: v[0] for k, v in parse_qs((await request.body()).decode()[:65536]).items()}
         if form.get("grant_type") != JWT_BEARER:

@@ -173,6 +173,8 @@ class GcpSecretsSecretBackend(SecretBackend):
         except auth.RefreshError as e:
             # From the token endpoint or the metadata server; the reason names no token.
             log.warning("GCP credentials could not be refreshed: %s", str(e)[:300])
+            if e.retryable:  # the token service was busy or failing (google-auth has retried)
+                raise _RetryLaterError("the token endpoint is busy or failing") from None
             raise ServiceUnavailableError(
                 "the KBS's Google credentials were refused while refreshing its access token: "
                 "see the KBS log"

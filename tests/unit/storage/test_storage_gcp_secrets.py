@@ -158,6 +158,18 @@ def test_wrong_service_account_key_is_refused_by_the_token_endpoint_and_unavaila
     assert "never released" not in caplog.text
 
 
+def test_token_endpoint_unavailable_is_retried_then_unavailable(gcp: GcpStandIn) -> None:
+    name = _name()
+    gcp.state.add_secret(name, b"v")
+    backend = gcp_backend(gcp, max_attempts=1)
+    gcp.state.token_unavailable = True
+    with pytest.raises(ServiceUnavailableError, match="token endpoint is busy"):
+        asyncio.run(backend.read(ResourcePath("a", "b", name)))
+    assert gcp.state.access_calls == 0
+    gcp.state.token_unavailable = False  # back: the same backend recovers
+    assert asyncio.run(backend.read(ResourcePath("a", "b", name))) == b"v"
+
+
 def test_api_refusing_every_token_is_unavailable(
     gcp: GcpStandIn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
