@@ -36,6 +36,7 @@ BOOLEANS = ("true", "false")
 EXTRA_SWITCHES: dict[str, tuple[bool, str]] = {
     "ALIYUN": (False, "aliyun"),
     "AWS": (False, "aws"),
+    "GCP": (False, "gcp"),
     "VAULT": (True, "vault"),
     "PKCS11": (False, "pkcs11"),
     "POSTGRES": (False, "postgres"),
@@ -44,9 +45,6 @@ EXTRA_SWITCHES: dict[str, tuple[bool, str]] = {
     "PQC_EXPERIMENTAL": (False, "pqc"),
 }
 CLIENT_EXTRA_SWITCHES = ("PQC_EXPERIMENTAL",)
-REFUSED_SWITCHES: dict[str, str] = {
-    "GCP": "Keybroker has no GCP Secret Manager resource backend yet (use VAULT, ALIYUN or PKCS11)",
-}
 # Switches for what every build serves but needs a system tool for: name -> the note when true.
 TOOL_SWITCHES: dict[str, str] = {
     "NEBULA_CA_PLUGIN": "NEBULA_CA_PLUGIN: the nebula-ca plugin is always there; it runs "
@@ -66,7 +64,6 @@ SWITCHES = (
     *AS_SWITCHES,
     *EXTRA_SWITCHES,
     *TOOL_SWITCHES,
-    *REFUSED_SWITCHES,
     *CLIENT_SWITCHES,
     *HOST_SWITCHES,
 )
@@ -152,9 +149,6 @@ def _refused(switches: dict[str, str]) -> None:
     for name, reason in CLIENT_SWITCHES.items():
         if name in switches:
             raise BuildError(f"{name}={switches[name]}: {reason}")
-    for name, reason in REFUSED_SWITCHES.items():
-        if name in switches and _choice(name, switches[name], BOOLEANS) == "true":
-            raise BuildError(f"{name}=true: {reason}")
 
 
 def _not_applying(target: str, switches: dict[str, str]) -> None:

@@ -410,6 +410,7 @@ SECRET_BACKENDS = {
     "vault": ("keybroker.storage.vault", "VaultConfig", "VaultSecretBackend"),
     "aliyun": ("keybroker.storage.aliyun_kms", "AliyunKmsConfig", "AliyunKmsSecretBackend"),
     "aws": ("keybroker.storage.aws_secrets", "AwsSecretsConfig", "AwsSecretsSecretBackend"),
+    "gcp": ("keybroker.storage.gcp_secrets", "GcpSecretsConfig", "GcpSecretsSecretBackend"),
 }
 _SECRET_BACKEND_SPELLINGS = {
     "kvstorage": "kvstorage",
@@ -421,6 +422,7 @@ _SECRET_BACKEND_SPELLINGS = {
     "aliyun_kms": "aliyun",
     "aliyunkms": "aliyun",
     "aws": "aws",
+    "gcp": "gcp",
 }
 
 
@@ -428,8 +430,8 @@ class ResourcePluginConfig(_Model):
     """The ``resource`` plugin, in the forms operators have.
 
     - current upstream: ``storage_backend_type = "kvstorage"`` (the shared key-value store), or
-      another secret backend (``pkcs11``, ``vault``, ``aliyun``, ``aws``) whose settings sit
-      beside it in the same table and are checked by that backend's own model;
+      another secret backend (``pkcs11``, ``vault``, ``aliyun``, ``aws``, ``gcp``) whose
+      settings sit beside it in the same table and are checked by that backend's own model;
     - seed-era upstream: ``type = "LocalFs"`` with ``dir_path`` (files at
       ``<dir_path>/<repo>/<type>/<tag>``), or ``type = "Aliyun"`` / ``"Vault"`` / ...
     """

@@ -42,6 +42,7 @@ EXTRA_MODULES = {
     "postgres": "psycopg",
     "redis": "redis",
     "aws": "boto3",
+    "gcp": "google.cloud.secretmanager_v1",
 }
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

@@ -109,32 +109,6 @@ def test_an_unknown_target_or_switch_names_the_accepted_ones() -> None:
         parse_assignments(["VAULT"])
 
 
-def test_a_switch_keybroker_cannot_build_is_refused_with_the_reason() -> None:
-    with pytest.raises(BuildError, match=r"GCP=true: .*no GCP Secret Manager resource backend"):
-        plan("background-check-kbs", {"GCP": "true"})
-    assert plan("background-check-kbs", {"GCP": "false"}).extras == ("vault",)
-
-
-def test_pqc_experimental_adds_the_pqc_extra_to_kbs_and_client_builds() -> None:
-    assert _plan("background-check-kbs", "PQC_EXPERIMENTAL=true") == (
-        "coco-as",
-        "builtin",
-        ("pqc", "vault"),
-    )
-    assert _plan("passport-resource-kbs", "PQC_EXPERIMENTAL=true", "VAULT=false")[2] == ("pqc",)
-    # the client makes ML-KEM-768 TEE keys, so `make cli` takes the switch (no other backend)
-    assert plan("cli", {"PQC_EXPERIMENTAL": "true"}).venv_name == "pqc"
-    assert _plan("background-check-kbs", "PQC_EXPERIMENTAL=false") == (
-        "coco-as",
-        "builtin",
-        ("vault",),
-    )
-    with pytest.raises(BuildError, match=re.escape("PQC_EXPERIMENTAL=on: accepted values are")):
-        plan("cli", {"PQC_EXPERIMENTAL": "on"})
-    with pytest.raises(BuildError, match="VAULT: make cli builds the client, with no backends"):
-        plan("cli", {"PQC_EXPERIMENTAL": "true", "VAULT": "true"})
-
-
 @pytest.mark.parametrize(
     ("target", "switches", "message"),
     [
@@ -227,6 +201,11 @@ def test_a_build_dir_toml_cannot_hold_is_refused(tmp_path: Path) -> None:
 def test_aws_installs_the_aws_extra() -> None:
     assert "aws" in plan("background-check-kbs", {"AWS": "true"}).extras
     assert "aws" not in plan("background-check-kbs", {"AWS": "false"}).extras
+
+
+def test_gcp_installs_the_gcp_extra() -> None:
+    assert "gcp" in plan("background-check-kbs", {"GCP": "true"}).extras
+    assert "gcp" not in plan("background-check-kbs", {"GCP": "false"}).extras
 
 
 def test_the_nebula_ca_switch_adds_no_extra_and_names_the_tool_it_needs() -> None:
