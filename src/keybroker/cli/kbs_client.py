@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PREFIX_HELP = "a tenant policy's repository prefix: <repository> or <repository>/<type>"
+
+
 def _admin_parsers(admin: Any) -> None:
     set_resource = admin.add_parser("set-resource", help="store a resource")
     set_resource.add_argument("--path", required=True)
@@ -114,6 +117,7 @@ def _admin_parsers(admin: Any) -> None:
     choice.add_argument("--deny-all", action="store_true", help="release nothing")
     choice.add_argument("--affirming", action="store_true", help="only affirming tokens")
     choice.add_argument("--default", action="store_true", help="the default policy")
+    policy.add_argument("--prefix", help=_PREFIX_HELP + " (default: the global policy)")
 
     attestation = admin.add_parser("set-attestation-policy", help="install an attestation policy")
     attestation.add_argument("--policy-file", type=Path, required=True, help="a Rego file")
@@ -134,6 +138,8 @@ def _admin_parsers(admin: Any) -> None:
 
     get_rv = admin.add_parser("get-reference-value", help="print a reference value (JSON)")
     get_rv.add_argument("--id", required=True)
+
+    _read_back_parsers(admin)
 
     evaluate = admin.add_parser(
         "evaluate-policy", help="explain a resource or attestation policy decision"
@@ -162,6 +168,34 @@ def _tee_key_options(parser: argparse.ArgumentParser) -> None:
         f"attestation-agent names (default {DEFAULT_TEE_KEY_ALGORITHM}; "
         "ML-KEM-768+A192KW is the experimental post-quantum key)",
     )
+
+
+def _read_back_parsers(admin: Any) -> None:
+    """Policies and reference values: list, read back, delete."""
+    get_policy = admin.add_parser("get-resource-policy", help="print a resource policy's Rego text")
+    get_policy.add_argument("--prefix", help=_PREFIX_HELP + " (default: the global policy)")
+    delete_policy = admin.add_parser(
+        "delete-resource-policy", help="remove a tenant resource policy"
+    )
+    delete_policy.add_argument("--prefix", required=True, help=_PREFIX_HELP)
+    admin.add_parser(
+        "list-resource-policies", help="list resource policy ids (global, then tenant prefixes)"
+    )
+
+    admin.add_parser("list-attestation-policies", help="list attestation policy ids")
+    get_attestation = admin.add_parser(
+        "get-attestation-policy", help="print an attestation policy's Rego text"
+    )
+    get_attestation.add_argument("--id", required=True, help="policy id (e.g. default_cpu)")
+    delete_attestation = admin.add_parser(
+        "delete-attestation-policy",
+        help="remove an attestation policy (a default id gets the shipped policy back)",
+    )
+    delete_attestation.add_argument("--id", required=True, help="policy id")
+
+    admin.add_parser("list-reference-values", help="list reference value names")
+    delete_rv = admin.add_parser("delete-reference-value", help="remove a reference value")
+    delete_rv.add_argument("--id", required=True)
 
 
 def _device_option(parser: argparse.ArgumentParser) -> None:
@@ -331,8 +365,60 @@ def _delete_resource(admin: AdminClient, args: argparse.Namespace) -> None:
 
 
 def _set_resource_policy(admin: AdminClient, args: argparse.Namespace) -> None:
-    admin.set_resource_policy(_policy_text(args))
-    print("resource policy set", file=sys.stderr)
+    if args.prefix is None:
+        admin.set_resource_policy(_policy_text(args))
+        print("resource policy set", file=sys.stderr)
+        return
+    admin.set_resource_policy(_policy_text(args), prefix=args.prefix)
+    print(f"resource policy of {args.prefix} set", file=sys.stderr)
+
+
+def _get_resource_policy(admin: AdminClient, args: argparse.Namespace) -> None:
+    sys.stdout.write(_with_newline(admin.get_resource_policy(args.prefix)))
+
+
+def _delete_resource_policy(admin: AdminClient, args: argparse.Namespace) -> None:
+    admin.delete_resource_policy(args.prefix)
+    print(
+        f"resource policy of {args.prefix} deleted: the next matching policy applies",
+        file=sys.stderr,
+    )
+
+
+def _list_resource_policies(admin: AdminClient, args: argparse.Namespace) -> None:
+    _print_lines(admin.list_resource_policies())
+
+
+def _list_attestation_policies(admin: AdminClient, args: argparse.Namespace) -> None:
+    _print_lines(admin.list_attestation_policies())
+
+
+def _get_attestation_policy(admin: AdminClient, args: argparse.Namespace) -> None:
+    sys.stdout.write(_with_newline(admin.get_attestation_policy(args.id)))
+
+
+def _delete_attestation_policy(admin: AdminClient, args: argparse.Namespace) -> None:
+    restored = admin.delete_attestation_policy(args.id)
+    fallback = ": the shipped default applies again" if restored else ""
+    print(f"attestation policy {args.id} deleted{fallback}", file=sys.stderr)
+
+
+def _list_reference_values(admin: AdminClient, args: argparse.Namespace) -> None:
+    _print_lines(admin.list_reference_values())
+
+
+def _delete_reference_value(admin: AdminClient, args: argparse.Namespace) -> None:
+    admin.delete_reference_value(args.id)
+    print(f"reference value {args.id} deleted", file=sys.stderr)
+
+
+def _print_lines(names: list[str]) -> None:
+    for name in names:
+        print(name)
+
+
+def _with_newline(text: str) -> str:
+    return text if text.endswith("\n") or not text else text + "\n"
 
 
 def _set_attestation_policy(admin: AdminClient, args: argparse.Namespace) -> None:
@@ -358,9 +444,17 @@ _ADMIN_COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace], None]] = 
     "set-resource": _set_resource,
     "delete-resource": _delete_resource,
     "set-resource-policy": _set_resource_policy,
+    "get-resource-policy": _get_resource_policy,
+    "delete-resource-policy": _delete_resource_policy,
+    "list-resource-policies": _list_resource_policies,
     "set-attestation-policy": _set_attestation_policy,
+    "list-attestation-policies": _list_attestation_policies,
+    "get-attestation-policy": _get_attestation_policy,
+    "delete-attestation-policy": _delete_attestation_policy,
     "set-sample-reference-value": _set_sample_reference_value,
     "get-reference-value": _get_reference_value,
+    "list-reference-values": _list_reference_values,
+    "delete-reference-value": _delete_reference_value,
     "evaluate-policy": _evaluate_policy,
 }
 

@@ -36,6 +36,9 @@ class ResourcePlugin(Plugin):
     def check(self, request: PluginRequest) -> None:
         ResourcePath.from_segments(request.path)  # traversal and shape, before any policy
 
+    def repository_path(self, request: PluginRequest) -> ResourcePath:
+        return ResourcePath.from_segments(request.path)
+
     def requires_admin(self, request: PluginRequest) -> bool:
         return request.method in _WRITE
 
