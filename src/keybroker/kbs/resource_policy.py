@@ -27,7 +27,6 @@ compiled policy, with an empty memory.
 from __future__ import annotations
 
 import logging
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from importlib import resources
@@ -42,7 +41,7 @@ from keybroker.errors import (
 from keybroker.policy.prepared import PolicySpec
 from keybroker.policy.workers import PolicyWorkers, PooledPolicy
 from keybroker.protocol.models import JsonValue
-from keybroker.protocol.resource_path import ResourcePath
+from keybroker.protocol.resource_path import SEGMENT_PATTERN, ResourcePath, is_valid_segment
 from keybroker.storage.base import KeyValueStorage
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,6 @@ _TENANT_KEYS = "tenant-policy/"
 MAX_TENANT_POLICIES = 1024
 MAX_PREFIX_SEGMENTS = 2  # <repository> or <repository>/<type>
 MAX_PREFIX_SEGMENT_LENGTH = 128
-_PREFIX_SEGMENT = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_\-.]*")  # a resource path segment
 _RULE = "policy/allow"
 # what a request adds as data; handed over in input, so a new query string compiles nothing
 REQUEST_DATA = ("plugin", "resource-path", "query")
@@ -86,11 +84,11 @@ class TenantPrefix:
                 f"found {len(segments)} segments"
             )
         for segment in segments:
-            if len(segment) > MAX_PREFIX_SEGMENT_LENGTH or not _PREFIX_SEGMENT.fullmatch(segment):
+            if not is_valid_segment(segment, MAX_PREFIX_SEGMENT_LENGTH):
                 raise BadRequestError(
                     f"invalid tenant policy prefix segment {segment[:64]!r}: each segment has "
                     f"at most {MAX_PREFIX_SEGMENT_LENGTH} characters and matches "
-                    r"^[A-Za-z0-9_\-][A-Za-z0-9_\-.]*$"
+                    f"{SEGMENT_PATTERN}"
                 )
         if segments[0] == POLICY_ID:
             raise BadRequestError(
