@@ -21,7 +21,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
 # What installing keybroker with any extra can need, and its build backend.
-ROOTS = ("keybroker[aliyun,grpc,pkcs11,postgres,redis,vault]", "setuptools>=77")
+ROOTS = ("keybroker[aliyun,grpc,pkcs11,postgres,pqc,redis,vault]", "setuptools>=77")
 _SKIPPED = {"INSTALLER", "REQUESTED", "RECORD", "direct_url.json"}
 
 

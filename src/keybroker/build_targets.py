@@ -30,20 +30,21 @@ BOOLEANS = ("true", "false")
 
 # Boolean switches: name -> (default, extra installed when true, or the reason it is refused).
 # Upstream's defaults (kbs/Makefile): VAULT on, the rest off. PKCS11, POSTGRES and REDIS are
-# Keybroker's own (upstream's docker/Dockerfile passes FEATURES=pkcs11).
+# Keybroker's own (upstream's docker/Dockerfile passes FEATURES=pkcs11). PQC_EXPERIMENTAL's
+# extra brings what AKP (ML-KEM-768) tee keys need; it applies to `make cli` too, whose client
+# can make such keys.
 EXTRA_SWITCHES: dict[str, tuple[bool, str]] = {
     "ALIYUN": (False, "aliyun"),
     "AWS": (False, "aws"),
+    "GCP": (False, "gcp"),
     "VAULT": (True, "vault"),
     "PKCS11": (False, "pkcs11"),
     "POSTGRES": (False, "postgres"),
     "REDIS": (False, "redis"),
     "EXTERNAL_PLUGIN": (False, "grpc"),  # the external plugin's gRPC client
+    "PQC_EXPERIMENTAL": (False, "pqc"),
 }
-REFUSED_SWITCHES: dict[str, str] = {
-    "GCP": "Keybroker has no GCP Secret Manager resource backend yet (use VAULT, ALIYUN or PKCS11)",
-    "PQC_EXPERIMENTAL": "Keybroker's resource JWE has no ML-KEM (post-quantum) algorithm",
-}
+CLIENT_EXTRA_SWITCHES = ("PQC_EXPERIMENTAL",)
 # Switches for what every build serves but needs a system tool for: name -> the note when true.
 TOOL_SWITCHES: dict[str, str] = {
     "NEBULA_CA_PLUGIN": "NEBULA_CA_PLUGIN: the nebula-ca plugin is always there; it runs "
@@ -63,7 +64,6 @@ SWITCHES = (
     *AS_SWITCHES,
     *EXTRA_SWITCHES,
     *TOOL_SWITCHES,
-    *REFUSED_SWITCHES,
     *CLIENT_SWITCHES,
     *HOST_SWITCHES,
 )
@@ -149,9 +149,6 @@ def _refused(switches: dict[str, str]) -> None:
     for name, reason in CLIENT_SWITCHES.items():
         if name in switches:
             raise BuildError(f"{name}={switches[name]}: {reason}")
-    for name, reason in REFUSED_SWITCHES.items():
-        if name in switches and _choice(name, switches[name], BOOLEANS) == "true":
-            raise BuildError(f"{name}=true: {reason}")
 
 
 def _not_applying(target: str, switches: dict[str, str]) -> None:
@@ -162,7 +159,11 @@ def _not_applying(target: str, switches: dict[str, str]) -> None:
             what = "has no attestation service" if target != "cli" else "is the client only"
             raise BuildError(f"{', '.join(given)}: make {target} {what}")
     if target == "cli":
-        given = [name for name in (*EXTRA_SWITCHES, *TOOL_SWITCHES) if name in switches]
+        given = [
+            name
+            for name in (*EXTRA_SWITCHES, *TOOL_SWITCHES)
+            if name in switches and name not in CLIENT_EXTRA_SWITCHES
+        ]
         if given:
             raise BuildError(f"{', '.join(given)}: make cli builds the client, with no backends")
 
@@ -180,7 +181,12 @@ def plan(target: str, switches: dict[str, str]) -> Plan:
         INTEGRATION_TYPES,
     )
     if target == "cli":
-        return Plan(target, None, integration, ())
+        extras = {
+            EXTRA_SWITCHES[name][1]
+            for name in CLIENT_EXTRA_SWITCHES
+            if _choice(name, switches.get(name, "false"), BOOLEANS) == "true"
+        }
+        return Plan(target, None, integration, tuple(sorted(extras)))
     if target == "passport-resource-kbs":
         as_type = None
     else:

@@ -44,6 +44,7 @@ from keybroker.storage.versions import DEFAULT_MAX_VERSIONS, MAX_VERSIONS_LIMIT
 
 if TYPE_CHECKING:
     from keybroker.plugins.nebula_ca import NebulaCaConfig
+    from keybroker.plugins.provisioner import ProvisionerConfig
 
 log = logging.getLogger("keybroker.config")
 
@@ -410,6 +411,7 @@ SECRET_BACKENDS = {
     "vault": ("keybroker.storage.vault", "VaultConfig", "VaultSecretBackend"),
     "aliyun": ("keybroker.storage.aliyun_kms", "AliyunKmsConfig", "AliyunKmsSecretBackend"),
     "aws": ("keybroker.storage.aws_secrets", "AwsSecretsConfig", "AwsSecretsSecretBackend"),
+    "gcp": ("keybroker.storage.gcp_secrets", "GcpSecretsConfig", "GcpSecretsSecretBackend"),
 }
 _SECRET_BACKEND_SPELLINGS = {
     "kvstorage": "kvstorage",
@@ -421,6 +423,7 @@ _SECRET_BACKEND_SPELLINGS = {
     "aliyun_kms": "aliyun",
     "aliyunkms": "aliyun",
     "aws": "aws",
+    "gcp": "gcp",
 }
 
 
@@ -428,8 +431,8 @@ class ResourcePluginConfig(_Model):
     """The ``resource`` plugin, in the forms operators have.
 
     - current upstream: ``storage_backend_type = "kvstorage"`` (the shared key-value store), or
-      another secret backend (``pkcs11``, ``vault``, ``aliyun``, ``aws``) whose settings sit
-      beside it in the same table and are checked by that backend's own model;
+      another secret backend (``pkcs11``, ``vault``, ``aliyun``, ``aws``, ``gcp``) whose
+      settings sit beside it in the same table and are checked by that backend's own model;
     - seed-era upstream: ``type = "LocalFs"`` with ``dir_path`` (files at
       ``<dir_path>/<repo>/<type>/<tag>``), or ``type = "Aliyun"`` / ``"Vault"`` / ...
     """
@@ -568,14 +571,22 @@ class NebulaCaPluginConfig(BaseModel):
         return self
 
 
-class OtherPluginConfig(BaseModel):
-    """A plugin a later version serves (provisioner).
-
-    Its settings are kept as given; building the app refuses it with a clear message.
-    """
+class ProvisionerPluginConfig(BaseModel):
+    """Upstream's ``provisioner`` plugin; its keys are checked by
+    :class:`keybroker.plugins.provisioner.ProvisionerConfig` at load time."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     name: Literal["provisioner"]
+
+    def settings(self) -> ProvisionerConfig:
+        from keybroker.plugins.provisioner import ProvisionerConfig  # noqa: PLC0415 - lazy
+
+        return ProvisionerConfig.model_validate(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _known_settings(self) -> ProvisionerPluginConfig:
+        self.settings()
+        return self
 
 
 PluginConfig = Annotated[
@@ -584,7 +595,7 @@ PluginConfig = Annotated[
     | SamplePluginConfig
     | ExternalPluginConfig
     | NebulaCaPluginConfig
-    | OtherPluginConfig,
+    | ProvisionerPluginConfig,
     Field(discriminator="name"),
 ]
 
@@ -665,6 +676,8 @@ class AttestationServiceFileConfig(_Model):
     verifier_config: VerifierConfigField = None
     storage_backend: StorageBackendConfig = StorageBackendConfig()
     policy: PolicyConfig = PolicyConfig()
+    # Keybroker only, as in the KBS config: start although others may read the signer's key
+    insecure_key_permissions: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -13,9 +13,12 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
 
+import akp_upstream
 from kbs_process import kbs_client, running_kbs
 from keybroker.client.admin import AdminClient
+from keybroker.client.keys import TeeKey
 from keybroker.client.rcar import KbsClient
 from keybroker.kbs.resource_policy import builtin_policy
 from ports import free_port
@@ -117,6 +120,95 @@ def test_cli_round_trip_with_ec_and_rsa_keys(tmp_path: Path) -> None:
     # upstream on-disk layout, readable by upstream's KBS
     stored = tmp_path / "storage" / "repository" / "default\\x2Fkey\\x2Fone"
     assert not stored.exists()
+
+
+def test_ml_kem_768_tee_key_round_trip(tmp_path: Path) -> None:
+    """Upstream's experimental AKP tee key (pqc-experimental) against a real kbs: the CLI with
+    a fresh ML-KEM-768 key and with one from a PEM file (also as a bearer token's key), and the
+    SDK's response opened the way upstream's guest opens it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    (tmp_path / "secret.bin").write_bytes(SECRET)
+    private_key = MLKEM768PrivateKey.generate()
+    pem = tmp_path / "ml-kem.pem"
+    pem.write_bytes(
+        private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with running_kbs(["-c", str(_config(tmp_path, port))], tmp_path, url):
+        admin = AdminClient(url)
+        admin.set_resource("default/key/pq", SECRET)
+        admin.set_resource_policy(builtin_policy("allow_all"))
+
+        fresh = ["--tee-key-algorithm", "ML-KEM-768+A192KW"]
+        for key in (fresh, ["--tee-key-file", str(pem)]):
+            got = kbs_client("--url", url, "get-resource", "--path", "default/key/pq", *key)
+            assert got.returncode == 0, got.stderr
+            assert base64.b64decode(got.stdout.strip()) == SECRET
+        token = kbs_client("--url", url, "attest", "--tee-key-file", str(pem))
+        assert token.returncode == 0, token.stderr
+        (tmp_path / "token").write_text(token.stdout)
+        bearer = kbs_client(
+            "--url", url, "get-resource", "--path", "default/key/pq",
+            "--attestation-token", str(tmp_path / "token"), "--tee-key-file", str(pem),
+        )  # fmt: skip
+        assert bearer.returncode == 0, bearer.stderr
+        assert base64.b64decode(bearer.stdout.strip()) == SECRET
+
+        # the JWE as it crossed the wire, opened by the hand-written upstream guest
+        responses: list[httpx.Response] = []
+        http = httpx.Client(base_url=url, event_hooks={"response": [responses.append]})
+        guest = KbsClient(url, tee_key=TeeKey(private_key), http=http)
+        try:
+            assert guest.get_resource("default/key/pq") == SECRET
+        finally:
+            guest.close()
+        released = responses[-1]
+        released.read()
+        assert released.url.path == "/kbs/v0/resource/default/key/pq"
+        assert akp_upstream.open_response(private_key, released.json()) == SECRET
+
+
+@pytest.mark.parametrize(
+    ("tee_pubkey", "message"),
+    [
+        (
+            {"kty": "AKP", "alg": "ML-KEM-768+A192KW", "pub": akp_upstream.b64e(bytes(800))},
+            "expected member 'pub' of 1184 bytes for ML-KEM-768, found 800 bytes",
+        ),
+        (
+            {"kty": "AKP", "alg": "ML-KEM-1024+A256KW", "pub": akp_upstream.b64e(bytes(1568))},
+            'expected alg "ML-KEM-768+A192KW" for an AKP key',
+        ),
+    ],
+    ids=["wrong_length_akp_key", "unknown_akp_alg"],
+)
+def test_malformed_akp_tee_pubkey_refused_at_attest(
+    tmp_path: Path, tee_pubkey: dict[str, str], message: str
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with (
+        running_kbs(["-c", str(_config(tmp_path, port))], tmp_path, url),
+        httpx.Client(base_url=url) as http,
+    ):
+        challenge = http.post(
+            "/kbs/v0/auth",
+            json={"version": "0.4.0", "tee": "sample", "extra-params": {}},
+        ).json()
+        attested = http.post(
+            "/kbs/v0/attest",
+            json={
+                "init-data": None,
+                "runtime-data": {"nonce": challenge["nonce"], "tee-pubkey": tee_pubkey},
+                "tee-evidence": {"primary_evidence": {}, "additional_evidence": ""},
+            },
+        )
+    assert attested.status_code == 400
+    assert message in attested.json()["detail"]
 
 
 def test_two_workers_share_sessions(tmp_path: Path) -> None:

@@ -71,6 +71,7 @@ def test_background_check_through_grpc_as(tmp_path: Path) -> None:
     ca = issue("AS signer CA")
     signer = issue("grpc-as token signer", ca, ca=False)
     (tmp_path / "signer.key").write_bytes(signer.key_pem())
+    (tmp_path / "signer.key").chmod(0o600)  # grpc-as refuses a key others can read
     write(tmp_path / "chain.pem", signer, ca)
     write(tmp_path / "ca.pem", ca)
     (tmp_path / "as.toml").write_text(

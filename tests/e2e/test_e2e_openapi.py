@@ -13,6 +13,7 @@ document. Then every documented (operation, status) must have been seen, or be l
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -55,6 +56,10 @@ _METHOD_405 = (
 )
 
 
+_REMOTE_ONLY = (
+    "answered (405 UnsupportedOperation) by a KBS whose attestation service or RVPS is remote, "
+    "which cannot list, read or delete; tests/unit/kbs/test_kbs_policy_read_back.py has them"
+)
 _METRICS_LOOPBACK = (
     "both runs serve /metrics to loopback clients ([metrics] access = loopback, the default), "
     "which is what schemathesis is; admin mode's 401 and 403 are in tests/unit/kbs/"
@@ -90,6 +95,10 @@ def _unreachable() -> dict[Operation, str]:
         ("/kbs/v0/reference-value", "post"),
         ("/kbs/v0/reference-value/{reference_value_id}", "get"),
         ("/kbs/v0/policy-explain", "post"),
+        ("/kbs/v0/resource-policy/{policy_id}", "get"),
+        ("/kbs/v0/resource-policy/{repository}/{type}", "get"),
+        ("/kbs/v0/resource-policy/{repository}/{type}", "post"),
+        ("/kbs/v0/resource-policy/{repository}/{type}", "delete"),
         *[(path, "get") for path in _LISTINGS],
         (_META, "get"),
         *[(f"{_META}/{action}", "post") for action in ("delete", "purge", "rollback", "undelete")],
@@ -98,8 +107,21 @@ def _unreachable() -> dict[Operation, str]:
     # (the fixed seed reaches the router's 404 on the two-segment form, with a newline in it)
     for path in _LISTINGS[:2]:
         table[path, "get", 404] = _HAS_RESOURCE_PLUGIN
-    for path in ("/kbs/v0/attestation-policy", "/kbs/v0/reference-value"):
-        table[path, "post", 404] = _NO_AS
+    for path, method in [
+        ("/kbs/v0/attestation-policy", "get"),
+        ("/kbs/v0/attestation-policy/{policy_id}", "get"),
+        ("/kbs/v0/attestation-policy/{policy_id}", "delete"),
+        ("/kbs/v0/reference-value", "get"),
+        ("/kbs/v0/reference-value/{reference_value_id}", "delete"),
+    ]:
+        table[path, method, 405] = _REMOTE_ONLY
+    for path, method in [
+        ("/kbs/v0/attestation-policy", "post"),
+        ("/kbs/v0/attestation-policy", "get"),
+        ("/kbs/v0/reference-value", "post"),
+        ("/kbs/v0/reference-value", "get"),
+    ]:
+        table[path, method, 404] = _NO_AS
     for status in (401, 403):
         table["/metrics", "get", status] = _METRICS_LOOPBACK
     return table
@@ -335,6 +357,7 @@ def walked(tmp_path_factory: pytest.TempPathFactory) -> set[Operation]:
             assert http.get(listing, params={"limit": "0"}).status_code == 400
         admin.set_sample_reference_value("walked", ["1"])
         assert http.get("/kbs/v0/reference-value/walked").status_code == 200
+        _walk_read_back_and_delete(http)
         for method in METHODS:
             assert http.request(method, "/kbs/v0/sample/x").status_code == 404
         too_big = b"x" * (1024 * 1024 + 1)
@@ -346,6 +369,37 @@ def walked(tmp_path_factory: pytest.TempPathFactory) -> set[Operation]:
             statuses = [http.post(path, content=b"{}").status_code for _ in range(12)]
             assert 429 in statuses
     return record.reached
+
+
+def _walk_read_back_and_delete(http: httpx.Client) -> None:
+    """Policies and reference values listed, read back, deleted; tenant policies; and the
+    400s, 404s and 405s that schema-valid fuzzing does not produce."""
+    allow = {"policy": base64.urlsafe_b64encode(builtin_policy("allow_all").encode()).decode()}
+    for prefix in ("walked", "walked/keys"):
+        assert http.post(f"/kbs/v0/resource-policy/{prefix}", json=allow).status_code == 200
+        assert http.get(f"/kbs/v0/resource-policy/{prefix}").status_code == 200
+        assert http.delete(f"/kbs/v0/resource-policy/{prefix}").status_code == 200
+        assert http.get(f"/kbs/v0/resource-policy/{prefix}").status_code == 404
+        assert http.delete(f"/kbs/v0/resource-policy/{prefix}").status_code == 404
+    assert http.get("/kbs/v0/resource-policy/resource-policy").status_code == 200
+    for method in ("POST", "DELETE"):  # the global policy is set at /kbs/v0/resource-policy
+        reply = http.request(method, "/kbs/v0/resource-policy/resource-policy", json=allow)
+        assert reply.status_code == 405
+    for prefix in (".hidden", ".hidden/keys"):
+        for method in ("GET", "POST", "DELETE"):
+            reply = http.request(method, f"/kbs/v0/resource-policy/{prefix}", json=allow)
+            assert reply.status_code == 400
+    assert http.get("/kbs/v0/attestation-policy").status_code == 200
+    for status in (200, 404):  # the second time round, it has gone
+        for method in ("GET", "DELETE"):
+            reply = http.request(method, "/kbs/v0/attestation-policy/walked")
+            assert reply.status_code == status
+    for method in ("GET", "DELETE"):
+        assert http.request(method, "/kbs/v0/attestation-policy/a.b").status_code == 400
+    assert http.get("/kbs/v0/reference-value").status_code == 200
+    assert http.delete("/kbs/v0/reference-value/walked").status_code == 200
+    assert http.delete("/kbs/v0/reference-value/walked").status_code == 404
+    assert http.delete("/kbs/v0/reference-value/%F0%97%A9%AC%5Cg").status_code == 400
 
 
 def test_open_admin_run_finds_no_server_error_and_no_spec_violation(open_admin_run: Run) -> None:

@@ -110,21 +110,6 @@ def test_an_unknown_target_or_switch_names_the_accepted_ones() -> None:
 
 
 @pytest.mark.parametrize(
-    ("switch", "reason"),
-    [
-        ("GCP", "no GCP Secret Manager resource backend"),
-        ("PQC_EXPERIMENTAL", "no ML-KEM"),
-    ],
-)
-def test_a_switch_keybroker_cannot_build_is_refused_with_the_reason(
-    switch: str, reason: str
-) -> None:
-    with pytest.raises(BuildError, match=f"{switch}=true: .*{reason}"):
-        plan("background-check-kbs", {switch: "true"})
-    assert plan("background-check-kbs", {switch: "false"}).extras == ("vault",)
-
-
-@pytest.mark.parametrize(
     ("target", "switches", "message"),
     [
         ("passport-resource-kbs", {"AS_TYPES": "coco-as"}, "has no attestation service"),
@@ -216,6 +201,11 @@ def test_a_build_dir_toml_cannot_hold_is_refused(tmp_path: Path) -> None:
 def test_aws_installs_the_aws_extra() -> None:
     assert "aws" in plan("background-check-kbs", {"AWS": "true"}).extras
     assert "aws" not in plan("background-check-kbs", {"AWS": "false"}).extras
+
+
+def test_gcp_installs_the_gcp_extra() -> None:
+    assert "gcp" in plan("background-check-kbs", {"GCP": "true"}).extras
+    assert "gcp" not in plan("background-check-kbs", {"GCP": "false"}).extras
 
 
 def test_the_nebula_ca_switch_adds_no_extra_and_names_the_tool_it_needs() -> None:

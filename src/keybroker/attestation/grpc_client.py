@@ -133,11 +133,24 @@ class GrpcAttestationService(AttestationBackend):
                 raise BadRequestError(error.detail) from None
             raise error from None
 
+    def _policies_not_readable(self, operation: str) -> str:
+        return (
+            f"cannot {operation} the policies of the remote attestation service at "
+            f"{self._target}: its gRPC API (upstream's attestation.AttestationService) can "
+            "only set a policy; manage them where that service stores them"
+        )
+
     async def register_reference_value(self, message: str) -> list[str]:
         return await self._remote_rvps().register(message)
 
     async def query_reference_value(self, reference_value_id: str) -> JsonValue | None:
         return await self._remote_rvps().query(reference_value_id)
+
+    async def list_reference_values(self) -> list[str]:
+        return await self._remote_rvps().names()
+
+    async def delete_reference_value(self, reference_value_id: str) -> bool:
+        return await self._remote_rvps().delete(reference_value_id)
 
     def _remote_rvps(self) -> RemoteReferenceValues:
         if self._rvps is None:

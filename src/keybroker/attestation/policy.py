@@ -2,7 +2,10 @@
 
 The policy used for a submodule is ``<policy id>_<tee class>`` (``default_cpu``,
 ``default_gpu``, ``default_dcu``); it is read from the ``attestation_service_policy`` namespace
-(key ``<id>.rego``, as upstream) so every replica applies the same policies. Rules read:
+(key ``<id>.rego``, as upstream) so every replica applies the same policies. A default policy
+(:data:`DEFAULT_POLICIES`) that is missing from the store, because it was never installed or
+was deleted, is installed again from the shipped text on its next use: deleting one restores
+the shipped default. Rules read:
 ``data.policy.trust_claims`` (``{claim: int}``) and, optionally, ``data.policy.extensions``
 (``[{name, key, value}]``).
 
@@ -20,7 +23,12 @@ from functools import lru_cache
 from importlib import resources
 
 from keybroker.attestation.ear import TRUST_CLAIMS
-from keybroker.errors import BadRequestError, PolicyEvaluationError, PolicyParseError
+from keybroker.errors import (
+    BadRequestError,
+    PolicyEvaluationError,
+    PolicyParseError,
+    ResourceNotFoundError,
+)
 from keybroker.policy.input_paths import TOKEN
 from keybroker.policy.prepared import PolicySpec
 from keybroker.policy.workers import PolicyWorkers, PooledPolicy
@@ -38,6 +46,8 @@ DEFAULT_POLICIES = (
     "default_nvidia-dpu",
 )
 _SUFFIX = ".rego"
+# Each stored policy can be compiled and cached by every worker: an admin cannot store more.
+MAX_POLICIES = 1024
 _ENTRYPOINTS = ("policy/trust_claims", "policy/extensions")
 # Appraisals remembered per policy (deterministic policies only): guests of one image differ
 # only in what a policy does not read (nonces, keys), so they share one answer.
@@ -125,12 +135,43 @@ class AttestationPolicies:
             await self._storage.set(policy_id + _SUFFIX, source, overwrite=False)
 
     async def set(self, policy_id: str, source: str) -> None:
-        if not _POLICY_ID.fullmatch(policy_id):
-            raise BadRequestError(f"invalid attestation policy id {policy_id[:64]!r}")
+        _checked_id(policy_id)
         # refuse before storing
         compiled = await compile_attestation_policy(self._workers, source, policy_id)
+        if await self._storage.get(policy_id + _SUFFIX) is None:
+            count = len(await self.list_ids())
+            if count >= MAX_POLICIES:
+                raise BadRequestError(
+                    f"there are already {count} attestation policies, the most the service "
+                    f"keeps ({MAX_POLICIES}): delete one first"
+                )
         await self._storage.set(policy_id + _SUFFIX, source.encode())
         self._compiled[policy_id] = compiled
+
+    async def text(self, policy_id: str) -> str:
+        """The stored text of ``policy_id`` (a default one as its next use would install it);
+        404 for an id no policy has."""
+        _checked_id(policy_id)
+        if (
+            policy_id not in DEFAULT_POLICIES
+            and await self._storage.get(policy_id + _SUFFIX) is None
+        ):
+            raise ResourceNotFoundError(f"no attestation policy {policy_id!r}")
+        return await self.source(policy_id)
+
+    async def delete(self, policy_id: str) -> bool:
+        """Remove ``policy_id``; True when it is a default policy, whose shipped text is then
+        installed again (at once, so every worker and replica sees the same policy)."""
+        _checked_id(policy_id)
+        removed = await self._storage.delete(policy_id + _SUFFIX)
+        self._compiled.pop(policy_id, None)
+        if policy_id in DEFAULT_POLICIES:
+            default = builtin_attestation_policy(policy_id).encode()
+            await self._storage.set(policy_id + _SUFFIX, default, overwrite=False)
+            return True
+        if removed is None:
+            raise ResourceNotFoundError(f"no attestation policy {policy_id!r}")
+        return False
 
     async def list_ids(self) -> list[str]:
         keys = await self._storage.list_keys()
@@ -170,6 +211,16 @@ class AttestationPolicies:
         policy = await self.compiled(policy_id)
         data = await self.reference_data(policy)
         return await appraisal(policy_id, policy, annotated_evidence, data)
+
+
+def _checked_id(policy_id: str) -> str:
+    """Ids name storage keys: the same alphabet as upstream's ids, nothing that could traverse."""
+    if not _POLICY_ID.fullmatch(policy_id):
+        raise BadRequestError(
+            f"invalid attestation policy id {policy_id[:64]!r}: expected 1 to 128 ASCII "
+            "letters, digits, - or _"
+        )
+    return policy_id
 
 
 @lru_cache(maxsize=64)

@@ -27,7 +27,7 @@ from keybroker.errors import AttestationError, BadRequestError, UnsupportedOpera
 from keybroker.protocol.canonical import HashAlgorithm, runtime_data_digest
 from keybroker.protocol.models import InitData, JsonValue, Tee
 from keybroker.protocol.untrusted_json import parse_json
-from keybroker.rvps.store import ReferenceValues
+from keybroker.rvps.store import ManagedReferenceValues, ReferenceValues
 from keybroker.verifiers import TeeClaims, Verifier, build_verifiers
 
 log = logging.getLogger(__name__)
@@ -81,10 +81,29 @@ class AttestationBackend(ABC):
     async def set_policy(self, policy_id: str, source: str) -> None:
         raise UnsupportedOperationError("this attestation service does not take policies")
 
+    async def list_policies(self) -> list[str]:
+        raise UnsupportedOperationError(self._policies_not_readable("list"))
+
+    async def policy_text(self, policy_id: str) -> str:
+        raise UnsupportedOperationError(self._policies_not_readable("read"))
+
+    async def delete_policy(self, policy_id: str) -> bool:
+        """Remove a policy; True when a shipped default took its place."""
+        raise UnsupportedOperationError(self._policies_not_readable("delete"))
+
+    def _policies_not_readable(self, operation: str) -> str:
+        return f"cannot {operation} the policies of this attestation service through the KBS"
+
     async def register_reference_value(self, message: str) -> list[str]:
         raise UnsupportedOperationError("this attestation service has no reference values")
 
     async def query_reference_value(self, reference_value_id: str) -> JsonValue | None:
+        raise UnsupportedOperationError("this attestation service has no reference values")
+
+    async def list_reference_values(self) -> list[str]:
+        raise UnsupportedOperationError("this attestation service has no reference values")
+
+    async def delete_reference_value(self, reference_value_id: str) -> bool:
         raise UnsupportedOperationError("this attestation service has no reference values")
 
 
@@ -133,11 +152,31 @@ class BuiltinAttestationService(AttestationBackend):
     async def set_policy(self, policy_id: str, source: str) -> None:
         await self._policies.set(policy_id, source)
 
+    async def list_policies(self) -> list[str]:
+        return await self._policies.list_ids()
+
+    async def policy_text(self, policy_id: str) -> str:
+        return await self._policies.text(policy_id)
+
+    async def delete_policy(self, policy_id: str) -> bool:
+        return await self._policies.delete(policy_id)
+
     async def register_reference_value(self, message: str) -> list[str]:
         return await self._reference_values.register(message)
 
     async def query_reference_value(self, reference_value_id: str) -> JsonValue | None:
         return await self._reference_values.query(reference_value_id)
+
+    async def list_reference_values(self) -> list[str]:
+        return await self._managed_reference_values().names()
+
+    async def delete_reference_value(self, reference_value_id: str) -> bool:
+        return await self._managed_reference_values().delete(reference_value_id)
+
+    def _managed_reference_values(self) -> ManagedReferenceValues:
+        if not isinstance(self._reference_values, ManagedReferenceValues):
+            raise UnsupportedOperationError("these reference values cannot be listed or deleted")
+        return self._reference_values
 
     async def verify(self, evidence: list[EvidenceToVerify]) -> str:
         return await self.evaluate(evidence, [DEFAULT_POLICY_ID])

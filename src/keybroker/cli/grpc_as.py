@@ -30,6 +30,7 @@ from keybroker.config import (
     load_as_config,
 )
 from keybroker.errors import ConfigError, KeybrokerError, UnsupportedFeatureError
+from keybroker.kbs.key_permissions import check_key_file
 from keybroker.policy.workers import PolicyLimits, PolicyWorkers
 from keybroker.rvps.store import NAMESPACE as RVPS_NAMESPACE
 from keybroker.rvps.store import ReferenceValues, ReferenceValueStore, remote_reference_values
@@ -52,6 +53,13 @@ def _storage(config: AttestationServiceFileConfig) -> StorageProvider:
 
 
 def build_service(config: AttestationServiceFileConfig) -> BuiltinAttestationService:
+    signer = config.attestation_token_broker.signer
+    if signer is not None:  # before the key is read, as `kbs` does
+        check_key_file(
+            "[attestation_token_broker.signer] key_path",
+            signer.key_path,
+            insecure=config.insecure_key_permissions,
+        )
     storage = _storage(config)
     reference_values: ReferenceValues = (
         remote_reference_values(config.rvps_config.address)
@@ -137,10 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         print("grpc-as: error: -t and -k go together", file=sys.stderr)
         return 1
     try:
+        config = load_as_config(args.config_file)
+        if args.https_key is not None:
+            check_key_file("-k", args.https_key, insecure=config.insecure_key_permissions)
         tls = (
             (args.https_cert.read_bytes(), args.https_key.read_bytes()) if args.https_cert else None
         )
-        service = build_service(load_as_config(args.config_file))
+        service = build_service(config)
         asyncio.run(_serve(service, args.socket, tls))
     except ModuleNotFoundError as e:
         return missing_grpc_extra("grpc-as", e)
@@ -193,7 +204,10 @@ def restful_main(argv: list[str] | None = None) -> int:
     host, _, port = args.socket.rpartition(":")
     try:
         origins = cors_origins(args.allowed_origin)
-        app = create_as_app(build_service(load_as_config(args.config_file)), origins)
+        config = load_as_config(args.config_file)
+        if args.https_key is not None:
+            check_key_file("-k", args.https_key, insecure=config.insecure_key_permissions)
+        app = create_as_app(build_service(config), origins)
     except KeybrokerError as e:
         print(f"restful-as: error: {e.detail}", file=sys.stderr)
         return 1

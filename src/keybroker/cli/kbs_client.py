@@ -28,7 +28,7 @@ from keybroker.client.admin_tokens import (
     write_private,
 )
 from keybroker.client.attesters import Attester, SampleDeviceAttester
-from keybroker.client.keys import TeeKey
+from keybroker.client.keys import DEFAULT_TEE_KEY_ALGORITHM, TEE_KEY_ALGORITHMS, TeeKey
 from keybroker.client.rcar import KbsClient
 from keybroker.client.tpm_attester import TpmAttester
 from keybroker.config import DEFAULT_SOCKET
@@ -58,13 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, title="commands")
 
     attest = commands.add_parser("attest", help="attest and print the attestation token")
-    attest.add_argument("--tee-key-file", type=Path, help="TEE private key (PEM)")
+    _tee_key_options(attest)
     attest.add_argument("init_data", nargs="?", help="init-data plaintext (TOML)")
     _device_option(attest)
 
     get = commands.add_parser("get-resource", help="fetch a resource; prints its base64")
     get.add_argument("--path", required=True, help="repository/type/tag")
-    get.add_argument("--tee-key-file", type=Path, help="TEE private key (PEM)")
+    _tee_key_options(get)
     get.add_argument("--attestation-token", type=Path, help="token file (passport mode)")
     get.add_argument("--version", dest="resource_version", type=int, help="this version")
     get.add_argument("init_data", nargs="?", help="init-data plaintext (TOML)")
@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PREFIX_HELP = "a tenant policy's repository prefix: <repository> or <repository>/<type>"
+
+
 def _admin_parsers(admin: Any) -> None:
     set_resource = admin.add_parser("set-resource", help="store a resource")
     set_resource.add_argument("--path", required=True)
@@ -134,6 +137,7 @@ def _admin_parsers(admin: Any) -> None:
     choice.add_argument("--deny-all", action="store_true", help="release nothing")
     choice.add_argument("--affirming", action="store_true", help="only affirming tokens")
     choice.add_argument("--default", action="store_true", help="the default policy")
+    policy.add_argument("--prefix", help=_PREFIX_HELP + " (default: the global policy)")
 
     attestation = admin.add_parser("set-attestation-policy", help="install an attestation policy")
     attestation.add_argument("--policy-file", type=Path, required=True, help="a Rego file")
@@ -155,6 +159,8 @@ def _admin_parsers(admin: Any) -> None:
     get_rv = admin.add_parser("get-reference-value", help="print a reference value (JSON)")
     get_rv.add_argument("--id", required=True)
 
+    _read_back_parsers(admin)
+
     evaluate = admin.add_parser(
         "evaluate-policy", help="explain a resource or attestation policy decision"
     )
@@ -169,6 +175,47 @@ def _admin_parsers(admin: Any) -> None:
     evaluate.add_argument("--path", help="resource path for the request data (repo/type/tag)")
     evaluate.add_argument("--plugin", default="resource", help="plugin for the request data")
     evaluate.add_argument("--submod", default="cpu0", help="submodule of the token (attestation)")
+
+
+def _tee_key_options(parser: argparse.ArgumentParser) -> None:
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument("--tee-key-file", type=Path, help="TEE private key (PEM)")
+    key.add_argument(
+        "--tee-key-algorithm",
+        choices=list(TEE_KEY_ALGORITHMS),
+        default=DEFAULT_TEE_KEY_ALGORITHM,
+        help="kind of the fresh TEE key when no --tee-key-file is given, by upstream's "
+        f"attestation-agent names (default {DEFAULT_TEE_KEY_ALGORITHM}; "
+        "ML-KEM-768+A192KW is the experimental post-quantum key)",
+    )
+
+
+def _read_back_parsers(admin: Any) -> None:
+    """Policies and reference values: list, read back, delete."""
+    get_policy = admin.add_parser("get-resource-policy", help="print a resource policy's Rego text")
+    get_policy.add_argument("--prefix", help=_PREFIX_HELP + " (default: the global policy)")
+    delete_policy = admin.add_parser(
+        "delete-resource-policy", help="remove a tenant resource policy"
+    )
+    delete_policy.add_argument("--prefix", required=True, help=_PREFIX_HELP)
+    admin.add_parser(
+        "list-resource-policies", help="list resource policy ids (global, then tenant prefixes)"
+    )
+
+    admin.add_parser("list-attestation-policies", help="list attestation policy ids")
+    get_attestation = admin.add_parser(
+        "get-attestation-policy", help="print an attestation policy's Rego text"
+    )
+    get_attestation.add_argument("--id", required=True, help="policy id (e.g. default_cpu)")
+    delete_attestation = admin.add_parser(
+        "delete-attestation-policy",
+        help="remove an attestation policy (a default id gets the shipped policy back)",
+    )
+    delete_attestation.add_argument("--id", required=True, help="policy id")
+
+    admin.add_parser("list-reference-values", help="list reference value names")
+    delete_rv = admin.add_parser("delete-reference-value", help="remove a reference value")
+    delete_rv.add_argument("--id", required=True)
 
 
 def _device_option(parser: argparse.ArgumentParser) -> None:
@@ -220,7 +267,10 @@ def _policy_text(args: argparse.Namespace) -> str:
 
 
 def _guest(args: argparse.Namespace) -> KbsClient:
-    tee_key = TeeKey.from_file(args.tee_key_file) if args.tee_key_file else None
+    if args.tee_key_file:
+        tee_key = TeeKey.from_file(args.tee_key_file)
+    else:
+        tee_key = TeeKey.generate(args.tee_key_algorithm)
     devices: list[Attester] = [SampleDeviceAttester()] if args.sample_device else []
     attester = TpmAttester(event_log=args.tpm_event_log) if args.tee == "tpm" else None
     if args.tpm_event_log and args.tee != "tpm":
@@ -368,8 +418,60 @@ def _purge_resource(admin: AdminClient, args: argparse.Namespace) -> None:
 
 
 def _set_resource_policy(admin: AdminClient, args: argparse.Namespace) -> None:
-    admin.set_resource_policy(_policy_text(args))
-    print("resource policy set", file=sys.stderr)
+    if args.prefix is None:
+        admin.set_resource_policy(_policy_text(args))
+        print("resource policy set", file=sys.stderr)
+        return
+    admin.set_resource_policy(_policy_text(args), prefix=args.prefix)
+    print(f"resource policy of {args.prefix} set", file=sys.stderr)
+
+
+def _get_resource_policy(admin: AdminClient, args: argparse.Namespace) -> None:
+    sys.stdout.write(_with_newline(admin.get_resource_policy(args.prefix)))
+
+
+def _delete_resource_policy(admin: AdminClient, args: argparse.Namespace) -> None:
+    admin.delete_resource_policy(args.prefix)
+    print(
+        f"resource policy of {args.prefix} deleted: the next matching policy applies",
+        file=sys.stderr,
+    )
+
+
+def _list_resource_policies(admin: AdminClient, args: argparse.Namespace) -> None:
+    _print_lines(admin.list_resource_policies())
+
+
+def _list_attestation_policies(admin: AdminClient, args: argparse.Namespace) -> None:
+    _print_lines(admin.list_attestation_policies())
+
+
+def _get_attestation_policy(admin: AdminClient, args: argparse.Namespace) -> None:
+    sys.stdout.write(_with_newline(admin.get_attestation_policy(args.id)))
+
+
+def _delete_attestation_policy(admin: AdminClient, args: argparse.Namespace) -> None:
+    restored = admin.delete_attestation_policy(args.id)
+    fallback = ": the shipped default applies again" if restored else ""
+    print(f"attestation policy {args.id} deleted{fallback}", file=sys.stderr)
+
+
+def _list_reference_values(admin: AdminClient, args: argparse.Namespace) -> None:
+    _print_lines(admin.list_reference_values())
+
+
+def _delete_reference_value(admin: AdminClient, args: argparse.Namespace) -> None:
+    admin.delete_reference_value(args.id)
+    print(f"reference value {args.id} deleted", file=sys.stderr)
+
+
+def _print_lines(names: list[str]) -> None:
+    for name in names:
+        print(name)
+
+
+def _with_newline(text: str) -> str:
+    return text if text.endswith("\n") or not text else text + "\n"
 
 
 def _set_attestation_policy(admin: AdminClient, args: argparse.Namespace) -> None:
@@ -400,9 +502,17 @@ _ADMIN_COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace], None]] = 
     "undelete-resource": _undelete_resource,
     "purge-resource": _purge_resource,
     "set-resource-policy": _set_resource_policy,
+    "get-resource-policy": _get_resource_policy,
+    "delete-resource-policy": _delete_resource_policy,
+    "list-resource-policies": _list_resource_policies,
     "set-attestation-policy": _set_attestation_policy,
+    "list-attestation-policies": _list_attestation_policies,
+    "get-attestation-policy": _get_attestation_policy,
+    "delete-attestation-policy": _delete_attestation_policy,
     "set-sample-reference-value": _set_sample_reference_value,
     "get-reference-value": _get_reference_value,
+    "list-reference-values": _list_reference_values,
+    "delete-reference-value": _delete_reference_value,
     "evaluate-policy": _evaluate_policy,
 }
 

@@ -1,8 +1,9 @@
-"""The operator side: resources and resource policies through the KBS admin API."""
+"""The operator side: resources, policies and reference values through the KBS admin API."""
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from pathlib import Path
 from urllib.parse import quote
@@ -106,21 +107,51 @@ class AdminClient:
         answer = reply.get("version") if isinstance(reply, dict) else None
         return answer if isinstance(answer, int) else None
 
-    def set_resource_policy(self, rego: str) -> None:
+    def set_resource_policy(self, rego: str, *, prefix: str | None = None) -> None:
+        """The global policy (upstream's call), or the tenant policy of ``prefix``
+        (``repository`` or ``repository/type``)."""
         encoded = _b64url(rego)
         send(
             self._http,
             "POST",
-            f"{API}/resource-policy",
+            _resource_policy_path(prefix),
             json={"policy": encoded},
             headers=self._headers,
         )
+
+    def get_resource_policy(self, prefix: str | None = None) -> str:
+        """The Rego text of the global policy, or of the tenant policy of ``prefix``."""
+        path = _resource_policy_path(prefix or "resource-policy")
+        return _policy_of(send(self._http, "GET", path, headers=self._headers).json())
+
+    def delete_resource_policy(self, prefix: str) -> None:
+        send(self._http, "DELETE", _resource_policy_path(prefix), headers=self._headers)
 
     def set_attestation_policy(
         self, rego: str, *, policy_id: str = "default_cpu", policy_type: str = "rego"
     ) -> None:
         body = {"type": policy_type, "policy_id": policy_id, "policy": _b64url(rego)}
         send(self._http, "POST", f"{API}/attestation-policy", json=body, headers=self._headers)
+
+    def list_attestation_policies(self) -> list[str]:
+        return _names(send(self._http, "GET", f"{API}/attestation-policy", headers=self._headers))
+
+    def get_attestation_policy(self, policy_id: str) -> str:
+        path = f"{API}/attestation-policy/{_segment(policy_id)}"
+        return _policy_of(send(self._http, "GET", path, headers=self._headers).json())
+
+    def delete_attestation_policy(self, policy_id: str) -> bool:
+        """Remove a policy; True when the shipped default of that id took its place."""
+        path = f"{API}/attestation-policy/{_segment(policy_id)}"
+        reply = send(self._http, "DELETE", path, headers=self._headers).json()
+        return isinstance(reply, dict) and reply.get("restored_default") is True
+
+    def list_reference_values(self) -> list[str]:
+        return _names(send(self._http, "GET", f"{API}/reference-value", headers=self._headers))
+
+    def delete_reference_value(self, reference_value_id: str) -> None:
+        path = f"{API}/reference-value/{_segments(reference_value_id)}"
+        send(self._http, "DELETE", path, headers=self._headers)
 
     def register_reference_value(self, message: dict[str, JsonValue]) -> list[str]:
         reply = send(
@@ -152,8 +183,39 @@ class AdminClient:
         return reply if isinstance(reply, dict) else {}
 
     def list_resource_policies(self) -> list[str]:
-        listed = send(self._http, "GET", f"{API}/resource-policy", headers=self._headers).json()
-        return [str(item) for item in listed] if isinstance(listed, list) else []
+        return _names(send(self._http, "GET", f"{API}/resource-policy", headers=self._headers))
+
+
+def _names(reply: httpx.Response) -> list[str]:
+    listed = reply.json()
+    return [str(item) for item in listed] if isinstance(listed, list) else []
+
+
+def _policy_of(reply: JsonValue) -> str:
+    """The Rego text of a policy read back (``{"policy": "<base64url>"}``)."""
+    encoded = reply.get("policy") if isinstance(reply, dict) else None
+    if not isinstance(encoded, str):
+        raise ClientError('the KBS answered a policy without a string "policy"')
+    try:
+        return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise ClientError("the KBS answered a policy that is not base64url UTF-8") from None
+
+
+def _resource_policy_path(prefix: str | None) -> str:
+    return f"{API}/resource-policy" + (f"/{_segments(prefix)}" if prefix is not None else "")
+
+
+def _segments(name: str) -> str:
+    return "/".join(_segment(segment) for segment in name.strip("/").split("/"))
+
+
+def _segment(segment: str) -> str:
+    """One path segment, percent-encoded; ``.`` and ``..`` are refused here, because an HTTP
+    client may resolve them into another path before the KBS could refuse them."""
+    if segment in ("", ".", ".."):
+        raise ClientError(f"{segment!r} cannot be a segment of a policy or reference value name")
+    return quote(segment, safe="")
 
 
 def _b64url(text: str) -> str:

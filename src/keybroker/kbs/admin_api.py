@@ -1,18 +1,21 @@
-"""The KBS's administrative endpoints: resource policy, attestation policies, reference values,
-policy explain, resource listing and versions. Access has been checked (and is audited) by the
-caller in ``app``.
+"""The KBS's administrative endpoints: resource policies (global and per tenant prefix),
+attestation policies, reference values, policy explain, resource listing and versions. Access
+has been checked (and is audited) by the caller in ``app``: every id an endpoint acts on is in
+the request path, so role ACLs (regexes over the path) can confine an admin to some of them.
 
-Resource listing and metadata put the resource name (or prefix) in the *path*
+Policies are read back as they are uploaded: ``{"policy": "<base64url of the Rego text>"}``
+(attestation policies with their ``type`` and ``policy_id``), so what a GET answers can be
+posted again unchanged.
+
+Resource listing and metadata put the resource name (or prefix) in the path
 (``/kbs/v0/resources/<repo>[/<type>]``, ``/kbs/v0/resource-meta/<repo>/<type>/<tag>[/<action>]``)
-so that the admin ACL's path regexes can confine a role to a repository. Values are never
-returned by either.
+for the same reason. Values are never returned by either.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,15 +26,18 @@ from keybroker.attestation.service import AttestationBackend, BuiltinAttestation
 from keybroker.errors import (
     BadRequestError,
     InvalidRequestPathError,
+    KeybrokerError,
     MethodNotAllowedError,
     PluginNotFoundError,
     ResourceNotFoundError,
 )
 from keybroker.kbs.explain import explain, parse_explain_request
+from keybroker.kbs.resource_policy import POLICY_ID, TenantPrefix
 from keybroker.kbs.services import KbsServices
+from keybroker.plugins.base import PluginRequest
 from keybroker.plugins.resource import ResourcePlugin
 from keybroker.protocol.models import JsonValue
-from keybroker.protocol.resource_path import ResourcePath
+from keybroker.protocol.resource_path import SEGMENT_PATTERN, ResourcePath, is_valid_segment
 from keybroker.protocol.untrusted_json import parse_json
 from keybroker.storage.base import MAX_PAGE
 from keybroker.storage.secrets import SecretBackend
@@ -54,40 +60,98 @@ class ApiCall:
 
 
 async def _resource_policy(call: ApiCall, services: KbsServices) -> Response:
+    """``/resource-policy``: GET lists the ids, POST sets the global policy (upstream's);
+    ``/resource-policy/resource-policy``: GET reads the global policy;
+    ``/resource-policy/<repository>[/<type>]``: GET, POST, DELETE a tenant policy."""
+    policies = services.resource_policy
+    if not call.rest:
+        if call.method == "GET":
+            return JSONResponse(await policies.list_ids())
+        if call.method != "POST":
+            raise MethodNotAllowedError(
+                "/kbs/v0/resource-policy answers GET and POST", allow=("GET", "POST")
+            )
+        await policies.set(_policy_text(call.body))
+        return Response(status_code=200)
+    if call.rest == (POLICY_ID,):
+        if call.method != "GET":
+            raise MethodNotAllowedError(
+                f"/kbs/v0/resource-policy/{POLICY_ID} (the global policy) answers GET; "
+                "set it with POST /kbs/v0/resource-policy",
+                allow=("GET",),
+            )
+        return JSONResponse({"policy": _b64url(await policies.source(POLICY_ID))})
+    prefix = TenantPrefix.parse(call.rest)
     if call.method == "GET":
-        return JSONResponse(await services.resource_policy.list_ids())
-    if call.method != "POST":
-        raise MethodNotAllowedError(
-            "/kbs/v0/resource-policy answers GET and POST", allow=("GET", "POST")
-        )
-    await services.resource_policy.set(_policy_text(call.body))
-    return Response(status_code=200)
+        return JSONResponse({"policy": _b64url(await policies.source(prefix.id))})
+    if call.method == "POST":
+        await policies.set(_policy_text(call.body), prefix)
+        return Response(status_code=200)
+    if call.method == "DELETE":
+        await policies.delete(prefix)
+        return Response(status_code=200)
+    raise MethodNotAllowedError(
+        "/kbs/v0/resource-policy/<prefix> answers GET, POST and DELETE",
+        allow=("GET", "POST", "DELETE"),
+    )
 
 
 async def _attestation_policy(call: ApiCall, services: KbsServices) -> Response:
+    """``/attestation-policy``: GET lists the ids, POST sets one (upstream's);
+    ``/attestation-policy/<id>``: GET reads one, DELETE removes it (a default id gets its
+    shipped text back)."""
+    attestation = _attestation(services)
+    if len(call.rest) == 1:
+        named = call.rest[0]
+        if call.method == "GET":
+            text = await attestation.policy_text(named)
+            return JSONResponse({"type": "rego", "policy_id": named, "policy": _b64url(text)})
+        if call.method == "DELETE":
+            restored = await attestation.delete_policy(named)
+            return JSONResponse({"deleted": named, "restored_default": restored})
+        raise MethodNotAllowedError(
+            "/kbs/v0/attestation-policy/<id> answers GET and DELETE", allow=("GET", "DELETE")
+        )
+    if call.rest:
+        raise BadRequestError("an attestation policy id is one path segment")
+    if call.method == "GET":
+        return JSONResponse(await attestation.list_policies())
     if call.method != "POST":
-        raise MethodNotAllowedError("/kbs/v0/attestation-policy answers POST", allow=("POST",))
+        raise MethodNotAllowedError(
+            "/kbs/v0/attestation-policy answers GET and POST", allow=("GET", "POST")
+        )
     document = _json_object(call.body, "attestation policy request")
     policy_type, policy_id = document.get("type", "rego"), document.get("policy_id")
     if policy_type != "rego":
         raise BadRequestError(f"attestation policy type must be rego, found {policy_type!r}")
     if not isinstance(policy_id, str):
         raise BadRequestError('the attestation policy request needs a string "policy_id"')
-    await _attestation(services).set_policy(policy_id, _policy_text(call.body))
+    await attestation.set_policy(policy_id, _policy_text(call.body))
     return Response(status_code=200)
 
 
 async def _reference_value(call: ApiCall, services: KbsServices) -> Response:
-    """``POST /reference-value`` registers; ``GET /reference-value/<id>`` reads one value."""
+    """``/reference-value``: GET lists the names, POST registers;
+    ``/reference-value/<id>``: GET reads one value, DELETE removes it."""
     attestation = _attestation(services)
     reference_value_id = "/".join(call.rest)
     if not reference_value_id:
+        if call.method == "GET":
+            return JSONResponse(await attestation.list_reference_values())
         if call.method != "POST":
-            raise MethodNotAllowedError("/kbs/v0/reference-value answers POST", allow=("POST",))
+            raise MethodNotAllowedError(
+                "/kbs/v0/reference-value answers GET and POST", allow=("GET", "POST")
+            )
         names = await attestation.register_reference_value(call.body.decode("utf-8", "replace"))
         return JSONResponse({"registered": names})
+    if call.method == "DELETE":
+        if not await attestation.delete_reference_value(reference_value_id):
+            raise ResourceNotFoundError(f"no reference value {reference_value_id[:64]!r}")
+        return Response(status_code=200)
     if call.method != "GET":
-        raise MethodNotAllowedError("/kbs/v0/reference-value/<id> answers GET", allow=("GET",))
+        raise MethodNotAllowedError(
+            "/kbs/v0/reference-value/<id> answers GET and DELETE", allow=("GET", "DELETE")
+        )
     value = await attestation.query_reference_value(reference_value_id)
     if value is None:
         raise ResourceNotFoundError(f"no reference value {reference_value_id[:64]!r}")
@@ -98,8 +162,10 @@ async def _policy_explain(call: ApiCall, services: KbsServices) -> Response:
     if call.method != "POST":
         raise MethodNotAllowedError("/kbs/v0/policy-explain answers POST", allow=("POST",))
     attestation = services.attestation
+    request = parse_explain_request(call.body)
     result = await explain(
-        parse_explain_request(call.body),
+        request,
+        repository=_repository(services, request.data),
         resource_policy=services.resource_policy,
         attestation_policies=(
             attestation.policies if isinstance(attestation, BuiltinAttestationService) else None
@@ -107,6 +173,18 @@ async def _policy_explain(call: ApiCall, services: KbsServices) -> Response:
         tokens=services.tokens,
     )
     return JSONResponse(result)
+
+
+def _repository(services: KbsServices, data: dict[str, JsonValue]) -> ResourcePath | None:
+    """The repository path explain's request ``data`` names, read as the release path reads a
+    request: through its plugin (so the same tenant policy decides); None for anything else."""
+    plugin, path = services.plugins.get(str(data.get("plugin"))), data.get("resource-path")
+    if plugin is None or not isinstance(path, list) or not all(isinstance(s, str) for s in path):
+        return None
+    try:
+        return plugin.repository_path(PluginRequest(method="GET", path=tuple(map(str, path))))
+    except KeybrokerError:  # not a path the plugin serves: no tenant policy applies
+        return None
 
 
 def _attestation(services: KbsServices) -> AttestationBackend:
@@ -187,9 +265,6 @@ def _backend(services: KbsServices) -> SecretBackend:
     return plugin.backend
 
 
-_SEGMENT = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_\-.]{0,254}")
-
-
 def _prefix(segments: list[str]) -> str:
     """``repo/`` or ``repo/type/`` (whole segments only), or "" for every resource."""
     if len(segments) > 2:
@@ -198,10 +273,10 @@ def _prefix(segments: list[str]) -> str:
         )
     for segment in segments:
         # the resource-path rule: no leading dot, no separator, so no traversal
-        if not _SEGMENT.fullmatch(segment):
+        if not is_valid_segment(segment):
             raise BadRequestError(
                 f"invalid prefix segment {segment[:64]!r}: each segment must match "
-                r"^[A-Za-z0-9_\-][A-Za-z0-9_\-.]*$"
+                f"{SEGMENT_PATTERN}"
             )
     return "".join(f"{segment}/" for segment in segments)
 
@@ -302,6 +377,11 @@ def _json_object(body: bytes, what: str) -> dict[str, object]:
     if not isinstance(document, dict):
         raise BadRequestError(f"the {what} must be a JSON object")
     return document
+
+
+def _b64url(text: str) -> str:
+    """A policy read back in the form it is uploaded in (base64url without padding)."""
+    return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
 
 
 def _policy_text(body: bytes) -> str:

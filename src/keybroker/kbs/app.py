@@ -54,6 +54,7 @@ from keybroker.kbs.auditing import (
 from keybroker.kbs.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from keybroker.kbs.metrics import HttpMetricsMiddleware, KbsMetrics
 from keybroker.kbs.openapi import SPEC_NAME, document_json
+from keybroker.kbs.resource_policy import decision
 from keybroker.kbs.services import KbsServices, build_services
 from keybroker.kbs.sessions import SESSION_COOKIE, Session
 from keybroker.kbs.tokens import pointer
@@ -61,6 +62,7 @@ from keybroker.plugins.base import Plugin, PluginRequest, PluginResponse
 from keybroker.protocol.jwe import seal
 from keybroker.protocol.jws import decode_unverified
 from keybroker.protocol.models import JsonValue
+from keybroker.protocol.resource_path import ResourcePath
 from keybroker.storage.provider import StorageProvider
 
 log = logging.getLogger(__name__)
@@ -287,8 +289,11 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
     released = plugin_request.resolved_version
     if released is not None:
         policy_data["version"] = released.number
-    if not await _allowed(services, claims, policy_data):
-        await record(decision="deny", subject=subject, reason="denied by the resource policy")
+    repository = plugin.repository_path(plugin_request)  # a tenant policy may decide
+    permitted, policy_id = await _allowed(services, claims, policy_data, repository)
+    if not permitted:
+        reason = f"denied by the resource policy {policy_id}"
+        await record(decision="deny", subject=subject, reason=reason)
         raise PolicyDeniedError(
             "Access denied by policy: the resource policy refused this token for this resource "
             "(an admin can see why with `kbs-client config evaluate-policy`)"
@@ -315,17 +320,24 @@ async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Res
     return body
 
 
-async def _allowed(services: KbsServices, claims: JsonValue, policy_data: JsonValue) -> bool:
-    """The resource policy's answer, counted (``kbs_policy_*``)."""
+async def _allowed(
+    services: KbsServices,
+    claims: JsonValue,
+    policy_data: JsonValue,
+    repository: ResourcePath | None,
+) -> tuple[bool, str]:
+    """The answer of the policy that governs ``repository`` (a tenant's, else the global
+    one), counted (``kbs_policy_*``), and that policy's id."""
     metrics = services.metrics
     metrics.policy_evaluations.inc()
     try:
-        allowed = await services.resource_policy.allows(claims, policy_data)
+        governing = await services.resource_policy.governing(repository)
+        allowed = await decision(governing.policy, claims, policy_data)
     except Exception:
         metrics.policy_errors.inc()
         raise
     (metrics.policy_approvals if allowed else metrics.policy_violations).inc()
-    return allowed
+    return allowed, governing.policy_id
 
 
 async def _handle_plain(plugin: Plugin, request: PluginRequest, metrics: KbsMetrics) -> Response:

@@ -283,7 +283,8 @@ class FileSink(AuditSink):
 
     def probe(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        # O_NOFOLLOW: a link planted at the log's path must not make the KBS append elsewhere
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         os.close(fd)
         # Hold the file from the first probe (start-up) on, so a worker that has not written
         # yet still finds the file it would rotate away from. Never wait on the event loop.
@@ -305,7 +306,8 @@ class FileSink(AuditSink):
     def _open(self) -> int:
         if self._fd is None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+            self._fd = os.open(self._path, flags, 0o600)
             self._tail = None
         return self._fd
 

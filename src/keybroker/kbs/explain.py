@@ -3,7 +3,9 @@
 Operators debugging a denial get the decision plus the value of every rule in the policy
 package (a rule that is absent was undefined), or the evaluation error. The input is given
 directly, or taken from a still-valid attestation token (verified like any other). A draft
-policy can be evaluated before it is installed.
+policy can be evaluated before it is installed. For a resource request the stored policy
+evaluated is the one a guest would meet: the tenant policy of the most specific prefix of the
+request's repository path, else the global one; ``policy_id`` in the result names it.
 
 The decision and the error come from the same code as a real decision (``decision`` of the
 resource policy, ``appraisal`` of the attestation policy), so explain reports exactly what a
@@ -36,6 +38,7 @@ from keybroker.kbs.resource_policy import ResourcePolicy, compile_resource_polic
 from keybroker.kbs.tokens import TokenVerifier, pointer
 from keybroker.policy.workers import PooledPolicy
 from keybroker.protocol.models import JsonValue
+from keybroker.protocol.resource_path import ResourcePath
 
 
 class ExplainRequest(BaseModel):
@@ -63,6 +66,7 @@ def parse_explain_request(body: bytes) -> ExplainRequest:
 async def explain(
     request: ExplainRequest,
     *,
+    repository: ResourcePath | None = None,
     resource_policy: ResourcePolicy,
     attestation_policies: AttestationPolicies | None,
     tokens: TokenVerifier,
@@ -70,12 +74,14 @@ async def explain(
     if request.token is not None:
         await tokens.ensure_keys(request.token)  # a JWK-set fetch, if any, off the loop
     policy_input = await asyncio.to_thread(_input, request, tokens)  # token checks: CPU work
+    policy_id = request.policy_id
     if request.kind == "resource":
-        policy = (
-            await compile_resource_policy(resource_policy.workers, _draft(request.policy))
-            if request.policy
-            else await resource_policy.current()
-        )
+        if request.policy:
+            policy_id = "draft"
+            policy = await compile_resource_policy(resource_policy.workers, _draft(request.policy))
+        else:  # the policy a guest's request for this repository meets: a tenant's or global
+            governing = await resource_policy.governing(repository)
+            policy_id, policy = governing.policy_id, governing.policy
         data: JsonValue = request.data
     else:
         if attestation_policies is None:
@@ -93,8 +99,20 @@ async def explain(
         rules = await policy.explain(policy_input, data)
         decided = await _decision(request, policy, policy_input, data)
     except KeybrokerError as e:  # the rules stay: they show why the appraisal failed
-        return {"decision": None, "rules": rules, "error": e.detail, "input": policy_input}
-    return {"decision": decided, "rules": rules, "error": None, "input": policy_input}
+        return {
+            "decision": None,
+            "rules": rules,
+            "error": e.detail,
+            "input": policy_input,
+            "policy_id": policy_id,
+        }
+    return {
+        "decision": decided,
+        "rules": rules,
+        "error": None,
+        "input": policy_input,
+        "policy_id": policy_id,
+    }
 
 
 async def _decision(

@@ -45,28 +45,34 @@ def private_key_files(config: KbsConfig) -> list[tuple[str, Path]]:
 def check_private_key_permissions(config: KbsConfig) -> None:
     """Raise ConfigError for a private key file others may read or write (see above)."""
     for what, path in private_key_files(config):
-        try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except OSError:
-            continue  # a missing key is reported, with its reason, where it is loaded
-        if mode & _OTHERS:
-            if not config.insecure_key_permissions:
-                raise ConfigError(
-                    f"{what} {path} is accessible to other users (mode {mode:04o}): run "
-                    f"`chmod o-rwx {path}` (600 is best), or set the top-level "
-                    "insecure_key_permissions = true to start anyway"
-                )
-            log.warning(
-                "insecure_key_permissions = true: %s %s is accessible to other users "
-                "(mode %04o); anyone on this machine may hold this key",
-                what,
-                path,
-                mode,
+        check_key_file(what, path, insecure=config.insecure_key_permissions)
+
+
+def check_key_file(what: str, path: Path, *, insecure: bool = False) -> None:
+    """Raise ConfigError when others may read or write the private key ``path``, unless
+    ``insecure`` (then warn); warn when its group may. ``what`` names it in the messages."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return  # a missing key is reported, with its reason, where it is loaded
+    if mode & _OTHERS:
+        if not insecure:
+            raise ConfigError(
+                f"{what} {path} is accessible to other users (mode {mode:04o}): run "
+                f"`chmod o-rwx {path}` (600 is best), or set the top-level "
+                "insecure_key_permissions = true to start anyway"
             )
-        elif mode & _GROUP:
-            log.warning(
-                "%s %s is accessible to its group (mode %04o): every member may hold this key",
-                what,
-                path,
-                mode,
-            )
+        log.warning(
+            "insecure_key_permissions = true: %s %s is accessible to other users "
+            "(mode %04o); anyone on this machine may hold this key",
+            what,
+            path,
+            mode,
+        )
+    elif mode & _GROUP:
+        log.warning(
+            "%s %s is accessible to its group (mode %04o): every member may hold this key",
+            what,
+            path,
+            mode,
+        )

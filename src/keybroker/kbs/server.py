@@ -42,6 +42,7 @@ from keybroker.config import (
     IntelTaConfig,
     KbsConfig,
     NoAsConfig,
+    ResourcePluginConfig,
     TokenSignerConfig,
     parse_config,
 )
@@ -50,6 +51,7 @@ from keybroker.kbs.app import create_app
 from keybroker.kbs.key_permissions import check_private_key_permissions
 from keybroker.kbs.metrics import MULTIPROC_ENV, forget_worker, multiprocess_dir
 from keybroker.kbs.tls import server_context
+from keybroker.storage.secrets import DEFAULT_REPOSITORY_DIR
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +128,31 @@ def startup_summary(config: KbsConfig, scheme: str) -> str:
         f"{len(trust.trusted_jwk_sets)} JWK set(s)"
         + (", this server's own signer" if isinstance(service, BuiltinAsConfig) else "")
     )
+    resources = _resource_summary(config)
     audit = config.audit
     sink = "stdout" if audit.sink == "stdout" else str(audit.path)
     keyed = "keyed" if audit.key_path is not None else "unkeyed"
     return (
         f"serving {listen} with {http.worker_count or 1} worker(s); attestation: {attestation}; "
-        f"resources: {config.storage_backend.storage_type}; "
+        f"resources: {resources}; "
         f"sessions: {config.session_storage}; admin: {config.admin.authorization_mode}; "
         f"tokens trusted: {tokens}; audit: {sink} ({keyed}, fsync {audit.fsync}); "
         f"/metrics: {config.metrics.access}"
     )
+
+
+def _resource_summary(config: KbsConfig) -> str:
+    """Where the ``resource`` plugin keeps its secrets: the key-value store's type, or the
+    secret backend it names; ``none`` without a resource plugin."""
+    for plugin in config.plugins:
+        if isinstance(plugin, ResourcePluginConfig):
+            kind = plugin.backend_kind()
+            if kind == "kvstorage":
+                return str(config.storage_backend.storage_type)
+            if kind == "legacy_local_fs":
+                return f"LocalFs directory {plugin.dir_path or DEFAULT_REPOSITORY_DIR}"
+            return kind
+    return "none (no resource plugin)"
 
 
 def serve(config: KbsConfig, *, log_level: str = "info", access_log: bool = False) -> None:

@@ -32,9 +32,9 @@ from keybroker.config import (
     KbsConfig,
     NebulaCaPluginConfig,
     NoAsConfig,
-    OtherPluginConfig,
     Pkcs11PluginConfig,
     PostgresBackendConfig,
+    ProvisionerPluginConfig,
     RedisBackendConfig,
     ResourcePluginConfig,
     RvpsGrpcConfig,
@@ -60,6 +60,8 @@ from keybroker.kbs.tokens import TokenVerifier
 from keybroker.plugins.base import Plugin
 from keybroker.plugins.nebula_ca import NebulaCaPlugin
 from keybroker.plugins.pkcs11 import Pkcs11Plugin
+from keybroker.plugins.provisioner import STORAGE_NAMESPACE as PROVISIONER_NAMESPACE
+from keybroker.plugins.provisioner import ProvisionerPlugin
 from keybroker.plugins.resource import ResourcePlugin
 from keybroker.plugins.sample import SamplePlugin
 from keybroker.policy.workers import PolicyLimits, PolicyWorkers
@@ -426,6 +428,8 @@ def _plugins(config: KbsConfig, storage: StorageProvider, metrics: KbsMetrics) -
             plugins["external"] = _external_plugin(entry)
         elif isinstance(entry, NebulaCaPluginConfig):
             plugins["nebula-ca"] = NebulaCaPlugin(entry.settings())
-        elif isinstance(entry, OtherPluginConfig):
-            raise UnsupportedFeatureError(f"plugin {entry.name}")
+        elif isinstance(entry, ProvisionerPluginConfig):
+            plugins["provisioner"] = ProvisionerPlugin(
+                entry.settings(), storage.get(PROVISIONER_NAMESPACE)
+            )
     return plugins

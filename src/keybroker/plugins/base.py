@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from keybroker.protocol.models import JsonValue
+from keybroker.protocol.resource_path import ResourcePath
 from keybroker.storage.versions import Version
 
 
@@ -46,6 +47,12 @@ class Plugin(ABC):
 
     def check(self, request: PluginRequest) -> None:  # noqa: B027 - optional hook
         """Reject a malformed request before any authorization work (default: accept)."""
+
+    def repository_path(self, request: PluginRequest) -> ResourcePath | None:
+        """The ``repository/type/tag`` the request names, when this plugin's paths are
+        repository paths: tenant resource policies are matched against it. None (the default):
+        the global resource policy decides, whatever the path says."""
+        return None
 
     @abstractmethod
     def requires_admin(self, request: PluginRequest) -> bool: ...

@@ -12,6 +12,7 @@ from dataclasses import replace
 from keybroker.errors import NotFoundError
 from keybroker.plugins.base import PluginRequest, PluginResponse
 from keybroker.plugins.resource import ResourcePlugin
+from keybroker.protocol.resource_path import ResourcePath
 
 
 class Pkcs11Plugin(ResourcePlugin):
@@ -19,6 +20,9 @@ class Pkcs11Plugin(ResourcePlugin):
 
     def check(self, request: PluginRequest) -> None:
         super().check(_inner(request))
+
+    def repository_path(self, request: PluginRequest) -> ResourcePath:
+        return super().repository_path(_inner(request))
 
     async def handle(self, request: PluginRequest) -> PluginResponse:
         return await super().handle(_inner(request))

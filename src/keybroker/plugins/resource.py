@@ -55,6 +55,9 @@ class ResourcePlugin(Plugin):
         ResourcePath.from_segments(request.path)  # traversal and shape, before any policy
         requested_version(request)  # a malformed ?version= is a 400 before any token work
 
+    def repository_path(self, request: PluginRequest) -> ResourcePath:
+        return ResourcePath.from_segments(request.path)
+
     def requires_admin(self, request: PluginRequest) -> bool:
         return request.method in _WRITE
 

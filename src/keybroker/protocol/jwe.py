@@ -3,13 +3,15 @@
 
 Content encryption is always A256GCM (random 32-byte CEK, 12-byte IV) with the ASCII of the
 ``protected`` member as AAD. Key management: ``ECDH-ES+A256KW`` (P-256, P-384, P-521; Concat KDF
-with SHA-256 and empty PartyU/PartyV info), ``RSA-OAEP-256``, and ``RSA1_5`` (deprecated: it
-works, and logs a warning on every use).
+with SHA-256 and empty PartyU/PartyV info), ``RSA-OAEP-256``, ``RSA1_5`` (deprecated: it
+works, and logs a warning on every use), and upstream's experimental ``ML-KEM-768+A192KW`` for
+AKP keys (KEM ciphertext in the protected header as ``ek``, the content key wrapped with
+AES-192 under a KMAC256-derived key; the primitives are in ``akp``).
 
 Built on ``cryptography`` primitives rather than a JOSE library because the upstream guest
 rebuilds the AAD by re-serializing the header it parsed (serde, fields ``alg``, ``enc``, then the
 rest sorted). ``seal`` must therefore emit compact JSON with keys in exactly the order ``alg``,
-``enc``, ``epk`` (``crv``, ``kty``, ``x``, ``y``), which JOSE libraries do not promise.
+``enc``, ``epk`` (``crv``, ``kty``, ``x``, ``y``) or ``ek``, which JOSE libraries do not promise.
 ``open_jwe`` follows the RFC instead and uses the ``protected`` string as received, so JWEs from
 other libraries (any key order, whitespace, ``epk`` in the unprotected header) open too.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -30,6 +33,8 @@ from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from keybroker.errors import BadRequestError, JweError
+from keybroker.protocol import akp
+from keybroker.protocol.akp import ALG_ML_KEM_768_A192KW
 from keybroker.protocol.jwk import (
     ALG_ECDH_ES_A256KW,
     ALG_RSA1_5,
@@ -46,6 +51,9 @@ from keybroker.protocol.jwk import (
     strict_json_object,
 )
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
+
 log = logging.getLogger(__name__)
 
 ENC_A256GCM = "A256GCM"
@@ -53,6 +61,7 @@ _CEK_BYTES = 32
 _IV_BYTES = 12
 _TAG_BYTES = 16
 _WRAPPED_CEK_BYTES = _CEK_BYTES + 8  # RFC 3394 adds one 64-bit integrity block
+_ALGORITHMS = (ALG_ECDH_ES_A256KW, ALG_RSA_OAEP_256, ALG_RSA1_5, ALG_ML_KEM_768_A192KW)
 _MEMBERS = ("protected", "encrypted_key", "iv", "ciphertext", "tag")
 _MAX_PROTECTED_LENGTH = 16 * 1024
 # Header parameters that may sit outside the integrity-protected header (jwcrypto puts ``epk``
@@ -106,6 +115,13 @@ def _wrap_cek(recipient: TeePublicKey, cek: bytes) -> tuple[dict[str, object], b
         else:
             encrypted_key = key.encrypt(cek, _OAEP)
         return {"alg": recipient.alg, "enc": ENC_A256GCM}, encrypted_key
+    if recipient.alg == ALG_ML_KEM_768_A192KW and recipient.kty == akp.KTY_AKP:
+        if isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+            raise ValueError(f"an AKP key cannot be a {type(key).__name__}")
+        kek, ciphertext = akp.encapsulate(key)
+        # Order matters, as for ECDH: upstream's guest rebuilds the AAD as alg, enc, ek.
+        header = {"alg": ALG_ML_KEM_768_A192KW, "enc": ENC_A256GCM, "ek": b64url_encode(ciphertext)}
+        return header, aes_key_wrap(kek, cek)
     raise ValueError(f"unsupported key algorithm {recipient.alg!r} for a {recipient.kty} key")
 
 
@@ -133,7 +149,7 @@ def _length_prefixed(data: bytes) -> bytes:
 
 
 def open_jwe(
-    private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+    private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | MLKEM768PrivateKey,
     unverified_jwe: object,
     *,
     expected_alg: str | None = None,
@@ -165,8 +181,18 @@ def open_jwe(
                 f"JWE alg {alg!r} does not match an RSA key (expected RSA-OAEP-256 or RSA1_5)"
             )
         cek = _unwrap_rsa(private_key, alg, encrypted_key)
+    elif akp.is_private_key(private_key):
+        if alg != ALG_ML_KEM_768_A192KW:
+            raise JweError(
+                f"JWE alg {alg!r} does not match an ML-KEM-768 key (expected ML-KEM-768+A192KW)"
+            )
+        cek = _unwrap_akp(private_key, header, encrypted_key)
     else:
-        raise JweError("the TEE key must be an RSA or EC private key")
+        reason = akp.unavailable()
+        raise JweError(
+            "the TEE key must be an RSA, EC or ML-KEM-768 private key"
+            + (f" (ML-KEM-768 here: {reason})" if reason else "")
+        )
     try:
         # AAD is the protected member exactly as received (RFC 7516 §5.2 step 14).
         return AESGCM(cek).decrypt(iv, ciphertext + tag, protected.encode("ascii"))
@@ -233,9 +259,9 @@ def _header(unverified_jwe: Mapping[str, object], protected: str) -> dict[str, o
     if enc != ENC_A256GCM:
         raise JweError(f"expected JWE enc 'A256GCM', found {shown(enc)}")
     alg = header.get("alg")
-    if alg not in (ALG_ECDH_ES_A256KW, ALG_RSA_OAEP_256, ALG_RSA1_5):
+    if alg not in _ALGORITHMS:
         raise JweError(
-            f"expected JWE alg 'ECDH-ES+A256KW', 'RSA-OAEP-256' or 'RSA1_5', found {shown(alg)}"
+            f"expected JWE alg {', '.join(repr(a) for a in _ALGORITHMS)}, found {shown(alg)}"
         )
     return header
 
@@ -269,6 +295,32 @@ def _unwrap_ecdh(
         party_u=party_u,
         party_v=party_v,
     )
+    try:
+        return aes_key_unwrap(kek, encrypted_key)
+    except InvalidUnwrap:
+        raise JweError(
+            "could not unwrap the content key: the JWE was altered or not encrypted to this key"
+        ) from None
+
+
+def _unwrap_akp(
+    private_key: MLKEM768PrivateKey, header: Mapping[str, object], encrypted_key: bytes
+) -> bytes:
+    ek = header.get("ek")
+    if not isinstance(ek, str):
+        raise JweError("JWE header has no 'ek' string (the ML-KEM ciphertext)")
+    try:
+        ciphertext = b64url_decode(ek)
+    except ValueError as e:
+        raise JweError(f"JWE header 'ek' is not base64url: {e}") from None
+    if len(encrypted_key) != _WRAPPED_CEK_BYTES:
+        raise JweError(
+            f"expected a wrapped key of {_WRAPPED_CEK_BYTES} bytes, found {len(encrypted_key)}"
+        )
+    try:
+        kek = akp.decapsulate(private_key, ciphertext)
+    except ValueError as e:
+        raise JweError(f"JWE header 'ek': {e}") from None
     try:
         return aes_key_unwrap(kek, encrypted_key)
     except InvalidUnwrap:

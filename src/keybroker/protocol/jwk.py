@@ -4,7 +4,10 @@ runtime-data digest, and building it on the client side.
 Accepted keys are exactly the ones the KBS can encrypt a resource to:
 
 - RSA, ``alg`` ``RSA-OAEP-256`` or ``RSA1_5`` (deprecated), modulus 2048 to 8192 bits;
-- EC on P-256, P-384 or P-521, ``alg`` ``ECDH-ES+A256KW``, the point on the curve.
+- EC on P-256, P-384 or P-521, ``alg`` ``ECDH-ES+A256KW``, the point on the curve;
+- AKP (upstream's experimental post-quantum key), ``alg`` ``ML-KEM-768+A192KW``, ``pub`` the
+  1184-byte ML-KEM-768 encapsulation key, checked by the library. It needs the ``pqc`` extra
+  (see ``akp``); without it such a key is refused with that reason.
 
 ``alg`` is required: upstream clients always send it, and guessing it would let two parties
 hash two different JWKs for the same key. Anything else is a ``BadRequestError`` that names the
@@ -23,10 +26,16 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keybroker.errors import BadRequestError, ClientError
+from keybroker.protocol import akp
+from keybroker.protocol.akp import ALG_ML_KEM_768_A192KW, KTY_AKP
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PublicKey
 
 ALG_ECDH_ES_A256KW = "ECDH-ES+A256KW"
 ALG_RSA_OAEP_256 = "RSA-OAEP-256"
@@ -47,32 +56,34 @@ CURVES: dict[str, type[ec.EllipticCurve]] = {
 }
 _CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 
-# Private members of RSA and EC JWKs (RFC 7518 §6.2.2, §6.3.2) and the symmetric "k". A guest
-# sending one leaks its own secret; refusing loudly beats silently dropping it.
-_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+# Private members of RSA and EC JWKs (RFC 7518 §6.2.2, §6.3.2), the symmetric "k" and the AKP
+# "priv". A guest sending one leaks its own secret; refusing loudly beats silently dropping it.
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k", "priv"})
 # Public metadata some JWK libraries add. Not part of the normalized JWK, so ignored.
 _IGNORED_MEMBERS = frozenset({"kid", "use", "key_ops", "ext"})
 _RSA_MEMBERS = frozenset({"kty", "alg", "n", "e"})
 _EC_MEMBERS = frozenset({"kty", "crv", "alg", "x", "y"})
+_AKP_MEMBERS = frozenset({"kty", "alg", "pub"})
 
 # Longest base64url string any accepted member can need (an 8192-bit modulus is 1366
-# characters); checked before decoding so a huge string costs nothing.
+# characters, an ML-KEM-768 key 1579); checked before decoding so a huge string costs nothing.
 _MAX_MEMBER_LENGTH = 2048
 _B64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 
 
 @dataclass(frozen=True)
 class TeePublicKey:
-    """A parsed, validated ``tee-pubkey``. ``crv`` is None for RSA keys."""
+    """A parsed, validated ``tee-pubkey``. ``crv`` is None for RSA and AKP keys."""
 
     alg: str
     kty: str
     crv: str | None
-    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey | MLKEM768PublicKey
 
     def to_jwk(self) -> dict[str, str]:
         """The normalized JWK that goes into the runtime-data digest: only the members upstream
-        re-serializes, base64url without padding, minimal ``n``/``e``, fixed-length ``x``/``y``."""
+        re-serializes, base64url without padding, minimal ``n``/``e``, fixed-length ``x``/``y``,
+        the raw encapsulation key as ``pub``."""
         if isinstance(self.key, rsa.RSAPublicKey):
             numbers = self.key.public_numbers()
             return {
@@ -81,8 +92,10 @@ class TeePublicKey:
                 "n": b64url_encode(minimal_bytes(numbers.n)),
                 "e": b64url_encode(minimal_bytes(numbers.e)),
             }
-        x, y = ec_coordinates(self.key)
-        return {"kty": "EC", "crv": self.crv or "", "alg": self.alg, "x": x, "y": y}
+        if isinstance(self.key, ec.EllipticCurvePublicKey):
+            x, y = ec_coordinates(self.key)
+            return {"kty": "EC", "crv": self.crv or "", "alg": self.alg, "x": x, "y": y}
+        return {"kty": KTY_AKP, "alg": self.alg, "pub": b64url_encode(self.key.public_bytes_raw())}
 
 
 def parse_tee_pubkey(unverified_jwk: object) -> TeePublicKey:
@@ -103,7 +116,9 @@ def parse_tee_pubkey(unverified_jwk: object) -> TeePublicKey:
         return _parse_rsa(unverified_jwk, members)
     if kty == "EC":
         return _parse_ec(unverified_jwk, members)
-    raise BadRequestError(f'tee-pubkey: expected kty "RSA" or "EC", found {shown(kty)}')
+    if kty == KTY_AKP:
+        return _parse_akp(unverified_jwk, members)
+    raise BadRequestError(f'tee-pubkey: expected kty "RSA", "EC" or "AKP", found {shown(kty)}')
 
 
 def _parse_rsa(jwk: Mapping[str, object], members: set[str]) -> TeePublicKey:
@@ -150,6 +165,33 @@ def _parse_ec(jwk: Mapping[str, object], members: set[str]) -> TeePublicKey:
     return TeePublicKey(alg=alg, kty="EC", crv=crv, key=key)
 
 
+def _parse_akp(jwk: Mapping[str, object], members: set[str]) -> TeePublicKey:
+    _check_members(members, _AKP_MEMBERS)
+    alg = _string_member(jwk, "alg")
+    if alg != ALG_ML_KEM_768_A192KW:
+        raise BadRequestError(
+            f'tee-pubkey: expected alg "ML-KEM-768+A192KW" for an AKP key, found {shown(alg)}'
+        )
+    # Fail closed where the KEM cannot run: better a clear 400 at /attest than a token bound
+    # to a key no resource can ever be sealed to.
+    reason = akp.unavailable()
+    if reason is not None:
+        raise BadRequestError(f"tee-pubkey: this KBS cannot use AKP (ML-KEM-768) keys: {reason}")
+    raw = _b64_member(jwk, "pub")
+    if len(raw) != akp.PUBLIC_KEY_BYTES:
+        raise BadRequestError(
+            f"tee-pubkey: expected member 'pub' of {akp.PUBLIC_KEY_BYTES} bytes for "
+            f"ML-KEM-768, found {len(raw)} bytes"
+        )
+    try:
+        key = akp.load_public_key(raw)
+    except ValueError:
+        raise BadRequestError(
+            "tee-pubkey: member 'pub' is not a valid ML-KEM-768 encapsulation key"
+        ) from None
+    return TeePublicKey(alg=alg, kty=KTY_AKP, crv=None, key=key)
+
+
 def ec_public_key(crv: object, x: object, y: object, *, what: str) -> ec.EllipticCurvePublicKey:
     """An EC public key from JWK ``crv``/``x``/``y``, with exact coordinate lengths and the point
     checked to be on the curve (an off-curve point enables invalid-curve attacks that recover
@@ -193,10 +235,19 @@ def curve_name(curve: ec.EllipticCurve) -> str | None:
 
 
 def public_jwk(
-    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, *, rsa_alg: str = ALG_RSA_OAEP_256
+    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey | MLKEM768PublicKey,
+    *,
+    rsa_alg: str = ALG_RSA_OAEP_256,
 ) -> dict[str, str]:
     """The ``tee-pubkey`` a client sends for its key. ``rsa_alg="RSA1_5"`` exists only for
     talking to old servers. Raises ``ClientError`` for keys the KBS would refuse."""
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        if not akp.is_public_key(key):
+            raise ClientError(
+                "a TEE key must be RSA, EC or ML-KEM-768"
+                + (f" ({akp.unavailable()})" if akp.unavailable() else "")
+            )
+        return TeePublicKey(alg=ALG_ML_KEM_768_A192KW, kty=KTY_AKP, crv=None, key=key).to_jwk()
     if isinstance(key, rsa.RSAPublicKey):
         if rsa_alg not in RSA_ALGORITHMS:
             raise ClientError(

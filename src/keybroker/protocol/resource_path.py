@@ -12,8 +12,14 @@ from dataclasses import dataclass
 
 from keybroker.errors import InvalidRequestPathError
 
-_SEGMENT = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_\-.]*")
+SEGMENT_PATTERN = r"^[A-Za-z0-9_\-][A-Za-z0-9_\-.]*$"  # as messages and docs spell it
+_SEGMENT = re.compile(SEGMENT_PATTERN[1:-1])
 _MAX_SEGMENT_LENGTH = 255  # a longer name cannot be a file name on common filesystems
+
+
+def is_valid_segment(segment: str, max_length: int = _MAX_SEGMENT_LENGTH) -> bool:
+    """Whether ``segment`` may be one segment of a resource path (or a prefix of one)."""
+    return len(segment) <= max_length and _SEGMENT.fullmatch(segment) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +38,10 @@ class ResourcePath:
                 f"found {len(segments)}"
             )
         for segment in segments:
-            if len(segment) > _MAX_SEGMENT_LENGTH or not _SEGMENT.fullmatch(segment):
+            if not is_valid_segment(segment):
                 raise InvalidRequestPathError(
                     f"invalid resource path segment {segment[:64]!r}: each segment must match "
-                    r"^[A-Za-z0-9_\-][A-Za-z0-9_\-.]*$"
+                    f"{SEGMENT_PATTERN}"
                 )
         return cls(segments[0], segments[1], segments[2])
 

@@ -18,6 +18,7 @@ from keybroker.errors import (
     BadRequestError,
     KeybrokerError,
     ServiceUnavailableError,
+    UnsupportedOperationError,
 )
 from keybroker.grpc_api import RECONNECT_OPTIONS, reference_pb2, reference_pb2_grpc
 from keybroker.protocol.models import JsonValue
@@ -110,6 +111,19 @@ class RemoteReferenceValues:
         raise AttestationError(
             "a remote RVPS cannot list its reference values: name the ids literally in "
             'the policy (query_reference_value("..."))'
+        )
+
+    async def names(self) -> list[str]:
+        raise UnsupportedOperationError(self._not_in_upstream_api("list"))
+
+    async def delete(self, reference_value_id: str) -> bool:
+        raise UnsupportedOperationError(self._not_in_upstream_api("delete"))
+
+    def _not_in_upstream_api(self, operation: str) -> str:
+        return (
+            f"cannot {operation} the reference values of the remote RVPS at {self._target}: "
+            "its gRPC API (upstream's reference.ReferenceValueProviderService) has only query "
+            "and register; manage them where that RVPS stores them"
         )
 
     def _error(self, error: grpc.aio.AioRpcError, refusal: type[KeybrokerError]) -> KeybrokerError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from keybroker.errors import BadRequestError, ConfigError, StorageError
 from keybroker.protocol.models import JsonValue
@@ -34,6 +34,20 @@ class ReferenceValues(Protocol):
     async def query_many(self, ids: list[str]) -> dict[str, JsonValue]: ...
 
     async def all_ids(self) -> list[str]: ...
+
+
+@runtime_checkable
+class ManagedReferenceValues(ReferenceValues, Protocol):
+    """What an operator can also do with them through the KBS (the local store; a remote
+    RVPS says it cannot)."""
+
+    async def names(self) -> list[str]:
+        """Every stored value's name (expired ones too: they can be deleted)."""
+        ...
+
+    async def delete(self, reference_value_id: str) -> bool:
+        """Remove one value; False when there was none."""
+        ...
 
 
 class ReferenceValueStore:
@@ -86,6 +100,12 @@ class ReferenceValueStore:
 
     async def all_ids(self) -> list[str]:
         return await self._storage.list_keys()
+
+    async def names(self) -> list[str]:
+        return await self._storage.list_keys()
+
+    async def delete(self, reference_value_id: str) -> bool:
+        return await self._storage.delete(_checked_id(reference_value_id)) is not None
 
 
 def _checked_id(reference_value_id: str) -> str:

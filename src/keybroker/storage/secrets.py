@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -36,7 +35,7 @@ from keybroker.errors import (
     ResourceNotFoundError,
     StorageError,
 )
-from keybroker.protocol.resource_path import ResourcePath
+from keybroker.protocol.resource_path import ResourcePath, is_valid_segment
 from keybroker.storage.base import KeyValueStorage, translate_errors
 from keybroker.storage.local_fs import (
     fsync_directory,
@@ -56,9 +55,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_MAX_RESOURCE_BYTES = 16 * 1024 * 1024
 DEFAULT_REPOSITORY_DIR = Path("/opt/confidential-containers/kbs/repository")
-
-
-_SEGMENT = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_\-.]{0,254}")
 
 
 def _file_record(info: os.stat_result) -> ResourceRecord:
@@ -347,7 +343,7 @@ class DirectoryTreeSecretBackend(SecretBackend):
         except (FileNotFoundError, NotADirectoryError):
             return
         for name in names:
-            if not _SEGMENT.fullmatch(name) or (depth < len(wanted) and name != wanted[depth]):
+            if not is_valid_segment(name) or (depth < len(wanted) and name != wanted[depth]):
                 continue
             entry = directory / name
             if depth == 2:

@@ -181,6 +181,19 @@ def test_unwritable_sink_refuses_release_and_admin_change_then_recovers(tmp_path
     assert not (tmp_path / "a").exists()
 
 
+def test_symlink_at_the_audit_path_is_refused_not_followed(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not a log\n")
+    log = tmp_path / "audit.log"
+    log.symlink_to(elsewhere)
+    audit = AuditLog(FileSink(log))
+    with pytest.raises(ServiceUnavailableError, match="audit log cannot be written"):
+        audit.ensure_writable()
+    with pytest.raises(OSError):
+        FileSink(log).append_many([{"action": "attest"}])
+    assert elsewhere.read_text() == "not a log\n"  # nothing was appended through the link
+
+
 # --- group commit ------------------------------------------------------------------------------
 
 

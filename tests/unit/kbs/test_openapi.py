@@ -213,7 +213,7 @@ def test_reference_value_id_too_long_for_a_file_name_is_not_found(client: TestCl
 def test_reference_value_post_with_an_id_is_405(client: TestClient) -> None:
     reply = client.post("/kbs/v0/reference-value/some-id", content=b"{}")
     assert reply.status_code == 405
-    assert reply.headers["allow"] == "GET"
+    assert reply.headers["allow"] == "GET, DELETE"
 
 
 def test_explain_with_an_invalid_policy_id_is_a_400(client: TestClient) -> None:

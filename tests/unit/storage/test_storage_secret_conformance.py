@@ -2,28 +2,42 @@
 
 The key-value backend runs over PostgreSQL here (the key-value suite covers the other stores);
 PKCS#11 runs on a real SoftHSM2 token; Vault (KV v1 and v2) is the production hvac client against
-the Vault stand-in over HTTP. Aliyun KMS and AWS Secrets Manager are read-only and have their
-own modules (test_storage_aliyun_kms.py, test_storage_aws_secrets.py).
+the Vault stand-in over HTTP.
+
+Aliyun KMS, AWS Secrets Manager and GCP Secret Manager are read-only, as upstream: they join the
+read part of the suite (the ``read_only`` tests at the end), with their secrets put in place the
+way an operator would, through the service (its stand-in) rather than the KBS. Their own modules
+cover the rest (test_storage_aliyun_kms.py, test_storage_aws_secrets.py,
+test_storage_gcp_secrets.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from secret_backend_aliyun import aliyun_backend
+from secret_backend_gcp import gcp_backend
 from secret_backend_vault import vault_backend
 
 from databases import fresh_postgres_database
-from keybroker.errors import NotImplementedByBackendError, ResourceNotFoundError
+from keybroker.errors import (
+    NotImplementedByBackendError,
+    ResourceNotFoundError,
+    UnsupportedOperationError,
+)
 from keybroker.protocol.resource_path import ResourcePath
+from keybroker.storage.aws_secrets import AwsSecretsConfig, AwsSecretsSecretBackend
 from keybroker.storage.pkcs11 import Pkcs11Config, Pkcs11SecretBackend
 from keybroker.storage.postgres import PostgresKeyValueStorage
 from keybroker.storage.secrets import DirectoryTreeSecretBackend, KvSecretBackend, SecretBackend
 from keybroker.storage.vault import VaultSecretBackend
 from softhsm import SoftHsm
+from standins.aws_secrets import REGION, MotoServer, aws_env
+from standins.gcp_secrets import gcp_stand_in, use_service_account
 
 MIB = 1024 * 1024
 
@@ -257,3 +271,93 @@ def test_listing_and_metadata_where_the_backend_can_list(
             await backend.metadata(ResourcePath(path.repository, "none", "here"))
 
     asyncio.run(scenario())
+
+
+# --- the read part, for the read-only backends -----------------------------------------------
+
+Seed = Callable[[str, bytes], None]  # put a secret named tag in place, as an operator would
+
+
+@pytest.fixture(params=["aliyun", "aws", "gcp"])
+def read_only(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[SecretBackend, Seed]]:
+    if request.param == "aliyun":
+        with aliyun_backend(tmp_path) as (backend, kms):
+            yield backend, kms.put_binary
+    elif request.param == "aws":
+        for name, value in aws_env(tmp_path).items():
+            monkeypatch.setenv(name, value)
+        with MotoServer(tmp_path / "moto.log") as moto:
+            admin = moto.admin(tmp_path)
+            config = AwsSecretsConfig(region=REGION, endpoint_url=moto.url, timeout=2)
+            yield (
+                AwsSecretsSecretBackend(config),
+                lambda tag, value: admin.create_secret(Name=tag, SecretBinary=value),
+            )
+    else:
+        with gcp_stand_in() as gcp:
+            use_service_account(gcp, tmp_path, monkeypatch)
+            yield gcp_backend(gcp), gcp.state.add_secret
+
+
+def test_read_only_releases_what_the_service_holds(
+    read_only: tuple[SecretBackend, Seed], path: ResourcePath
+) -> None:
+    backend, seed = read_only
+    seed(path.tag, bytes(range(256)) * 4)
+    assert asyncio.run(backend.read(path)) == bytes(range(256)) * 4
+
+
+def test_read_only_names_the_secret_by_tag_alone(
+    read_only: tuple[SecretBackend, Seed], path: ResourcePath
+) -> None:
+    """Upstream's mapping for all three: ``repo/type`` is ignored."""
+    backend, seed = read_only
+    seed(path.tag, b"one secret")
+    elsewhere = ResourcePath("other-repo", "other-type", path.tag)
+    assert asyncio.run(backend.read(elsewhere)) == b"one secret"
+
+
+def test_read_only_missing_is_not_found(
+    read_only: tuple[SecretBackend, Seed], path: ResourcePath
+) -> None:
+    backend, _seed = read_only
+    with pytest.raises(ResourceNotFoundError):
+        asyncio.run(backend.read(path))
+
+
+def test_read_only_largest_secret_the_services_hold(
+    read_only: tuple[SecretBackend, Seed], path: ResourcePath
+) -> None:
+    """64 KiB: the cap of AWS Secrets Manager and GCP Secret Manager."""
+    backend, seed = read_only
+    value = (bytes(range(251)) * 262)[: 64 * 1024]
+    seed(path.tag, value)
+    assert asyncio.run(backend.read(path)) == value
+
+
+def test_read_only_refuses_writes_and_deletes(
+    read_only: tuple[SecretBackend, Seed], path: ResourcePath
+) -> None:
+    backend, seed = read_only
+    seed(path.tag, b"kept")
+    with pytest.raises(UnsupportedOperationError, match="read-only"):
+        asyncio.run(backend.write(path, b"replaced"))
+    with pytest.raises(UnsupportedOperationError, match="read-only"):
+        asyncio.run(backend.delete(path))
+    assert asyncio.run(backend.read(path)) == b"kept"
+
+
+def test_read_only_concurrent_reads(
+    read_only: tuple[SecretBackend, Seed], path: ResourcePath
+) -> None:
+    backend, seed = read_only
+    paths = [ResourcePath(path.repository, "conformance", f"{path.tag}-{i}") for i in range(6)]
+    for i, each in enumerate(paths):
+        seed(each.tag, bytes([i]) * 512)
+
+    async def scenario() -> list[bytes]:
+        return list(await asyncio.gather(*(backend.read(p) for p in paths)))
+
+    assert asyncio.run(scenario()) == [bytes([i]) * 512 for i in range(6)]

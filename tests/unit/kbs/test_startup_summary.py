@@ -1,0 +1,28 @@
+"""The start-up line names where resources really live."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import kbs_config
+from keybroker.kbs.server import startup_summary
+
+
+@pytest.mark.parametrize(
+    ("plugins", "expected"),
+    [
+        (None, "resources: Memory;"),
+        ([{"name": "resource", "storage_backend_type": "aws", "region": "eu-west-1"}], "aws;"),
+        ([{"name": "resource", "storage_backend_type": "gcp", "project_id": "p"}], "gcp;"),
+        (
+            [{"name": "resource", "type": "LocalFs", "dir_path": "/srv/kbs/repo"}],
+            "resources: LocalFs directory /srv/kbs/repo;",
+        ),
+        ([{"name": "sample", "item": "v"}], "resources: none (no resource plugin);"),
+    ],
+)
+def test_startup_summary_names_the_secret_backend(
+    plugins: list[dict[str, str]] | None, expected: str
+) -> None:
+    sections = {} if plugins is None else {"plugins": plugins}
+    assert expected in startup_summary(kbs_config(**sections), "http")
