@@ -1,7 +1,7 @@
 """The KBS's administrative endpoints: resource policies (global and per tenant prefix),
-attestation policies, reference values, policy explain. Access has been checked (and is audited)
-by the caller in ``app``: every id an endpoint acts on is in the request path, so role ACLs
-(regexes over the path) can confine an admin to some of them.
+attestation policies, reference values, policy explain, the audit log read back. Access has
+been checked (and is audited) by the caller in ``app``: every id an endpoint acts on is in the
+request path, so role ACLs (regexes over the path) can confine an admin to some of them.
 
 Policies are read back as they are uploaded: ``{"policy": "<base64url of the Rego text>"}``
 (attestation policies with their ``type`` and ``policy_id``), so what a GET answers can be
@@ -10,6 +10,7 @@ posted again unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from collections.abc import Awaitable, Callable
@@ -22,9 +23,11 @@ from keybroker.errors import (
     BadRequestError,
     KeybrokerError,
     MethodNotAllowedError,
+    NotFoundError,
     PluginNotFoundError,
     ResourceNotFoundError,
 )
+from keybroker.kbs.audit_read import parse_query
 from keybroker.kbs.explain import explain, parse_explain_request
 from keybroker.kbs.resource_policy import POLICY_ID, TenantPrefix
 from keybroker.kbs.services import KbsServices
@@ -173,6 +176,24 @@ def _repository(services: KbsServices, data: dict[str, JsonValue]) -> ResourcePa
         return None
 
 
+async def _audit_log(call: ApiCall, services: KbsServices) -> Response:
+    """``GET /audit-log`` (records, newest first) and ``GET /audit-log/attestations``."""
+    if call.rest not in ((), ("attestations",)):
+        raise NotFoundError(f"no endpoint /kbs/v0/audit-log/{'/'.join(call.rest)[:64]}")
+    path = "/kbs/v0/audit-log" + "".join(f"/{part}" for part in call.rest)
+    if call.method != "GET":
+        raise MethodNotAllowedError(f"{path} answers GET", allow=("GET",))
+    reader = services.audit_reader
+    if reader is None:
+        raise NotFoundError(
+            'the audit log goes to standard output ([audit] sink = "stdout"): the KBS cannot '
+            "read it back; read it where the log collector stores it"
+        )
+    query = parse_query(call.query)
+    read = reader.attestations if call.rest else reader.page
+    return JSONResponse(await asyncio.to_thread(read, query))  # file I/O and hashing
+
+
 def _attestation(services: KbsServices) -> AttestationBackend:
     if services.attestation is None:
         raise PluginNotFoundError("this KBS has no attestation service (resource-only mode)")
@@ -184,6 +205,7 @@ ADMIN_ENDPOINTS: dict[str, Callable[[ApiCall, KbsServices], Awaitable[Response]]
     "attestation-policy": _attestation_policy,
     "reference-value": _reference_value,
     "policy-explain": _policy_explain,
+    "audit-log": _audit_log,
 }
 
 
