@@ -67,6 +67,12 @@ _METRICS_LOOPBACK = (
 )
 
 
+_STDOUT_AUDIT = (
+    "every run writes its audit log to a file, which the KBS can read back; the stdout sink's "
+    "404 is tests/unit/kbs/test_kbs_audit_read.py"
+)
+
+
 def _unreachable() -> dict[Operation, str]:
     """(operation, status) pairs no run reaches, and why. Kept exact: a pair that a run does
     reach must leave this table (the test says so)."""
@@ -90,8 +96,13 @@ def _unreachable() -> dict[Operation, str]:
         ("/kbs/v0/resource-policy/{repository}/{type}", "get"),
         ("/kbs/v0/resource-policy/{repository}/{type}", "post"),
         ("/kbs/v0/resource-policy/{repository}/{type}", "delete"),
+        ("/kbs/v0/audit-log", "get"),
+        ("/kbs/v0/audit-log/attestations", "get"),
+        ("/kbs/v0/console/{file}", "get"),
     ]:
         table[path, method, 405] = _METHOD_405
+    for path in ("/kbs/v0/audit-log", "/kbs/v0/audit-log/attestations"):
+        table[path, "get", 404] = _STDOUT_AUDIT
     for path, method in [
         ("/kbs/v0/attestation-policy", "get"),
         ("/kbs/v0/attestation-policy/{policy_id}", "get"),
@@ -180,6 +191,8 @@ dir_path = "{tmp_path / "resources"}"
 
 
 OPEN_ADMIN = '[admin]\nauthorization_mode = "InsecureAllowAll"\n'
+# The open-admin run serves the console (its files' 200s); the JWT run leaves it off (404s).
+CONSOLE_ON = "[console]\nenabled = true\n"
 
 
 def _jwt_admin(public_key: Path) -> str:
@@ -255,7 +268,7 @@ def _schemathesis(
 
 @pytest.fixture(scope="module")
 def open_admin_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    return _schemathesis(tmp_path_factory.mktemp("open-admin"), OPEN_ADMIN, [])
+    return _schemathesis(tmp_path_factory.mktemp("open-admin"), OPEN_ADMIN + CONSOLE_ON, [])
 
 
 @pytest.fixture(scope="module")

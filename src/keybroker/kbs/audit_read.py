@@ -359,15 +359,19 @@ def _lines_backwards(fd: int, end: int) -> Iterator[tuple[int, bytes | None]]:
     while True:
         body = buffer[:-1] if buffer.endswith(b"\n") else buffer
         cut = body.rfind(b"\n")
-        if cut >= 0:
-            yield position + cut + 1, body[cut + 1 :]
+        if cut >= 0 or position == 0:
+            line = body[cut + 1 :]
+            if len(line) > MAX_LINE_BYTES:
+                yield position + cut + 1, None
+                return
+            if cut < 0:
+                if buffer:
+                    yield 0, line
+                return
+            yield position + cut + 1, line
             buffer = buffer[: cut + 1]
             continue
-        if position == 0:
-            if buffer:
-                yield 0, body
-            return
-        if len(buffer) > MAX_LINE_BYTES:
+        if len(buffer) > MAX_LINE_BYTES + 1:
             yield position, None
             return
         step = min(_CHUNK, position)

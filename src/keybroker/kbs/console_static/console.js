@@ -292,7 +292,7 @@ async function showAudit(older) {
   $("au-more").hidden = !auditCursor;
   const chain = page.chain || {};
   const badge = $("au-chain");
-  badge.textContent = `chain ${chain.status}: ${chain.summary}`;
+  badge.textContent = `Chain ${chain.summary}`;
   badge.className = `chain ${chain.status}`;
   badge.dataset.status = String(chain.status);
   rows("au-table", page.records.map((record) => [
