@@ -17,7 +17,10 @@ from conftest import FakeClock, kbs_config
 from keybroker.cli.kbs import main as kbs_main
 from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
+from keybroker.config import AclRule
+from keybroker.errors import AdminDeniedError
 from keybroker.kbs import audit_read
+from keybroker.kbs.admin_auth import AdminIdentity, RegexAcl
 from keybroker.kbs.app import create_app
 from keybroker.kbs.audit import AuditLog, Chain, Checkpoints, FileSink, load_key, record_hash
 from keybroker.kbs.audit_read import AuditQuery, AuditReader, parse_query
@@ -327,3 +330,15 @@ def test_recent_attestations_are_counted_by_tee_and_status(
     newest = page["attestations"][0]
     assert newest["status"] == "failure" and newest["reason"]
     assert {row["decision"] for row in page["attestations"]} == {"success", "failure"}
+
+
+def test_the_documented_auditor_acl_admits_the_audit_log_only() -> None:
+    pattern = r"^/kbs/v0/audit-log(/attestations)?(\?.*)?$"  # docs/admin.md
+    assert pattern in Path(__file__).parents[3].joinpath("docs", "admin.md").read_text()
+    acl = RegexAcl([AclRule(role="auditor", allowed_endpoints=pattern)])
+    auditor = AdminIdentity(role="auditor", issuer=None, subject=None)
+    for uri in ("/kbs/v0/audit-log", "/kbs/v0/audit-log?limit=5", "/kbs/v0/audit-log/attestations"):
+        acl.authorize(auditor, uri)
+    for uri in ("/kbs/v0/resource/a/b/c", "/kbs/v0/audit-logs", "/kbs/v0/resource-policy"):
+        with pytest.raises(AdminDeniedError):
+            acl.authorize(auditor, uri)
