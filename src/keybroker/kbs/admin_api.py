@@ -27,7 +27,7 @@ from keybroker.errors import (
     PluginNotFoundError,
     ResourceNotFoundError,
 )
-from keybroker.kbs.audit_read import parse_query
+from keybroker.kbs.audit_read import ATTESTATION_KEYS, parse_query
 from keybroker.kbs.explain import explain, parse_explain_request
 from keybroker.kbs.resource_policy import POLICY_ID, TenantPrefix
 from keybroker.kbs.services import KbsServices
@@ -189,9 +189,11 @@ async def _audit_log(call: ApiCall, services: KbsServices) -> Response:
             'the audit log goes to standard output ([audit] sink = "stdout"): the KBS cannot '
             "read it back; read it where the log collector stores it"
         )
-    query = parse_query(call.query)
-    read = reader.attestations if call.rest else reader.page
-    return JSONResponse(await asyncio.to_thread(read, query))  # file I/O and hashing
+    if call.rest:
+        query = parse_query(call.query, ATTESTATION_KEYS)
+        return JSONResponse(await asyncio.to_thread(reader.attestations, query))
+    # file I/O and hashing: off the event loop
+    return JSONResponse(await asyncio.to_thread(reader.page, parse_query(call.query)))
 
 
 def _attestation(services: KbsServices) -> AttestationBackend:

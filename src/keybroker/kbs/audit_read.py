@@ -45,6 +45,7 @@ DECISIONS = ("allow", "deny", "failure", "success")
 _CHUNK = 64 * 1024
 _CURSOR = re.compile(r"^([0-9a-f]{1,16})-([0-9]{1,20})$")
 _KEYS = ("action", "decision", "target", "since", "limit", "cursor", "verify")
+ATTESTATION_KEYS = ("since", "limit", "cursor")  # /audit-log/attestations: attest records only
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,13 @@ class AuditQuery:
         return True
 
 
-def parse_query(query: Mapping[str, str]) -> AuditQuery:
-    """The query string of an audit-log request, checked and bounded (400 otherwise)."""
-    unknown = sorted(set(query) - set(_KEYS))
+def parse_query(query: Mapping[str, str], keys: tuple[str, ...] = _KEYS) -> AuditQuery:
+    """The query string of an audit-log request, checked and bounded (400 otherwise);
+    ``keys``: the parameters this endpoint takes."""
+    unknown = sorted(set(query) - set(keys))
     if unknown:
         raise BadRequestError(
-            f"unknown audit-log parameter {unknown[0][:32]!r} (known: {', '.join(_KEYS)})"
+            f"unknown audit-log parameter {unknown[0][:32]!r} (known: {', '.join(keys)})"
         )
     for name, value in query.items():
         if len(value) > MAX_FILTER:

@@ -302,6 +302,15 @@ def test_stdout_sink_answers_404_saying_why() -> None:
     assert 'sink = "stdout"' in reply.json()["detail"]
 
 
+def test_attestations_take_only_their_own_parameters(
+    kbs_with_file_log: tuple[TestClient, Path],
+) -> None:
+    client, _ = kbs_with_file_log
+    assert client.get("/kbs/v0/audit-log/attestations?limit=5&since=2026-01-01").status_code == 200
+    reply = client.get("/kbs/v0/audit-log/attestations?action=admin")
+    assert reply.status_code == 400 and "known: since, limit, cursor" in reply.json()["detail"]
+
+
 def test_unknown_audit_log_subpath_and_methods_are_refused(
     kbs_with_file_log: tuple[TestClient, Path],
 ) -> None:
