@@ -30,6 +30,7 @@ from playwright.sync_api import Browser, Dialog, Page, Response, expect, sync_pl
 
 from admin_tokens import mint, write_public_pem
 from kbs_process import kbs_client, running_kbs
+from keybroker.attestation.policy import builtin_attestation_policy
 from keybroker.kbs.console import CSP
 from keybroker.kbs.resource_policy import builtin_policy
 from ports import free_port
@@ -263,6 +264,31 @@ def test_a_policy_edited_to_deny_shows_as_denied_in_explain(kbs: ConsoleKbs, pag
     # and the installed policy is what a guest now meets
     denied = kbs_client("--url", kbs.url, "get-resource", "--path", "console/test/secret")
     assert denied.returncode == 1 and "403" in denied.stderr
+
+
+def test_reference_values_and_attestation_policies(kbs: ConsoleKbs, page: Page) -> None:
+    _log_in(page, kbs)
+    _tab(page, "reference-values")
+    page.fill("#rv-name", "console-version")
+    page.fill("#rv-new", '["1.2.3"]')
+    page.click("#rv-register")
+    expect(page.locator("#rv-message")).to_have_text("reference value console-version registered")
+    page.fill("#rv-id", "console-version")
+    page.click("#rv-get")
+    expect(page.locator("#rv-value")).to_contain_text('"1.2.3"')
+    page.click("#rv-list")  # listing and deleting land with the policies work
+    expect(page.locator("#rv-message")).to_contain_text("is not served by this KBS yet")
+
+    _tab(page, "policies")
+    page.fill("#ap-id", "console_cpu")
+    page.fill("#ap-text", builtin_attestation_policy("default_cpu"))
+    page.click("#ap-save")
+    expect(page.locator("#ap-message")).to_have_text("attestation policy console_cpu installed")
+    for button in ("#ap-list", "#ap-load", "#ap-delete"):
+        page.click(button)
+        expect(page.locator("#ap-message")).to_contain_text("is not served by this KBS yet")
+    installed = [r for r in _audit_records(kbs) if r["action"] == "admin POST attestation-policy"]
+    assert installed and installed[-1]["decision"] == "allow"
 
 
 def test_audit_log_shows_a_verified_chain(kbs: ConsoleKbs, page: Page) -> None:
