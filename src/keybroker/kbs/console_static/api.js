@@ -15,12 +15,14 @@ export const PATHS = {
   rollback: (path) => `resources/${segments(path)}/rollback`, // POST {"version": N} (i22-versions)
   version: (path, version) => `resources/${segments(path)}/versions/${encodeURIComponent(version)}`, // DELETE (i22-versions)
   resource: (path) => `resource/${segments(path)}`, // POST uploads, DELETE deletes (upstream's)
-  resourcePolicies: "resource-policy", // GET lists ids, POST installs (upstream's)
-  resourcePolicy: (id) => `resource-policy/${encodeURIComponent(id)}`, // GET the text (i22-policies)
-  attestationPolicies: "attestation-policy", // POST installs (upstream's); GET lists ids (i22-policies)
-  attestationPolicy: (id) => `attestation-policy/${encodeURIComponent(id)}`, // GET, DELETE (i22-policies)
-  referenceValues: "reference-value", // POST registers (upstream's); GET lists (i22-policies)
-  referenceValue: (id) => `reference-value/${segments(id)}`, // GET (upstream's); DELETE (i22-policies)
+  resourcePolicies: "resource-policy", // GET lists ids, POST installs the global policy
+  // GET reads one back (the global "resource-policy", or a tenant prefix repo[/type]);
+  // POST installs, DELETE removes a tenant prefix's policy
+  resourcePolicy: (id) => `resource-policy/${segments(id)}`,
+  attestationPolicies: "attestation-policy", // GET lists ids, POST installs
+  attestationPolicy: (id) => `attestation-policy/${encodeURIComponent(id)}`, // GET, DELETE
+  referenceValues: "reference-value", // GET lists names, POST registers
+  referenceValue: (id) => `reference-value/${segments(id)}`, // GET, DELETE
   explain: "policy-explain", // POST
   auditLog: "audit-log", // GET ?action&decision&target&since&limit&cursor&verify
   attestations: "audit-log/attestations", // GET ?limit&since&cursor
@@ -111,15 +113,18 @@ async function call(method, path, { query, json, bytes } = {}) {
   return (response.headers.get("content-type") || "").includes("json") ? JSON.parse(text) : text;
 }
 
-// Calls an endpoint another branch adds: "no such endpoint" (404 PluginNotFound, the
-// dispatcher's answer for an unknown name) or "no such method" (405) mean not served.
+// Calls an endpoint an older KBS may lack: "no such endpoint" (404 PluginNotFound, the
+// dispatcher's answer for an unknown name) or "no such method" (405 MethodNotAllowed) mean
+// not served. A deployment that cannot offer one (405 UnsupportedOperation, e.g. policies
+// held by a remote attestation service) says why in its own words.
 async function optional(what, method, path, options) {
   try {
     return await call(method, path, options);
   } catch (error) {
     const missing =
       error instanceof ApiError &&
-      ((error.status === 404 && error.type === "PluginNotFound") || error.status === 405);
+      ((error.status === 404 && error.type === "PluginNotFound") ||
+        (error.status === 405 && error.type === "MethodNotAllowed"));
     if (missing) throw new NotServed(what);
     throw error;
   }
@@ -174,8 +179,16 @@ export async function resourcePolicy(id) {
   return policyText(what, await optional(what, "GET", PATHS.resourcePolicy(id)));
 }
 
-export const setResourcePolicy = (rego) =>
-  call("POST", PATHS.resourcePolicies, { json: { policy: toBase64url(utf8(rego)) } });
+export const GLOBAL_POLICY = "resource-policy";
+
+// The global policy, or a tenant prefix's (repo or repo/type) when ``id`` names one.
+export function setResourcePolicy(id, rego) {
+  const path = id === GLOBAL_POLICY ? PATHS.resourcePolicies : PATHS.resourcePolicy(id);
+  return call("POST", path, { json: { policy: toBase64url(utf8(rego)) } });
+}
+
+export const deleteResourcePolicy = (id) =>
+  optional("Deleting a tenant policy", "DELETE", PATHS.resourcePolicy(id));
 
 export const attestationPolicyIds = () =>
   optional("Listing attestation policies (GET /kbs/v0/attestation-policy)", "GET", PATHS.attestationPolicies);

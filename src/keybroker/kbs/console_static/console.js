@@ -166,14 +166,27 @@ async function resourcePolicyIds() {
 }
 
 async function loadResourcePolicy() {
-  $("rp-text").value = await api.resourcePolicy($("rp-id").value || "resource-policy");
-  return "loaded the installed policy";
+  const id = $("rp-id").value || api.GLOBAL_POLICY;
+  $("rp-text").value = await api.resourcePolicy(id);
+  $("rp-target").value = id;
+  return `loaded the installed policy of ${policyName(id)}`;
 }
 
 async function saveResourcePolicy() {
-  await api.setResourcePolicy($("rp-text").value);
-  return "resource policy installed";
+  const id = $("rp-target").value.trim() || api.GLOBAL_POLICY;
+  await api.setResourcePolicy(id, $("rp-text").value);
+  await resourcePolicyIds();
+  return `resource policy of ${policyName(id)} installed`;
 }
+
+async function deleteResourcePolicy() {
+  const id = $("rp-target").value.trim();
+  await api.deleteResourcePolicy(id);
+  await resourcePolicyIds();
+  return `the policy of ${policyName(id)} is deleted: a shorter prefix's, or the global one, applies`;
+}
+
+const policyName = (id) => (id === api.GLOBAL_POLICY ? "the global policy" : `prefix ${id}`);
 
 async function listAttestationPolicies() {
   const ids = await api.attestationPolicyIds();
@@ -197,8 +210,9 @@ async function saveAttestationPolicy() {
 
 async function deleteAttestationPolicy() {
   const id = $("ap-id").value.trim();
-  await api.deleteAttestationPolicy(id);
-  return `attestation policy ${id} deleted: the shipped default applies`;
+  const answer = await api.deleteAttestationPolicy(id);
+  const restored = answer && answer.restored_default === true;
+  return `attestation policy ${id} deleted${restored ? ": the shipped default applies again" : ""}`;
 }
 
 // --- explain -----------------------------------------------------------------------------
@@ -225,6 +239,7 @@ async function runExplain() {
     node.textContent = `status ${compact(decision.status)}; trust claims ${compact(decision.trust_claims)}`;
     node.className = `decision ${decision.status === "affirming" ? "allow" : "deny"}`;
   }
+  $("ex-policy").textContent = result.policy_id ? `decided by: ${compact(result.policy_id)}` : "";
   rows("ex-rules", Object.entries(result.rules || {}).map(([name, value]) => [name, compact(value)]));
   $("ex-input").textContent = JSON.stringify(result.input, null, 2);
   return result.error ? `the policy failed: ${result.error}` : "";
@@ -344,6 +359,7 @@ function wire() {
   on("up-button", action("up-message", upload));
   on("rp-load", action("rp-message", loadResourcePolicy));
   on("rp-save", action("rp-message", saveResourcePolicy));
+  on("rp-delete", action("rp-message", deleteResourcePolicy));
   on("rp-explain", explainDraft);
   on("ap-list", action("ap-message", listAttestationPolicies));
   on("ap-load", action("ap-message", loadAttestationPolicy));
