@@ -22,12 +22,20 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from playwright.sync_api import Browser, Dialog, Page, Response, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    Dialog,
+    Page,
+    Response,
+    Route,
+    expect,
+    sync_playwright,
+)
 
 from admin_tokens import mint, write_public_pem
 from kbs_process import kbs_client, running_kbs
@@ -405,22 +413,38 @@ def test_script_injected_through_a_resource_name_does_not_run(kbs: ConsoleKbs, p
     expect(page.locator("#ex-decision")).not_to_be_empty()
     _not_run(page, opened)
 
-    # The listing endpoint lands with the resource-versions work. Until then the browser is
-    # handed the answer that endpoint gives (names from storage, which another writer may
+    # Listing and versions land with the resource-versions work. Until then the browser is
+    # handed the answers those endpoints give (names from storage, which another writer may
     # have filled), so that what the resources view does with a hostile name is checked now.
-    listing = {"resources": [{"name": PAYLOAD, "version": 2, "versions": [1, 2], "note": PAYLOAD}]}
-    page.route(
-        "**/kbs/v0/resources?*",
-        lambda route: route.fulfill(
-            status=200, content_type="application/json", body=json.dumps(listing)
-        ),
-    )
+    summary = {"name": PAYLOAD, "current_version": 2, "version_count": 2, "created": PAYLOAD}
+    versions = [
+        {"version": 1, "created": PAYLOAD, "size": 3, "deleted": PAYLOAD},
+        {"version": 2, "created": "2026-12-07T08:00:00Z", "size": 3, "deleted": None},
+    ]
+    answers = {
+        "/kbs/v0/resources": {"resources": [summary], "next_cursor": None},
+        "/kbs/v0/resource-meta/": {**summary, "versions": versions},
+    }
+
+    def answer(route: Route) -> None:
+        path = urlsplit(route.request.url).path
+        [body] = [body for prefix, body in answers.items() if path.startswith(prefix)]
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+
+    page.route("**/kbs/v0/resources?*", answer)
+    page.route("**/kbs/v0/resource-meta/**", answer)
     _tab(page, "resources")
     page.fill("#res-prefix", "")
     page.click("#res-list")
-    cell = page.locator("#res-table tbody tr td").first
-    expect(cell).to_have_text(PAYLOAD)
-    expect(page.locator("#res-table tbody tr button")).to_have_count(5)  # 2 per version + delete
+    row = page.locator("#res-table tbody tr")
+    expect(row.locator("td").first).to_have_text(PAYLOAD)
+    expect(row.locator("button")).to_have_text(["versions", "delete"])
+    row.locator("button", has_text="versions").click()
+    expect(page.locator("#res-versions-title")).to_have_text(f"Versions of {PAYLOAD} (current: 2)")
+    expect(page.locator("#res-versions tbody tr").first).to_contain_text(PAYLOAD)
+    expect(page.locator("#res-versions tbody tr button")).to_have_text(
+        ["make current", "undelete", "purge", "make current", "delete", "purge"]
+    )
     _shot(page, "injected-resource-name")
     _not_run(page, opened)
 

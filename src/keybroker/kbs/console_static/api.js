@@ -10,10 +10,11 @@
 const BASE = new URL("../", document.baseURI);
 
 export const PATHS = {
-  resources: "resources", // GET ?prefix&limit&cursor: names, versions, times (branch i22-versions)
-  resourceMeta: (path) => `resources/${segments(path)}`, // GET one resource's metadata (i22-versions)
-  rollback: (path) => `resources/${segments(path)}/rollback`, // POST {"version": N} (i22-versions)
-  version: (path, version) => `resources/${segments(path)}/versions/${encodeURIComponent(version)}`, // DELETE (i22-versions)
+  // Resource listing and versions (the i22-versions branch, not served yet):
+  resources: "resources", // GET ?prefix&limit&cursor: names, current versions, times
+  resourceMeta: (path) => `resource-meta/${segments(path)}`, // GET: every version, never a value
+  // POST {"version": N}: rollback, delete (soft), undelete, purge
+  versionAction: (path, action) => `resource-meta/${segments(path)}/${encodeURIComponent(action)}`,
   resource: (path) => `resource/${segments(path)}`, // POST uploads, DELETE deletes (upstream's)
   resourcePolicies: "resource-policy", // GET lists ids, POST installs the global policy
   // GET reads one back (the global "resource-policy", or a tenant prefix repo[/type]);
@@ -158,17 +159,17 @@ export async function listResources(prefix, cursor) {
 }
 
 export const resourceMeta = (path) =>
-  optional("Resource metadata (GET /kbs/v0/resources/<path>)", "GET", PATHS.resourceMeta(path));
+  optional("Resource versions (GET /kbs/v0/resource-meta/<path>)", "GET", PATHS.resourceMeta(path));
 
 export const uploadResource = (path, bytes) => call("POST", PATHS.resource(path), { bytes });
 
 export const deleteResource = (path) => call("DELETE", PATHS.resource(path));
 
-export const rollback = (path, version) =>
-  optional("Rollback", "POST", PATHS.rollback(path), { json: { version: Number(version) } });
-
-export const deleteVersion = (path, version) =>
-  optional("Deleting a version", "DELETE", PATHS.version(path, version));
+// rollback (makes ``version`` current again), delete (soft), undelete or purge one version
+export const versionAction = (path, action, version) =>
+  optional(`Resource versions (${action})`, "POST", PATHS.versionAction(path, action), {
+    json: { version: Number(version) },
+  });
 
 // --- policies ----------------------------------------------------------------------------
 

@@ -105,42 +105,56 @@ async function listResources(more) {
   const page = await api.listResources(prefix, more ? resourceCursor : null);
   resourceCursor = page.next;
   $("res-more").hidden = !resourceCursor;
+  const hidden = ["name", "path", "current_version", "version", "value", "data"];
   const list = page.items.map((item) => {
     const name = String(item.name ?? item.path ?? "");
-    const version = item.version ?? item.current_version ?? "";
     const details = Object.entries(item)
-      .filter(([key]) => !["name", "path", "version", "current_version", "value", "data"].includes(key))
+      .filter(([key]) => !hidden.includes(key))
       .map(([key, value]) => `${key}: ${compact(value)}`)
       .join("; ");
-    return [name, String(version), details, resourceActions(name, item)];
+    return [name, compact(item.current_version ?? item.version ?? ""), details, resourceActions(name)];
   });
   rows("res-table", list);
   return `${list.length} resource(s) under ${prefix ? `"${prefix}"` : "every repository"}`;
 }
 
-function resourceActions(name, item) {
-  const versions = Array.isArray(item.versions) ? item.versions : [];
-  const cell = el("span");
-  for (const entry of versions) {
-    const number = typeof entry === "object" && entry !== null ? entry.version : entry;
-    cell.append(
-      button(`make v${number} current`, action("res-message", async () => {
-        await api.rollback(name, number);
-        return `${name}: version ${number} is current`;
-      })),
-      button(`delete v${number}`, action("res-message", async () => {
-        await api.deleteVersion(name, number);
-        return `${name}: version ${number} deleted`;
-      })),
-    );
-  }
-  cell.append(
+function resourceActions(name) {
+  return el("span", [
+    button("versions", action("res-message", () => showVersions(name))),
     button("delete", action("res-message", async () => {
       await api.deleteResource(name);
       return `${name} deleted`;
     })),
-  );
-  return cell;
+  ]);
+}
+
+async function showVersions(name) {
+  const meta = await api.resourceMeta(name);
+  const versions = Array.isArray(meta.versions) ? meta.versions : [];
+  $("res-versions-title").textContent = `Versions of ${name} (current: ${compact(meta.current_version ?? "none")})`;
+  $("res-versions").hidden = false;
+  const act = (label, verb, number) =>
+    button(label, action("res-message", async () => {
+      await api.versionAction(name, verb, number);
+      await showVersions(name);
+      return `${name}: ${verb} of version ${number} done`;
+    }));
+  rows("res-versions", versions.map((entry) => {
+    const number = entry.version;
+    const deleted = entry.deleted !== null && entry.deleted !== undefined && entry.deleted !== false;
+    return [
+      compact(number),
+      compact(entry.created ?? ""),
+      compact(entry.size ?? ""),
+      deleted ? compact(entry.deleted) : "",
+      el("span", [
+        act("make current", "rollback", number),
+        deleted ? act("undelete", "undelete", number) : act("delete", "delete", number),
+        act("purge", "purge", number),
+      ]),
+    ];
+  }));
+  return `${versions.length} version(s) of ${name}`;
 }
 
 async function upload() {
