@@ -662,6 +662,17 @@ class MetricsConfig(_Model):
     access: Literal["loopback", "admin", "off"] = "loopback"
 
 
+# --- [console] (Keybroker) ------------------------------------------------------------------
+
+
+class ConsoleConfig(_Model):
+    """Keybroker's admin web console at ``/kbs/v0/console/`` (no upstream counterpart): static
+    pages that call the admin API with the operator's admin token (``keybroker.kbs.console``).
+    Off by default: then ``/kbs/v0/console/`` answers 404."""
+
+    enabled: bool = False
+
+
 # --- the whole file --------------------------------------------------------------------------
 
 
@@ -746,6 +757,7 @@ class KbsConfig(_Model):
     rate_limit: RateLimitConfig = RateLimitConfig()
     policy: PolicyConfig = PolicyConfig()
     metrics: MetricsConfig = MetricsConfig()
+    console: ConsoleConfig = ConsoleConfig()
     plugins: list[PluginConfig] = Field(default_factory=_default_plugins)
 
     @property

@@ -74,6 +74,10 @@ _LISTINGS = (
     "/kbs/v0/resources/{repository}/{type}",
 )
 _META = "/kbs/v0/resource-meta/{repository}/{type}/{tag}"
+_STDOUT_AUDIT = (
+    "every run writes its audit log to a file, which the KBS can read back; the stdout sink's "
+    "404 is tests/unit/kbs/test_kbs_audit_read.py"
+)
 
 
 def _unreachable() -> dict[Operation, str]:
@@ -102,11 +106,16 @@ def _unreachable() -> dict[Operation, str]:
         *[(path, "get") for path in _LISTINGS],
         (_META, "get"),
         *[(f"{_META}/{action}", "post") for action in ("delete", "purge", "rollback", "undelete")],
+        ("/kbs/v0/audit-log", "get"),
+        ("/kbs/v0/audit-log/attestations", "get"),
+        ("/kbs/v0/console/{file}", "get"),
     ]:
         table[path, method, 405] = _METHOD_405
     # (the fixed seed reaches the router's 404 on the two-segment form, with a newline in it)
     for path in _LISTINGS[:2]:
         table[path, "get", 404] = _HAS_RESOURCE_PLUGIN
+    for path in ("/kbs/v0/audit-log", "/kbs/v0/audit-log/attestations"):
+        table[path, "get", 404] = _STDOUT_AUDIT
     for path, method in [
         ("/kbs/v0/attestation-policy", "get"),
         ("/kbs/v0/attestation-policy/{policy_id}", "get"),
@@ -194,6 +203,8 @@ storage_backend_type = "kvstorage"
 
 
 OPEN_ADMIN = '[admin]\nauthorization_mode = "InsecureAllowAll"\n'
+# The open-admin run serves the console (its files' 200s); the JWT run leaves it off (404s).
+CONSOLE_ON = "[console]\nenabled = true\n"
 
 
 def _jwt_admin(public_key: Path) -> str:
@@ -269,7 +280,7 @@ def _schemathesis(
 
 @pytest.fixture(scope="module")
 def open_admin_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    return _schemathesis(tmp_path_factory.mktemp("open-admin"), OPEN_ADMIN, [])
+    return _schemathesis(tmp_path_factory.mktemp("open-admin"), OPEN_ADMIN + CONSOLE_ON, [])
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,7 @@ def test_two_workers_log_a_summary_stamped_lines_and_requests(tmp_path: Path) ->
         "tokens trusted: 0 certificate file(s), 0 JWK set(s), this server's own signer",
         f"audit: {tmp_path / 'audit.log'} (unkeyed, fsync always)",
         "/metrics: loopback",
+        "console: off",
     ):
         assert part in summary
     assert any("WARNING" in line and "InsecureAllowAll" in line for line in lines)

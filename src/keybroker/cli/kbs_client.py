@@ -176,6 +176,30 @@ def _admin_parsers(admin: Any) -> None:
     evaluate.add_argument("--plugin", default="resource", help="plugin for the request data")
     evaluate.add_argument("--submod", default="cpu0", help="submodule of the token (attestation)")
 
+    audit = admin.add_parser(
+        "audit-log", help="print audit records, newest first, and the chain's status (JSON)"
+    )
+    audit.add_argument("--action", help="action, whole words from the start: admin, attest...")
+    audit.add_argument("--decision", choices=["allow", "deny", "failure", "success"])
+    audit.add_argument("--target", help="target prefix, e.g. a resource path")
+    audit.add_argument("--since", help="ISO 8601 time, e.g. 2026-12-07T08:00:00Z")
+    _page_options(audit)
+    audit.add_argument(
+        "--verify-file",
+        action="store_true",
+        help="verify the whole log's chain (logs up to 16 MiB), not just the records read",
+    )
+    attestations = admin.add_parser(
+        "recent-attestations", help="recent attestations by TEE and status, from the audit log"
+    )
+    attestations.add_argument("--since", help="ISO 8601 time, e.g. 2026-12-07T08:00:00Z")
+    _page_options(attestations)
+
+
+def _page_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=int, help="records per page (1..500, default 100)")
+    parser.add_argument("--cursor", help="continue from a page's next_cursor")
+
 
 def _tee_key_options(parser: argparse.ArgumentParser) -> None:
     key = parser.add_mutually_exclusive_group()
@@ -493,6 +517,24 @@ def _evaluate_policy(admin: AdminClient, args: argparse.Namespace) -> None:
     print(json.dumps(admin.explain_policy(_explain_request(args)), indent=2))
 
 
+def _audit_log(admin: AdminClient, args: argparse.Namespace) -> None:
+    page = admin.audit_log(
+        action=args.action,
+        decision=args.decision,
+        target=args.target,
+        since=args.since,
+        limit=args.limit,
+        cursor=args.cursor,
+        verify="file" if args.verify_file else None,
+    )
+    print(json.dumps(page, indent=2))
+
+
+def _recent_attestations(admin: AdminClient, args: argparse.Namespace) -> None:
+    page = admin.recent_attestations(since=args.since, limit=args.limit, cursor=args.cursor)
+    print(json.dumps(page, indent=2))
+
+
 _ADMIN_COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace], None]] = {
     "set-resource": _set_resource,
     "delete-resource": _delete_resource,
@@ -514,6 +556,8 @@ _ADMIN_COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace], None]] = 
     "list-reference-values": _list_reference_values,
     "delete-reference-value": _delete_reference_value,
     "evaluate-policy": _evaluate_policy,
+    "audit-log": _audit_log,
+    "recent-attestations": _recent_attestations,
 }
 
 

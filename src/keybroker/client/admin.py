@@ -1,4 +1,5 @@
-"""The operator side: resources, policies and reference values through the KBS admin API."""
+"""The operator side: resources, policies, reference values and the audit log through the KBS
+admin API."""
 
 from __future__ import annotations
 
@@ -184,6 +185,20 @@ class AdminClient:
 
     def list_resource_policies(self) -> list[str]:
         return _names(send(self._http, "GET", f"{API}/resource-policy", headers=self._headers))
+
+    def audit_log(self, **query: str | int | None) -> dict[str, JsonValue]:
+        """A page of audit records, newest first, and the chain's status (``GET /audit-log``:
+        ``action``, ``decision``, ``target``, ``since``, ``limit``, ``cursor``, ``verify``)."""
+        return self._get_object(f"{API}/audit-log", query)
+
+    def recent_attestations(self, **query: str | int | None) -> dict[str, JsonValue]:
+        """Recent attestations from the audit log, counted by TEE and status."""
+        return self._get_object(f"{API}/audit-log/attestations", query)
+
+    def _get_object(self, path: str, query: dict[str, str | int | None]) -> dict[str, JsonValue]:
+        params = {name: str(value) for name, value in query.items() if value is not None}
+        reply = send(self._http, "GET", path, params=params, headers=self._headers).json()
+        return reply if isinstance(reply, dict) else {}
 
 
 def _names(reply: httpx.Response) -> list[str]:

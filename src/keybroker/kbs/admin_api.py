@@ -1,7 +1,8 @@
 """The KBS's administrative endpoints: resource policies (global and per tenant prefix),
-attestation policies, reference values, policy explain, resource listing and versions. Access
-has been checked (and is audited) by the caller in ``app``: every id an endpoint acts on is in
-the request path, so role ACLs (regexes over the path) can confine an admin to some of them.
+attestation policies, reference values, policy explain, resource listing and versions,
+the audit log read back. Access has been checked (and is audited) by the caller in ``app``:
+every id an endpoint acts on is in the request path, so role ACLs (regexes over the path)
+can confine an admin to some of them.
 
 Policies are read back as they are uploaded: ``{"policy": "<base64url of the Rego text>"}``
 (attestation policies with their ``type`` and ``policy_id``), so what a GET answers can be
@@ -14,6 +15,7 @@ for the same reason. Values are never returned by either.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from collections.abc import Awaitable, Callable
@@ -28,9 +30,11 @@ from keybroker.errors import (
     InvalidRequestPathError,
     KeybrokerError,
     MethodNotAllowedError,
+    NotFoundError,
     PluginNotFoundError,
     ResourceNotFoundError,
 )
+from keybroker.kbs.audit_read import ATTESTATION_KEYS, parse_query
 from keybroker.kbs.explain import explain, parse_explain_request
 from keybroker.kbs.resource_policy import POLICY_ID, TenantPrefix
 from keybroker.kbs.services import KbsServices
@@ -185,6 +189,26 @@ def _repository(services: KbsServices, data: dict[str, JsonValue]) -> ResourcePa
         return plugin.repository_path(PluginRequest(method="GET", path=tuple(map(str, path))))
     except KeybrokerError:  # not a path the plugin serves: no tenant policy applies
         return None
+
+
+async def _audit_log(call: ApiCall, services: KbsServices) -> Response:
+    """``GET /audit-log`` (records, newest first) and ``GET /audit-log/attestations``."""
+    if call.rest not in ((), ("attestations",)):
+        raise NotFoundError(f"no endpoint /kbs/v0/audit-log/{'/'.join(call.rest)[:64]}")
+    path = "/kbs/v0/audit-log" + "".join(f"/{part}" for part in call.rest)
+    if call.method != "GET":
+        raise MethodNotAllowedError(f"{path} answers GET", allow=("GET",))
+    reader = services.audit_reader
+    if reader is None:
+        raise NotFoundError(
+            'the audit log goes to standard output ([audit] sink = "stdout"): the KBS cannot '
+            "read it back; read it where the log collector stores it"
+        )
+    if call.rest:
+        query = parse_query(call.query, ATTESTATION_KEYS)
+        return JSONResponse(await asyncio.to_thread(reader.attestations, query))
+    # file I/O and hashing: off the event loop
+    return JSONResponse(await asyncio.to_thread(reader.page, parse_query(call.query)))
 
 
 def _attestation(services: KbsServices) -> AttestationBackend:
@@ -369,6 +393,7 @@ ADMIN_ENDPOINTS: dict[str, Callable[[ApiCall, KbsServices], Awaitable[Response]]
     "policy-explain": _policy_explain,
     "resources": _resources,
     "resource-meta": _resource_meta,
+    "audit-log": _audit_log,
 }
 
 

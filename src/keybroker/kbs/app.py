@@ -4,7 +4,9 @@ Routes: ``/kbs/v0/auth`` and ``/attest`` (guests); ``/resource-policy``,
 ``/attestation-policy``, ``/reference-value[/<id>]`` and ``/policy-explain`` (admin); every
 other ``/kbs/v0/<plugin>/<path...>`` dispatched to a plugin; ``/healthz``; ``/metrics``
 (Prometheus, behind ``[metrics] access``); the API's own OpenAPI document at
-``/kbs/v0/openapi.json``. Handlers parse, call one
+``/kbs/v0/openapi.json``; the admin web console's static files at ``/kbs/v0/console/`` (when
+``[console] enabled``; ``audit-log`` is the admin endpoint that reads the audit log back).
+Handlers parse, call one
 service, serialize. Every ``KeybrokerError`` is rendered by one handler as RFC 7807 JSON; any
 other exception becomes a 500 whose detail reveals nothing.
 
@@ -51,6 +53,7 @@ from keybroker.kbs.auditing import (
     guest_subject,
     request_context,
 )
+from keybroker.kbs.console import CONSOLE, Console, console_response
 from keybroker.kbs.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from keybroker.kbs.metrics import HttpMetricsMiddleware, KbsMetrics
 from keybroker.kbs.openapi import SPEC_NAME, document_json
@@ -112,6 +115,7 @@ def create_app(
     app.state.kbs = services
     app.state.instance_id = instance_id
     app.state.metrics_access = config.metrics.access
+    app.state.console = Console() if config.console.enabled else None
     return app
 
 
@@ -162,6 +166,8 @@ async def _kbs(request: Request) -> Response:
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowedError(f"{PREFIX}{SPEC_NAME} answers GET", allow=("GET", "HEAD"))
         return Response(document_json(), media_type="application/json")
+    if name == CONSOLE:  # static files, no credential: the page's own calls carry the token
+        return console_response(request.app.state.console, request.method, tuple(rest))
     if name in ("auth", "attest") and services.limits is not None:
         # Before the body is read: a flooding client costs as little as possible.
         peer = request.client.host if request.client else None

@@ -470,9 +470,17 @@ def _last_record(fd: int, size: int) -> Record | None:
     return record
 
 
-def audit_log(config: AuditConfig, *, clock: Callable[[], float] = time.time) -> AuditLog:
-    """The audit log ``[audit]`` describes; an unkeyed chain is named as such at start-up."""
-    key = load_key(config.key_path) if config.key_path is not None else None
+def audit_key(config: AuditConfig) -> bytes | None:
+    """The HMAC key ``[audit] key_path`` names, if any."""
+    return load_key(config.key_path) if config.key_path is not None else None
+
+
+def audit_log(
+    config: AuditConfig, *, clock: Callable[[], float] = time.time, key: bytes | None = None
+) -> AuditLog:
+    """The audit log ``[audit]`` describes (with ``key``, when the caller loaded it already);
+    an unkeyed chain is named as such at start-up."""
+    key = key if key is not None else audit_key(config)
     if key is None:
         log.warning(
             "audit log without [audit] key_path: its SHA-256 chain detects corruption, not "

@@ -32,10 +32,16 @@ class VerifyResult:
     problem: str = ""
     keyed: bool = False
     end_checked: bool = False
+    broken_at_seq: int | None = None  # the seq of the record where the problem was found
 
 
 class _ChainError(Exception):
-    """Verification stopped at the first problem, named for the operator."""
+    """Verification stopped at the first problem, named for the operator (and, when one
+    record is to blame, its seq)."""
+
+    def __init__(self, message: str, seq: int | None = None) -> None:
+        super().__init__(message)
+        self.seq = seq
 
 
 def verify_file(
@@ -63,24 +69,31 @@ def verify_lines(
     key: bytes | None = None,
     last_checkpoint: Record | None = None,
     check_end: bool = True,
+    check_start: bool = True,
 ) -> VerifyResult:
-    """Check the chain from its first line to its last; report the first problem found."""
+    """Check the chain from its first line to its last; report the first problem found.
+    ``check_start=False`` checks a stretch taken from the middle of a log (its first record
+    is checked on its own, not as the start of a chain)."""
+    keyed = key is not None
     try:
         records = _parse(unverified_lines)
     except _ChainError as e:
-        return VerifyResult(False, 0, str(e), keyed=key is not None)
+        return VerifyResult(False, 0, str(e), keyed=keyed, broken_at_seq=e.seq)
     try:
         if not records:
             raise _ChainError("no records: an empty log proves nothing (truncated?)")
-        _check_start(records[0], key)
+        if check_start:
+            _check_start(records[0], key)
+        else:
+            _check_record(1, records[0], key)
         _check_links(records, key)
         end_checked = False
         if key is not None and check_end:
             _check_end(records, key, last_checkpoint)
             end_checked = True
     except _ChainError as e:
-        return VerifyResult(False, len(records), str(e), keyed=key is not None)
-    return VerifyResult(True, len(records), keyed=key is not None, end_checked=end_checked)
+        return VerifyResult(False, len(records), str(e), keyed=keyed, broken_at_seq=e.seq)
+    return VerifyResult(True, len(records), keyed=keyed, end_checked=end_checked)
 
 
 def _parse(unverified_lines: Iterable[bytes]) -> list[Record]:
@@ -101,16 +114,20 @@ def _parse(unverified_lines: Iterable[bytes]) -> list[Record]:
 def _check_record(number: int, record: Record, key: bytes | None) -> None:
     seq, alg = record["seq"], record.get("alg")
     if alg is not None and alg != HMAC_ALG:
-        raise _ChainError(f"line {number} (seq {seq}): unknown alg {str(alg)[:40]!r}")
+        raise _ChainError(f"line {number} (seq {seq}): unknown alg {str(alg)[:40]!r}", seq)
     if key is None and alg == HMAC_ALG:
-        raise _ChainError(f"line {number} (seq {seq}) is keyed ({HMAC_ALG}): pass --key FILE")
+        raise _ChainError(f"line {number} (seq {seq}) is keyed ({HMAC_ALG}): pass --key FILE", seq)
     if key is not None and alg != HMAC_ALG:
         # a keyed log never holds an unkeyed record: one is a forgery, or this is not a keyed log
-        raise _ChainError(f"line {number} (seq {seq}) is not keyed: inserted, or an unkeyed log")
+        raise _ChainError(
+            f"line {number} (seq {seq}) is not keyed: inserted, or an unkeyed log", seq
+        )
     if not hash_matches(record, key):
         if key is None:
-            raise _ChainError(f"line {number} (seq {seq}) was edited")
-        raise _ChainError(f"line {number} (seq {seq}) was edited, or the key is not this log's")
+            raise _ChainError(f"line {number} (seq {seq}) was edited", seq)
+        raise _ChainError(
+            f"line {number} (seq {seq}) was edited, or the key is not this log's", seq
+        )
 
 
 def _check_start(first: Record, key: bytes | None) -> None:
@@ -122,7 +139,8 @@ def _check_start(first: Record, key: bytes | None) -> None:
     raise _ChainError(
         f"the log starts at seq {first['seq']}, not at seq 1"
         + (" or with a 'continued' checkpoint" if key is not None else "")
-        + ": its first records were removed"
+        + ": its first records were removed",
+        int(str(first["seq"])),
     )
 
 
@@ -133,16 +151,18 @@ def _check_links(records: list[Record], key: bytes | None) -> None:
         number, seq = index + 1, int(str(record["seq"]))
         _check_record(number, record, key)
         if is_checkpoint(record, "continued"):
-            raise _ChainError(f"line {number} (seq {seq}): a 'continued' checkpoint mid-log")
+            raise _ChainError(f"line {number} (seq {seq}): a 'continued' checkpoint mid-log", seq)
         expected = int(str(previous["seq"])) + 1
         if seq != expected:
             if expected in seen or seq < expected:
                 problem = f"line {number} (seq {seq}) is out of order: seq {expected} expected"
-                raise _ChainError(problem)
-            raise _ChainError(f"record(s) seq {expected}..{seq - 1} removed before line {number}")
+                raise _ChainError(problem, seq)
+            raise _ChainError(
+                f"record(s) seq {expected}..{seq - 1} removed before line {number}", expected
+            )
         if record.get("prev") != previous["hash"]:
             raise _ChainError(
-                f"line {number} (seq {seq}) does not chain to line {number - 1}: inserted?"
+                f"line {number} (seq {seq}) does not chain to line {number - 1}: inserted?", seq
             )
 
 
@@ -167,7 +187,8 @@ def _check_end(records: list[Record], key: bytes, last_checkpoint: Record | None
     if seq > last:
         raise _ChainError(
             f"records removed from the end: the log ends at seq {last}, "
-            f"its last checkpoint is seq {seq}"
+            f"its last checkpoint is seq {seq}",
+            last + 1,
         )
     if seq < first:
         raise _ChainError(
@@ -175,4 +196,6 @@ def _check_end(records: list[Record], key: bytes, last_checkpoint: Record | None
             "a stale checkpoint file, or an earlier log's"
         )
     if records[seq - first]["hash"] != unverified_hash:
-        raise _ChainError(f"seq {seq} is not the checkpoint the checkpoint file names: rewritten?")
+        raise _ChainError(
+            f"seq {seq} is not the checkpoint the checkpoint file names: rewritten?", seq
+        )

@@ -137,7 +137,8 @@ def startup_summary(config: KbsConfig, scheme: str) -> str:
         f"resources: {resources}; "
         f"sessions: {config.session_storage}; admin: {config.admin.authorization_mode}; "
         f"tokens trusted: {tokens}; audit: {sink} ({keyed}, fsync {audit.fsync}); "
-        f"/metrics: {config.metrics.access}"
+        f"/metrics: {config.metrics.access}; "
+        f"console: {'/kbs/v0/console/' if config.console.enabled else 'off'}"
     )
 
 

@@ -44,7 +44,8 @@ from keybroker.config import (
 from keybroker.errors import ConfigError, ServiceUnavailableError, UnsupportedFeatureError
 from keybroker.kbs.admin import AdminGuard
 from keybroker.kbs.admin_auth import IdentityProviderKeys
-from keybroker.kbs.audit import AuditLog, audit_log
+from keybroker.kbs.audit import AuditLog, audit_key, audit_log
+from keybroker.kbs.audit_read import AuditReader
 from keybroker.kbs.limits import (
     RATE_LIMIT_NAMESPACE,
     UNATTESTED_NAMESPACE,
@@ -98,6 +99,7 @@ class KbsServices:
     metrics: KbsMetrics
     attestation: AttestationBackend | None = None
     limits: GuestLimits | None = None
+    audit_reader: AuditReader | None = None  # None: the stdout sink cannot be read back
 
     async def start(self) -> None:
         try:
@@ -201,6 +203,7 @@ def build_services(
             "attestation service are trusted through [attestation_token] trusted_certs_paths "
             "or trusted_jwk_sets (insecure_header_jwk = true for tests only)"
         )
+    audit, audit_reader = _audit(config, clock)
     return KbsServices(
         admin=admin,
         handshake=handshake,
@@ -212,7 +215,8 @@ def build_services(
         https=not config.http_server.insecure_http,
         clock=clock,
         providers=providers,
-        audit=_audit_log(config, clock),
+        audit=audit,
+        audit_reader=audit_reader,
         policy_workers=workers,
         attestation=attestation,
         limits=limits,
@@ -239,8 +243,11 @@ def _limits(
     )
 
 
-def _audit_log(config: KbsConfig, clock: Callable[[], float]) -> AuditLog:
-    return audit_log(config.audit, clock=clock)
+def _audit(config: KbsConfig, clock: Callable[[], float]) -> tuple[AuditLog, AuditReader | None]:
+    """The audit log, and its reader when it is a file the KBS can read back."""
+    key = audit_key(config.audit)
+    reader = AuditReader(config.audit.path, key) if config.audit.sink == "file" else None
+    return audit_log(config.audit, clock=clock, key=key), reader
 
 
 def _refuse_unserved(config: KbsConfig) -> None:

@@ -25,6 +25,7 @@ from keybroker import errors
 from keybroker.config import Pkcs11PluginConfig, ResourcePluginConfig, SamplePluginConfig
 from keybroker.kbs.admin_api import ADMIN_ENDPOINTS
 from keybroker.kbs.app import create_app
+from keybroker.kbs.console import CONSOLE
 from keybroker.kbs.explain import ExplainRequest
 from keybroker.kbs.openapi import SPEC_NAME, document
 from keybroker.protocol import models
@@ -81,7 +82,7 @@ def _served_endpoint_names() -> set[str]:
         for model in (ResourcePluginConfig, Pkcs11PluginConfig, SamplePluginConfig)
         for name in typing.get_args(model.model_fields["name"].annotation)
     }
-    return {"auth", "attest", SPEC_NAME} | set(ADMIN_ENDPOINTS) | plugin_names
+    return {"auth", "attest", SPEC_NAME, CONSOLE} | set(ADMIN_ENDPOINTS) | plugin_names
 
 
 def test_every_served_endpoint_is_in_the_document_and_nothing_else() -> None:
