@@ -10,14 +10,15 @@ policies and reference values are listed, read back and deleted; the audit log s
 verified chain (and the CLI reads the same endpoint); recent attestations are counted by TEE;
 and HTML planted in a resource name or an audit record is shown as text, never run.
 
-Resource listing and versions, which another branch is adding to the admin API, are checked
-here as what this KBS serves today: the view's clear "not served" message.
+Resources are listed with their versions, and a secret uploaded twice is rolled back to its
+first version from the versions table (the KBS then serves that value as version 3).
 Screenshots go to build/console-screenshots/ (ignored by git).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -232,15 +233,50 @@ def test_upload_a_secret_which_is_never_displayed(kbs: ConsoleKbs, page: Page) -
         "issuer": "admin1-issuer",
         "subject": "operator",
     }
-    # Listing lands with the resource-versions work; until then the KBS answers "no such
-    # endpoint", which the view says in words.
     page.fill("#res-prefix", "console/test")
     page.click("#res-list")
-    expect(page.locator("#res-message")).to_contain_text(
-        "Resource listing (GET /kbs/v0/resources) is not served by this KBS yet"
-    )
+    expect(page.locator("#res-message")).to_have_text('1 resource(s) under "console/test"')
+    row = page.locator("#res-table tbody tr")
+    expect(row.locator("td").first).to_have_text("console/test/secret")
+    expect(row.locator("td").nth(1)).to_have_text("1")
     _shot(page, "resources")
     assert SECRET not in page.content()
+
+
+def test_a_secret_uploaded_twice_is_rolled_back_in_the_browser(kbs: ConsoleKbs, page: Page) -> None:
+    _log_in(page, kbs)
+    for value in ("first value", "second value"):
+        page.fill("#up-path", "console/rollback/key")
+        page.fill("#up-value", value)
+        page.click("#up-button")
+        expect(page.locator("#up-message")).to_have_text("uploaded console/rollback/key")
+    page.fill("#res-prefix", "console/rollback")
+    page.click("#res-list")
+    page.locator("#res-table tbody tr button", has_text="versions").click()
+    expect(page.locator("#res-versions-title")).to_have_text(
+        "Versions of console/rollback/key (current: 2)"
+    )
+    first = page.locator("#res-versions tbody tr").filter(
+        has=page.locator("td", has_text=re.compile(r"^1$"))
+    )
+    first.locator("button", has_text="make current").click()
+    expect(page.locator("#res-message")).to_have_text(
+        "console/rollback/key: rollback of version 1 done"
+    )
+    expect(page.locator("#res-versions-title")).to_have_text(
+        "Versions of console/rollback/key (current: 3)"
+    )
+    expect(page.locator("#res-versions tbody tr")).to_have_count(3)
+    _shot(page, "rolled-back")
+    assert "first value" not in page.content() and "second value" not in page.content()
+    # what a guest now receives is the first value again, as version 3
+    meta = httpx.get(
+        f"{kbs.url}/kbs/v0/resource-meta/console/rollback/key",
+        headers={"Authorization": f"Bearer {kbs.token}"},
+    ).json()
+    assert meta["current_version"] == 3
+    sizes = [version["size"] for version in meta["versions"]]
+    assert sizes == [len("first value"), len("second value"), len("first value")]
 
 
 def test_a_policy_edited_to_deny_shows_as_denied_in_explain(kbs: ConsoleKbs, page: Page) -> None:
@@ -405,7 +441,7 @@ def test_script_injected_through_a_resource_name_does_not_run(kbs: ConsoleKbs, p
     )
     page.fill("#res-prefix", PAYLOAD)
     page.click("#res-list")
-    expect(page.locator("#res-message")).to_contain_text("not served by this KBS yet")
+    expect(page.locator("#res-message")).to_contain_text(f"invalid prefix segment {PAYLOAD!r}")
     _tab(page, "explain")
     page.fill("#ex-path", f"repo/{PAYLOAD}/tag")
     page.fill("#ex-token", kbs.guest_token)
@@ -413,9 +449,9 @@ def test_script_injected_through_a_resource_name_does_not_run(kbs: ConsoleKbs, p
     expect(page.locator("#ex-decision")).not_to_be_empty()
     _not_run(page, opened)
 
-    # Listing and versions land with the resource-versions work. Until then the browser is
-    # handed the answers those endpoints give (names from storage, which another writer may
-    # have filled), so that what the resources view does with a hostile name is checked now.
+    # The KBS never stores such a name, but a store another writer filled might hold one: the
+    # browser is handed listing and version answers carrying it, in the endpoints' own shape,
+    # so what the resources view does with a hostile name is checked too.
     summary = {"name": PAYLOAD, "current_version": 2, "version_count": 2, "created": PAYLOAD}
     versions = [
         {"version": 1, "created": PAYLOAD, "size": 3, "deleted": PAYLOAD},

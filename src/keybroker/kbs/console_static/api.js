@@ -154,8 +154,7 @@ const utf8 = (text) => new TextEncoder().encode(text);
 export async function listResources(prefix, cursor) {
   const query = { prefix, limit: 100, cursor };
   const answer = await optional("Resource listing (GET /kbs/v0/resources)", "GET", PATHS.resources, { query });
-  const items = Array.isArray(answer) ? answer : answer?.resources || answer?.items || [];
-  return { items, next: Array.isArray(answer) ? null : answer?.next_cursor || null };
+  return { items: answer.resources, next: answer.next_cursor };
 }
 
 export const resourceMeta = (path) =>
