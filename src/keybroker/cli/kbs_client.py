@@ -106,30 +106,7 @@ _PREFIX_HELP = "a tenant policy's repository prefix: <repository> or <repository
 
 
 def _admin_parsers(admin: Any) -> None:
-    set_resource = admin.add_parser("set-resource", help="store a resource")
-    set_resource.add_argument("--path", required=True)
-    set_resource.add_argument("--resource-file", type=Path, required=True)
-    delete_resource = admin.add_parser(
-        "delete-resource", help="delete a resource (soft: its current version, or --version)"
-    )
-    delete_resource.add_argument("--path", required=True)
-    delete_resource.add_argument("--version", dest="resource_version", type=int)
-    listing = admin.add_parser(
-        "list-resources", help="list resources: names, versions, times (JSON; never values)"
-    )
-    listing.add_argument("--prefix", default="", help="repository or repository/type")
-    listing.add_argument("--limit", type=int, help="one page of at most this many")
-    listing.add_argument("--cursor", help="continue after a page (its next_cursor)")
-    meta = admin.add_parser("get-resource-meta", help="a resource's versions and times (JSON)")
-    meta.add_argument("--path", required=True)
-    for name, what, required in (
-        ("rollback-resource", "make a version current again (as a new version)", True),
-        ("undelete-resource", "bring back a soft-deleted version", True),
-        ("purge-resource", "destroy a version, or the whole resource, for good", False),
-    ):
-        action = admin.add_parser(name, help=what)
-        action.add_argument("--path", required=True)
-        action.add_argument("--version", dest="resource_version", type=int, required=required)
+    _resource_parsers(admin)
     policy = admin.add_parser("set-resource-policy", help="install the resource policy")
     choice = policy.add_mutually_exclusive_group(required=True)
     choice.add_argument("--policy-file", type=Path, help="a Rego file")
@@ -175,7 +152,39 @@ def _admin_parsers(admin: Any) -> None:
     evaluate.add_argument("--path", help="resource path for the request data (repo/type/tag)")
     evaluate.add_argument("--plugin", default="resource", help="plugin for the request data")
     evaluate.add_argument("--submod", default="cpu0", help="submodule of the token (attestation)")
+    _audit_parsers(admin)
 
+
+def _resource_parsers(admin: Any) -> None:
+    """Resources: store, delete, list, metadata and version actions."""
+    set_resource = admin.add_parser("set-resource", help="store a resource")
+    set_resource.add_argument("--path", required=True)
+    set_resource.add_argument("--resource-file", type=Path, required=True)
+    delete_resource = admin.add_parser(
+        "delete-resource", help="delete a resource (soft: its current version, or --version)"
+    )
+    delete_resource.add_argument("--path", required=True)
+    delete_resource.add_argument("--version", dest="resource_version", type=int)
+    listing = admin.add_parser(
+        "list-resources", help="list resources: names, versions, times (JSON; never values)"
+    )
+    listing.add_argument("--prefix", default="", help="repository or repository/type")
+    listing.add_argument("--limit", type=int, help="one page of at most this many")
+    listing.add_argument("--cursor", help="continue after a page (its next_cursor)")
+    meta = admin.add_parser("get-resource-meta", help="a resource's versions and times (JSON)")
+    meta.add_argument("--path", required=True)
+    for name, what, required in (
+        ("rollback-resource", "make a version current again (as a new version)", True),
+        ("undelete-resource", "bring back a soft-deleted version", True),
+        ("purge-resource", "destroy a version, or the whole resource, for good", False),
+    ):
+        action = admin.add_parser(name, help=what)
+        action.add_argument("--path", required=True)
+        action.add_argument("--version", dest="resource_version", type=int, required=required)
+
+
+def _audit_parsers(admin: Any) -> None:
+    """The audit log read back, and recent attestations from it."""
     audit = admin.add_parser(
         "audit-log", help="print audit records, newest first, and the chain's status (JSON)"
     )
