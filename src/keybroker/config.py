@@ -442,7 +442,7 @@ class ResourcePluginConfig(_Model):
     storage_backend_type: str | None = None
     type: str | None = None
     dir_path: Path | None = None
-    # Keybroker only: how many versions of a resource the kvstorage backend keeps.
+    # Keybroker only: how many versions of a resource the kvstorage and pkcs11 backends keep.
     max_versions: int | None = Field(default=None, ge=1, le=MAX_VERSIONS_LIMIT)
 
     def backend_kind(self) -> str:
@@ -470,9 +470,10 @@ class ResourcePluginConfig(_Model):
     @model_validator(mode="after")
     def _known_settings(self) -> ResourcePluginConfig:
         kind = self.backend_kind()
-        if self.max_versions is not None and kind != "kvstorage":
+        if self.max_versions is not None and kind not in ("kvstorage", "pkcs11"):
             raise ValueError(
-                f"`max_versions` applies to the kvstorage resource backend, not to {kind}"
+                "`max_versions` applies to the kvstorage and pkcs11 resource backends, "
+                f"not to {kind}"
             )
         if kind in SECRET_BACKENDS:
             self.backend_settings()  # unknown or missing keys are named here, at load time

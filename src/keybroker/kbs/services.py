@@ -68,6 +68,7 @@ from keybroker.plugins.sample import SamplePlugin
 from keybroker.policy.workers import PolicyLimits, PolicyWorkers
 from keybroker.rvps.store import NAMESPACE as RVPS_NAMESPACE
 from keybroker.rvps.store import ReferenceValues, ReferenceValueStore, remote_reference_values
+from keybroker.storage.pkcs11 import Pkcs11Config, Pkcs11SecretBackend
 from keybroker.storage.provider import (
     StorageProvider,
     local_fs_provider,
@@ -76,6 +77,7 @@ from keybroker.storage.provider import (
     shared_memory_provider,
 )
 from keybroker.storage.secrets import DirectoryTreeSecretBackend, KvSecretBackend, SecretBackend
+from keybroker.storage.versions import DEFAULT_MAX_VERSIONS
 
 log = logging.getLogger(__name__)
 
@@ -408,27 +410,46 @@ def _secret_backend(kind: str, settings: BaseModel | None) -> SecretBackend:
     return backend
 
 
+def _pkcs11_backend(
+    settings: BaseModel | None, storage: StorageProvider, max_versions: int | None
+) -> SecretBackend:
+    """The versioned PKCS#11 backend: bytes on the token, version records in the KBS's own
+    key-value store (see :mod:`keybroker.storage.pkcs11`)."""
+    if not isinstance(settings, Pkcs11Config):
+        raise ConfigError("the pkcs11 resource backend needs its module, slot_index and pin")
+    return Pkcs11SecretBackend.from_config(
+        settings, namespace=storage.get, max_versions=max_versions or DEFAULT_MAX_VERSIONS
+    )
+
+
+def _resource_backend(entry: ResourcePluginConfig, storage: StorageProvider) -> SecretBackend:
+    try:
+        kind = entry.backend_kind()
+    except ValueError as e:
+        raise ConfigError(f"[[plugins]] resource: {e}") from None
+    if kind == "kvstorage":
+        return KvSecretBackend.in_namespaces(
+            storage.get, RESOURCE_NAMESPACE, max_versions=entry.kv_max_versions()
+        )
+    if kind == "pkcs11":
+        return _pkcs11_backend(entry.backend_settings(), storage, entry.max_versions)
+    if kind == "legacy_local_fs":
+        return DirectoryTreeSecretBackend(entry.legacy_dir())
+    if kind in SECRET_BACKENDS:
+        return _secret_backend(kind, entry.backend_settings())
+    raise UnsupportedFeatureError(f"resource plugin storage backend {kind}")
+
+
 def _plugins(config: KbsConfig, storage: StorageProvider, metrics: KbsMetrics) -> dict[str, Plugin]:
     plugins: dict[str, Plugin] = {}
     for entry in config.plugins:
         if isinstance(entry, ResourcePluginConfig):
-            try:
-                kind = entry.backend_kind()
-            except ValueError as e:
-                raise ConfigError(f"[[plugins]] resource: {e}") from None
-            if kind == "kvstorage":
-                backend: SecretBackend = KvSecretBackend.in_namespaces(
-                    storage.get, RESOURCE_NAMESPACE, max_versions=entry.kv_max_versions()
-                )
-            elif kind == "legacy_local_fs":
-                backend = DirectoryTreeSecretBackend(entry.legacy_dir())
-            elif kind in SECRET_BACKENDS:
-                backend = _secret_backend(kind, entry.backend_settings())
-            else:
-                raise UnsupportedFeatureError(f"resource plugin storage backend {kind}")
+            backend = _resource_backend(entry, storage)
             plugins["resource"] = ResourcePlugin(backend, metrics.resource)
         elif isinstance(entry, Pkcs11PluginConfig):
-            plugins["pkcs11"] = Pkcs11Plugin(_secret_backend("pkcs11", entry.backend_settings()))
+            plugins["pkcs11"] = Pkcs11Plugin(
+                _pkcs11_backend(entry.backend_settings(), storage, None)
+            )
         elif isinstance(entry, SamplePluginConfig):
             plugins["sample"] = SamplePlugin(entry.item)
         elif isinstance(entry, ExternalPluginConfig):

@@ -1,7 +1,8 @@
 """Every writable secret backend of the resource plugin behaves the same: one suite for all.
 
 The key-value backend runs over PostgreSQL here (the key-value suite covers the other stores);
-PKCS#11 runs on a real SoftHSM2 token; Vault (KV v1 and v2) is the production hvac client against
+PKCS#11 runs on a real SoftHSM2 token, its version records in PostgreSQL (versions, listing) or
+in memory (the rest); Vault (KV v1 and v2) is the production hvac client against
 the Vault stand-in over HTTP.
 
 Aliyun KMS, AWS Secrets Manager and GCP Secret Manager are read-only, as upstream: they join the
@@ -31,6 +32,8 @@ from keybroker.errors import (
 )
 from keybroker.protocol.resource_path import ResourcePath
 from keybroker.storage.aws_secrets import AwsSecretsConfig, AwsSecretsSecretBackend
+from keybroker.storage.base import KeyValueStorage
+from keybroker.storage.memory import MemoryKeyValueStorage
 from keybroker.storage.pkcs11 import Pkcs11Config, Pkcs11SecretBackend
 from keybroker.storage.postgres import PostgresKeyValueStorage
 from keybroker.storage.secrets import DirectoryTreeSecretBackend, KvSecretBackend, SecretBackend
@@ -63,8 +66,12 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SecretBa
             yield vault
     else:
         softhsm: SoftHsm = request.getfixturevalue("softhsm")
-        config = Pkcs11Config(module=softhsm.module, pin=softhsm.pin)
-        yield Pkcs11SecretBackend.from_config(config)
+        yield _pkcs11(softhsm, lambda _name: MemoryKeyValueStorage())
+
+
+def _pkcs11(softhsm: SoftHsm, namespace: Callable[[str], KeyValueStorage]) -> Pkcs11SecretBackend:
+    config = Pkcs11Config(module=softhsm.module, pin=softhsm.pin)
+    return Pkcs11SecretBackend.from_config(config, namespace=namespace)
 
 
 @pytest.fixture
@@ -144,9 +151,9 @@ def test_concurrent_writers(backend: SecretBackend, path: ResourcePath) -> None:
 # --- versions, listing and metadata: the same on every backend that keeps versions ------------
 
 
-@pytest.fixture(params=["kv-postgres", "vault-kv2"])
+@pytest.fixture(params=["kv-postgres", "pkcs11-postgres", "vault-kv2"])
 def versioned(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SecretBackend]:
-    if request.param == "kv-postgres":
+    if request.param.endswith("postgres"):
         with fresh_postgres_database() as db:
             conninfo = f"host=127.0.0.1 user=postgres dbname={db}"
             stores: list[PostgresKeyValueStorage] = []
@@ -155,7 +162,10 @@ def versioned(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Secret
                 stores.append(PostgresKeyValueStorage(conninfo, name))
                 return stores[-1]
 
-            yield KvSecretBackend.in_namespaces(namespace)
+            if request.param == "kv-postgres":
+                yield KvSecretBackend.in_namespaces(namespace)
+            else:
+                yield _pkcs11(request.getfixturevalue("softhsm"), namespace)
             for store in stores:
                 asyncio.run(store.close())
     else:
