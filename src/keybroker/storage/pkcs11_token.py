@@ -52,7 +52,9 @@ from keybroker.storage.base import KeyValueStorage, validate_key
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _STAMP_BYTES = 12
-_READ_ATTEMPTS = 3  # a concurrent overwrite may destroy the object found between search and read
+# Another process may destroy an object between a search finding it and a read of it (an
+# overwrite on another replica): the search is made again, a bounded number of times.
+_ATTEMPTS = 5
 _PLAIN_SERIAL = re.compile(r"[A-Za-z0-9]{1,32}")
 # (module, token serial) -> digest of the PIN that logged this process in (see _open)
 _LOGINS: dict[tuple[str, bytes], bytes] = {}
@@ -193,14 +195,22 @@ class Pkcs11KeyValueStorage(KeyValueStorage):
 
     # --- on the session (worker thread, under the token's lock) ----------------------------
 
+    def _search(self, template: dict[Any, Any]) -> list[Any]:
+        """The objects matching ``template`` (python-pkcs11 reads each one's class while
+        searching, which fails if another process destroyed it meanwhile: search again)."""
+        for _ in range(_ATTEMPTS):
+            try:
+                return list(self._token.session.get_objects(template))
+            except self._token.p11.exceptions.ObjectHandleInvalid:
+                continue
+        raise StorageError("PKCS#11 objects kept changing during a search: retry later")
+
     def _objects(self, label: str) -> list[tuple[bytes, Any]]:
         """``(stamp, object)`` of every secret key labelled ``label``, newest first (an object
         destroyed by another writer while it is looked at is left out)."""
         p11 = self._token.p11
         attribute = p11.Attribute
-        found = self._token.session.get_objects(
-            {attribute.CLASS: p11.ObjectClass.SECRET_KEY, attribute.LABEL: label}
-        )
+        found = self._search({attribute.CLASS: p11.ObjectClass.SECRET_KEY, attribute.LABEL: label})
         stamped = []
         for item in found:
             try:
@@ -216,7 +226,7 @@ class Pkcs11KeyValueStorage(KeyValueStorage):
         return stamped
 
     def _read_sync(self, label: str) -> bytes | None:
-        for _ in range(_READ_ATTEMPTS):
+        for _ in range(_ATTEMPTS):
             objects = self._objects(label)
             if not objects:
                 return None
@@ -235,22 +245,24 @@ class Pkcs11KeyValueStorage(KeyValueStorage):
         p11 = self._token.p11
         attribute = p11.Attribute
         stamp = time.time_ns().to_bytes(8, "big") + os.urandom(_STAMP_BYTES - 8)
-        self._token.session.create_object(
-            {
-                attribute.CLASS: p11.ObjectClass.SECRET_KEY,
-                attribute.KEY_TYPE: p11.KeyType.GENERIC_SECRET,
-                attribute.TOKEN: True,
-                attribute.PRIVATE: True,
-                attribute.SENSITIVE: False,  # CKA_VALUE must be readable to be released
-                attribute.EXTRACTABLE: True,
-                attribute.LABEL: label,
-                attribute.ID: stamp,
-                attribute.VALUE: data,
-            }
-        )
+        template = {
+            attribute.CLASS: p11.ObjectClass.SECRET_KEY,
+            attribute.KEY_TYPE: p11.KeyType.GENERIC_SECRET,
+            attribute.TOKEN: True,
+            attribute.PRIVATE: True,
+            attribute.SENSITIVE: False,  # CKA_VALUE must be readable to be released
+            attribute.EXTRACTABLE: True,
+            attribute.LABEL: label,
+            attribute.ID: stamp,
+            attribute.VALUE: data,
+        }
+        # ObjectHandleInvalid: created, then destroyed by another writer before python-pkcs11
+        # read its class back; a newer write (or a delete) superseded it, as if it came after.
+        with contextlib.suppress(p11.exceptions.ObjectHandleInvalid):
+            self._token.session.create_object(template)
         for older, item in self._objects(label):
             if older < stamp:
-                self._destroy(item)
+                self._destroy(label, older, item)
 
     def _delete_sync(self, label: str) -> bytes | None:
         objects = self._objects(label)
@@ -260,21 +272,29 @@ class Pkcs11KeyValueStorage(KeyValueStorage):
                 value = bytes(objects[0][1][self._token.p11.Attribute.VALUE])
             except self._token.p11.exceptions.ObjectHandleInvalid:
                 value = b""  # destroyed by another writer meanwhile: it existed
-        for _stamp, item in objects:
-            self._destroy(item)
+        for stamp, item in objects:
+            self._destroy(label, stamp, item)
         return value
 
-    def _destroy(self, item: Any) -> None:
-        # another writer may have destroyed it first: what was wanted
-        with contextlib.suppress(self._token.p11.exceptions.ObjectHandleInvalid):
+    def _destroy(self, label: str, stamp: bytes, item: Any) -> None:
+        """Destroy ``item``; that another writer destroyed it first is what was wanted."""
+        exceptions = self._token.p11.exceptions
+        try:
             item.destroy()
+        except exceptions.ObjectHandleInvalid:
+            return
+        except exceptions.FunctionFailed:
+            # SoftHSM's answer when another process removed the object first: look again,
+            # and fail only if it is still there.
+            if any(other == stamp for other, _item in self._objects(label)):
+                raise
 
     def _labels_sync(self, prefix: str) -> list[str]:
         """The labels of this store's objects starting with ``prefix``, sorted, unique."""
         p11 = self._token.p11
         attribute = p11.Attribute
         labels = set()
-        for item in self._token.session.get_objects({attribute.CLASS: p11.ObjectClass.SECRET_KEY}):
+        for item in self._search({attribute.CLASS: p11.ObjectClass.SECRET_KEY}):
             try:
                 label = str(item[attribute.LABEL])
                 if self._stamped_only and len(bytes(item[attribute.ID])) != _STAMP_BYTES:

@@ -175,6 +175,20 @@ def test_compare_and_set_on_a_token_is_refused(softhsm: SoftHsm) -> None:
     assert asyncio.run(store.get(key)) is None
 
 
+def test_object_destroyed_by_another_session_meanwhile_is_not_an_error(softhsm: SoftHsm) -> None:
+    """Two replicas overwriting one label each destroy the older objects; one finding an
+    object already gone (or its own new object superseded) carries on."""
+    ours = Pkcs11KeyValueStorage(_backend(softhsm).token, depth=3)
+    theirs = Pkcs11KeyValueStorage(_backend(softhsm).token, depth=3)
+    key = str(_path())
+    asyncio.run(ours.set(key, b"old"))
+    ((stamp, stale),) = ours._objects(key)
+    asyncio.run(theirs.delete(key))
+    ours._destroy(key, stamp, stale)  # already gone: nothing to do, no error
+    asyncio.run(ours.set(key, b"new"))
+    assert asyncio.run(theirs.get(key)) == b"new"
+
+
 def test_token_store_keys_values_and_pages(softhsm: SoftHsm) -> None:
     store = Pkcs11KeyValueStorage(_backend(softhsm).token, depth=3)
     repo = f"r{uuid.uuid4().hex[:10]}"
