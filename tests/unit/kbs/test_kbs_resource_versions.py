@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from keybroker.kbs.app import create_app
 from keybroker.kbs.openapi import document
 from keybroker.kbs.resource_policy import builtin_policy
 from keybroker.plugins import resource as resource_plugin
+from softhsm import SoftHsm
 
 SECRET = b"SECRET-never-listed-9f2c"
 PIN_VERSION_1 = """package policy
@@ -156,7 +158,36 @@ def test_retention_from_the_plugin_config(audit_log: Path) -> None:
         assert [v["version"] for v in versions] == [4, 5]
 
 
-def test_max_versions_is_a_kvstorage_key_only(tmp_path: Path) -> None:
+def test_pkcs11_backend_versions_with_retention_from_the_plugin_config(
+    audit_log: Path, softhsm: SoftHsm
+) -> None:
+    """The KBS wires the PKCS#11 backend to its own store for the records, with the plugin's
+    retention; both plugins on the token see the same versions."""
+    hsm = {"module": str(softhsm.module), "pin": softhsm.pin}
+    config = kbs_config(
+        audit={"path": str(audit_log)},
+        plugins=[
+            {"name": "resource", "storage_backend_type": "pkcs11", "max_versions": 2, **hsm},
+            {"name": "pkcs11", **hsm},
+        ],
+    )
+    path = f"p{uuid.uuid4().hex[:10]}/b/c"
+    with TestClient(create_app(config)) as client:
+        admin = AdminClient("http://testserver", http=client)
+        admin.set_resource_policy(builtin_policy("allow_all"))
+        assert [admin.set_resource(path, f"v{i}".encode()) for i in range(1, 5)] == [1, 2, 3, 4]
+        versions = admin.resource_meta(path)["versions"]
+        assert [v["version"] for v in versions] == [3, 4]
+        assert _guest(client).get_resource(path, version=3) == b"v3"
+        assert admin.rollback_resource(path, 3) == 5
+        assert _guest(client).get_resource(path) == b"v3"
+        # upstream's plugin path writes the same token, numbered in the same records
+        assert client.post(f"/kbs/v0/pkcs11/resource/{path}", content=b"v6").status_code == 200
+        assert admin.resource_meta(path)["current_version"] == 6
+        assert _guest(client).get_resource(path) == b"v6"
+
+
+def test_max_versions_is_a_kvstorage_and_pkcs11_key_only(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="max_versions"):
         kbs_config(
             plugins=[
