@@ -24,9 +24,10 @@ without a Keybroker stamp: the version store never reads or destroys an object i
 even one an operator labelled like a version.
 
 The session is opened and logged in at start-up (a wrong PIN, module or slot stops the KBS
-there) and reopened once if the token drops it. python-pkcs11 is synchronous and a session is
-not thread-safe: calls run in a worker thread, one at a time. Listing reads the label of every
-secret key on the token (PKCS#11 has no prefix search): O(objects) per page.
+there) and reopened once if the token drops it. python-pkcs11 is synchronous and initializes
+the module without OS locking: calls run in a worker thread, one at a time per module in the
+process (over all its sessions). Listing reads the label of every secret key on the token
+(PKCS#11 has no prefix search): O(objects) per page.
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ _ATTEMPTS = 5
 _PLAIN_SERIAL = re.compile(r"[A-Za-z0-9]{1,32}")
 # (module, token serial) -> digest of the PIN that logged this process in (see _open)
 _LOGINS: dict[tuple[str, bytes], bytes] = {}
+# module -> the lock every call into it takes. python-pkcs11 initializes a module with
+# C_Initialize(NULL): no OS locking, so two threads must never be inside it at once, even on
+# two sessions (the resource and pkcs11 plugins each hold one). A crash, not an error, if not.
+_MODULE_LOCKS: dict[str, threading.Lock] = {}
+_MODULE_LOCKS_GUARD = threading.Lock()
+
+
+def _module_lock(module: Path) -> threading.Lock:
+    with _MODULE_LOCKS_GUARD:
+        return _MODULE_LOCKS.setdefault(str(module), threading.Lock())
 
 
 def _pin_digest(pin: str) -> bytes:
@@ -88,7 +99,7 @@ class Pkcs11Token:
             ) from None
         self.p11: Any = pkcs11
         self._config = config
-        self._lock = threading.Lock()
+        self._lock = _module_lock(config.module)
         self.session: Any = None
         self.serial = b""
         with self._lock:

@@ -19,7 +19,8 @@ Three namespaces of one store (the KBS uses ``repository``, ``repository_meta`` 
 - ``repository_versions``, key ``repo/type/tag/<id>``: the bytes of a version, under a random
   id written *before* the record names it. Writers racing for a number never overwrite each
   other's bytes; a writer that crashes between the two steps leaves an unreferenced entry that
-  purging the resource removes. A rollback makes a new version that names the same id.
+  purging the resource removes (even when no record or current copy is left to show). A
+  rollback makes a new version that names the same id.
 
 Reading a version costs two round trips (the record, then the bytes); a resource with no record
 costs two as well (the record's absence, then the mirror). No policy here.
@@ -335,7 +336,11 @@ class VersionedResources:
             await self._update(path, drop)
             return
         if await self.record(path) is None:
-            raise ResourceNotFoundError(f"resource not found: {path}")
+            # Bytes no record names (a record store that lost its records, a writer that
+            # crashed before its record): purging is how they go, even with nothing to show.
+            if not await self._remove_unreferenced(path, keep=set()):
+                raise ResourceNotFoundError(f"resource not found: {path}")
+            return
         # The mirror first: once the record is gone a mirror would be served as version 1.
         await self._mirror.delete(str(path))
         await self._update(path, lambda _record, _now: _Change(None, 0))
@@ -430,16 +435,18 @@ class VersionedResources:
             if await self._meta.get(name) == raw:
                 return
 
-    async def _remove_unreferenced(self, path: ResourcePath, keep: set[str]) -> None:
-        """Delete every stored version of ``path`` (bounded pages) whose id is not kept."""
-        prefix, after = f"{path}/", None
+    async def _remove_unreferenced(self, path: ResourcePath, keep: set[str]) -> int:
+        """Delete every stored version of ``path`` (bounded pages) whose id is not kept; how
+        many were deleted."""
+        prefix, after, removed = f"{path}/", None, 0
         while True:
             keys = await self._versions.list_page(prefix, after, MAX_PAGE)
             for key in keys:
                 if key[len(prefix) :] not in keep:
                     await self._versions.delete(key)
+                    removed += 1
             if len(keys) < MAX_PAGE:
-                return
+                return removed
             after = keys[-1]
 
 

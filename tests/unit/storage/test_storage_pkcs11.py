@@ -159,6 +159,25 @@ def test_purge_never_destroys_an_object_it_did_not_write(softhsm: SoftHsm) -> No
     assert _value_labelled(softhsm, f"{path}/0123456789abcdef") == b"the operator's"
 
 
+def test_purge_removes_versions_left_without_a_record(softhsm: SoftHsm) -> None:
+    """A record store that lost its records (the memory store after a restart) leaves version
+    objects on the token; with the current version soft-deleted nothing is served, and a purge
+    still destroys them."""
+    path = _path()
+    before = _backend(softhsm)
+    for value in (b"one", b"two"):
+        asyncio.run(before.write(path, value))
+    asyncio.run(before.delete(path))  # soft: the copy under the path goes, the versions stay
+    assert _objects_labelled(softhsm, str(path)) == 0
+    restarted = _backend(softhsm)  # a fresh, empty record store
+    with pytest.raises(ResourceNotFoundError):
+        asyncio.run(restarted.metadata(path))
+    asyncio.run(restarted.purge(path, None))
+    assert _labels_under(softhsm, f"{path}/") == []
+    with pytest.raises(ResourceNotFoundError):  # nothing left: now it is not found
+        asyncio.run(restarted.purge(path, None))
+
+
 def test_compare_and_set_on_a_token_is_refused(softhsm: SoftHsm) -> None:
     """A token cannot compare-and-set atomically: emulating it would race across replicas."""
     token = _backend(softhsm).token
@@ -248,6 +267,13 @@ def _session(softhsm: SoftHsm) -> pkcs11.Session:
 def _objects_labelled(softhsm: SoftHsm, label: str) -> int:
     with _session(softhsm) as session:
         return len(list(session.get_objects({pkcs11.Attribute.LABEL: label})))
+
+
+def _labels_under(softhsm: SoftHsm, prefix: str) -> list[str]:
+    with _session(softhsm) as session:
+        found = session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY})
+        labels = (str(item[pkcs11.Attribute.LABEL]) for item in found)
+        return sorted(label for label in labels if label.startswith(prefix))
 
 
 def _value_labelled(softhsm: SoftHsm, label: str) -> bytes:
