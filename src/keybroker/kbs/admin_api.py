@@ -1,8 +1,8 @@
 """The KBS's administrative endpoints: resource policies (global and per tenant prefix),
 attestation policies, reference values, policy explain, resource listing and versions,
-the audit log read back. Access has been checked (and is audited) by the caller in ``app``:
-every id an endpoint acts on is in the request path, so role ACLs (regexes over the path)
-can confine an admin to some of them.
+the audit log read back. Access has been checked (and is audited) by the caller,
+``ReleaseService.as_admin`` in ``kbs.release``: every id an endpoint acts on is in the request
+path, so role ACLs (regexes over the path) can confine an admin to some of them.
 
 Policies are read back as they are uploaded: ``{"policy": "<base64url of the Rego text>"}``
 (attestation policies with their ``type`` and ``policy_id``), so what a GET answers can be
@@ -19,7 +19,6 @@ import asyncio
 import base64
 import binascii
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from starlette.responses import JSONResponse, Response
@@ -35,6 +34,7 @@ from keybroker.errors import (
     ResourceNotFoundError,
 )
 from keybroker.kbs.audit_read import ATTESTATION_KEYS, parse_query
+from keybroker.kbs.calls import ApiCall
 from keybroker.kbs.explain import explain, parse_explain_request
 from keybroker.kbs.resource_policy import POLICY_ID, TenantPrefix
 from keybroker.kbs.services import KbsServices
@@ -50,17 +50,6 @@ from keybroker.storage.versions import MAX_VERSION_NUMBER, ResourceRecord, parse
 DEFAULT_PAGE = 100
 MAX_CURSOR_CHARS = 1100  # base64url of the longest resource name (3 x 255 + 2 characters)
 _RESOURCE_ACTIONS = ("delete", "purge", "rollback", "undelete")
-
-
-@dataclass(frozen=True)
-class ApiCall:
-    """One parsed request under /kbs/v0/."""
-
-    method: str
-    name: str
-    rest: tuple[str, ...]
-    query: dict[str, str]
-    body: bytes
 
 
 async def _resource_policy(call: ApiCall, services: KbsServices) -> Response:

@@ -7,10 +7,13 @@ other ``/kbs/v0/<plugin>/<path...>`` dispatched to a plugin; ``/healthz``; ``/me
 ``/kbs/v0/openapi.json``; the admin web console's static files at ``/kbs/v0/console/`` (when
 ``[console] enabled``; ``audit-log`` is the admin endpoint that reads the audit log back).
 Handlers parse, call one
-service, serialize. Every ``KeybrokerError`` is rendered by one handler as RFC 7807 JSON; any
-other exception becomes a 500 whose detail reveals nothing.
+service, serialize: a plugin's path goes to ``kbs.release`` (plugin dispatch, admin guard,
+token, resource policy, sealing, audit), an admin endpoint to ``kbs.admin_api`` through the same
+admin guard. Every ``KeybrokerError`` is rendered by one handler as RFC 7807 JSON; any other
+exception becomes a 500 whose detail reveals nothing.
 
-The services are built once, here, and kept in ``app.state.kbs`` (no module globals).
+The services are built once, here, into one frozen :class:`KbsState` (no module globals),
+which handlers and tests reach through :func:`kbs_state` only.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote
 
 from starlette.applications import Starlette
@@ -42,30 +46,19 @@ from keybroker.errors import (
     NotFoundError,
     PayloadTooLargeError,
     PluginNotFoundError,
-    PolicyDeniedError,
-    TokenNotFoundError,
 )
-from keybroker.kbs.admin_api import ADMIN_ENDPOINTS, ApiCall
-from keybroker.kbs.admin_auth import AdminIdentity
-from keybroker.kbs.auditing import (
-    admin_subject,
-    attestation_outcome,
-    guest_subject,
-    request_context,
-)
+from keybroker.kbs.admin_api import ADMIN_ENDPOINTS
+from keybroker.kbs.auditing import attestation_outcome, guest_subject, new_request_id
+from keybroker.kbs.calls import ApiCall
 from keybroker.kbs.console import CONSOLE, Console, console_response
 from keybroker.kbs.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from keybroker.kbs.metrics import HttpMetricsMiddleware, KbsMetrics
+from keybroker.kbs.metrics import HttpMetricsMiddleware
 from keybroker.kbs.openapi import SPEC_NAME, document_json
-from keybroker.kbs.resource_policy import decision
+from keybroker.kbs.release import Released, ReleaseService
 from keybroker.kbs.services import KbsServices, build_services
 from keybroker.kbs.sessions import SESSION_COOKIE, Session
-from keybroker.kbs.tokens import pointer
-from keybroker.plugins.base import Plugin, PluginRequest, PluginResponse
-from keybroker.protocol.jwe import seal
+from keybroker.plugins.base import PluginResponse
 from keybroker.protocol.jws import decode_unverified
-from keybroker.protocol.models import JsonValue
-from keybroker.protocol.resource_path import ResourcePath
 from keybroker.storage.provider import StorageProvider
 
 log = logging.getLogger(__name__)
@@ -75,7 +68,32 @@ INSTANCE_HEADER = "Keybroker-Instance"
 _PROBLEM_JSON = "application/problem+json"
 METRICS_ACL_PATH = "/kbs/v0/metrics"
 _EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"]
-_INIT_DATA_CLAIMS = "/submods/cpu0/ear.veraison.annotated-evidence/init_data_claims"
+
+
+@dataclass(frozen=True, slots=True)
+class KbsState:
+    """What the handlers share, built once by :func:`create_app`."""
+
+    services: KbsServices
+    release: ReleaseService
+    instance_id: str  # names this server in /healthz
+    metrics_access: Literal["loopback", "admin", "off"]
+    console: Console | None  # None: [console] enabled = false
+
+
+def kbs_state(app: object) -> KbsState:
+    """The state :func:`create_app` built for ``app``, checked.
+
+    Starlette's ``app.state`` answers ``Any`` for every attribute, and so does lifespan state
+    (``request.state`` is cast, not checked, to whatever the handler declares). This accessor
+    narrows with ``isinstance``: mypy checks every use of what it returns, and an app not built
+    here fails loudly instead of lending an attribute of the wrong type. It works whether or not
+    the lifespan ran (a ``TestClient`` without ``with``), and costs a look-up, no allocation.
+    """
+    state = getattr(app.state, "kbs", None) if isinstance(app, Starlette) else None
+    if not isinstance(state, KbsState):
+        raise TypeError("this app was not built by keybroker.kbs.app.create_app")
+    return state
 
 
 def create_app(
@@ -112,16 +130,20 @@ def create_app(
         },
         lifespan=_lifespan,
     )
-    app.state.kbs = services
-    app.state.instance_id = instance_id
-    app.state.metrics_access = config.metrics.access
-    app.state.console = Console() if config.console.enabled else None
+    state = KbsState(
+        services=services,
+        release=ReleaseService(services),
+        instance_id=instance_id,
+        metrics_access=config.metrics.access,
+        console=Console() if config.console.enabled else None,
+    )
+    app.state.kbs = state
     return app
 
 
 @asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
-    services: KbsServices = app.state.kbs
+    services = kbs_state(app).services
     await services.start()
     try:
         yield
@@ -132,13 +154,13 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
 async def _healthz(request: Request) -> Response:
     # The instance header lets a caller tell which server answered: a test, that it reached
     # the process it started; an operator, which replica a load balancer picked.
-    return PlainTextResponse("ok", headers={INSTANCE_HEADER: request.app.state.instance_id})
+    return PlainTextResponse("ok", headers={INSTANCE_HEADER: kbs_state(request.app).instance_id})
 
 
 async def _metrics(request: Request) -> Response:
-    services: KbsServices = request.app.state.kbs
-    access: str = request.app.state.metrics_access
-    if access == "admin":
+    state = kbs_state(request.app)
+    services = state.services
+    if state.metrics_access == "admin":
         # The ACL sees the scrape as /kbs/v0/metrics: admin ACLs are confined to /kbs paths.
         await services.admin.check(METRICS_ACL_PATH, request.headers.get("authorization"))
     elif not _is_loopback(request):
@@ -160,17 +182,19 @@ def _is_loopback(request: Request) -> bool:
 
 
 async def _kbs(request: Request) -> Response:
-    services: KbsServices = request.app.state.kbs
-    name, *rest = _segments(request)
+    state = kbs_state(request.app)
+    services = state.services
+    raw_path = _raw_path(request)
+    name, *rest = _segments(raw_path)
     if name == SPEC_NAME and not rest:
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowedError(f"{PREFIX}{SPEC_NAME} answers GET", allow=("GET", "HEAD"))
         return Response(document_json(), media_type="application/json")
     if name == CONSOLE:  # static files, no credential: the page's own calls carry the token
-        return console_response(request.app.state.console, request.method, tuple(rest))
+        return console_response(state.console, request.method, tuple(rest))
+    peer = request.client.host if request.client else None
     if name in ("auth", "attest") and services.limits is not None:
         # Before the body is read: a flooding client costs as little as possible.
-        peer = request.client.host if request.client else None
         await services.limits.admit(peer, request.headers.getlist("x-forwarded-for"))
     call = ApiCall(
         method=request.method,
@@ -178,43 +202,21 @@ async def _kbs(request: Request) -> Response:
         rest=tuple(rest),
         query=dict(request.query_params),
         body=await _read_body(request, services.payload_limit),
+        raw_path=raw_path,
+        raw_query=request.scope.get("query_string", b""),
+        peer=peer,
+        session_id=request.cookies.get(SESSION_COOKIE),
+        authorization=request.headers.get("authorization"),
     )
     if call.name in ("auth", "attest"):
-        return await _rcar(call, request, services)
+        return await _rcar(call, services)
     admin_endpoint = ADMIN_ENDPOINTS.get(call.name)
     if admin_endpoint is not None:
-        return await _admin(call, request, services, lambda: admin_endpoint(call, services))
-    return await _plugin(call, request, services)
+        return await state.release.as_admin(call, partial(admin_endpoint, call, services))
+    return _released(await state.release.plugin(call))
 
 
-async def _admin(
-    call: ApiCall,
-    request: Request,
-    services: KbsServices,
-    operation: Callable[[], Awaitable[Response]],
-) -> Response:
-    """Admit, check the audit log can take the record, act, record: exactly one record."""
-    request_id, peer = request_context(request)
-    action, target = f"admin {call.method} {call.name}", "/".join(call.rest)
-    record = partial(
-        services.audit.record, action=action, target=target, request_id=request_id, peer=peer
-    )
-    try:
-        identity = await _admit(request, services)
-    except KeybrokerError as e:
-        await record(decision="deny", subject=None, reason=e.detail)
-        raise
-    services.audit.ensure_writable()  # refuse the change if it could not be recorded
-    try:
-        response = await operation()
-    except KeybrokerError as e:
-        await record(decision="failure", subject=admin_subject(identity), reason=e.detail)
-        raise
-    await record(decision="allow", subject=admin_subject(identity))
-    return response
-
-
-async def _rcar(call: ApiCall, request: Request, services: KbsServices) -> Response:
+async def _rcar(call: ApiCall, services: KbsServices) -> Response:
     handshake = services.handshake
     if handshake is None:
         raise PluginNotFoundError(
@@ -227,12 +229,15 @@ async def _rcar(call: ApiCall, request: Request, services: KbsServices) -> Respo
         response = JSONResponse(challenge.model_dump(by_alias=True))
         _set_session_cookie(response, session, services)
         return response
-    request_id, peer = request_context(request)
     record = partial(
-        services.audit.record, action="attest", target="", request_id=request_id, peer=peer
+        services.audit.record,
+        action="attest",
+        target="",
+        request_id=new_request_id(),
+        peer=call.peer,
     )
     try:
-        token, session = await handshake.attest(call.body, request.cookies.get(SESSION_COOKIE))
+        token, session = await handshake.attest(call.body, call.session_id)
     except KeybrokerError as e:
         await record(decision="failure", subject=None, reason=e.detail)
         raise
@@ -242,135 +247,11 @@ async def _rcar(call: ApiCall, request: Request, services: KbsServices) -> Respo
     return JSONResponse({"token": token})
 
 
-async def _plugin(call: ApiCall, request: Request, services: KbsServices) -> Response:
-    plugin = services.plugins.get(call.name)
-    if plugin is None:
-        raise PluginNotFoundError(f"Plugin {call.name[:64]} not found")
-    plugin_request = PluginRequest(
-        method=call.method, path=call.rest, query=call.query, body=call.body
-    )
-    allowed = plugin.methods(plugin_request)
-    if call.method not in allowed:
-        raise MethodNotAllowedError(
-            f"plugin {call.name} does not answer {call.method}", allow=allowed
-        )
-    plugin.check(plugin_request)
-    if await plugin.ask_requires_admin(plugin_request):
-        return await _admin(
-            call, request, services, lambda: _handle_plain(plugin, plugin_request, services.metrics)
-        )
-
-    request_id, peer = request_context(request)
-    record = partial(
-        services.audit.record,
-        action=f"release {call.method} {call.name}",
-        target="/".join(call.rest),
-        request_id=request_id,
-        peer=peer,
-    )
-    try:
-        token = await _guest_token(request, services)
-        await services.tokens.ensure_keys(token)  # a JWK-set fetch, if any, off the loop
-        # signature and certificate-chain checks are CPU work: off the event loop, so a costly
-        # token delays only its own request, never /healthz or other guests. A token already
-        # verified with a trusted key is a look-up, not worth a thread hop.
-        claims = services.tokens.recall(token)
-        if claims is None:
-            claims = await asyncio.to_thread(services.tokens.verify, token)
-    except KeybrokerError as e:
-        await record(decision="deny", subject=None, reason=e.detail)
-        raise
-    subject = guest_subject(claims, token)
-    try:
-        # The version to release is fixed before the policy judges it (a resource plugin read)
-        plugin_request = await plugin.prepare_release(plugin_request)
-    except KeybrokerError as e:
-        await record(decision="failure", subject=subject, reason=e.detail)
-        raise
-    policy_data: dict[str, JsonValue] = {
-        "plugin": call.name,
-        "resource-path": list(call.rest),
-        "query": dict(call.query),
-    }
-    released = plugin_request.resolved_version
-    if released is not None:
-        policy_data["version"] = released.number
-    repository = plugin.repository_path(plugin_request)  # a tenant policy may decide
-    permitted, policy_id = await _allowed(services, claims, policy_data, repository)
-    if not permitted:
-        reason = f"denied by the resource policy {policy_id}"
-        await record(decision="deny", subject=subject, reason=reason)
-        raise PolicyDeniedError(
-            "Access denied by policy: the resource policy refused this token for this resource "
-            "(an admin can see why with `kbs-client config evaluate-policy`)"
-        )
-    services.audit.ensure_writable()
-    try:
-        # Find the key to encrypt to before touching the secret: no key, no read.
-        encrypt = await plugin.ask_needs_encryption(plugin_request)
-        recipient = services.tokens.tee_pubkey(claims) if encrypt else None
-        with services.metrics.plugin_call(plugin.name):
-            result = await plugin.handle(
-                replace(plugin_request, init_data_claims=pointer(claims, _INIT_DATA_CLAIMS))
-            )
-        body = _plain(result) if recipient is None else JSONResponse(seal(recipient, result.body))
-    except KeybrokerError as e:
-        await record(decision="failure", subject=subject, reason=e.detail)
-        raise
-    # no record, no release: a failure answers 503. The record names the version released.
-    await record(
-        decision="allow",
-        subject=subject,
-        reason="" if released is None else f"version {released.number}",
-    )
-    return body
-
-
-async def _allowed(
-    services: KbsServices,
-    claims: JsonValue,
-    policy_data: JsonValue,
-    repository: ResourcePath | None,
-) -> tuple[bool, str]:
-    """The answer of the policy that governs ``repository`` (a tenant's, else the global
-    one), counted (``kbs_policy_*``), and that policy's id."""
-    metrics = services.metrics
-    metrics.policy_evaluations.inc()
-    try:
-        governing = await services.resource_policy.governing(repository)
-        allowed = await decision(governing.policy, claims, policy_data)
-    except Exception:
-        metrics.policy_errors.inc()
-        raise
-    (metrics.policy_approvals if allowed else metrics.policy_violations).inc()
-    return allowed, governing.policy_id
-
-
-async def _handle_plain(plugin: Plugin, request: PluginRequest, metrics: KbsMetrics) -> Response:
-    with metrics.plugin_call(plugin.name):
-        return _plain(await plugin.handle(request))
-
-
-async def _admit(request: Request, services: KbsServices) -> AdminIdentity:
-    """Admin access check on the request's path and query, exactly as sent."""
-    raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
-    query = request.scope.get("query_string", b"")
-    uri = raw.decode("latin-1") + (f"?{query.decode('latin-1')}" if query else "")
-    return await services.admin.check(uri, request.headers.get("authorization"))
-
-
-async def _guest_token(request: Request, services: KbsServices) -> str:
-    """The session's token first, then ``Authorization: Bearer``; re-verified either way."""
-    if services.sessions is not None:
-        session = await services.sessions.get(request.cookies.get(SESSION_COOKIE))
-        if session is not None and session.token is not None:
-            return session.token
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    raise TokenNotFoundError(
-        "Attestation Token not found: attest first (/auth, /attest) or send a bearer token"
-    )
+def _released(answer: Released) -> Response:
+    """A plugin's answer as it is, or the JWE sealing it, as flattened JSON."""
+    if isinstance(answer, PluginResponse):
+        return _plain(answer)
+    return JSONResponse(answer)
 
 
 def _plain(result: PluginResponse) -> Response:
@@ -396,14 +277,19 @@ def _set_session_cookie(response: Response, session: Session, services: KbsServi
     )
 
 
-def _segments(request: Request) -> list[str]:
+def _raw_path(request: Request) -> str:
+    """The path as sent, percent-encoding kept."""
+    raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+    return raw.decode("latin-1")
+
+
+def _segments(raw_path: str) -> list[str]:
     """Split the *raw* path, then decode each segment.
 
     Splitting the decoded path would let ``repo%2Ftype/tag`` pass as three segments, so a
     percent-encoded slash could smuggle a separator past the path checks (traversal).
     """
-    raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
-    path = raw.decode("latin-1").split("?", 1)[0]
+    path = raw_path.split("?", 1)[0]
     if not path.startswith(PREFIX):
         raise InvalidRequestPathError("request path is not under /kbs/v0/")
     segments = [unquote(s) for s in path[len(PREFIX) :].split("/")]

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import uuid
 
-from starlette.requests import Request
-
 from keybroker.kbs.admin_auth import AdminIdentity
 from keybroker.kbs.audit import Subject
 from keybroker.kbs.tokens import pointer
@@ -18,9 +16,9 @@ _NOT_TEE = {"report_data", "runtime_data_claims", "init_data", "init_data_claims
 _TEES = {tee.value for tee in Tee}
 
 
-def request_context(request: Request) -> tuple[str, str | None]:
-    """A fresh request id, and the peer address."""
-    return uuid.uuid4().hex, request.client.host if request.client else None
+def new_request_id() -> str:
+    """A fresh id for one request's audit record."""
+    return uuid.uuid4().hex
 
 
 def admin_subject(identity: AdminIdentity) -> Subject:

@@ -19,7 +19,7 @@ from keybroker.client.admin import AdminClient
 from keybroker.client.attesters import SampleAttester
 from keybroker.client.keys import TeeKey
 from keybroker.client.rcar import KbsClient
-from keybroker.kbs.app import create_app
+from keybroker.kbs.app import create_app, kbs_state
 from keybroker.kbs.resource_policy import builtin_policy
 from keybroker.protocol.canonical import HashAlgorithm, runtime_data, runtime_data_digest
 from keybroker.protocol.models import Tee
@@ -157,7 +157,7 @@ def test_unknown_tee_rejected(kbs: Kbs) -> None:
 
 def test_known_tee_without_verifier_rejected(kbs: Kbs) -> None:
     # a TEE this service has no verifier for (every TEE has one in a full build)
-    kbs.client.app.state.kbs.attestation._verifiers.pop(Tee.CCA)  # type: ignore[attr-defined]
+    kbs_state(kbs.client.app).services.attestation._verifiers.pop(Tee.CCA)  # type: ignore[union-attr]
     reply = kbs.client.post("/kbs/v0/auth", json={**AUTH, "tee": "cca"})
     assert "not supported" in _problem(reply, 401, "AttestationError")
 

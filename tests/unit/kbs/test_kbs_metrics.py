@@ -21,7 +21,7 @@ from keybroker.client.keys import TeeKey
 from keybroker.client.rcar import KbsClient
 from keybroker.config import KbsConfig
 from keybroker.errors import ConfigError, KbsRejectedError
-from keybroker.kbs.app import create_app
+from keybroker.kbs.app import create_app, kbs_state
 from keybroker.kbs.metrics import (
     MAX_RESOURCE_LABELS,
     OTHER_RESOURCES,
@@ -283,7 +283,7 @@ def test_metrics_off_answers_404_and_records_no_http_metrics() -> None:
     with TestClient(app, client=LOOPBACK) as local:
         assert local.get("/metrics").status_code == 404
         local.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "sample", "extra-params": {}})
-    found = samples(app.state.kbs.metrics.render().decode())
+    found = samples(kbs_state(app).services.metrics.render().decode())
     assert value(found, "kbs_http_requests_total") == 0
     assert value(found, "kbs_http_request_duration_seconds_count") == 0
 

@@ -15,9 +15,8 @@ from conftest import FakeClock, Kbs, kbs_config
 from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
 from keybroker.errors import KbsRejectedError
-from keybroker.kbs.app import create_app
+from keybroker.kbs.app import create_app, kbs_state
 from keybroker.kbs.resource_policy import builtin_policy
-from keybroker.kbs.services import KbsServices
 
 SECRET = b"released only when the policy says so"
 # about 10^10 steps with two 10^5-element arrays: CPU without much memory
@@ -86,7 +85,7 @@ def test_runaway_policy_at_request_time_denies(caplog: pytest.LogCaptureFixture)
 
 def test_healthz_answers_while_a_runaway_policy_evaluates() -> None:
     with _kbs(timeout_seconds=10, workers=1) as kbs:
-        services: KbsServices = kbs.client.app.state.kbs  # type: ignore[attr-defined]
+        services = kbs_state(kbs.client.app).services
         refusals: list[KbsRejectedError] = []
         upload = threading.Thread(
             target=lambda: refusals.append(
