@@ -287,6 +287,9 @@ def _shared_signer(config: KbsConfig, runtime_dir: Path) -> KbsConfig:
     )
 
 
+WORKER_HEALTHCHECK_SECONDS = 30
+
+
 def _tls_factory(http: HttpServerConfig, _config: object, _default: object) -> ssl.SSLContext:
     return server_context(http)
 
@@ -302,5 +305,9 @@ def _uvicorn_config(
         access_log=access_log,
         server_header=False,
         proxy_headers=False,
+        # uvicorn replaces a worker that does not answer its supervisor's ping within this
+        # many seconds (default 5). A worker still importing on a loaded node is not hung: a
+        # short limit kills it mid-start, over and over. A hung worker is still replaced.
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
         ssl_context_factory=None if http.insecure_http else partial(_tls_factory, http),
     )
