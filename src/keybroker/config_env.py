@@ -70,7 +70,7 @@ _VERIFIER_VARIABLES = (
 KBS_VARIABLES: tuple[Variable, ...] = (
     Variable("POSTGRES_URL", "storage_backend.backends.postgres.url", Wins.ENVIRONMENT),
     Variable("REDIS_URL", "storage_backend.backends.redis.url", Wins.ENVIRONMENT),
-    Variable("AWS_REGION", "plugins[name = resource, aws backend].region", Wins.FILE),
+    Variable("AWS_REGION", "[[plugins]].region", Wins.FILE),  # resource entries, aws
     Variable("SSL_CERT_FILE", "attestation_service.ca_cert_path", Wins.FILE),
     Variable("KBS_GIT_HASH", "metrics.git_hash", Wins.FILE),
     Variable("KBS_BUILD_DATE", "metrics.build_date", Wins.FILE),
@@ -90,26 +90,21 @@ def kbs_environment(document: Mapping[str, Any], environ: Mapping[str, str]) -> 
     for variable, backend in (("POSTGRES_URL", "postgres"), ("REDIS_URL", "redis")):
         if url := environ.get(variable):
             backends = _table(_table(mapped, "storage_backend"), "backends")
-            section = _table(backends, backend)
-            if section is not None:
+            if (section := _table(backends, backend)) is not None:
                 section["url"] = url  # the environment wins, as upstream
     if region := environ.get("AWS_REGION"):
         for plugin in mapped.get("plugins") or []:
-            if _is_aws_resource_plugin(plugin, resource_backend_kind) and not plugin.get("region"):
-                plugin["region"] = region
-    metrics = _table(mapped, "metrics") if _any(environ, "KBS_GIT_HASH", "KBS_BUILD_DATE") else None
+            if _is_aws_resource_plugin(plugin, resource_backend_kind):
+                _fill(plugin, "region", region)
     for variable, key in (("KBS_GIT_HASH", "git_hash"), ("KBS_BUILD_DATE", "build_date")):
-        if metrics is not None and variable in environ and metrics.get(key) is None:
-            metrics[key] = environ[variable][:40]
+        if value := environ.get(variable):
+            _fill(_table(mapped, "metrics"), key, value[:40])
     service = mapped.get("attestation_service")
     kind = as_type_name(service.get("type")) if isinstance(service, dict) else "coco_as_builtin"
-    if kind == "coco_as_grpc" and isinstance(service, dict) and environ.get("SSL_CERT_FILE"):
-        service.setdefault("ca_cert_path", environ["SSL_CERT_FILE"])
+    if kind == "coco_as_grpc" and (ca_file := environ.get("SSL_CERT_FILE")):
+        _fill(service, "ca_cert_path", ca_file)
     if kind == "coco_as_builtin" and _verifier_variables_set(environ):
-        if service is None:
-            service = mapped["attestation_service"] = {"type": "coco_as_builtin"}
-        if isinstance(service, dict):
-            _verifier_environment(service, environ)
+        _verifier_environment(_table(mapped, "attestation_service", "coco_as_builtin"), environ)
     return mapped
 
 
@@ -122,10 +117,11 @@ def as_environment(document: Mapping[str, Any], environ: Mapping[str, str]) -> d
 
 
 def _verifier_variables_set(environ: Mapping[str, str]) -> bool:
-    return _any(environ, *SE_VARIABLES, SE_SKIP_VARIABLE, CCA_CONFIG_VARIABLE)
+    names = (*SE_VARIABLES, SE_SKIP_VARIABLE, CCA_CONFIG_VARIABLE)
+    return any(environ.get(name) for name in names)
 
 
-def _verifier_environment(holder: dict[str, Any], environ: Mapping[str, str]) -> None:
+def _verifier_environment(holder: dict[str, Any] | None, environ: Mapping[str, str]) -> None:
     """Upstream's SE and CCA variables into ``holder["verifier_config"]``; the file wins."""
     verifiers = _table(holder, "verifier_config")
     if verifiers is None:
@@ -133,13 +129,14 @@ def _verifier_environment(holder: dict[str, Any], environ: Mapping[str, str]) ->
     se_values: dict[str, str | bool] = {
         key: environ[name] for name, key in SE_VARIABLES.items() if environ.get(name)
     }
-    if SE_SKIP_VARIABLE in environ:
+    if environ.get(SE_SKIP_VARIABLE):
         se_values["insecure_skip_certs_verification"] = environ[SE_SKIP_VARIABLE].lower() == "true"
-    if se_values and (se := _table(verifiers, "se")) is not None:
+    if se_values:
+        se = _table(verifiers, "se")
         for key, value in se_values.items():
-            se.setdefault(key, value)
+            _fill(se, key, value)
     upstream_file = environ.get(CCA_CONFIG_VARIABLE)
-    if upstream_file and "cca" not in verifiers:
+    if upstream_file and verifiers.get("cca") is None:
         verifiers["cca"] = _upstream_cca_section(Path(upstream_file))
 
 
@@ -174,15 +171,18 @@ def _is_aws_resource_plugin(
     return kind_of(backend_type, seed_era_type) == "aws"
 
 
-def _table(holder: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
-    """``holder[key]``, created empty when absent; None when it is not a table."""
-    if holder is None:
+def _table(holder: object, key: str, as_type: str | None = None) -> dict[str, Any] | None:
+    """``holder[key]``, created when absent (with ``type = as_type`` when given); None when
+    either is not a table."""
+    if not isinstance(holder, dict):
         return None
-    value = holder.setdefault(key, {})
-    if value is None:
-        value = holder[key] = {}
+    if holder.get(key) is None:
+        holder[key] = {} if as_type is None else {"type": as_type}
+    value = holder[key]
     return value if isinstance(value, dict) else None
 
 
-def _any(environ: Mapping[str, str], *names: str) -> bool:
-    return any(name in environ for name in names)
+def _fill(table: object, key: str, value: object) -> None:
+    """``table[key] = value`` unless the file set it: the file wins."""
+    if isinstance(table, dict) and table.get(key) is None:
+        table[key] = value

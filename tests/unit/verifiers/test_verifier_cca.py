@@ -349,7 +349,7 @@ def test_upstream_config_file_named_by_the_environment_is_read(tmp_path: Path) -
 
 def test_a_cca_section_in_the_file_wins_over_the_environment(tmp_path: Path) -> None:
     section = {"type": "local", "ta-store": str(TA_STORE), "rv-store": str(RV_STORE)}
-    document = {
+    document: dict[str, object] = {
         "attestation_service": {"type": "coco_as_builtin", "verifier_config": {"cca": section}}
     }
     # the variable names a file that does not exist: it is not even read
