@@ -832,9 +832,10 @@ def parse_config(
         raise ConfigError(f"invalid configuration in {source}: {_describe(e)}") from None
 
 
-def load_config(path: Path) -> KbsConfig:
-    """Read a TOML, JSON (``.json``) or YAML (``.yaml``, ``.yml``) config file."""
-    return parse_config(read_document(path), source=str(path))
+def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> KbsConfig:
+    """Read a TOML, JSON (``.json``) or YAML (``.yaml``, ``.yml``) config file; ``environ``
+    as for :func:`parse_config`."""
+    return parse_config(read_document(path), source=str(path), environ=environ)
 
 
 def read_document(path: Path) -> dict[str, object]:
