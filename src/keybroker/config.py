@@ -21,8 +21,9 @@ Deliberate differences from upstream, each failing closed:
 
 from __future__ import annotations
 
-import importlib
 import logging
+import os
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -40,6 +41,7 @@ from pydantic import (
 
 from keybroker.errors import BadRequestError, ConfigError
 from keybroker.protocol.untrusted_json import parse_json, parse_toml, parse_yaml
+from keybroker.storage.secret_registry import SECRET_BACKENDS
 from keybroker.storage.versions import DEFAULT_MAX_VERSIONS, MAX_VERSIONS_LIMIT
 
 if TYPE_CHECKING:
@@ -256,6 +258,9 @@ class GrpcAsConfig(_AttestationServiceBase):
     request_timeout: float = Field(default=30.0, gt=0, le=600)
     # Keybroker: the remote AS's RVPS, so /kbs/v0/reference-value reaches it.
     rvps_addr: str | None = None
+    # Keybroker: the CA bundle an https:// as_addr is checked against (else the system's);
+    # env SSL_CERT_FILE fills it when unset (keybroker.config_env).
+    ca_cert_path: Path | None = None
 
 
 class IntelTaConfig(_AttestationServiceBase):
@@ -288,6 +293,13 @@ _AS_SPELLINGS = {
     "intel_ta": "intel_ta",
     "none": "none",
 }
+
+
+def as_type_name(value: object) -> str | None:
+    """The ``[attestation_service] type`` that ``value`` spells (None: not a string)."""
+    if not isinstance(value, str):
+        return None
+    return _AS_SPELLINGS.get(value.lower(), value)
 
 
 def _normalize_as(value: object) -> object:
@@ -367,10 +379,12 @@ class LocalJsonBackendConfig(_Model):
 
 
 class PostgresBackendConfig(_Model):
-    """Upstream's fields; env ``POSTGRES_URL`` (a libpq URL) replaces them all when set.
+    """Upstream's fields, or Keybroker's ``url`` (a libpq URL) which replaces them all; env
+    ``POSTGRES_URL`` sets ``url`` and wins over the file (``keybroker.config_env``).
     ``timeout`` is Keybroker's: how long a request waits for the database before it is
     answered 503."""
 
+    url: str | None = Field(default=None, repr=False)
     db: str = "postgres"
     username: str = "postgres"
     password: str | None = Field(default=None, repr=False)
@@ -380,7 +394,8 @@ class PostgresBackendConfig(_Model):
 
 
 class RedisBackendConfig(_Model):
-    """Upstream's ``url``; env ``REDIS_URL`` replaces it when set. ``timeout`` is Keybroker's."""
+    """Upstream's ``url``; env ``REDIS_URL`` sets it and wins over the file
+    (``keybroker.config_env``). ``timeout`` is Keybroker's."""
 
     url: str = Field(default="redis://127.0.0.1:6379", repr=False)
     timeout: float = Field(default=5.0, gt=0, le=300)
@@ -404,15 +419,6 @@ class StorageBackendConfig(_Model):
 # --- [[plugins]] -----------------------------------------------------------------------------
 
 
-# Secret backends of the resource plugin other than the key-value store: kind -> (module,
-# config model, backend class). An explicit table: configuration never names code to import.
-SECRET_BACKENDS = {
-    "pkcs11": ("keybroker.storage.pkcs11", "Pkcs11Config", "Pkcs11SecretBackend"),
-    "vault": ("keybroker.storage.vault", "VaultConfig", "VaultSecretBackend"),
-    "aliyun": ("keybroker.storage.aliyun_kms", "AliyunKmsConfig", "AliyunKmsSecretBackend"),
-    "aws": ("keybroker.storage.aws_secrets", "AwsSecretsConfig", "AwsSecretsSecretBackend"),
-    "gcp": ("keybroker.storage.gcp_secrets", "GcpSecretsConfig", "GcpSecretsSecretBackend"),
-}
 _SECRET_BACKEND_SPELLINGS = {
     "kvstorage": "kvstorage",
     "kv_storage": "kvstorage",
@@ -425,6 +431,17 @@ _SECRET_BACKEND_SPELLINGS = {
     "aws": "aws",
     "gcp": "gcp",
 }
+
+
+def resource_backend_kind(storage_backend_type: str | None, seed_era_type: str | None) -> str:
+    """``kvstorage``, ``legacy_local_fs`` or a key of :data:`SECRET_BACKENDS`, from the
+    resource plugin's ``storage_backend_type`` or its seed-era ``type`` (any upstream spelling)."""
+    if seed_era_type is not None:
+        if seed_era_type.lower() in ("localfs", "local_fs"):
+            return "legacy_local_fs"
+        return _SECRET_BACKEND_SPELLINGS.get(seed_era_type.lower(), seed_era_type.lower())
+    kind = (storage_backend_type or "kvstorage").lower()
+    return _SECRET_BACKEND_SPELLINGS.get(kind, kind)
 
 
 class ResourcePluginConfig(_Model):
@@ -447,25 +464,16 @@ class ResourcePluginConfig(_Model):
 
     def backend_kind(self) -> str:
         """``kvstorage``, ``legacy_local_fs`` or a key of :data:`SECRET_BACKENDS`."""
-        if self.type is not None:
-            if self.storage_backend_type is not None:
-                raise ValueError("set either `type` (seed-era form) or `storage_backend_type`")
-            if self.type.lower() in ("localfs", "local_fs"):
-                return "legacy_local_fs"
-            return _SECRET_BACKEND_SPELLINGS.get(self.type.lower(), self.type.lower())
-        if self.dir_path is not None:
+        if self.type is not None and self.storage_backend_type is not None:
+            raise ValueError("set either `type` (seed-era form) or `storage_backend_type`")
+        if self.type is None and self.dir_path is not None:
             raise ValueError('`dir_path` belongs to the seed-era form: add `type = "LocalFs"`')
-        kind = (self.storage_backend_type or "kvstorage").lower()
-        return _SECRET_BACKEND_SPELLINGS.get(kind, kind)
+        return resource_backend_kind(self.storage_backend_type, self.type)
 
     def backend_settings(self) -> BaseModel | None:
         """The validated settings of a secret backend from :data:`SECRET_BACKENDS`."""
         entry = SECRET_BACKENDS.get(self.backend_kind())
-        if entry is None:
-            return None
-        module, model_name, _backend = entry
-        model: type[BaseModel] = getattr(importlib.import_module(module), model_name)
-        return model.model_validate(self.model_extra or {})
+        return None if entry is None else entry.parse(self.model_extra or {})
 
     @model_validator(mode="after")
     def _known_settings(self) -> ResourcePluginConfig:
@@ -497,9 +505,8 @@ class Pkcs11PluginConfig(BaseModel):
     name: Literal["pkcs11"]
 
     def backend_settings(self) -> BaseModel:
-        module, model_name, _backend = SECRET_BACKENDS["pkcs11"]
-        model: type[BaseModel] = getattr(importlib.import_module(module), model_name)
-        return model.model_validate(self.model_extra or {})
+        settings: BaseModel = SECRET_BACKENDS["pkcs11"].parse(self.model_extra or {})
+        return settings
 
     @model_validator(mode="after")
     def _known_settings(self) -> Pkcs11PluginConfig:
@@ -661,6 +668,10 @@ class MetricsConfig(_Model):
     """
 
     access: Literal["loopback", "admin", "off"] = "loopback"
+    # the ``kbs_build_info`` labels (else "unknown"); env KBS_GIT_HASH and KBS_BUILD_DATE fill
+    # them when unset, as an image build sets them (keybroker.config_env)
+    git_hash: str | None = Field(default=None, max_length=40)
+    build_date: str | None = Field(default=None, max_length=40)
 
 
 # --- [console] (Keybroker) ------------------------------------------------------------------
@@ -697,10 +708,15 @@ class AttestationServiceFileConfig(_Model):
         return _without_stale(data, "")
 
 
-def load_as_config(path: Path | None) -> AttestationServiceFileConfig:
-    if path is None:
-        return AttestationServiceFileConfig()
-    document = read_document(path)
+def load_as_config(
+    path: Path | None, *, environ: Mapping[str, str] | None = None
+) -> AttestationServiceFileConfig:
+    """The file at ``path`` (None: every default) with the environment mapped in
+    (``keybroker.config_env``; ``environ`` defaults to the process environment)."""
+    from keybroker.config_env import as_environment  # noqa: PLC0415 - it imports this module
+
+    document = {} if path is None else read_document(path)
+    document = as_environment(document, os.environ if environ is None else environ)
     try:
         return AttestationServiceFileConfig.model_validate(document)
     except ValidationError as e:
@@ -789,8 +805,17 @@ class KbsConfig(_Model):
 _LEGACY_ADMIN_KEYS = ("type", "auth_public_key", "insecure_api")
 
 
-def parse_config(document: dict[str, object], *, source: str = "<config>") -> KbsConfig:
-    """Validate a parsed document; errors name the offending key and the source."""
+def parse_config(
+    document: dict[str, object],
+    *,
+    source: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+) -> KbsConfig:
+    """Validate a parsed document, with the environment mapped in first
+    (``keybroker.config_env``; ``environ`` defaults to the process environment, ``{}`` maps
+    nothing); errors name the offending key and the source."""
+    from keybroker.config_env import kbs_environment  # noqa: PLC0415 - it imports this module
+
     admin = document.get("admin")
     if isinstance(admin, dict) and any(key in admin for key in _LEGACY_ADMIN_KEYS):
         raise ConfigError(
@@ -801,15 +826,17 @@ def parse_config(document: dict[str, object], *, source: str = "<config>") -> Kb
             '[admin.authorization.regex_acl] acls = [{ role = "...", '
             'allowed_endpoints = "^/kbs/v0/.+$" }], or to "DenyAll" / "InsecureAllowAll"'
         )
+    document = kbs_environment(document, os.environ if environ is None else environ)
     try:
         return KbsConfig.model_validate(document)
     except ValidationError as e:
         raise ConfigError(f"invalid configuration in {source}: {_describe(e)}") from None
 
 
-def load_config(path: Path) -> KbsConfig:
-    """Read a TOML, JSON (``.json``) or YAML (``.yaml``, ``.yml``) config file."""
-    return parse_config(read_document(path), source=str(path))
+def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> KbsConfig:
+    """Read a TOML, JSON (``.json``) or YAML (``.yaml``, ``.yml``) config file; ``environ``
+    as for :func:`parse_config`."""
+    return parse_config(read_document(path), source=str(path), environ=environ)
 
 
 def read_document(path: Path) -> dict[str, object]:

@@ -45,12 +45,14 @@ ServiceConfig = KbsConfig | AttestationServiceFileConfig | RvpsFileConfig
 
 
 def _configs(deploy: Path) -> tuple[dict[str, KbsConfig], dict[str, ServiceConfig]]:
+    # the files as the deployment's containers read them, not with this test's environment
+    # (whose SSL_CERT_FILE, say, would become the gRPC AS's CA path)
     kbs = {
-        n: load_config(deploy / "config" / n)
+        n: load_config(deploy / "config" / n, environ={})
         for n in ("kbs-config.toml", "kbs-passport-config.toml")
     }
     services: dict[str, ServiceConfig] = {
-        "as-config.toml": load_as_config(deploy / "config" / "as-config.toml"),
+        "as-config.toml": load_as_config(deploy / "config" / "as-config.toml", environ={}),
         "rvps-config.toml": load_rvps_config(deploy / "config" / "rvps-config.toml"),
     }
     return kbs, services

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 from pathlib import Path
 
 import grpc
@@ -63,10 +62,9 @@ def to_wire(item: EvidenceToVerify) -> attestation_pb2.IndividualAttestationRequ
     return request
 
 
-def _tls_credentials() -> grpc.ChannelCredentials:
-    """System trust, or the CA file named by ``SSL_CERT_FILE``."""
-    ca_file = os.environ.get("SSL_CERT_FILE")
-    roots = Path(ca_file).read_bytes() if ca_file else None
+def _tls_credentials(ca_file: Path | None) -> grpc.ChannelCredentials:
+    """System trust, or ``ca_cert_path`` (which env ``SSL_CERT_FILE`` fills when unset)."""
+    roots = ca_file.read_bytes() if ca_file else None
     return grpc.ssl_channel_credentials(root_certificates=roots)
 
 
@@ -75,6 +73,7 @@ class GrpcAttestationService(AttestationBackend):
         self._tls = config.as_addr.startswith("https://")
         self._target = config.as_addr.removeprefix("http://").removeprefix("https://")
         self._timeout = config.request_timeout
+        self._ca_file = config.ca_cert_path
         self._stub: attestation_pb2_grpc.AttestationServiceStub | None = None
         self._rvps = (
             RemoteReferenceValues(config.rvps_addr, timeout=self._timeout)
@@ -86,7 +85,9 @@ class GrpcAttestationService(AttestationBackend):
         # Created on first use, inside the worker's event loop.
         if self._stub is None:
             channel = (
-                grpc.aio.secure_channel(self._target, _tls_credentials(), options=RECONNECT_OPTIONS)
+                grpc.aio.secure_channel(
+                    self._target, _tls_credentials(self._ca_file), options=RECONNECT_OPTIONS
+                )
                 if self._tls
                 else grpc.aio.insecure_channel(self._target, options=RECONNECT_OPTIONS)
             )

@@ -76,7 +76,15 @@ def forget_worker(pid: int, directory: Path) -> None:
 class KbsMetrics:
     """Every KBS metric. Methods are cheap and never raise into a request."""
 
-    def __init__(self, *, multiprocess: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        multiprocess: Path | None = None,
+        git_hash: str | None = None,
+        build_date: str | None = None,
+    ) -> None:
+        """``git_hash`` and ``build_date``: the ``kbs_build_info`` labels (``[metrics]``,
+        which env KBS_GIT_HASH and KBS_BUILD_DATE fill); None is "unknown"."""
         # Upstream's exposition has no ``*_created`` series; prometheus-client's switch for
         # them is process-wide, and no other code in this process wants them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -192,7 +200,7 @@ class KbsMetrics:
             ["plugin_name"],
             registry=own,
         )
-        build = _build_labels()
+        build = _build_labels(git_hash, build_date)
         self.build_info = Gauge(
             "kbs_build_info",
             "KBS binary build info",
@@ -251,15 +259,15 @@ class KbsMetrics:
             self.plugin_duration.labels(plugin_name=name).observe(time.perf_counter() - start)
 
 
-def _build_labels() -> dict[str, str]:
+def _build_labels(git_hash: str | None, build_date: str | None) -> dict[str, str]:
     try:
         package_version = version("keybroker")
     except PackageNotFoundError:
         package_version = "unknown"
     return {
         "version": package_version,
-        "git_hash": os.environ.get("KBS_GIT_HASH", "unknown")[:40],
-        "build_date": os.environ.get("KBS_BUILD_DATE", "unknown")[:40],
+        "git_hash": (git_hash or "unknown")[:40],
+        "build_date": (build_date or "unknown")[:40],
     }
 
 

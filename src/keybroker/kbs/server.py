@@ -234,7 +234,8 @@ def worker_app() -> Starlette:
     """The app factory each worker process calls (uvicorn ``factory=True``)."""
     configure_logging(os.environ.get(_LOG_LEVEL_ENV, "info"))  # a spawned process starts bare
     path = Path(os.environ[_CONFIG_ENV])
-    config = parse_config(json.loads(path.read_bytes()), source="worker configuration")
+    # the server mapped its environment into this config already (keybroker.config_env)
+    config = parse_config(json.loads(path.read_bytes()), source="worker configuration", environ={})
     memory_dir = os.environ.get(_MEMORY_DIR_ENV)
     return create_app(
         config,

@@ -6,24 +6,17 @@ This is where a configuration that parses but cannot be served is refused, with
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
-
-from pydantic import BaseModel
 
 from keybroker.attestation.policy import NAMESPACE as AS_POLICY_NAMESPACE
 from keybroker.attestation.policy import AttestationPolicies
 from keybroker.attestation.service import AttestationBackend, BuiltinAttestationService
 from keybroker.attestation.signer import TokenSigner
 from keybroker.config import (
-    SECRET_BACKENDS,
     BuiltinAsConfig,
     ExternalPluginConfig,
     GrpcAsConfig,
@@ -33,9 +26,7 @@ from keybroker.config import (
     NebulaCaPluginConfig,
     NoAsConfig,
     Pkcs11PluginConfig,
-    PostgresBackendConfig,
     ProvisionerPluginConfig,
-    RedisBackendConfig,
     ResourcePluginConfig,
     RvpsGrpcConfig,
     SamplePluginConfig,
@@ -68,16 +59,10 @@ from keybroker.plugins.sample import SamplePlugin
 from keybroker.policy.workers import PolicyLimits, PolicyWorkers
 from keybroker.rvps.store import NAMESPACE as RVPS_NAMESPACE
 from keybroker.rvps.store import ReferenceValues, ReferenceValueStore, remote_reference_values
-from keybroker.storage.pkcs11 import Pkcs11Config, Pkcs11SecretBackend
-from keybroker.storage.provider import (
-    StorageProvider,
-    local_fs_provider,
-    local_json_provider,
-    memory_provider,
-    shared_memory_provider,
-)
+from keybroker.storage.provider import StorageProvider
+from keybroker.storage.registry import storage_provider
+from keybroker.storage.secret_registry import SECRET_BACKENDS, BuildContext
 from keybroker.storage.secrets import DirectoryTreeSecretBackend, KvSecretBackend, SecretBackend
-from keybroker.storage.versions import DEFAULT_MAX_VERSIONS
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +120,11 @@ def build_services(
     them (a private directory the server creates and removes); None means process memory.
     ``metrics_dir``: likewise for the workers' metrics (``keybroker.kbs.metrics``)."""
     _refuse_unserved(config)
-    metrics = KbsMetrics(multiprocess=metrics_dir)
+    metrics = KbsMetrics(
+        multiprocess=metrics_dir,
+        git_hash=config.metrics.git_hash,
+        build_date=config.metrics.build_date,
+    )
     storage = storage or _provider(config.storage_backend.storage_type, config, clock, memory_dir)
     session_type = config.session_storage
     session_storage = (
@@ -311,115 +300,7 @@ def _override(
 def _provider(
     kind: StorageType, config: KbsConfig, clock: Callable[[], float], memory_dir: Path | None
 ) -> StorageProvider:
-    if kind is StorageType.MEMORY:
-        if memory_dir is not None:  # the server's private directory (server.py)
-            return shared_memory_provider(memory_dir, clock=clock)
-        return memory_provider(clock=clock)
-    backends = config.storage_backend.backends
-    if kind is StorageType.LOCAL_FS:
-        if backends.local_fs is None:
-            raise ConfigError(
-                "storage_type = LocalFs needs [storage_backend.backends.local_fs] dir_path"
-            )
-        return local_fs_provider(backends.local_fs.dir_path, clock=clock)
-    if kind is StorageType.LOCAL_JSON:
-        if backends.local_json is None:
-            raise ConfigError(
-                "storage_type = LocalJson needs [storage_backend.backends.local_json] file_dir_path"
-            )
-        return local_json_provider(backends.local_json.file_dir_path, clock=clock)
-    if kind is StorageType.POSTGRES:
-        return _postgres_provider(config, clock)
-    return _redis_provider(config, clock)
-
-
-def _postgres_provider(config: KbsConfig, clock: Callable[[], float]) -> StorageProvider:
-    settings = config.storage_backend.backends.postgres
-    url = _section_or_env(
-        "Postgres", settings, "POSTGRES_URL", "db, username, password, host, port"
-    )
-    postgres: Any = _driver("Postgres", "keybroker.storage.postgres", "postgres")
-    settings = settings or PostgresBackendConfig()
-    if url:
-        conninfo = url
-    else:
-        conninfo = postgres.conninfo_from_config(
-            db=settings.db,
-            username=settings.username,
-            password=settings.password,
-            host=settings.host,
-            port=settings.port,
-        )
-        log.info(
-            "PostgreSQL storage: %s@%s:%d/%s",
-            settings.username,
-            settings.host,
-            settings.port,
-            settings.db,
-        )
-    timeout = settings.timeout
-    return StorageProvider(
-        lambda namespace: postgres.PostgresKeyValueStorage(
-            conninfo, namespace, clock=clock, timeout=timeout
-        )
-    )
-
-
-def _redis_provider(config: KbsConfig, clock: Callable[[], float]) -> StorageProvider:
-    settings = config.storage_backend.backends.redis
-    url = _section_or_env("Redis", settings, "REDIS_URL", "url")
-    redis: Any = _driver("Redis", "keybroker.storage.redis", "redis")
-    settings = settings or RedisBackendConfig()
-    address, timeout = url or settings.url, settings.timeout
-    return StorageProvider(
-        lambda namespace: redis.RedisKeyValueStorage(
-            address, namespace, clock=clock, timeout=timeout
-        )
-    )
-
-
-def _section_or_env(kind: str, section: object, variable: str, keys: str) -> str | None:
-    """The URL in ``variable`` (it wins, as upstream), after checking one of the two is set."""
-    url = os.environ.get(variable) or None
-    if section is None and url is None:
-        raise ConfigError(
-            f"storage_type = {kind} needs [storage_backend.backends.{kind.lower()}] ({keys}) "
-            f"or the environment variable {variable}"
-        )
-    if url is not None:
-        log.info("%s storage: connection from %s", kind, variable)
-    return url
-
-
-def _driver(kind: str, module: str, extra: str) -> ModuleType:
-    """A storage module whose driver is an optional extra, or the line that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(
-            f"storage_type = {kind} needs the {extra} extra: pip install 'keybroker[{extra}]'"
-        ) from None
-
-
-def _secret_backend(kind: str, settings: BaseModel | None) -> SecretBackend:
-    """The backend of :data:`SECRET_BACKENDS` ``kind``, built from its validated settings
-    (the backend modules import their drivers lazily and name a missing extra)."""
-    module_name, _model, class_name = SECRET_BACKENDS[kind]
-    factory = getattr(importlib.import_module(module_name), class_name)
-    backend: SecretBackend = factory.from_config(settings)
-    return backend
-
-
-def _pkcs11_backend(
-    settings: BaseModel | None, storage: StorageProvider, max_versions: int | None
-) -> SecretBackend:
-    """The versioned PKCS#11 backend: bytes on the token, version records in the KBS's own
-    key-value store (see :mod:`keybroker.storage.pkcs11`)."""
-    if not isinstance(settings, Pkcs11Config):
-        raise ConfigError("the pkcs11 resource backend needs its module, slot_index and pin")
-    return Pkcs11SecretBackend.from_config(
-        settings, namespace=storage.get, max_versions=max_versions or DEFAULT_MAX_VERSIONS
-    )
+    return storage_provider(kind, config.storage_backend.backends, clock, memory_dir)
 
 
 def _resource_backend(entry: ResourcePluginConfig, storage: StorageProvider) -> SecretBackend:
@@ -431,12 +312,12 @@ def _resource_backend(entry: ResourcePluginConfig, storage: StorageProvider) -> 
         return KvSecretBackend.in_namespaces(
             storage.get, RESOURCE_NAMESPACE, max_versions=entry.kv_max_versions()
         )
-    if kind == "pkcs11":
-        return _pkcs11_backend(entry.backend_settings(), storage, entry.max_versions)
     if kind == "legacy_local_fs":
         return DirectoryTreeSecretBackend(entry.legacy_dir())
-    if kind in SECRET_BACKENDS:
-        return _secret_backend(kind, entry.backend_settings())
+    settings = entry.backend_settings()
+    if kind in SECRET_BACKENDS and settings is not None:
+        context = BuildContext(storage.get, entry.max_versions)
+        return SECRET_BACKENDS[kind].build(settings, context)
     raise UnsupportedFeatureError(f"resource plugin storage backend {kind}")
 
 
@@ -447,8 +328,9 @@ def _plugins(config: KbsConfig, storage: StorageProvider, metrics: KbsMetrics) -
             backend = _resource_backend(entry, storage)
             plugins["resource"] = ResourcePlugin(backend, metrics.resource)
         elif isinstance(entry, Pkcs11PluginConfig):
+            context = BuildContext(storage.get)
             plugins["pkcs11"] = Pkcs11Plugin(
-                _pkcs11_backend(entry.backend_settings(), storage, None)
+                SECRET_BACKENDS["pkcs11"].build(entry.backend_settings(), context)
             )
         elif isinstance(entry, SamplePluginConfig):
             plugins["sample"] = SamplePlugin(entry.item)

@@ -9,10 +9,11 @@ not make their secrets different. ``GetSecretValue`` returns the current version
 
 The client is boto3's, configured from upstream's keys: ``region`` and ``endpoint_url``. Both
 may be left out; then the region comes from ``AWS_REGION`` (the variable upstream's Rust SDK
-reads) or boto3's own sources (``AWS_DEFAULT_REGION``, the shared config file); no region at
-all stops start-up with a :class:`ConfigError`. Credentials always come from boto3's standard
-chain (environment, shared credentials and config files, web identity / IRSA, container and
-EC2 instance roles): the configuration never holds an AWS key. boto3 blocks, so every call runs
+reads, mapped into ``region`` when the configuration is loaded) or boto3's own sources
+(``AWS_DEFAULT_REGION``, the shared config file); no region at all stops start-up with a
+:class:`ConfigError`. Credentials always come from boto3's standard chain (environment, shared
+credentials and config files, web identity / IRSA, container and EC2 instance roles): the
+configuration never holds an AWS key. boto3 blocks, so every call runs
 in a worker thread, never on the event loop.
 
 Failures: "no such secret" (``ResourceNotFoundException``) is a missing resource (404). Throttling,
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -182,9 +182,9 @@ def _make_client(config: AwsSecretsConfig) -> Any:
     try:
         return boto3.session.Session().client(
             "secretsmanager",
-            # AWS_REGION is the AWS SDKs' common variable (upstream's Rust SDK reads it); boto3
-            # itself reads AWS_DEFAULT_REGION and the shared config file.
-            region_name=config.region or os.environ.get("AWS_REGION") or None,
+            # None: boto3's own sources (AWS_DEFAULT_REGION, the shared config file). AWS_REGION,
+            # which upstream's Rust SDK reads, is mapped into `region` (keybroker.config_env).
+            region_name=config.region or None,
             endpoint_url=config.endpoint_url,
             config=settings,
         )

@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 from conftest import kbs_config
 from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
-from keybroker.config import parse_config
+from keybroker.config import ResourcePluginConfig, parse_config
 from keybroker.errors import (
     ConfigError,
     KbsRejectedError,
@@ -33,6 +33,8 @@ from keybroker.kbs.app import create_app
 from keybroker.kbs.resource_policy import builtin_policy
 from keybroker.protocol.resource_path import ResourcePath
 from keybroker.storage.aws_secrets import AwsSecretsConfig, AwsSecretsSecretBackend
+from keybroker.storage.provider import memory_provider
+from keybroker.storage.secret_registry import SECRET_BACKENDS, BuildContext
 from ports import free_port
 from standins.aws_secrets import REGION, MotoServer, Throttler, aws_env
 from standins.server import ServedApp
@@ -224,14 +226,29 @@ def test_no_region_anywhere_stops_start_up() -> None:
         AwsSecretsSecretBackend(AwsSecretsConfig())
 
 
-def test_region_from_the_environment_is_used(
-    moto: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("AWS_REGION", REGION)
+def test_region_from_the_environment_is_used(moto: MotoServer, tmp_path: Path) -> None:
+    """AWS_REGION is mapped into the plugin's `region` when the configuration is loaded."""
     name = _name()
     moto.admin(tmp_path).create_secret(Name=name, SecretString="from env region")
-    backend = AwsSecretsSecretBackend(AwsSecretsConfig(endpoint_url=moto.url))
+    plugin = {"name": "resource", "storage_backend_type": "AWS", "endpoint_url": moto.url}
+    config = parse_config({"plugins": [plugin]}, environ={"AWS_REGION": REGION})
+    settings = config.plugins[0].backend_settings()  # type: ignore[union-attr]
+    assert settings == AwsSecretsConfig(region=REGION, endpoint_url=moto.url)
+    backend = SECRET_BACKENDS["aws"].build(settings, BuildContext(memory_provider().get))
     assert asyncio.run(backend.read(ResourcePath("a", "b", name))) == b"from env region"
+
+
+def test_region_in_the_file_wins_over_the_environment() -> None:
+    plugins = [
+        {"name": "resource", "type": "aws", "region": "eu-west-3"},  # the seed-era spelling
+    ]
+    config = parse_config({"plugins": plugins}, environ={"AWS_REGION": REGION})
+    assert config.plugins[0].backend_settings() == AwsSecretsConfig(region="eu-west-3")  # type: ignore[union-attr]
+    # another backend takes no region from the environment
+    kv = {"name": "resource", "storage_backend_type": "kvstorage"}
+    assert parse_config({"plugins": [kv]}, environ={"AWS_REGION": REGION}).plugins == [
+        ResourcePluginConfig(name="resource", storage_backend_type="kvstorage")
+    ]
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from cca_tokens import (
     padded64,
 )
 from conftest import vector
+from keybroker.config import BuiltinAsConfig, parse_config
 from keybroker.errors import ConfigError, EvidenceError
 from keybroker.protocol.models import JsonValue, Tee
 from keybroker.verifiers import build_verifiers
@@ -43,7 +44,7 @@ DIGEST = hashlib.sha384(b"the session's runtime data").digest()
 
 @pytest.fixture(scope="module")
 def verifier() -> CcaVerifier:
-    return CcaVerifier(build_cca_endorsements(local_config(), environ={}))
+    return CcaVerifier(build_cca_endorsements(local_config()))
 
 
 def _verify(
@@ -259,7 +260,7 @@ def test_cpak_of_another_implementation_is_refused(tmp_path: Path) -> None:
     anchors[0]["implementation-id"] = "11" * 32
     store = tmp_path / "ta.json"
     store.write_text(json.dumps(anchors))
-    verifier = CcaVerifier(build_cca_endorsements(local_config(ta_store=store), environ={}))
+    verifier = CcaVerifier(build_cca_endorsements(local_config(ta_store=store)))
     with pytest.raises(EvidenceError, match="endorsed for implementation"):
         _verify(verifier, _bound().build())
 
@@ -339,9 +340,33 @@ def test_upstream_config_file_named_by_the_environment_is_read(tmp_path: Path) -
     config = tmp_path / "cca-config.json"
     section = {"type": "local", "ta-store": str(TA_STORE), "rv-store": str(RV_STORE)}
     config.write_text(json.dumps({"cca-verifier": section}))
-    endorsements = build_cca_endorsements(None, environ={"CCA_CONFIG_FILE": str(config)})
+    loaded = parse_config({}, environ={"CCA_CONFIG_FILE": str(config)})
+    assert isinstance(loaded.attestation_service, BuiltinAsConfig)
+    endorsements = build_cca_endorsements(loaded.attestation_service.verifier_config)
     assert endorsements is not None
     _verify(CcaVerifier(endorsements), EXAMPLE, report_data=EXAMPLE_CHALLENGE)
+
+
+def test_a_cca_section_in_the_file_wins_over_the_environment(tmp_path: Path) -> None:
+    section = {"type": "local", "ta-store": str(TA_STORE), "rv-store": str(RV_STORE)}
+    document: dict[str, object] = {
+        "attestation_service": {"type": "coco_as_builtin", "verifier_config": {"cca": section}}
+    }
+    # the variable names a file that does not exist: it is not even read
+    loaded = parse_config(document, environ={"CCA_CONFIG_FILE": str(tmp_path / "absent.json")})
+    assert isinstance(loaded.attestation_service, BuiltinAsConfig)
+    assert loaded.attestation_service.verifier_config == {"cca": section}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not json", b'{"cca-verifier": {"type": "local"}, "other": 1}', b"[]"],
+)
+def test_a_malformed_upstream_cca_file_is_refused_at_load(tmp_path: Path, content: bytes) -> None:
+    config = tmp_path / "cca-config.json"
+    config.write_bytes(content)
+    with pytest.raises(ConfigError, match=r"CCA config file .*CCA_CONFIG_FILE"):
+        parse_config({}, environ={"CCA_CONFIG_FILE": str(config)})
 
 
 @pytest.mark.parametrize(
@@ -354,7 +379,7 @@ def test_upstream_config_file_named_by_the_environment_is_read(tmp_path: Path) -
 )
 def test_bad_cca_configuration_fails_at_start_up(section: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        build_cca_endorsements({"cca": section}, environ={})
+        build_cca_endorsements({"cca": section})
 
 
 def test_malformed_trust_anchor_is_a_config_error(tmp_path: Path) -> None:
@@ -363,4 +388,4 @@ def test_malformed_trust_anchor_is_a_config_error(tmp_path: Path) -> None:
     store = tmp_path / "ta.json"
     store.write_text(json.dumps(anchors))
     with pytest.raises(ConfigError, match="P-192"):
-        build_cca_endorsements(local_config(ta_store=store), environ={})
+        build_cca_endorsements(local_config(ta_store=store))

@@ -49,7 +49,7 @@ class Remote:
         return {"cca": {"type": "remote", "address": self.url, "ca-cert": str(self.ca), **extra}}
 
     def verifier(self) -> Verifier:
-        return build_cca_verifier(self.config(), environ={})
+        return build_cca_verifier(self.config())
 
 
 @pytest.fixture
@@ -83,15 +83,15 @@ def test_remote_appraisal_through_the_veraison_api(remote: Remote) -> None:
 
 def test_upstream_remote_config_builds_a_remote_verifier_without_network() -> None:
     upstream = json.loads(vector("verifier", "cca", "conf", "cca-config-remote.json").read_text())
-    verifier = build_cca_verifier({"cca": upstream["cca-verifier"]}, environ={})
+    verifier = build_cca_verifier({"cca": upstream["cca-verifier"]})
     assert isinstance(verifier, CcaRemoteVerifier)
 
 
 def test_plain_http_address_is_refused_unless_insecure() -> None:
     section = {"type": "remote", "address": "http://127.0.0.1:1"}
     with pytest.raises(ConfigError, match="not HTTPS"):
-        build_cca_verifier({"cca": section}, environ={})
-    build_cca_verifier({"cca": {**section, "insecure_http": True}}, environ={})
+        build_cca_verifier({"cca": section})
+    build_cca_verifier({"cca": {**section, "insecure_http": True}})
 
 
 def test_ear_signed_by_another_key_is_refused(remote: Remote) -> None:
@@ -146,7 +146,7 @@ def test_asynchronous_answer_is_refused(remote: Remote) -> None:
 
 def test_unreachable_veraison_is_service_unavailable(tmp_path: Path) -> None:
     section = {"type": "remote", "address": f"https://127.0.0.1:{free_port()}", "timeout": 2}
-    verifier = build_cca_verifier({"cca": section}, environ={})
+    verifier = build_cca_verifier({"cca": section})
     with pytest.raises(ServiceUnavailableError, match="Veraison service"):
         _verify(verifier, _token())
 

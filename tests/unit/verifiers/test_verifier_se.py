@@ -18,10 +18,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from conftest import vector
+from keybroker.config import BuiltinAsConfig, load_as_config, parse_config
 from keybroker.errors import AttestationError, ConfigError, EvidenceError
 from keybroker.verifiers.ibm.se import SeVerifier
 from keybroker.verifiers.ibm.se_formats import measurement, parse_arcb, parse_se_header
-from keybroker.verifiers.ibm.se_settings import se_settings
+from keybroker.verifiers.ibm.se_settings import SeSettings, se_settings
 from se_guest import SePki, Ultravisor, attest, certify, ibm_name, settings_for, write_material
 
 NOW = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC).timestamp()
@@ -49,7 +50,7 @@ def _world(tmp_path: Path, *, header: bytes | None = None, **material: Any) -> W
     pki = material.pop("pki", None) or SePki()
     header = header or _header()
     root = write_material(tmp_path / "ibmse", pki, header, _RSA, **material)
-    verifier = SeVerifier(se_settings({"se": settings_for(root)}, environ={}), clock=lambda: NOW)
+    verifier = SeVerifier(se_settings({"se": settings_for(root)}), clock=lambda: NOW)
     tags = parse_se_header(header).tags.to_bytes()
     return World(root, pki, verifier, Ultravisor(pki.host.key, tags))
 
@@ -294,7 +295,7 @@ def test_insecure_skip_uses_unverified_documents(tmp_path: Path) -> None:
     world = _world(tmp_path)
     (world.root / "root_ca.crt").write_bytes(SePki().root.pem())
     settings = {**settings_for(world.root), "insecure_skip_certs_verification": True}
-    verifier = SeVerifier(se_settings({"se": settings}, environ={}), clock=lambda: NOW)
+    verifier = SeVerifier(se_settings({"se": settings}), clock=lambda: NOW)
     request = json.loads(verifier.challenge({}))
     assert parse_arcb(base64.b64decode(request["request_blob"])).keyslots
 
@@ -303,16 +304,23 @@ def test_insecure_skip_uses_unverified_documents(tmp_path: Path) -> None:
 
 
 def test_missing_material_is_a_clear_error(tmp_path: Path) -> None:
-    settings = se_settings({"se": settings_for(tmp_path / "absent")}, environ={})
+    settings = se_settings({"se": settings_for(tmp_path / "absent")})
     verifier = SeVerifier(settings, clock=lambda: NOW)
     with pytest.raises(AttestationError, match="IBM SE is not set up"):
         verifier.challenge({})
 
 
+def _loaded_se_settings(document: dict[str, object], environ: dict[str, str]) -> SeSettings:
+    """The SE settings of a KBS config document loaded with ``environ`` as its environment."""
+    config = parse_config(document, environ=environ)
+    assert isinstance(config.attestation_service, BuiltinAsConfig)
+    return se_settings(config.attestation_service.verifier_config)
+
+
 def test_upstream_environment_variables_are_honoured(tmp_path: Path) -> None:
-    settings = se_settings(
-        None,
-        environ={
+    settings = _loaded_se_settings(
+        {},
+        {
             "DEFAULT_SE_HOST_KEY_DOCUMENTS_ROOT": str(tmp_path / "h"),
             "SE_CERTIFICATES_ROOT": str(tmp_path / "c"),
             "SE_SKIP_CERTS_VERIFICATION": "true",
@@ -325,16 +333,25 @@ def test_upstream_environment_variables_are_honoured(tmp_path: Path) -> None:
 
 
 def test_config_file_key_wins_over_the_environment(tmp_path: Path) -> None:
-    settings = se_settings(
-        {"se": {"crls_dir": str(tmp_path / "mine")}},
-        environ={"SE_CERTIFICATE_REVOCATION_LISTS_ROOT": "/elsewhere"},
+    section = {"se": {"crls_dir": str(tmp_path / "mine")}}
+    settings = _loaded_se_settings(
+        {"attestation_service": {"type": "coco_as_builtin", "verifier_config": section}},
+        {"SE_CERTIFICATE_REVOCATION_LISTS_ROOT": "/elsewhere", "SE_SKIP_CERTS_VERIFICATION": "1"},
     )
     assert settings.crls_dir == tmp_path / "mine"
+    assert settings.insecure_skip_certs_verification is False  # only "true" skips
+
+
+def test_the_attestation_service_file_maps_the_same_variables(tmp_path: Path) -> None:
+    """grpc-as and restful-as: the variables land in the top-level verifier_config."""
+    config = load_as_config(None, environ={"SE_CERTIFICATE_ROOT_CA": str(tmp_path / "root.crt")})
+    assert se_settings(config.verifier_config).root_ca == tmp_path / "root.crt"
+    assert load_as_config(None, environ={}).verifier_config is None
 
 
 def test_unknown_setting_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"verifier_config\.se"):
-        se_settings({"se": {"hkd_dir": "/x"}}, environ={})
+        se_settings({"se": {"hkd_dir": "/x"}})
 
 
 def test_mismatched_public_key_is_refused(world: World) -> None:

@@ -244,11 +244,10 @@ def build_cca_verifier(
     verifier_config: Mapping[str, Any] | None,
     *,
     clock: Callable[[], float] = time.time,
-    environ: Mapping[str, str] | None = None,
 ) -> Verifier:
     """The CCA verifier the configuration describes (local, remote, or refusing every token
     when CCA is not configured). Stores and CA files are read now, at start-up."""
-    settings = cca_settings(verifier_config, environ)
+    settings = cca_settings(verifier_config)
     if isinstance(settings, CcaRemoteSettings):
         try:
             ca_pem = settings.ca_cert.read_bytes() if settings.ca_cert else None

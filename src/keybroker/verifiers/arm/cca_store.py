@@ -22,7 +22,9 @@ rv-store = "/etc/kbs/cca/rvstore.json"
 
 With no ``cca`` section, upstream's ``CCA_CONFIG_FILE`` environment variable is honoured: it
 names upstream's JSON file ``{"cca-verifier": {"type": "local", "ta-store": …, "rv-store":
-…}}``. With neither, the verifier refuses every CCA token (no trusted platform).
+…}}``, whose ``cca-verifier`` table becomes the ``cca`` section when the configuration is
+loaded (``keybroker.config_env``). With neither, the verifier refuses every CCA token (no
+trusted platform).
 
 Remote mode hands the platform's appraisal to a Veraison service
 (:mod:`keybroker.verifiers.arm.veraison`):
@@ -43,7 +45,6 @@ import base64
 import binascii
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,6 @@ from keybroker.verifiers.arm.cca_token import SwComponent
 
 log = logging.getLogger(__name__)
 
-CCA_CONFIG_ENV = "CCA_CONFIG_FILE"
 MAX_STORE_BYTES = 4 * 1024 * 1024
 _CURVES: dict[str, ec.EllipticCurve] = {
     "P-256": ec.SECP256R1(),
@@ -276,26 +276,17 @@ def load_reference_values(path: Path) -> dict[bytes, tuple[PlatformReference, ..
 
 
 def cca_settings(
-    verifier_config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
+    verifier_config: Mapping[str, Any] | None,
 ) -> CcaLocalSettings | CcaRemoteSettings | None:
-    """``[attestation_service.verifier_config.cca]``, else the upstream file named by
-    ``CCA_CONFIG_FILE`` in ``environ`` (the process environment by default); None without
-    either."""
+    """``[attestation_service.verifier_config.cca]`` (which upstream's ``CCA_CONFIG_FILE``
+    fills when unset); None without it."""
     section = (verifier_config or {}).get("cca")
-    if section is not None:
-        try:
-            return _UpstreamFile.model_validate({"cca-verifier": section}).cca_verifier
-        except ValidationError as e:
-            raise ConfigError(f"[attestation_service.verifier_config.cca] {_problems(e)}") from None
-    upstream_file = (os.environ if environ is None else environ).get(CCA_CONFIG_ENV)
-    if not upstream_file:
+    if section is None:
         return None
     try:
-        return _UpstreamFile.model_validate(
-            _read_json(Path(upstream_file), f"config file ({CCA_CONFIG_ENV})")
-        ).cca_verifier
+        return _UpstreamFile.model_validate({"cca-verifier": section}).cca_verifier
     except ValidationError as e:
-        raise ConfigError(f"the CCA config file {upstream_file}: {_problems(e)}") from None
+        raise ConfigError(f"[attestation_service.verifier_config.cca] {_problems(e)}") from None
 
 
 def load_endorsements(settings: CcaLocalSettings) -> CcaEndorsements:
@@ -311,12 +302,10 @@ def load_endorsements(settings: CcaLocalSettings) -> CcaEndorsements:
     return endorsements
 
 
-def build_cca_endorsements(
-    verifier_config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
-) -> CcaEndorsements | None:
+def build_cca_endorsements(verifier_config: Mapping[str, Any] | None) -> CcaEndorsements | None:
     """The local endorsements the configuration names; None when CCA is not configured.
     A remote configuration is refused here: see ``cca.build_cca_verifier``."""
-    settings = cca_settings(verifier_config, environ)
+    settings = cca_settings(verifier_config)
     if isinstance(settings, CcaRemoteSettings):
         raise ConfigError("the CCA verifier is configured as `remote`: it has no local stores")
     return None if settings is None else load_endorsements(settings)

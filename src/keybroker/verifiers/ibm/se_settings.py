@@ -17,12 +17,12 @@ falls back to upstream's variable (``DEFAULT_SE_HOST_KEY_DOCUMENTS_ROOT``,
 ``SE_CERTIFICATES_ROOT``, ``SE_CERTIFICATE_REVOCATION_LISTS_ROOT``, ``SE_CERTIFICATE_ROOT_CA``,
 ``SE_IMAGE_HEADER_FILE``, ``SE_MEASUREMENT_ENCR_KEY_PRIVATE``,
 ``SE_MEASUREMENT_ENCR_KEY_PUBLIC``, ``SE_SKIP_CERTS_VERIFICATION``), then to upstream's default
-path. The environment is read once, here, when the verifiers are built.
+path. Those variables are mapped into this section when the configuration is loaded
+(``keybroker.config_env``): this module reads the section only.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,17 +33,16 @@ from keybroker.errors import ConfigError
 
 SE_ROOT = Path("/run/confidential-containers/ibmse")
 
-# key -> (upstream environment variable, upstream default)
-_UPSTREAM: dict[str, tuple[str, Path]] = {
-    "host_key_documents_dir": ("DEFAULT_SE_HOST_KEY_DOCUMENTS_ROOT", SE_ROOT / "hkds"),
-    "certificates_dir": ("SE_CERTIFICATES_ROOT", SE_ROOT / "certs"),
-    "crls_dir": ("SE_CERTIFICATE_REVOCATION_LISTS_ROOT", SE_ROOT / "crls"),
-    "root_ca": ("SE_CERTIFICATE_ROOT_CA", SE_ROOT / "root_ca.crt"),
-    "image_header": ("SE_IMAGE_HEADER_FILE", SE_ROOT / "hdr" / "hdr.bin"),
-    "measurement_key_private": ("SE_MEASUREMENT_ENCR_KEY_PRIVATE", SE_ROOT / "rsa/encrypt_key.pem"),
-    "measurement_key_public": ("SE_MEASUREMENT_ENCR_KEY_PUBLIC", SE_ROOT / "rsa/encrypt_key.pub"),
+# key -> upstream's default
+_UPSTREAM_DEFAULTS: dict[str, Path] = {
+    "host_key_documents_dir": SE_ROOT / "hkds",
+    "certificates_dir": SE_ROOT / "certs",
+    "crls_dir": SE_ROOT / "crls",
+    "root_ca": SE_ROOT / "root_ca.crt",
+    "image_header": SE_ROOT / "hdr" / "hdr.bin",
+    "measurement_key_private": SE_ROOT / "rsa/encrypt_key.pem",
+    "measurement_key_public": SE_ROOT / "rsa/encrypt_key.pub",
 }
-_SKIP_ENV = "SE_SKIP_CERTS_VERIFICATION"
 
 
 class SeSettings(BaseModel):
@@ -58,15 +57,10 @@ class SeSettings(BaseModel):
     insecure_skip_certs_verification: bool = False
 
 
-def se_settings(
-    verifier_config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
-) -> SeSettings:
-    environ = os.environ if environ is None else environ
+def se_settings(verifier_config: Mapping[str, Any] | None) -> SeSettings:
     section = dict((verifier_config or {}).get("se", {}))
-    for key, (variable, default) in _UPSTREAM.items():
-        section.setdefault(key, environ.get(variable) or default)
-    if "insecure_skip_certs_verification" not in section and _SKIP_ENV in environ:
-        section["insecure_skip_certs_verification"] = environ[_SKIP_ENV].lower() == "true"
+    for key, default in _UPSTREAM_DEFAULTS.items():
+        section.setdefault(key, default)
     try:
         return SeSettings.model_validate(section)
     except ValidationError as e:
