@@ -271,8 +271,13 @@ class Pkcs11KeyValueStorage(KeyValueStorage):
         # read its class back; a newer write (or a delete) superseded it, as if it came after.
         with contextlib.suppress(p11.exceptions.ObjectHandleInvalid):
             self._token.session.create_object(template)
-        for older, item in self._objects(label):
-            if older < stamp:
+        # The newest stamp wins, whoever wrote it: this writer also removes its own object when
+        # a newer one is already there (a writer that stamped earlier but created later), so
+        # racing writers leave one object, the last stamped.
+        objects = self._objects(label)
+        newest = max([stamp, *(found for found, _ in objects)])
+        for older, item in objects:
+            if older < newest:
                 self._destroy(label, older, item)
 
     def _delete_sync(self, label: str) -> bytes | None:
