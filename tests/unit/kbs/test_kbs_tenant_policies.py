@@ -249,7 +249,15 @@ def test_tenant_policy_changes_are_audited(tmp_path: Path, client: TestClient) -
 
 # --- an admin confined to a tenant by the regex ACLs (the pattern docs/admin.md gives) --------
 
-TENANT_A_ACL = r"^/kbs/v0/(resource/tenant-a/[^/]+/[^/]+|resource-policy/tenant-a(/[^/]+)?)$"
+
+def _documented_acl() -> str:
+    """The tenant-a pattern exactly as docs/admin.md ("Confining an admin to a tenant") gives it."""
+    docs = Path(__file__).parents[3] / "docs" / "admin.md"
+    [line] = [line for line in docs.read_text().splitlines() if 'role = "tenant-a-admin"' in line]
+    return line.split("allowed_endpoints = '")[1].split("'")[0]
+
+
+TENANT_A_ACL = _documented_acl()
 
 
 @pytest.fixture
@@ -298,9 +306,17 @@ def test_tenant_admin_reads_and_writes_its_own_secrets_and_policy(
     assert _status(client, "GET", policy, tenant_a) == 200
     assert _status(client, "POST", policy + "/key", tenant_a, _body(ALLOW)) == 200
     assert _status(client, "DELETE", policy + "/key", tenant_a) == 200
+    # listing, metadata and version actions under its own repository
+    for path in ("/kbs/v0/resources/tenant-a", "/kbs/v0/resources/tenant-a/key?limit=5"):
+        assert _status(client, "GET", path, tenant_a) == 200, path
+    meta = "/kbs/v0/resource-meta/tenant-a/key/one"
+    assert _status(client, "GET", meta, tenant_a) == 200
+    assert _status(client, "POST", "/kbs/v0/resource/tenant-a/key/one", tenant_a, b"a2") == 200
+    # past the ACL (not 403): this app's directory-tree backend keeps no versions, so 501
+    assert _status(client, "POST", meta + "/rollback", tenant_a, {"version": 1}) == 501
     # what tenant-a's policy allows, a tenant-a guest reads (the default global policy would
     # refuse this sample guest)
-    assert _guest(client).get_resource("tenant-a/key/one") == b"a"
+    assert _guest(client).get_resource("tenant-a/key/one") == b"a2"
 
 
 def test_tenant_a_admin_writing_tenant_b_policy_or_secrets_is_refused(
@@ -320,6 +336,12 @@ def test_tenant_a_admin_writing_tenant_b_policy_or_secrets_is_refused(
         ("GET", "/kbs/v0/resource-policy/resource-policy", None),
         ("POST", "/kbs/v0/resource-policy/tenant-a%2F..%2Ftenant-b", _body(ALLOW)),
         ("POST", "/kbs/v0/policy-explain", {"kind": "resource", "input": {}}),
+        ("GET", "/kbs/v0/resources", None),  # every repository
+        ("GET", "/kbs/v0/resources?prefix=tenant-b", None),
+        ("GET", "/kbs/v0/resources/tenant-b", None),
+        ("GET", "/kbs/v0/resources/tenant-a-evil", None),
+        ("GET", "/kbs/v0/resource-meta/tenant-b/key/one", None),
+        ("POST", "/kbs/v0/resource-meta/tenant-b/key/one/purge", {"version": 1}),
     ):
         assert _status(client, method, path, tenant_a, body) == 403, (method, path)
     # paths that smuggle a separator are refused by the path check, whatever the ACL says
