@@ -173,7 +173,8 @@ class AdminClient:
 
     def get_reference_value(self, reference_value_id: str) -> JsonValue:
         path = f"{API}/reference-value/{reference_value_id}"
-        return send(self._http, "GET", path, headers=self._headers).json()
+        value: JsonValue = send(self._http, "GET", path, headers=self._headers).json()
+        return value
 
     def explain_policy(self, request: dict[str, JsonValue]) -> dict[str, JsonValue]:
         """Evaluate a resource or attestation policy and get every rule's value (see

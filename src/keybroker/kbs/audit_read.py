@@ -188,7 +188,9 @@ class AuditReader:
         """The ``attest`` records of one page, as rows, and their counts by TEE and status
         (over the rows listed: at most ``limit``)."""
         page = self.page(replace(query, action="attest"))
-        rows = [_attestation_row(record) for record in page["records"]]
+        records = page["records"]
+        listed = records if isinstance(records, list) else []
+        rows = [_attestation_row(record) for record in listed if isinstance(record, dict)]
         counts = Counter((str(row["tee"]), str(row["status"])) for row in rows)
         by_tee: list[JsonValue] = [
             {"tee": tee, "status": status, "count": count}
