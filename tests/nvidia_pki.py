@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from keybroker.protocol.models import JsonValue
+
 TCB_INFO = x509.ObjectIdentifier("2.23.133.5.4.1")
 SHA384_OID_DER = bytes.fromhex("0609608648016503040202")
 
@@ -117,7 +119,9 @@ class DpuPki:
     alias: x509.Certificate
     alias_key: ec.EllipticCurvePrivateKey
 
-    def evidence(self, report_data: bytes, *, signature: bytes | None = None) -> dict[str, object]:
+    def evidence(
+        self, report_data: bytes, *, signature: bytes | None = None
+    ) -> dict[str, JsonValue]:
         signed = report_data + bytes(64 - len(report_data))
         return {
             "version": 1,

@@ -14,10 +14,10 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from json_shapes import at, mutable_arr
 from kbs_process import kbs_client, open_kbs_config, running_kbs, wait_listening
 from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
@@ -188,8 +188,8 @@ class ForgedPcrs(TpmAttester):
         self._pcr11 = pcr11
 
     def evidence(self, report_data: bytes) -> JsonValue:
-        evidence: Any = super().evidence(report_data)
-        evidence["tpm_quote"]["pcrs"][11] = self._pcr11
+        evidence = super().evidence(report_data)
+        mutable_arr(at(evidence, "tpm_quote", "pcrs"))[11] = self._pcr11
         return evidence
 
 

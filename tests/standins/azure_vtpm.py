@@ -18,6 +18,7 @@ import struct
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from keybroker.protocol.models import JsonValue
 from keybroker.verifiers.azure.az_hcl import HW_REPORT_SIZE, HclReportType
 from keybroker.verifiers.tpm.quote import TPM_ALG_SHA256, TPM_GENERATED_VALUE, TPM_ST_ATTEST_QUOTE
 
@@ -94,7 +95,9 @@ class AzureVtpm:
         }
         return json.dumps(document, separators=(",", ":")).encode()
 
-    def quote(self, nonce: bytes, *, signer: rsa.RSAPrivateKey | None = None) -> dict[str, object]:
+    def quote(
+        self, nonce: bytes, *, signer: rsa.RSAPrivateKey | None = None
+    ) -> dict[str, JsonValue]:
         """The ``tpm_quote`` member of version 1 and 2 evidence (hex)."""
         message = attest_message(nonce, self.pcrs)
         signature = (signer or self.ak).sign(message, padding.PKCS1v15(), hashes.SHA256())

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
@@ -33,6 +33,7 @@ from starlette.routing import Route
 from keybroker.attestation.service import BuiltinAttestationService, supplemental_challenge
 from keybroker.attestation.wire import b64url_decode, evidence_from_parts
 from keybroker.errors import BadRequestError, KeybrokerError, PayloadTooLargeError
+from keybroker.protocol.models import UncheckedJson
 from keybroker.protocol.untrusted_json import parse_json
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -44,7 +45,7 @@ class _Body(BaseModel):
 
 class RuntimeDataBody(_Body):
     raw: str | None = None
-    structured: dict[str, Any] | None = None
+    structured: dict[str, UncheckedJson] | None = None
 
 
 class InitDataBody(_Body):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote
 
@@ -154,7 +155,7 @@ class AdminClient:
         path = f"{API}/reference-value/{_segments(reference_value_id)}"
         send(self._http, "DELETE", path, headers=self._headers)
 
-    def register_reference_value(self, message: dict[str, JsonValue]) -> list[str]:
+    def register_reference_value(self, message: Mapping[str, JsonValue]) -> list[str]:
         reply = send(
             self._http,
             "POST",
@@ -173,7 +174,8 @@ class AdminClient:
 
     def get_reference_value(self, reference_value_id: str) -> JsonValue:
         path = f"{API}/reference-value/{reference_value_id}"
-        return send(self._http, "GET", path, headers=self._headers).json()
+        value: JsonValue = send(self._http, "GET", path, headers=self._headers).json()
+        return value
 
     def explain_policy(self, request: dict[str, JsonValue]) -> dict[str, JsonValue]:
         """Evaluate a resource or attestation policy and get every rule's value (see

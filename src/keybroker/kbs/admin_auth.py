@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -44,6 +44,7 @@ from keybroker.errors import (
     TokenVerificationError,
 )
 from keybroker.protocol.jws import PublicKey, decode_unverified, public_key_from_jwk, verify_jwt
+from keybroker.protocol.models import JsonValue
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ class BearerJwtAuthenticator:
 
     @staticmethod
     def _identity(
-        config: IdentityProvider, claims: dict[str, object], reasons: list[str]
+        config: IdentityProvider, claims: Mapping[str, JsonValue], reasons: list[str]
     ) -> AdminIdentity | None:
         if not isinstance(claims.get("exp"), int | float):
             reasons.append("token has no exp")

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypedDict
 
 from keybroker.errors import BadRequestError, ServiceUnavailableError
 from keybroker.kbs.audit import Record, checkpoint_path, read_json_record
@@ -142,6 +143,60 @@ class _Snapshot:
     checkpoint_problem: str | None
 
 
+class ChainStatus(TypedDict):
+    """The hash chain of what a page read (``scope = "window"``) or of the whole file."""
+
+    scope: str
+    keyed: bool
+    status: str  # verified, broken or unchecked
+    records: int
+    end_checked: bool
+    broken_at_seq: int | None
+    problem: str
+    summary: str
+
+
+class ScanInfo(TypedDict):
+    bytes: int
+    reached_start: bool
+
+
+class AuditPage(TypedDict):
+    """``GET /audit-log``: records newest first, and where the next page starts."""
+
+    records: list[Record]
+    next_cursor: str | None
+    scan: ScanInfo
+    chain: ChainStatus
+
+
+class AttestationRow(TypedDict):
+    time: JsonValue
+    seq: JsonValue
+    tee: JsonValue
+    status: str
+    decision: JsonValue
+    reason: str
+    token_id: JsonValue
+    peer: JsonValue
+
+
+class TeeCount(TypedDict):
+    tee: str
+    status: str
+    count: int
+
+
+class AttestationPage(TypedDict):
+    """``GET /audit-log/attestations``: one page's ``attest`` records as rows, counted."""
+
+    attestations: list[AttestationRow]
+    by_tee: list[TeeCount]
+    next_cursor: str | None
+    scan: ScanInfo
+    chain: ChainStatus
+
+
 @dataclass
 class _Window:
     """What one page read: its lines (oldest first, for verification) and the matches."""
@@ -158,7 +213,7 @@ class AuditReader:
         self._path = path
         self._key = key
 
-    def page(self, query: AuditQuery) -> dict[str, JsonValue]:
+    def page(self, query: AuditQuery) -> AuditPage:
         """Records newest first, ``next_cursor`` (``None`` once the start was read), what was
         scanned, and the chain status of the records read (or of the whole file)."""
         try:
@@ -184,13 +239,13 @@ class AuditReader:
             "chain": chain,
         }
 
-    def attestations(self, query: AuditQuery) -> dict[str, JsonValue]:
+    def attestations(self, query: AuditQuery) -> AttestationPage:
         """The ``attest`` records of one page, as rows, and their counts by TEE and status
         (over the rows listed: at most ``limit``)."""
         page = self.page(replace(query, action="attest"))
         rows = [_attestation_row(record) for record in page["records"]]
         counts = Counter((str(row["tee"]), str(row["status"])) for row in rows)
-        by_tee: list[JsonValue] = [
+        by_tee: list[TeeCount] = [
             {"tee": tee, "status": status, "count": count}
             for (tee, status), count in sorted(counts.items())
         ]
@@ -218,9 +273,7 @@ class AuditReader:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def _window_chain(
-        self, window: _Window, snapshot: _Snapshot, *, at_end: bool
-    ) -> dict[str, JsonValue]:
+    def _window_chain(self, window: _Window, snapshot: _Snapshot, *, at_end: bool) -> ChainStatus:
         if not window.lines:
             return _chain_status("window", None, self._key is not None, "no records read")
         first_seq = _seq(window.lines[0])
@@ -241,7 +294,7 @@ class AuditReader:
         )
         return _chain_status("window", result, self._key is not None, snapshot.checkpoint_problem)
 
-    def _file_chain(self, fd: int, snapshot: _Snapshot) -> dict[str, JsonValue]:
+    def _file_chain(self, fd: int, snapshot: _Snapshot) -> ChainStatus:
         keyed = self._key is not None
         if snapshot.size > VERIFY_MAX_BYTES:
             return _chain_status(
@@ -267,7 +320,7 @@ class AuditReader:
         return _chain_status("file", result, keyed, None)
 
 
-def _empty(keyed: bool) -> dict[str, JsonValue]:
+def _empty(keyed: bool) -> AuditPage:
     return {
         "records": [],
         "next_cursor": None,
@@ -278,7 +331,7 @@ def _empty(keyed: bool) -> dict[str, JsonValue]:
 
 def _chain_status(
     scope: str, result: VerifyResult | None, keyed: bool, note: str | None
-) -> dict[str, JsonValue]:
+) -> ChainStatus:
     """``status``: ``verified``, ``broken`` (at ``broken_at_seq`` when one record is to blame)
     or ``unchecked`` (``problem`` says why)."""
     kind = "keyed (HMAC-SHA256)" if keyed else "unkeyed (SHA-256: detects corruption only)"
@@ -398,7 +451,7 @@ def _int(value: JsonValue) -> int:
     return value if type(value) is int else -1
 
 
-def _attestation_row(record: Record) -> dict[str, JsonValue]:
+def _attestation_row(record: Record) -> AttestationRow:
     subject = record.get("subject")
     subject = subject if isinstance(subject, dict) else {}
     decision, reason = record.get("decision"), str(record.get("reason", ""))

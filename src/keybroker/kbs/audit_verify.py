@@ -111,8 +111,16 @@ def _parse(unverified_lines: Iterable[bytes]) -> list[Record]:
     return records
 
 
+def _seq(record: Record) -> int:
+    """The record's ``seq``, which ``_parse`` checked is an integer."""
+    seq = record["seq"]
+    if type(seq) is not int:
+        raise TypeError("seq is not an integer")
+    return seq
+
+
 def _check_record(number: int, record: Record, key: bytes | None) -> None:
-    seq, alg = record["seq"], record.get("alg")
+    seq, alg = _seq(record), record.get("alg")
     if alg is not None and alg != HMAC_ALG:
         raise _ChainError(f"line {number} (seq {seq}): unknown alg {str(alg)[:40]!r}", seq)
     if key is None and alg == HMAC_ALG:

@@ -262,7 +262,7 @@ class TokenVerifier:
             what="the token signer's certificate chain",
         )
 
-    def tee_pubkey(self, claims: dict[str, JsonValue]) -> TeePublicKey:
+    def tee_pubkey(self, claims: Mapping[str, JsonValue]) -> TeePublicKey:
         for path in self._paths:
             value = pointer(claims, path)
             if value is not None:

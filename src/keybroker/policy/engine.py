@@ -57,11 +57,11 @@ from keybroker.errors import PolicyEvaluationError, PolicyParseError
 from keybroker.policy.prepared import (
     EMPTY_DOCUMENT,
     AnswerMemory,
-    JsonValue,
     PolicySpec,
     PreparedPolicy,
     to_json,
 )
+from keybroker.protocol.models import JsonValue
 
 __all__ = [
     "AnswerMemory",

@@ -34,7 +34,8 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+
+from keybroker.protocol.models import JsonValue
 
 TOKEN = re.compile(
     r"""
@@ -137,22 +138,24 @@ class InputPaths:
         """One line per path read, ``input["a"][_]["b"]`` style (for docs and tests)."""
         return self._root.describe("input")
 
-    def project(self, value: Any) -> Any:
+    def project(self, value: JsonValue) -> JsonValue:
         """``value`` with only what the modules can read."""
         return _project(value, self._root)
 
 
-def _project(value: Any, node: _Node) -> Any:
+def _project(value: JsonValue, node: _Node) -> JsonValue:
     if node.whole:
         return value
     if isinstance(value, Mapping):
-        kept: dict[str, Any] = {}
+        kept: dict[str, JsonValue] = {}
         for name, member in value.items():
             literal = node.keys.get(name)
             if literal is not None and node.each is not None:
                 kept[name] = _project(member, _union(literal, node.each))
-            elif literal is not None or node.each is not None:
-                kept[name] = _project(member, literal or node.each)  # type: ignore[arg-type]
+            elif literal is not None:
+                kept[name] = _project(member, literal)
+            elif node.each is not None:
+                kept[name] = _project(member, node.each)
         return kept
     if isinstance(value, list) and node.each is not None:
         return [_project(member, node.each) for member in value]

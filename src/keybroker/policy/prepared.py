@@ -17,17 +17,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
 
 from keybroker.errors import PolicyEvaluationError, PolicyParseError
 from keybroker.policy import request_data
 from keybroker.policy.input_paths import InputPaths
-
-# Read-only (covariant) shapes, so a caller's ``dict[str, list[str]]`` is a JsonValue.
-# Values coming back from rego-cpp are plain dicts, lists and scalars.
-JsonValue: TypeAlias = (
-    Mapping[str, "JsonValue"] | Sequence["JsonValue"] | str | int | float | bool | None
-)
+from keybroker.protocol.models import JsonValue
 
 EMPTY_DOCUMENT = "{}"
 _PACKAGE = re.compile(r"package\s+([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*(?:#.*)?")

@@ -125,9 +125,11 @@ class PooledPolicy:
         self._answers.put(key, answers)
         return answers
 
-    async def explain(self, input: JsonValue, data: JsonValue | None = None) -> dict[str, Any]:
+    async def explain(
+        self, input: JsonValue, data: JsonValue | None = None
+    ) -> dict[str, JsonValue]:
         request = {"op": "explain", "spec": asdict(self.spec), "input": input, "data": data}
-        rules: dict[str, Any] = await self._workers.call(request)
+        rules: dict[str, JsonValue] = await self._workers.call(request)
         return rules
 
 

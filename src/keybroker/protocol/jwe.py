@@ -50,6 +50,7 @@ from keybroker.protocol.jwk import (
     shown,
     strict_json_object,
 )
+from keybroker.protocol.models import JsonValue
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
@@ -203,7 +204,7 @@ def open_jwe(
         ) from None
 
 
-def _members(unverified_jwe: object) -> tuple[Mapping[str, object], dict[str, str]]:
+def _members(unverified_jwe: object) -> tuple[Mapping[str, JsonValue], dict[str, str]]:
     if not isinstance(unverified_jwe, Mapping):
         raise JweError(
             f"expected a JWE object (flattened JSON serialization), "
@@ -228,7 +229,7 @@ def _members(unverified_jwe: object) -> tuple[Mapping[str, object], dict[str, st
     return unverified_jwe, members
 
 
-def _header(unverified_jwe: Mapping[str, object], protected: str) -> dict[str, object]:
+def _header(unverified_jwe: Mapping[str, JsonValue], protected: str) -> dict[str, JsonValue]:
     """The JOSE header: the protected header plus the optional unprotected ones, disjoint."""
     if len(protected) > _MAX_PROTECTED_LENGTH:
         raise JweError(f"JWE protected header longer than {_MAX_PROTECTED_LENGTH} characters")

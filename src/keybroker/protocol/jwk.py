@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from keybroker.errors import BadRequestError, ClientError
 from keybroker.protocol import akp
 from keybroker.protocol.akp import ALG_ML_KEM_768_A192KW, KTY_AKP
+from keybroker.protocol.models import JsonValue
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PublicKey
@@ -291,12 +292,12 @@ def b64url_decode(text: str) -> bytes:
     return data
 
 
-def strict_json_object(data: bytes) -> dict[str, object]:
+def strict_json_object(data: bytes) -> dict[str, JsonValue]:
     """A JSON object from untrusted bytes. Duplicate member names are refused (two parsers
     reading ``{"alg":"ES256","alg":"none"}`` differently is a classic confusion attack), as are
     NaN/Infinity. Raises ``ValueError``."""
     try:
-        value = json.loads(
+        value: JsonValue = json.loads(
             data.decode("utf-8"),
             object_pairs_hook=_no_duplicates,
             parse_constant=_no_constant,

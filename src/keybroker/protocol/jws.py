@@ -41,6 +41,7 @@ from keybroker.protocol.jwk import (
     shown,
     strict_json_object,
 )
+from keybroker.protocol.models import JsonValue
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -135,14 +136,14 @@ def jwk_of(public_key: PublicKey) -> dict[str, object]:
     raise ConfigError("a token key must be EC, RSA or Ed25519")
 
 
-def decode_unverified(token: str) -> tuple[dict[str, object], dict[str, object]]:
+def decode_unverified(token: str) -> tuple[dict[str, JsonValue], dict[str, JsonValue]]:
     """Header and claims of a compact JWS, structurally checked but NOT verified: use the
     result only to choose a key or to inspect a token already verified."""
     header, claims, _, _ = _split(token)
     return header, claims
 
 
-def _split(token: str) -> tuple[dict[str, object], dict[str, object], bytes, bytes]:
+def _split(token: str) -> tuple[dict[str, JsonValue], dict[str, JsonValue], bytes, bytes]:
     if not isinstance(token, str):
         raise TokenVerificationError(f"expected a token string, found {type(token).__name__}")
     if len(token) > MAX_TOKEN_LENGTH:
@@ -156,7 +157,7 @@ def _split(token: str) -> tuple[dict[str, object], dict[str, object], bytes, byt
         raise TokenVerificationError(
             f"expected a compact JWS of 3 dot-separated parts, found {len(parts)} parts"
         )
-    decoded: list[dict[str, object]] = []
+    decoded: list[dict[str, JsonValue]] = []
     for name, part in (("header", parts[0]), ("claims", parts[1])):
         try:
             decoded.append(strict_json_object(b64url_decode(part)))
@@ -175,7 +176,7 @@ def _split(token: str) -> tuple[dict[str, object], dict[str, object], bytes, byt
 
 def verify_jwt(
     token: str, public_key: PublicKey, *, now: float, leeway: float = 0.0
-) -> dict[str, object]:
+) -> dict[str, JsonValue]:
     """The claims of ``token`` once its signature verifies with ``public_key`` and ``now`` is
     inside its ``nbf``/``exp`` window (widened by ``leeway`` seconds)."""
     if leeway < 0:

@@ -6,14 +6,27 @@ wire use dashes (``extra-params``, ``tee-pubkey``); the models expose them with 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, field_validator
+from typing_extensions import TypeAliasType
 
 PROTOCOL_VERSION = "0.4.0"
 
-JsonValue = Any  # arbitrary JSON (evidence is TEE-specific and parsed by its verifier)
+# Any JSON value, the one alias for the whole package. The containers are read-only (covariant),
+# so a caller's ``dict[str, list[str]]`` is a JsonValue; code that reads into one narrows it with
+# ``isinstance`` first, because until its parser has checked its shape it is untrusted.
+# ``TypeAliasType`` (PEP 695's ``type`` statement, which 3.11 lacks) so pydantic can follow the
+# recursion as well as mypy.
+JsonValue = TypeAliasType(
+    "JsonValue",
+    "Mapping[str, JsonValue] | Sequence[JsonValue] | str | int | float | bool | None",
+)
+# A pydantic field holding JSON that a later parser checks (evidence is TEE-specific and parsed by
+# its verifier): typed as JsonValue, but neither validated nor copied per request.
+UncheckedJson = Annotated[JsonValue, SkipValidation]
 
 
 class Tee(StrEnum):
@@ -44,14 +57,14 @@ class Request(_WireModel):
     tee: Tee
     # Upstream requires it; a missing one is treated as ``{}`` rather than refused, because
     # it only carries optional negotiation hints.
-    extra_params: JsonValue = Field(default_factory=dict, alias="extra-params")
+    extra_params: UncheckedJson = Field(default_factory=dict, alias="extra-params")
 
 
 class Challenge(_WireModel):
     """``/auth`` reply."""
 
     nonce: str
-    extra_params: JsonValue = Field(alias="extra-params")
+    extra_params: UncheckedJson = Field(alias="extra-params")
 
 
 class InitData(_WireModel):
@@ -61,11 +74,11 @@ class InitData(_WireModel):
 
 class RuntimeData(_WireModel):
     nonce: str
-    tee_pubkey: dict[str, JsonValue] = Field(alias="tee-pubkey")
+    tee_pubkey: dict[str, UncheckedJson] = Field(alias="tee-pubkey")
 
 
 class CompositeEvidence(_WireModel):
-    primary_evidence: JsonValue
+    primary_evidence: UncheckedJson
     additional_evidence: str = ""
 
     @field_validator("primary_evidence")

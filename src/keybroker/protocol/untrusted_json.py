@@ -29,7 +29,7 @@ MAX_DEPTH = 64
 def parse_json(text: str | bytes, *, what: str, max_depth: int = MAX_DEPTH) -> JsonValue:
     """The JSON value of ``text``; ``what`` names the document in the error message."""
     try:
-        value = json.loads(text)
+        value: JsonValue = json.loads(text)
     except RecursionError:
         raise _too_deep(what, max_depth) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -41,13 +41,13 @@ def parse_json(text: str | bytes, *, what: str, max_depth: int = MAX_DEPTH) -> J
 def parse_json_prefix(text: str, start: int, *, what: str, max_depth: int = MAX_DEPTH) -> JsonValue:
     """The JSON value that begins at ``text[start]``; whatever follows it is ignored."""
     try:
-        value, _ = json.JSONDecoder().raw_decode(text, start)
+        decoded: tuple[JsonValue, int] = json.JSONDecoder().raw_decode(text, start)
     except RecursionError:
         raise _too_deep(what, max_depth) from None
     except json.JSONDecodeError as e:
         raise BadRequestError(f"{what} is not valid json: {e}") from None
-    check_depth(value, what=what, max_depth=max_depth)
-    return value
+    check_depth(decoded[0], what=what, max_depth=max_depth)
+    return decoded[0]
 
 
 def parse_toml(text: str, *, what: str, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
@@ -80,7 +80,8 @@ def parse_yaml(text: str, *, what: str, max_depth: int = MAX_DEPTH) -> JsonValue
             return super().compose_node(parent, index)
 
     try:
-        value = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        # Safe-loader scalars beyond JSON's (dates) reach the checking parser, as before.
+        value: JsonValue = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except RecursionError:
         raise _too_deep(what, max_depth) from None
     except yaml.YAMLError as e:

@@ -97,7 +97,8 @@ class RemoteReferenceValues:
             raise self._error(e, AttestationError) from None
         if not reply.HasField("reference_value_results"):
             return None
-        return json.loads(reply.reference_value_results)
+        value: JsonValue = json.loads(reply.reference_value_results)
+        return value
 
     async def query_many(self, ids: list[str]) -> dict[str, JsonValue]:
         found: dict[str, JsonValue] = {}

@@ -8,6 +8,7 @@ import pytest
 from default_policy import appraise
 
 from cca_tokens import EXAMPLE_RIM, EXAMPLE_TOKEN, RIM_REFERENCE_ID
+from json_shapes import obj
 from keybroker.attestation.ear import status_of
 from keybroker.verifiers.arm.cca import cca_claims
 from keybroker.verifiers.arm.cca_token import parse_token
@@ -18,7 +19,7 @@ def _cca(lifecycle: int | None = None) -> dict[str, Any]:
     claims.pop("report_data")
     claims.pop("init_data")  # the AS lifts both to the top level
     if lifecycle is not None:
-        platform = dict(claims["platform"])
+        platform = dict(obj(claims["platform"]))
         platform["cca-platform-lifecycle"] = lifecycle
         claims["platform"] = platform
     return claims

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from json_shapes import at, obj, string
 from keybroker.attestation.ear import status_of
 from keybroker.attestation.policy import AttestationPolicies
 from keybroker.attestation.service import BuiltinAttestationService, EvidenceToVerify
@@ -78,9 +79,9 @@ def test_token_layout_and_signature() -> None:
     claims = verify_jwt(token, signer.public_key, now=1001.0)
     assert claims["eat_profile"] == "tag:github.com,2024:confidential-containers/Trustee"
     assert claims["iss"] == "CoCo-Attestation-Service" and claims["exp"] == 1300
-    cpu0 = claims["submods"]["cpu0"]  # type: ignore[index]
+    cpu0 = obj(at(claims, "submods", "cpu0"))
     assert cpu0["ear.appraisal-policy-id"] == "default"
-    assert set(cpu0["ear.trustworthiness-vector"]) == {
+    assert set(obj(cpu0["ear.trustworthiness-vector"])) == {
         "instance-identity",
         "configuration",
         "executables",
@@ -90,9 +91,9 @@ def test_token_layout_and_signature() -> None:
         "storage-opaque",
         "sourced-data",
     }
-    evidence = cpu0["ear.veraison.annotated-evidence"]
+    evidence = obj(cpu0["ear.veraison.annotated-evidence"])
     assert set(evidence) == {"report_data", "runtime_data_claims", "sample"}
-    assert "report_data" not in evidence["sample"]
+    assert "report_data" not in obj(evidence["sample"])
     header, _ = decode_unverified(token)
     assert header["jwk"] == signer.jwk
 
@@ -102,8 +103,8 @@ def test_init_data_digest_bound_and_claimed() -> None:
     service = _service()
     token = asyncio.run(service.verify([_evidence(InitData(format="toml", body=body))]))
     _, claims = decode_unverified(token)
-    evidence = claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"]  # type: ignore[index]
-    assert base64.b64decode(evidence["init_data"]) == hashlib.sha256(body.encode()).digest()
+    evidence = obj(at(claims, "submods", "cpu0", "ear.veraison.annotated-evidence"))
+    assert base64.b64decode(string(evidence["init_data"])) == hashlib.sha256(body.encode()).digest()
     assert evidence["init_data_claims"] == {"aa.toml": {"x": 1}}  # TOML documents become JSON
 
 
@@ -121,8 +122,8 @@ def test_json_init_data_digest_over_raw_body() -> None:
     body = '{"version": "0.1.0", "algorithm": "sha384", "data": {"cdh.toml": "a = \\"b\\""}}'
     token = asyncio.run(_service().verify([_evidence(InitData(format="json", body=body))]))
     _, claims = decode_unverified(token)
-    evidence = claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"]  # type: ignore[index]
-    assert base64.b64decode(evidence["init_data"]) == hashlib.sha384(body.encode()).digest()
+    evidence = obj(at(claims, "submods", "cpu0", "ear.veraison.annotated-evidence"))
+    assert base64.b64decode(string(evidence["init_data"])) == hashlib.sha384(body.encode()).digest()
     assert evidence["init_data_claims"] == {"cdh.toml": {"a": "b"}}
 
 

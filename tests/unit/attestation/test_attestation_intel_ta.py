@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from conftest import vector
+from json_shapes import at
 from keybroker.attestation.intel_ta import (
     AZURE_SUFFIX,
     attest_request,
@@ -58,7 +59,7 @@ def test_tdx_request_has_upstreams_fields_and_encodings() -> None:
 def test_sgx_request_keeps_user_data() -> None:
     body, _ = attest_request([_item(Tee.SGX, {"quote": QUOTE, "user_data": "dXNlcg=="})], [], False)
     assert set(body) == {"policy_ids", "policy_must_match", "sgx"}
-    assert body["sgx"]["user_data"] == "dXNlcg=="
+    assert at(body, "sgx", "user_data") == "dXNlcg=="
 
 
 def test_gpu_evidence_is_composed_as_nvgpu() -> None:

@@ -8,12 +8,12 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
 
 from conftest import FakeClock, kbs_config
+from json_shapes import at, integer, obj, objs
 from keybroker.cli.kbs import main as kbs_main
 from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
@@ -23,7 +23,7 @@ from keybroker.kbs import audit_read
 from keybroker.kbs.admin_auth import AdminIdentity, RegexAcl
 from keybroker.kbs.app import create_app
 from keybroker.kbs.audit import AuditLog, Chain, Checkpoints, FileSink, load_key, record_hash
-from keybroker.kbs.audit_read import AuditQuery, AuditReader, parse_query
+from keybroker.kbs.audit_read import AuditPage, AuditQuery, AuditReader, parse_query
 from keybroker.kbs.resource_policy import builtin_policy
 
 # (action, decision, target) of the records _log writes, oldest first; one minute apart
@@ -59,8 +59,8 @@ def _log(path: Path, *, key: bytes | None = None, count: int = len(RECORDS)) -> 
     asyncio.run(write())
 
 
-def _seqs(page: dict[str, Any]) -> list[int]:
-    return [record["seq"] for record in page["records"]]
+def _seqs(page: AuditPage) -> list[int]:
+    return [integer(record["seq"]) for record in page["records"]]
 
 
 @pytest.fixture
@@ -276,8 +276,8 @@ def test_reading_the_log_is_an_audited_admin_call(
     admin = AdminClient("http://testserver", http=client)
     admin.set_resource("default/key/one", b"never-in-the-log")
     page = admin.audit_log(limit=10)
-    assert [r["action"] for r in page["records"]] == ["admin POST resource"]
-    assert page["chain"]["status"] == "verified"
+    assert [r["action"] for r in objs(page["records"])] == ["admin POST resource"]
+    assert at(page, "chain", "status") == "verified"
     last = json.loads(path.read_text().splitlines()[-1])
     assert last["action"] == "admin GET audit-log" and last["decision"] == "allow"
     assert "never-in-the-log" not in json.dumps(admin.audit_log())
@@ -332,13 +332,13 @@ def test_recent_attestations_are_counted_by_tee_and_status(
     client.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "sample", "extra-params": {}})
     assert client.post("/kbs/v0/attest", content=b"{}").status_code >= 400  # a failed one
     page = admin.recent_attestations(limit=10)
-    statuses = {(row["tee"], row["status"]): row["count"] for row in page["by_tee"]}
+    statuses = {(row["tee"], row["status"]): row["count"] for row in objs(page["by_tee"])}
     [(tee_status, count)] = [(k, v) for k, v in statuses.items() if k[0] == "sample"]
     assert count == 2 and tee_status[1] in ("affirming", "warning", "contraindicated")
     assert statuses[("unknown", "failure")] == 1
-    newest = page["attestations"][0]
+    newest = obj(at(page, "attestations", 0))
     assert newest["status"] == "failure" and newest["reason"]
-    assert {row["decision"] for row in page["attestations"]} == {"success", "failure"}
+    assert {row["decision"] for row in objs(page["attestations"])} == {"success", "failure"}
 
 
 def test_the_documented_auditor_acl_admits_the_audit_log_only() -> None:

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from starlette.testclient import TestClient
 
 from conftest import kbs_config
+from json_shapes import at, obj
 from keybroker.client.admin import AdminClient
 from keybroker.client.keys import TeeKey
 from keybroker.client.rcar import KbsClient
@@ -105,7 +106,7 @@ def test_ita_background_check_releases_to_a_tdx_guest(ita: Ita) -> None:
         assert guest.get_resource(RESOURCE) == SECRET
     header, claims = decode_unverified(guest.token or "")
     assert header["alg"] == "PS384" and header["kid"] == ita.stand_in.kid
-    bound = claims["tdx"]["attester_runtime_data"]  # type: ignore[index]
+    bound = obj(at(claims, "tdx", "attester_runtime_data"))
     assert bound["tee-pubkey"] == guest.tee_key.public_jwk()
     # what went to ITA: upstream's body, the runtime data as the JCS bytes the quote hashes
     (sent,) = ita.stand_in.requests
@@ -161,7 +162,7 @@ def test_ita_policy_ids_are_sent_and_must_match(ita: Ita) -> None:
     assert ita.stand_in.requests[0]["policy_ids"] == ["policy-good"]
     assert ita.stand_in.requests[0]["policy_must_match"] is True
     _, claims = decode_unverified(guest.token or "")
-    assert claims["policy_ids_matched"][0]["id"] == "policy-good"  # type: ignore[index]
+    assert at(claims, "policy_ids_matched", 0, "id") == "policy-good"
 
 
 # --- attacks on the token ITA answers ---------------------------------------------------------

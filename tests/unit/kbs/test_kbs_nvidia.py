@@ -14,6 +14,7 @@ from typing import Any
 from starlette.testclient import TestClient
 
 from conftest import FakeClock, Kbs, kbs_config, vector
+from json_shapes import at, obj
 from keybroker.client.attesters import SampleAttester
 from keybroker.client.keys import TeeKey
 from keybroker.kbs.app import create_app
@@ -92,8 +93,8 @@ def test_dpu_attests_through_the_kbs_with_a_configured_root(
         reply = _attest(client, nonce, key, pki.evidence(digest))
         assert reply.status_code == 200, reply.text
         _, claims = decode_unverified(reply.json()["token"])
-        submod: dict[str, Any] = claims["submods"]["nvidia-dpu0"]  # type: ignore[index]
-        dpu = submod["ear.veraison.annotated-evidence"]["nvidiadpu"]
+        submod = obj(at(claims, "submods", "nvidia-dpu0"))
+        dpu = obj(at(submod, "ear.veraison.annotated-evidence", "nvidiadpu"))
         assert dpu["accumulated_fwid"] == hashlib.sha384(b"".join(fwids)).hexdigest()
         assert dpu["session_nonce"] == digest.hex()
         # no reference values registered: the default policy does not vouch for the DPU
@@ -144,8 +145,8 @@ def test_gpu_appraised_by_nras_through_the_kbs_and_debug_is_not_affirmed(
                 reply = _attest(client, nonce, key, {"device_evidence_list": [device]})
                 assert reply.status_code == 200, reply.text
                 _, claims = decode_unverified(reply.json()["token"])
-                gpu: dict[str, Any] = claims["submods"]["gpu0"]  # type: ignore[index]
-                assert gpu["ear.veraison.annotated-evidence"]["nvidia"]["secboot"] is True
+                gpu = obj(at(claims, "submods", "gpu0"))
+                assert at(gpu, "ear.veraison.annotated-evidence", "nvidia", "secboot") is True
                 return str(gpu["ear.status"])
 
             assert gpu_status() == "affirming"

@@ -34,7 +34,7 @@ from keybroker.kbs.resource_policy import POLICY_ID, TenantPrefix, builtin_polic
 from keybroker.kbs.services import KbsServices, build_services
 from keybroker.plugins.base import PluginResponse
 from keybroker.protocol.canonical import runtime_data, runtime_data_digest
-from keybroker.protocol.models import PROTOCOL_VERSION
+from keybroker.protocol.models import PROTOCOL_VERSION, JsonValue
 
 SECRET = b"released by the service"
 PATH = ("default", "key", "one")
@@ -124,7 +124,7 @@ async def _attest(kbs: Kbs, key: TeeKey) -> tuple[str, str]:
     data = runtime_data(challenge.nonce, tee_pubkey, "")
     algorithm = session.hash_algorithm
     evidence = SampleAttester().evidence(runtime_data_digest(data, algorithm))
-    body = {
+    body: JsonValue = {
         "init-data": None,
         "runtime-data": {"nonce": challenge.nonce, "tee-pubkey": tee_pubkey},
         "tee-evidence": {"primary_evidence": evidence, "additional_evidence": ""},

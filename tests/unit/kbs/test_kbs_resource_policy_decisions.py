@@ -56,7 +56,7 @@ def test_resource_policies_remember_a_bounded_number() -> None:
 def test_guests_differing_only_in_what_the_policy_never_reads_share_one_answer() -> None:
     policy = _policy(builtin_policy("affirming"))
     for nonce in range(50):
-        claims = {
+        claims: JsonValue = {
             "iat": nonce,
             "submods": {"cpu0": {"ear.status": "affirming", "runtime": {"nonce": str(nonce)}}},
         }

@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 from admin_tokens import NOW, mint
 from admin_tokens import write_public_pem as pem
 from conftest import FakeClock, kbs_config
+from json_shapes import at, obj, objs
 from keybroker.client.admin import VERSION_HEADER, AdminClient
 from keybroker.client.rcar import KbsClient
 from keybroker.errors import ConfigError, KbsRejectedError
@@ -74,7 +75,7 @@ def test_each_write_answers_its_version(admin: AdminClient) -> None:
     assert [admin.set_resource("a/b/c", f"v{i}".encode()) for i in (1, 2, 3)] == [1, 2, 3]
     meta = admin.resource_meta("a/b/c")
     assert meta["current_version"] == 3 and meta["version_count"] == 3
-    assert [v["version"] for v in meta["versions"]] == [1, 2, 3]
+    assert [v["version"] for v in objs(meta["versions"])] == [1, 2, 3]
 
 
 def test_guest_gets_current_or_asked_version(admin: AdminClient, client: TestClient) -> None:
@@ -138,7 +139,7 @@ def test_rollback_delete_undelete_purge_through_the_api(
     with pytest.raises(KbsRejectedError):
         guest.get_resource("a/b/c", version=2)
     admin.purge_resource("a/b/c", 2)
-    assert [v["version"] for v in admin.resource_meta("a/b/c")["versions"]] == [1, 3]
+    assert [v["version"] for v in objs(admin.resource_meta("a/b/c")["versions"])] == [1, 3]
     admin.purge_resource("a/b/c")
     with pytest.raises(KbsRejectedError) as purged:
         admin.resource_meta("a/b/c")
@@ -154,7 +155,7 @@ def test_retention_from_the_plugin_config(audit_log: Path) -> None:
         admin = AdminClient("http://testserver", http=client)
         for i in range(5):
             admin.set_resource("a/b/c", f"v{i}".encode())
-        versions = admin.resource_meta("a/b/c")["versions"]
+        versions = objs(admin.resource_meta("a/b/c")["versions"])
         assert [v["version"] for v in versions] == [4, 5]
 
 
@@ -176,7 +177,7 @@ def test_pkcs11_backend_versions_with_retention_from_the_plugin_config(
         admin = AdminClient("http://testserver", http=client)
         admin.set_resource_policy(builtin_policy("allow_all"))
         assert [admin.set_resource(path, f"v{i}".encode()) for i in range(1, 5)] == [1, 2, 3, 4]
-        versions = admin.resource_meta(path)["versions"]
+        versions = objs(admin.resource_meta(path)["versions"])
         assert [v["version"] for v in versions] == [3, 4]
         assert _guest(client).get_resource(path, version=3) == b"v3"
         assert admin.rollback_resource(path, 3) == 5
@@ -209,14 +210,14 @@ def test_listing_pages_through_a_prefix(admin: AdminClient) -> None:
     admin.set_resource("tenant-ab/keys/x", SECRET)
     admin.set_resource("tenant-b/keys/x", SECRET)
     first = admin.list_resources("tenant-a", limit=2)
-    assert [r["name"] for r in first["resources"]] == [
+    assert [r["name"] for r in objs(first["resources"])] == [
         "tenant-a/keys/k0",
         "tenant-a/keys/k1",
     ]
-    names = [r["name"] for r in admin.list_all_resources("tenant-a")]
+    names = [r["name"] for r in objs(admin.list_all_resources("tenant-a"))]
     assert names == [f"tenant-a/keys/k{i}" for i in range(5)]  # not tenant-ab: whole segments
     assert len(admin.list_all_resources()) == 7
-    summary = admin.list_resources("tenant-a/keys", limit=1)["resources"][0]
+    summary = obj(at(admin.list_resources("tenant-a/keys", limit=1), "resources", 0))
     assert summary["current_version"] == 1 and summary["size"] == len(SECRET)
 
 
@@ -415,7 +416,7 @@ def test_tenant_acl_confines_listing_meta_and_writes_to_its_prefix(
 ) -> None:
     client, token = acl_client
     tenant = AdminClient("http://testserver", http=client, token=token)
-    assert [r["name"] for r in tenant.list_all_resources("tenant-a")] == ["tenant-a/keys/k"]
+    assert [r["name"] for r in objs(tenant.list_all_resources("tenant-a"))] == ["tenant-a/keys/k"]
     assert tenant.resource_meta("tenant-a/keys/k")["current_version"] == 1
     assert tenant.set_resource("tenant-a/keys/k", b"v2") == 2
     assert tenant.rollback_resource("tenant-a/keys/k", 1) == 3
@@ -454,12 +455,12 @@ def test_unversioned_backend_says_so_with_501_and_keeps_working(tmp_path: Path) 
         (tree / "a" / "b" / "dropped").write_bytes(b"by an operator")
         (tree / "a" / "b" / ".hidden").write_bytes(b"never listed")
         assert _guest(client).get_resource("a/b/c") == b"plain"
-        names = [r["name"] for r in admin.list_all_resources()]
+        names = [r["name"] for r in objs(admin.list_all_resources())]
         assert names == ["a-b/b/c", "a/b/c", "a/b/dropped"]
         first = admin.list_resources("a", limit=1)
-        assert [r["name"] for r in first["resources"]] == ["a/b/c"]
+        assert [r["name"] for r in objs(first["resources"])] == ["a/b/c"]
         second = admin.list_resources("a", limit=1, cursor=str(first["next_cursor"]))
-        assert [r["name"] for r in second["resources"]] == ["a/b/dropped"]
+        assert [r["name"] for r in objs(second["resources"])] == ["a/b/dropped"]
         meta = admin.resource_meta("a/b/dropped")
         assert meta["versioned"] is False and meta["size"] == len(b"by an operator")
         assert "by an operator" not in json.dumps(admin.list_all_resources())
@@ -477,13 +478,13 @@ def test_unversioned_backend_says_so_with_501_and_keeps_working(tmp_path: Path) 
 def test_answers_match_the_openapi_schemas(admin: AdminClient) -> None:
     schemas = document()["components"]["schemas"]
     admin.set_resource("a/b/c", SECRET)
-    entry = admin.list_resources("a")["resources"][0]
+    entry = obj(at(admin.list_resources("a"), "resources", 0))
     assert set(entry) == set(schemas["ResourceSummary"]["required"])
     assert set(entry) == set(schemas["ResourceSummary"]["properties"])
     meta = admin.resource_meta("a/b/c")
     versions_schema = schemas["ResourceMeta"]["allOf"][1]["properties"]["versions"]["items"]
     assert set(meta) == set(entry) | {"versions"}
-    assert set(meta["versions"][0]) == set(versions_schema["required"])
+    assert set(obj(at(meta, "versions", 0))) == set(versions_schema["required"])
     page = admin.list_resources("a")
     assert set(page) == set(schemas["ResourceList"]["required"])
 

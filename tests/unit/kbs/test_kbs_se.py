@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.testclient import TestClient
 
 from conftest import FakeClock, kbs_config, vector
+from json_shapes import at, obj
 from keybroker.client.keys import TeeKey
 from keybroker.kbs.app import create_app
 from keybroker.protocol.canonical import HashAlgorithm, runtime_data, runtime_data_digest
@@ -87,8 +88,8 @@ def test_se_guest_attests_and_its_token_carries_se_claims(
     reply = _attest(client, uv, nonce)
     assert reply.status_code == 200, reply.text
     _, claims = decode_unverified(reply.json()["token"])
-    cpu = claims["submods"]["cpu0"]  # type: ignore[index]
-    se = cpu["ear.veraison.annotated-evidence"]["se"]
+    cpu = obj(at(claims, "submods", "cpu0"))
+    se = obj(at(cpu, "ear.veraison.annotated-evidence", "se"))
     assert se["version"] == 256 and se["image_dump_allowed"] is False
     assert cpu["ear.status"] == "affirming"
 

@@ -14,6 +14,7 @@ from keybroker.attestation.policy import HELPERS
 from keybroker.kbs.resource_policy import builtin_policy
 from keybroker.policy.engine import CompiledPolicy
 from keybroker.policy.input_paths import InputPaths
+from keybroker.protocol.models import JsonValue
 
 POLICIES = Path(__file__).resolve().parents[3] / "src" / "keybroker" / "attestation" / "policies"
 
@@ -113,7 +114,7 @@ def test_an_unterminated_string_hands_over_all_of_input() -> None:
 def test_projection_keeps_what_is_read_and_drops_the_rest() -> None:
     found = InputPaths.of([builtin_policy("affirming")])
     assert found is not None
-    claims = {
+    claims: JsonValue = {
         "iat": 1,
         "submods": {
             "cpu0": {"ear.status": "affirming", "evidence": {"nonce": "n"}},
@@ -128,7 +129,7 @@ def test_projection_keeps_what_is_read_and_drops_the_rest() -> None:
 def test_projection_keeps_lengths_keys_and_scalars_it_cannot_look_into() -> None:
     found = InputPaths.of(["package policy\nimport rego.v1\nallow if count(input.a) > input.b.c\n"])
     assert found is not None
-    value = {"a": [{"x": 1}, 2, [3]], "b": "not an object", "z": 0}
+    value: JsonValue = {"a": [{"x": 1}, 2, [3]], "b": "not an object", "z": 0}
     assert found.project(value) == {"a": [{}, 2, [3]], "b": "not an object"}
 
 

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from conftest import FakeClock
+from json_shapes import at, mutable_obj, string
 from keybroker.errors import ConfigError, EvidenceError
 from keybroker.protocol.models import Tee
 from keybroker.verifiers import build_verifiers
@@ -96,7 +97,8 @@ def test_alias_from_another_device_is_refused() -> None:
     """The DeviceID of one DPU with the Alias (and signature) of another under the same root."""
     pki, other = dpu_pki(NOW, FWIDS), dpu_pki(NOW, FWIDS)
     evidence = pki.evidence(REPORT_DATA)
-    evidence["devices"][0]["alias_cert"] = other.evidence(REPORT_DATA)["devices"][0]["alias_cert"]  # type: ignore[index]
+    alias_cert = at(other.evidence(REPORT_DATA), "devices", 0, "alias_cert")
+    mutable_obj(at(evidence, "devices", 0))["alias_cert"] = alias_cert
     with pytest.raises(EvidenceError, match="does not lead to a trusted certificate"):
         _verify(pki, evidence)
 
@@ -105,8 +107,8 @@ def test_alias_from_another_device_is_refused() -> None:
 def test_truncated_certificate_is_refused(field: str) -> None:
     pki = dpu_pki(NOW, FWIDS)
     evidence = pki.evidence(REPORT_DATA)
-    device = evidence["devices"][0]  # type: ignore[index]
-    device[field] = base64.b64encode(base64.b64decode(device[field])[:-20]).decode()
+    device = mutable_obj(at(evidence, "devices", 0))
+    device[field] = base64.b64encode(base64.b64decode(string(device[field]))[:-20]).decode()
     with pytest.raises(EvidenceError, match="not a DER certificate"):
         _verify(pki, evidence)
 

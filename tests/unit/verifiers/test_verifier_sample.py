@@ -7,6 +7,7 @@ import base64
 import pytest
 
 from keybroker.errors import EvidenceError
+from keybroker.protocol.models import JsonValue
 from keybroker.verifiers.base import MAX_EVIDENCE_BYTES
 from keybroker.verifiers.sample import SampleVerifier
 
@@ -50,6 +51,6 @@ def test_init_data_reported_as_claim() -> None:
     ],
     ids=["mismatch", "truncated", "bad-base64", "svn-not-string", "array", "oversized"],
 )
-def test_report_data_mismatch_and_malformed_rejected(evidence: object) -> None:
+def test_report_data_mismatch_and_malformed_rejected(evidence: JsonValue) -> None:
     with pytest.raises(EvidenceError):
         SampleVerifier().verify(evidence, expected_report_data=DIGEST, expected_init_data=None)

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from conftest import vector
 from keybroker.config import BuiltinAsConfig, load_as_config, parse_config
 from keybroker.errors import AttestationError, ConfigError, EvidenceError
+from keybroker.protocol.models import JsonValue
 from keybroker.verifiers.ibm.se import SeVerifier
 from keybroker.verifiers.ibm.se_formats import measurement, parse_arcb, parse_se_header
 from keybroker.verifiers.ibm.se_settings import SeSettings, se_settings
@@ -65,7 +66,7 @@ def _response(world: World, digest: bytes = DIGEST) -> dict[str, str]:
     return attest(challenge, digest, world.uv)
 
 
-def _verify(world: World, evidence: object, digest: bytes | None = DIGEST) -> dict[str, Any]:
+def _verify(world: World, evidence: JsonValue, digest: bytes | None = DIGEST) -> dict[str, Any]:
     [claims] = world.verifier.verify(
         evidence,
         expected_report_data=digest,

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from conftest import vector
 from keybroker.errors import EvidenceError, ServiceUnavailableError
-from keybroker.protocol.models import Tee
+from keybroker.protocol.models import JsonValue, Tee
 from keybroker.verifiers import build_verifiers
 from keybroker.verifiers.amd.snp import (
     SnpAppraiser,
@@ -333,7 +333,7 @@ def test_chip_id_mismatch_is_refused(world: World) -> None:
 
 def test_wrong_product_milan_vcek_for_a_genoa_report_is_refused() -> None:
     document = _e2e()
-    milan_vcek = {"cert_type": "VCEK", "data": list(_der("test-vcek.der"))}
+    milan_vcek: JsonValue = {"cert_type": "VCEK", "data": list(_der("test-vcek.der"))}
     report, carried = parse_evidence({**document, "cert_chain": [milan_vcek]})
     with pytest.raises(EvidenceError, match="issued for Milan processors, the report is from"):
         _skip_crl_appraiser().verify(report, carried, NOW)

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from conftest import vector
 from keybroker.errors import ConfigError, EvidenceError
-from keybroker.protocol.models import Tee
+from keybroker.protocol.models import JsonValue, Tee
 from keybroker.verifiers import build_verifiers
 from keybroker.verifiers.tpm.quote import init_data_pcr_value
 from keybroker.verifiers.tpm.trusted_aks import TrustedAks, tpm_settings
@@ -55,7 +55,7 @@ def verifier(ak_dir: Path) -> TpmVerifier:
 
 def _verify(
     verifier: TpmVerifier,
-    unverified: object,
+    unverified: JsonValue,
     report_data: bytes | None = REPORT_DATA,
     init_data: bytes | None = None,
 ) -> dict[str, Any]:
@@ -288,7 +288,7 @@ def test_too_many_pcr_values_are_refused(verifier: TpmVerifier) -> None:
 
 
 def test_malformed_evidence_is_refused(verifier: TpmVerifier) -> None:
-    bad_documents: list[object] = [
+    bad_documents: list[JsonValue] = [
         [],
         {"tpm_quote": {}},
         {"ak_public": "%%", "tpm_quote": evidence()["tpm_quote"]},

@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from keybroker.errors import ConfigError
+from keybroker.protocol.models import JsonValue
 from keybroker.verifiers.arm.cca_token import SwComponent
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ def _problems(e: ValidationError) -> str:
     )
 
 
-def _read_json(path: Path, what: str) -> Any:
+def _read_json(path: Path, what: str) -> JsonValue:
     try:
         with path.open("rb") as f:
             data = f.read(MAX_STORE_BYTES + 1)
@@ -193,9 +194,10 @@ def _read_json(path: Path, what: str) -> Any:
     if len(data) > MAX_STORE_BYTES:
         raise ConfigError(f"the CCA {what} {path} is larger than {MAX_STORE_BYTES} bytes")
     try:
-        return json.loads(data)
+        value: JsonValue = json.loads(data)
     except ValueError as e:
         raise ConfigError(f"the CCA {what} {path} is not JSON: {e}") from None
+    return value
 
 
 def _hex(text: str, what: str) -> bytes:
@@ -243,7 +245,7 @@ def load_trust_anchors(path: Path) -> dict[bytes, TrustAnchor]:
     return anchors
 
 
-def _list(value: object) -> list[Any]:
+def _list(value: JsonValue) -> list[JsonValue]:
     if not isinstance(value, list):
         raise ConfigError("a CCA ta-store must be a JSON list of trust anchors")
     return value

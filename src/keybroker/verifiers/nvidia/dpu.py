@@ -35,7 +35,7 @@ import binascii
 import datetime
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +153,7 @@ class NvidiaDpuVerifier(Verifier):
         return [TeeClaims(Tee.NVIDIA_DPU, TEE_CLASS, claims)]
 
 
-def _device(unverified: JsonValue) -> dict[str, Any]:
+def _device(unverified: JsonValue) -> Mapping[str, JsonValue]:
     if not isinstance(unverified, dict):
         raise EvidenceError("nvidiadpu evidence must be an object")
     if unverified.get("version") != 1:
@@ -161,13 +161,13 @@ def _device(unverified: JsonValue) -> dict[str, Any]:
     devices = unverified.get("devices")
     if not isinstance(devices, list) or len(devices) != 1 or not isinstance(devices[0], dict):
         raise EvidenceError("nvidiadpu evidence must carry exactly one device")
-    device: dict[str, Any] = devices[0]
+    device: Mapping[str, JsonValue] = devices[0]
     if not isinstance(device.get("architecture"), str):
         raise EvidenceError("the DPU evidence names no architecture")
     return device
 
 
-def _decoded(device: dict[str, Any], key: str, limit: int) -> bytes:
+def _decoded(device: Mapping[str, JsonValue], key: str, limit: int) -> bytes:
     value = device.get(key)
     if not isinstance(value, str) or len(value) > limit * 4 // 3 + 4:
         raise EvidenceError(f"the DPU evidence needs a base64 {key} of at most {limit} bytes")
@@ -177,14 +177,14 @@ def _decoded(device: dict[str, Any], key: str, limit: int) -> bytes:
         raise EvidenceError(f"the DPU evidence's {key} is not base64") from None
 
 
-def _certificate(device: dict[str, Any], key: str) -> x509.Certificate:
+def _certificate(device: Mapping[str, JsonValue], key: str) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(_decoded(device, key, MAX_CERT_BYTES))
     except ValueError:
         raise EvidenceError(f"the DPU evidence's {key} is not a DER certificate") from None
 
 
-def _signature(device: dict[str, Any]) -> bytes:
+def _signature(device: Mapping[str, JsonValue]) -> bytes:
     signature = _decoded(device, "report_data_signature", MAX_SIGNATURE_BYTES)
     if not signature:
         # threat: unsigned evidence would replay any recorded chain

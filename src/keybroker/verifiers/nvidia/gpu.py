@@ -34,7 +34,7 @@ import binascii
 import datetime
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -165,7 +165,7 @@ class NvidiaVerifier(Verifier):
         return [TeeClaims(Tee.NVIDIA, "gpu", self._device(d, nonce, now)) for d in devices]
 
     def _remote(
-        self, nras: NrasClient, devices: list[dict[str, Any]], nonce: bytes
+        self, nras: NrasClient, devices: list[Mapping[str, JsonValue]], nonce: bytes
     ) -> list[TeeClaims]:
         """Upstream's remote mode: NRAS appraises each device; a complete protected-PCIe
         topology adds a ``ppcie`` submodule."""
@@ -198,7 +198,7 @@ class NvidiaVerifier(Verifier):
         return [*verified, TeeClaims(Tee.NVIDIA, "ppcie", topology)]
 
     def _device(
-        self, unverified: dict[str, Any], nonce: bytes, now: datetime.datetime
+        self, unverified: Mapping[str, JsonValue], nonce: bytes, now: datetime.datetime
     ) -> dict[str, JsonValue]:
         arch = _ARCHITECTURES.get(_string(unverified, "arch", 16))
         if arch != "Hopper":
@@ -227,7 +227,7 @@ class NvidiaVerifier(Verifier):
         }
 
 
-def _devices(unverified: JsonValue) -> list[dict[str, Any]]:
+def _devices(unverified: JsonValue) -> list[Mapping[str, JsonValue]]:
     devices = unverified.get("device_evidence_list") if isinstance(unverified, dict) else None
     if not isinstance(devices, list) or not devices:
         raise EvidenceError("nvidia evidence needs a non-empty device_evidence_list")
@@ -240,7 +240,7 @@ def _devices(unverified: JsonValue) -> list[dict[str, Any]]:
     return devices
 
 
-def _string(unverified: dict[str, Any], key: str, limit: int) -> str:
+def _string(unverified: Mapping[str, JsonValue], key: str, limit: int) -> str:
     value = unverified.get(key)
     if not isinstance(value, str):
         raise EvidenceError(f"nvidia device evidence needs a string {key}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import httpx
 
@@ -68,7 +67,7 @@ class NrasClient:
         )
         self._source.check_url(jwks_url)
         self._jwks_url = jwks_url
-        self._keys: dict[str, dict[str, Any]] | None = None
+        self._keys: dict[str, Mapping[str, JsonValue]] | None = None
         self._lock = threading.Lock()
 
     def attest(self, endpoint: str, body: dict[str, JsonValue]) -> bytes:
@@ -81,13 +80,13 @@ class NrasClient:
             raise ServiceUnavailableError(f"NRAS {answer.url} answered HTTP {answer.status}")
         return answer.body
 
-    def keys(self, *, refresh: bool = False) -> dict[str, dict[str, Any]]:
+    def keys(self, *, refresh: bool = False) -> dict[str, Mapping[str, JsonValue]]:
         with self._lock:
             if self._keys is None or refresh:
                 self._keys = self._fetch_keys()
             return self._keys
 
-    def _fetch_keys(self) -> dict[str, dict[str, Any]]:
+    def _fetch_keys(self) -> dict[str, Mapping[str, JsonValue]]:
         answer = self._source.send("GET", self._jwks_url)
         if answer.status != 200:
             raise ServiceUnavailableError(
