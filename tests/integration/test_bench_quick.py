@@ -48,6 +48,14 @@ def test_quick_bench_runs_every_section_and_writes_results(tmp_path: Path) -> No
     results = json.loads(path.read_text())
     assert results["quick"] is True and results["machine"]["cpus"] >= 1
 
+    scaling_rows = [
+        (1, 1, "memory", "on"),
+        (1, 2, "memory", "on"),
+        (1, 2, "memory", "off"),  # the cost of metrics: this row against the one above
+        (1, 2, "redis+postgres", "on"),
+        (2, 1, "redis+postgres", "on"),
+        (3, 1, "redis+postgres", "on"),
+    ]
     ceiling = results["ceiling"]
     assert ceiling["reply_bytes"] == 200
     assert [(r["replicas"], r["workers"], r["concurrency"]) for r in ceiling["rows"]] == [
@@ -87,7 +95,14 @@ def test_quick_bench_runs_every_section_and_writes_results(tmp_path: Path) -> No
 
     # every throughput as a share of the ceiling of its stack, in requests (3 per handshake)
     ratios = results["ratios"]
-    assert len(ratios) == 6 + 5 + 6  # memory, upstream and scaling rows
+    memory = ["handshake 1 guests", "handshake 16 guests", "get", "bearer", "healthz"]
+    upstream_rows = ["handshake", "get", "bearer"]
+    spread = ["handshake spread", "get spread"]
+    assert [r["name"] for r in ratios] == [
+        *(f"memory {name}" for name in [*memory, *spread]),
+        *(f"upstream {name}" for name in [*upstream_rows, *spread]),
+        *(f"scaling {r}x{w} {store} metrics {m}" for r, w, store, m in scaling_rows),
+    ]
     for ratio in ratios:
         assert _positive(ratio["ceiling_share"]) and _positive(ratio["ceiling_per_second"])
         per_completion = 3 if ratio["mode"] == "handshake" else 1
@@ -109,14 +124,7 @@ def test_quick_bench_runs_every_section_and_writes_results(tmp_path: Path) -> No
     assert _positive(floor["floor_per_core"]) and _positive(floor["fraction_of_floor"])
 
     rows = results["scaling"]["rows"]
-    assert [(r["replicas"], r["workers"], r["store"], r["metrics"]) for r in rows] == [
-        (1, 1, "memory", "on"),
-        (1, 2, "memory", "on"),
-        (1, 2, "memory", "off"),  # the cost of metrics: this row against the one above
-        (1, 2, "redis+postgres", "on"),
-        (2, 1, "redis+postgres", "on"),
-        (3, 1, "redis+postgres", "on"),
-    ]
+    assert [(r["replicas"], r["workers"], r["store"], r["metrics"]) for r in rows] == scaling_rows
     for r in rows:
         assert r["errors"] == 0 and r["completed"] > 0, r.get("error_samples")
         assert _positive(r["ceiling_share"])
