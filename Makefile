@@ -45,7 +45,7 @@ typecheck: $(VENV)/.installed-test
 unit integration e2e: $(VENV)/.installed-test
 	$(BIN)/pytest $(PYTEST_PARALLEL) tests/$@
 
-# The benchmark suite (docs/performance.md): real kbs processes on loopback, about 15 minutes.
+# The benchmark suite (docs/performance.md): real kbs processes on loopback, 15 to 20 minutes.
 # Needs PostgreSQL and Redis on this machine and nginx for the replica rows.
 bench: system-deps $(VENV)/.installed-test
 	cd bench && PYTHONPATH=. ../$(BIN)/python -m kbsbench

@@ -3,16 +3,22 @@
 cd bench && ../.venv/bin/python -m kbsbench [--quick] [--output DIR] [--audit-fsync always|never]
 
 Sections (see docs/performance.md for what each measures and the targets):
-1. handshakes/s and latency percentiles at 1, 16, 64 and 256 concurrent guests (2 workers);
-   resource GETs/s on attested sessions and with bearer tokens;
-2. the crypto floor, and handshake throughput as a fraction of it;
-3. scaling: worker_count 1 and 2; memory versus Redis+PostgreSQL stores; 1, 2 and 3 replicas
+1. the bare-HTTP ceiling: Keybroker's server stack serving a trivial app (kbsbench.ceiling)
+   with each worker and replica count below, at each concurrency the suite uses;
+2. handshakes/s and latency percentiles at 1, 16, 64 and 256 concurrent guests (2 workers);
+   resource GETs/s on attested sessions and with bearer tokens; ``/healthz``; a handshake and
+   a GET run with each guest's requests spread over two connections (``--spread``);
+3. upstream: the same rows for a server configured as an upstream config file would be
+   (LocalFs sessions and resources, no token signer, allow-all policy; servers.py);
+4. scaling: worker_count 1 and 2; memory versus Redis+PostgreSQL stores; 1, 2 and 3 replicas
    behind nginx; and 2 workers with Prometheus metrics off (every other row counts them), the
    cost of metrics;
-4. memory: server RSS after 10k and after 50k handshakes, run in rounds of 10k, each
-   measured once the round's sessions have expired and been reaped.
-``--quick`` runs every section small (a few hundred requests, no expiry waits) to show the
-suite works; its figures mean nothing.
+5. memory: server RSS after 10k and after 50k handshakes, run in rounds of 10k, each
+   measured once the round's sessions have expired and been reaped;
+6. the crypto floor, and handshake throughput as a fraction of it.
+Every throughput is then given as a share of the ceiling of the same stack, workers and
+guests, counted in HTTP requests (a handshake is 3). ``--quick`` runs every section small (a
+few hundred requests, no expiry waits) to show the suite works; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -31,13 +37,16 @@ from pathlib import Path
 from typing import Any
 
 from kbsbench import floor
-from kbsbench.servers import audit_key, cluster
+from kbsbench.ceiling import REPLY_BYTES
+from kbsbench.servers import ceiling_cluster, cluster
+from kbsbench.shares import add_ceiling_shares, summary_lines
 from keybroker.client.rcar import KbsClient
 from keybroker.kbs.audit import load_key
 from keybroker.kbs.audit_verify import verify_file
 
 BENCH = Path(__file__).resolve().parents[1]
 SESSION_LIFETIME = 60.0  # the servers' [attestation_service] timeout = 1 (minute)
+SPREAD = 2  # connections per guest in the spread rows
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float:
@@ -55,13 +64,17 @@ def loadgen(
     duration: float = 10.0,
     warmup: float = 2.0,
     count: int | None = None,
+    spread: int = 1,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     """Run the load generator in its own process; summarize what it measured."""
     command = [sys.executable, "-m", "kbsbench.loadgen", "--url", url, "--mode", mode]
     command += ["--concurrency", str(concurrency), "--duration", str(duration)]
-    command += ["--warmup", str(warmup)]
+    command += ["--warmup", str(warmup), "--spread", str(spread)]
     if count is not None:
         command += ["--count", str(count)]
+    if server_pid is not None:
+        command += ["--server-pid", str(server_pid)]
     env = {**os.environ, "PYTHONPATH": str(BENCH)}
     done = subprocess.run(
         command, cwd=BENCH, env=env, capture_output=True, text=True, timeout=3600, check=False
@@ -93,6 +106,8 @@ class Bench:
         self.quick, self.audit_fsync, self.workdir = quick, audit_fsync, workdir
         self.duration = 1.0 if quick else 10.0
         self.warmup = 0.3 if quick else 2.0
+        self.levels = [1, 16] if quick else [1, 16, 64, 256]  # guests, for the handshake rows
+        self.level = 16 if quick else 64  # guests, for every other row
         self._count = 0
 
     def _dir(self, name: str) -> Path:
@@ -104,32 +119,73 @@ class Bench:
     def _step(self, text: str) -> None:
         print(f"  {text} ...", file=sys.stderr, flush=True)
 
+    def _load(self, url: str, mode: str, level: int, **options: Any) -> dict[str, Any]:
+        return loadgen(url, mode, level, duration=self.duration, warmup=self.warmup, **options)
+
+    def ceiling(self) -> dict[str, Any]:
+        """The bare-HTTP ceiling for every stack and concurrency the other sections measure:
+        the trivial app, the same server stack, the same load generator (``/healthz`` mode)."""
+        stacks = [(1, 2, sorted({*self.levels, self.level}))]
+        stacks += [(1, 1, [self.level]), (2, 1, [self.level]), (3, 1, [self.level])]
+        rows: list[dict[str, Any]] = []
+        for replicas, workers, levels in stacks:
+            with ceiling_cluster(
+                self._dir(f"ceiling-{replicas}-{workers}"), replicas=replicas, workers=workers
+            ) as (url, _servers):
+                for level in levels:
+                    self._step(f"ceiling: {replicas} x {workers} worker(s), {level} guests")
+                    measured = self._load(url, "healthz", level)
+                    rows.append({"replicas": replicas, "workers": workers, **measured})
+        return {"reply_bytes": REPLY_BYTES, "rows": rows}
+
+    def _kbs_rows(self, url: str, server_pid: int, result: dict[str, Any]) -> None:
+        """The rows every compared mode has at ``self.level`` guests: cookie and bearer GETs,
+        and a handshake and a cookie GET with each guest's requests spread over connections."""
+        for mode in ("get", "bearer"):
+            self._step(f"resource GETs ({mode}), {self.level} concurrent guests")
+            result[mode] = self._load(url, mode, self.level)
+        result["spread"] = {}
+        for mode in ("handshake", "get"):
+            self._step(f"{mode}, {self.level} guests, each over {SPREAD} connections")
+            result["spread"][mode] = self._load(
+                url, mode, self.level, spread=SPREAD, server_pid=server_pid
+            )
+
     def handshakes(self) -> dict[str, Any]:
-        levels = [1, 16] if self.quick else [1, 16, 64, 256]
-        result: dict[str, Any] = {"workers": 2, "store": "memory", "levels": {}}
+        result: dict[str, Any] = {"replicas": 1, "workers": 2, "store": "memory", "levels": {}}
         with cluster(
             self._dir("handshakes"),
             replicas=1,
             workers=2,
             store="memory",
             audit_fsync=self.audit_fsync,
-        ) as (url, _servers):
+        ) as (url, servers):
             result["token"] = _token(url)
-            for level in levels:
+            for level in self.levels:
                 self._step(f"handshakes, {level} concurrent guests")
-                result["levels"][str(level)] = loadgen(
-                    url, "handshake", level, duration=self.duration, warmup=self.warmup
-                )
-            get_level = 16 if self.quick else 64
-            for mode in ("get", "bearer"):
-                self._step(f"resource GETs ({mode}), {get_level} concurrent guests")
-                result[mode] = loadgen(
-                    url, mode, get_level, duration=self.duration, warmup=self.warmup
-                )
+                result["levels"][str(level)] = self._load(url, "handshake", level)
+            self._kbs_rows(url, servers[0].process.pid, result)
+            self._step(f"/healthz, {self.level} concurrent guests")
+            result["healthz"] = self._load(url, "healthz", self.level)
+        return result
+
+    def upstream(self) -> dict[str, Any]:
+        """A server configured as an upstream config file would be (servers.py)."""
+        result: dict[str, Any] = {"replicas": 1, "workers": 2, "store": "upstream"}
+        with cluster(
+            self._dir("upstream"),
+            replicas=1,
+            workers=2,
+            store="upstream",
+            audit_fsync=self.audit_fsync,
+        ) as (url, servers):
+            self._step(f"upstream config: handshakes, {self.level} concurrent guests")
+            result["handshake"] = self._load(url, "handshake", self.level)
+            self._kbs_rows(url, servers[0].process.pid, result)
         return result
 
     def scaling(self) -> dict[str, Any]:
-        level = 16 if self.quick else 64
+        level = self.level
         rows: list[dict[str, Any]] = []
         on, off = "loopback", "off"  # [metrics] access: metrics on, or off
         setups = [(1, 1, "memory", on), (1, 2, "memory", on), (1, 2, "memory", off)]
@@ -148,9 +204,7 @@ class Bench:
                 audit_fsync=self.audit_fsync,
                 metrics=metrics,
             ) as (url, _servers):
-                measured = loadgen(
-                    url, "handshake", level, duration=self.duration, warmup=self.warmup
-                )
+                measured = self._load(url, "handshake", level)
             row = {"replicas": replicas, "workers": workers, "store": store, "metrics": flag}
             rows.append({**row, **measured})
         return {"concurrency": level, "rows": rows}
@@ -199,24 +253,39 @@ def _table(results: dict[str, Any]) -> str:
         "",
         "Keybroker benchmark" + (" (QUICK: figures are meaningless)" if results["quick"] else ""),
     ]
+    ce = results["ceiling"]
+    lines.append(
+        f"\nBare-HTTP ceiling (kbs's uvicorn stack, a trivial app, one {ce['reply_bytes']}-byte"
+        " JSON reply):"
+    )
+    for row in ce["rows"]:
+        lines.append(
+            f"  {row['replicas']} replica(s) x {row['workers']} worker(s), "
+            f"{row['concurrency']:>3} guests: {row['per_second']:>8.0f}/s"
+            f"  p99 {row['p99_ms']:>6.1f} ms  errors {row['errors']}"
+        )
     hs = results["handshakes"]
     lines.append(
-        f"\nFull handshakes (auth + attest + GET), {hs['workers']} workers, {hs['store']}:"
+        f"\nFull handshakes (auth + attest + GET), {hs['workers']} workers, {hs['store']}"
+        " (share of the ceiling in requests, 3 per handshake):"
     )
     lines.append(
         f"  {'guests':>6} {'per s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6}"
+        f" {'share':>7}"
     )
     for level, row in hs["levels"].items():
         lines.append(
             f"  {level:>6} {row['per_second']:>8.0f} {row['p50_ms']:>8.1f} {row['p90_ms']:>8.1f}"
-            f" {row['p99_ms']:>8.1f} {row['errors']:>6}"
+            f" {row['p99_ms']:>8.1f} {row['errors']:>6} {row['ceiling_share']:>7.1%}"
         )
-    for mode in ("get", "bearer"):
-        row = hs[mode]
-        lines.append(
-            f"Resource GETs ({mode}), {row['concurrency']} guests: {row['per_second']:.0f}/s, "
-            f"p99 {row['p99_ms']:.1f} ms, errors {row['errors']}"
-        )
+    lines += _rows_lines(hs)
+    up = results["upstream"]
+    lines.append(
+        f"\nUpstream-style config ({up['workers']} workers; LocalFs sessions and resources, no"
+        " signer, allow-all policy):"
+    )
+    lines += _rows_lines(up)
+    lines += summary_lines(results)
     fl = results["floor"]
     lines.append(
         f"\nCrypto floor (one core): {fl['handshake_microseconds']:.0f} µs per handshake "
@@ -232,6 +301,7 @@ def _table(results: dict[str, Any]) -> str:
             f"  {row['replicas']} replica(s) x {row['workers']} worker(s) {row['store']:<15}"
             f" metrics {row['metrics']:<3} {row['per_second']:>7.0f}/s"
             f"  p99 {row['p99_ms']:>6.1f} ms  errors {row['errors']}"
+            f"  {row['ceiling_share']:.1%} of the ceiling"
         )
     mem = results["memory"]
     lines.append(
@@ -245,11 +315,38 @@ def _table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _rows_lines(part: dict[str, Any]) -> list[str]:
+    """One line per row of a compared mode (handshakes or upstream), with its share."""
+    titles = {"handshake": "Full handshakes", "get": "Resource GETs (cookie)"}
+    titles |= {"bearer": "Resource GETs (bearer)", "healthz": "/healthz"}
+    rows = [(titles[m], part[m]) for m in ("handshake", "get", "bearer", "healthz") if m in part]
+    rows += [(f"{titles[m]}, spread", row) for m, row in part["spread"].items()]
+    lines = []
+    for title, row in rows:
+        text = (
+            f"{title}, {row['concurrency']} guests: {row['per_second']:.0f}/s, "
+            f"p99 {row['p99_ms']:.1f} ms, errors {row['errors']}, "
+            f"{row['ceiling_share']:.1%} of the ceiling"
+        )
+        if "worker_spread" in row:
+            seen = row["worker_spread"]
+            text += (
+                f"; {row['spread']} connections per guest, {seen['guests_across_workers']} of"
+                f" {seen['guests']} guests across {seen['workers']} workers"
+            )
+        lines.append(text)
+    return lines
+
+
 def verify_audit_logs(workdir: Path) -> dict[str, int]:
-    """Every server's keyed audit log, written by several workers under load, still verifies."""
+    """Every server's audit log, written by several workers under load, still verifies: keyed
+    where its cluster has a key (every one but the upstream-style server's, whose log is the
+    default plain SHA-256 chain)."""
     logs = records = 0
     for path in sorted(workdir.rglob("audit-*.log")):  # one directory per cluster, one key each
-        result = verify_file(path, key=load_key(audit_key(path.parent)))
+        key_file = path.parent / "audit.key"
+        key = load_key(key_file) if key_file.exists() else None
+        result = verify_file(path, key=key)
         if not result.ok:
             raise SystemExit(f"audit log {path.name} does not verify: {result.problem}")
         logs, records = logs + 1, records + result.records
@@ -277,7 +374,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kbsbench-") as tmp:
         bench = Bench(args.quick, args.audit_fsync, Path(tmp))
         sections: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+            ("ceiling", bench.ceiling),
             ("handshakes", bench.handshakes),
+            ("upstream", bench.upstream),
             ("scaling", bench.scaling),
             ("memory", bench.memory),
         ]
@@ -293,6 +392,7 @@ def main() -> None:
     results["floor"] = floor.measure(token, seconds=1.0 if args.quick else 6.0)
     best = max(row["per_second"] for row in results["handshakes"]["levels"].values())
     results["floor"]["fraction_of_floor"] = best / (2 * results["floor"]["floor_per_core"])
+    results["ratios"] = add_ceiling_shares(results)
     results["seconds"] = round(time.monotonic() - started, 1)
     args.output.mkdir(parents=True, exist_ok=True)
     stamp = results["when"].replace(":", "").replace("-", "")

@@ -1,7 +1,7 @@
 """The load generator: simulated guests against a running KBS, in a process of its own.
 
 python -m kbsbench.loadgen --url http://127.0.0.1:PORT --mode handshake --concurrency 64 \
-    --duration 10 [--warmup 2] [--count N]
+    --duration 10 [--warmup 2] [--count N] [--spread N [--server-pid PID]]
 
 Modes:
 - ``handshake``: each guest runs the whole RCAR exchange as upstream's guest does (``/auth``,
@@ -10,6 +10,17 @@ Modes:
 - ``get``: each guest attests once, then GETs the resource on its attested session;
 - ``bearer``: each guest attests once, then GETs the resource presenting its token
   (passport mode, ``Authorization: Bearer``), without a cookie.
+- ``healthz``: each guest GETs ``/healthz`` (no attestation); against the bare-HTTP ceiling
+  (``kbsbench.ceiling``), which answers every path, it measures the server stack alone.
+
+A guest keeps one keep-alive connection, so all its requests reach the worker process that
+accepted that connection. ``--spread N`` gives each guest N connections and sends each of its
+requests on the next one in turn, as a load balancer spreading one guest's requests would: a
+handshake's ``/auth``, ``/attest`` and GET, or a guest's successive GETs, then reach whichever
+workers accepted those connections, and the session (or the token check) must be shared
+between workers. With ``--server-pid`` (the ``kbs`` process on this machine), the run ends by
+reading ``/proc`` for which of the server's processes holds each guest's connections, and
+reports how many guests were spread over more than one worker.
 
 Each guest decrypts its first resource reply and checks the bytes, so a run that measures
 wrong answers fails instead. Prints one JSON object: completions, errors, the measured seconds
@@ -21,10 +32,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import uvloop
@@ -82,15 +95,27 @@ def _expect(reply: Reply, status: int, what: str) -> Reply:
 
 
 class Guest:
-    """One simulated guest on one keep-alive connection."""
+    """One simulated guest on ``spread`` keep-alive connections, used in turn."""
 
-    def __init__(self, host: str, port: int, key: TeeKey) -> None:
-        self.connection = Connection(host, port)
+    def __init__(self, host: str, port: int, key: TeeKey, spread: int = 1) -> None:
+        self.connections = [Connection(host, port) for _ in range(spread)]
+        self._turn = 0
         self.key = key
         self.jwk = key.public_jwk()
         self.cookie = ""
         self.token = ""
         self.checked = False
+
+    @property
+    def connection(self) -> Connection:
+        """The connection of the next request."""
+        connection = self.connections[self._turn % len(self.connections)]
+        self._turn += 1
+        return connection
+
+    async def close(self) -> None:
+        for connection in self.connections:
+            await connection.close()
 
     async def attest(self) -> None:
         reply = _expect(
@@ -128,6 +153,9 @@ class Guest:
                 raise GuestError("the resource decrypted to the wrong bytes")
             self.checked = True
 
+    async def healthz(self) -> None:
+        _expect(await self.connection.request("GET", "/healthz"), 200, "healthz")
+
 
 MAX_EXTRA_SECONDS = 60.0
 
@@ -139,7 +167,7 @@ async def _timed(guest: Guest, tally: Tally, operation: Callable[[], Awaitable[N
         await operation()
     except (GuestError, OSError, KeyError, ValueError, asyncio.IncompleteReadError) as e:
         tally.fail(e)
-        await guest.connection.close()
+        await guest.close()
         return False
     tally.record(time.perf_counter() - start)
     return True
@@ -164,6 +192,67 @@ async def _gets(guest: Guest, tally: Tally, bearer: bool) -> None:
         await _timed(guest, tally, lambda: guest.get(bearer=bearer))
 
 
+async def _healthz(guest: Guest, tally: Tally) -> None:
+    while not tally.stop:
+        await _timed(guest, tally, guest.healthz)
+
+
+def _process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in task.read_text().split():
+            pids += _process_tree(int(child))
+    return pids
+
+
+def _holders(server_pid: int, server_port: int) -> dict[int, int]:
+    """Client port -> pid of the server process holding that connection's server end
+    (Linux ``/proc``: socket inodes in each process's fds, ``/proc/net/tcp*`` for the ports)."""
+    owner: dict[int, int] = {}
+    for pid in _process_tree(server_pid):
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except FileNotFoundError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owner[int(target[8:-1])] = pid
+    holders: dict[int, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                inode = int(fields[9])
+                if local_port == server_port and inode in owner:
+                    holders[int(fields[2].rsplit(":", 1)[1], 16)] = owner[inode]
+    return holders
+
+
+def worker_spread(guests: list[Guest], server_pid: int, server_port: int) -> dict[str, int]:
+    """How many guests (of those with at least two open connections) have them held by more
+    than one server process: the guests whose requests really crossed workers."""
+    holders = _holders(server_pid, server_port)
+    counted = crossed = 0
+    workers: set[int] = set()
+    for guest in guests:
+        held = {
+            holders[c.local_port]
+            for c in guest.connections
+            if c.is_open and c.local_port in holders
+        }
+        workers |= held
+        opened = sum(c.is_open and c.local_port in holders for c in guest.connections)
+        if opened >= 2:
+            counted += 1
+            crossed += len(held) > 1
+    return {"guests": counted, "guests_across_workers": crossed, "workers": len(workers)}
+
+
 async def run(
     url: str,
     mode: str,
@@ -172,15 +261,19 @@ async def run(
     duration: float,
     warmup: float,
     count: int | None,
+    spread: int = 1,
+    server_pid: int | None = None,
 ) -> dict[str, object]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     keys = [TeeKey.generate() for _ in range(min(concurrency, 32))]
-    guests = [Guest(host, port, keys[i % len(keys)]) for i in range(concurrency)]
+    guests = [Guest(host, port, keys[i % len(keys)], spread) for i in range(concurrency)]
     tally = Tally()
     budget = [count] if count is not None else []
     if mode == "handshake":
         tasks = [asyncio.create_task(_handshakes(g, tally, budget)) for g in guests]
+    elif mode == "healthz":
+        tasks = [asyncio.create_task(_healthz(g, tally)) for g in guests]
     else:
         tasks = [asyncio.create_task(_gets(g, tally, mode == "bearer")) for g in guests]
     await asyncio.sleep(warmup)
@@ -199,6 +292,8 @@ async def run(
     elapsed = time.perf_counter() - started
     tally.measuring = False
     tally.stop = True
+    # before the connections close: which server process holds each of them
+    spread_seen = worker_spread(guests, server_pid, port) if server_pid is not None else None
     for task in tasks:
         task.cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -206,10 +301,12 @@ async def run(
         r for r in results if isinstance(r, Exception) and not isinstance(r, asyncio.CancelledError)
     ]
     for guest in guests:
-        await guest.connection.close()
+        await guest.close()
     return {
         "mode": mode,
         "concurrency": concurrency,
+        "spread": spread,
+        **({"worker_spread": spread_seen} if spread_seen is not None else {}),
         "completed": len(tally.latencies),
         "errors": tally.errors + len(failures),
         "error_samples": tally.error_samples + [repr(f) for f in failures[:3]],
@@ -221,12 +318,22 @@ async def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True)
-    parser.add_argument("--mode", choices=["handshake", "get", "bearer"], default="handshake")
+    parser.add_argument(
+        "--mode", choices=["handshake", "get", "bearer", "healthz"], default="handshake"
+    )
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--count", type=int, default=None, help="stop after N completions")
+    parser.add_argument(
+        "--spread", type=int, default=1, help="connections per guest, each request on the next"
+    )
+    parser.add_argument(
+        "--server-pid", type=int, default=None, help="report which server processes held them"
+    )
     args = parser.parse_args()
+    if args.spread < 1:
+        parser.error("--spread must be at least 1")
     uvloop.install()
     result = asyncio.run(
         run(
@@ -236,6 +343,8 @@ def main() -> None:
             duration=args.duration,
             warmup=args.warmup,
             count=args.count,
+            spread=args.spread,
+            server_pid=args.server_pid,
         )
     )
     json.dump(result, sys.stdout)

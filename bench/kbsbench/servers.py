@@ -8,12 +8,23 @@ sample TEE outright), and the audit log on, keyed (an HMAC-SHA256 chain with che
 the admin API is open (InsecureAllowAll), to provision, and the per-client handshake rate limit
 is raised out of reach (every bench guest comes from 127.0.0.1), though still checked on every
 request.
+
+The ``upstream`` style is the configuration an operator porting an upstream ``kbs-config.toml``
+writes: ``storage_type = "LocalFs"`` with no ``session_storage_type`` (so sessions are files
+on disk too), the builtin AS with no signer configured (the workers share an ephemeral key),
+the ``allow_all`` resource policy, and the audit log left at its default (unkeyed, ``fsync =
+"always"``). Only the admin API and the rate limit are set as in every other server, for the
+same reasons. ``ceiling_cluster`` runs the bare-HTTP ceiling (``kbsbench.ceiling``) on the same
+stack instead of ``kbs``.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -23,17 +34,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
 # the test suite's helpers for real processes: PostgreSQL, Redis, kbs, nginx
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
 from nginx import running_nginx  # noqa: E402
 
 from databases import fresh_postgres_database, private_redis  # noqa: E402
-from kbs_process import running_kbs  # noqa: E402
+from kbs_process import running_kbs, wait_healthy  # noqa: E402
 from kbsbench.loadgen import SECRET  # noqa: E402
 from keybroker.client.admin import AdminClient  # noqa: E402
 from keybroker.kbs.audit import generate_key  # noqa: E402
 from keybroker.kbs.resource_policy import builtin_policy  # noqa: E402
+from keybroker.kbs.server import INSTANCE_ENV  # noqa: E402
 from ports import free_port  # noqa: E402
 
 
@@ -66,6 +79,14 @@ class Shared:
 
     redis_url: str
     database: str
+
+
+# Every guest of the benchmark is 127.0.0.1: a limit per client address would throttle them all
+# as one. Limits as high as the bench can reach, kept on so their cost is measured.
+RATE_LIMIT = """[rate_limit]
+requests_per_second = 1000000
+burst = 1000000
+"""
 
 
 def write_config(
@@ -113,12 +134,7 @@ timeout = 1
 key_path = "{signing_key(workdir)}"
 
 {storage}
-# Every guest of the benchmark is 127.0.0.1: a limit per client address would throttle them
-# all as one. Limits as high as the bench can reach, kept on so their cost is measured.
-[rate_limit]
-requests_per_second = 1000000
-burst = 1000000
-
+{RATE_LIMIT}
 [audit]
 sink = "file"
 path = "{workdir / f"audit-{port}.log"}"
@@ -128,6 +144,37 @@ key_path = "{audit_key(workdir)}"
 # Prometheus metrics: "loopback" (the default) or "off" (no HTTP metrics, no metric files)
 [metrics]
 access = "{metrics}"
+"""
+    )
+    return config
+
+
+def write_upstream_config(workdir: Path, port: int, *, workers: int, audit_fsync: str) -> Path:
+    """The upstream-style configuration (see the module docstring)."""
+    config = workdir / f"kbs-{port}.toml"
+    config.write_text(
+        f"""[http_server]
+sockets = ["127.0.0.1:{port}"]
+insecure_http = true
+worker_count = {workers}
+
+[admin]
+authorization_mode = "InsecureAllowAll"
+
+[attestation_service]
+type = "coco_as_builtin"
+timeout = 1
+
+[storage_backend]
+storage_type = "LocalFs"
+
+[storage_backend.backends.local_fs]
+dir_path = "{workdir / "repository"}"
+
+{RATE_LIMIT}
+[audit]
+path = "{workdir / f"audit-{port}.log"}"
+fsync = "{audit_fsync}"
 """
     )
     return config
@@ -168,13 +215,14 @@ def running_server(config: Path, port: int, workdir: Path) -> Iterator[Kbs]:
         yield Kbs(url, process)
 
 
-def provision(url: str) -> None:
-    """The secret, the affirming resource policy, and the sample TEE's reference values: the
-    guest is then affirming under the default attestation policy and gets the secret."""
+def provision(url: str, resource_policy: str = "affirming") -> None:
+    """The secret, the resource policy (by default ``affirming``), and the sample TEE's
+    reference values: the guest is then affirming under the default attestation policy and
+    gets the secret."""
     admin = AdminClient(url)
     try:
         admin.set_resource("default/bench/secret", SECRET)
-        admin.set_resource_policy(builtin_policy("affirming"))
+        admin.set_resource_policy(builtin_policy(resource_policy))
         admin.set_sample_reference_value("svn", ["1"])
         admin.set_sample_reference_value("launch_digest", ["abcde"])
         admin.set_sample_reference_value("major_version", 1)
@@ -199,27 +247,79 @@ def cluster(
     audit_fsync: str,
     metrics: str = "loopback",
 ) -> Iterator[tuple[str, list[Kbs]]]:
-    """``replicas`` servers (behind nginx when more than one); yields the URL guests use."""
+    """``replicas`` servers (behind nginx when more than one); yields the URL guests use.
+    ``store``: ``memory``, ``redis+postgres``, or ``upstream`` (one server configured in the
+    upstream style, see the module docstring)."""
     with ExitStack() as stack:
-        shared = stack.enter_context(shared_stores(workdir)) if store != "memory" else None
+        shared = stack.enter_context(shared_stores(workdir)) if store == "redis+postgres" else None
         servers = []
         for _ in range(replicas):
             port = free_port()
-            config = write_config(
-                workdir,
-                port,
-                workers=workers,
-                store=store,
-                shared=shared,
-                audit_fsync=audit_fsync,
-                metrics=metrics,
-            )
+            if store == "upstream":
+                config = write_upstream_config(
+                    workdir, port, workers=workers, audit_fsync=audit_fsync
+                )
+            else:
+                config = write_config(
+                    workdir,
+                    port,
+                    workers=workers,
+                    store=store,
+                    shared=shared,
+                    audit_fsync=audit_fsync,
+                    metrics=metrics,
+                )
             servers.append(stack.enter_context(running_server(config, port, workdir)))
-        provision(servers[0].url)
+        provision(servers[0].url, "allow_all" if store == "upstream" else "affirming")
         url = servers[0].url
         if replicas > 1:
-            proxy_dir = workdir / "nginx"
-            proxy_dir.mkdir()
-            ports = [int(s.url.rsplit(":", 1)[1]) for s in servers]
-            url = stack.enter_context(running_nginx(proxy_dir, ports))
+            url = stack.enter_context(_proxy(workdir, servers))
+        yield url, servers
+
+
+@contextmanager
+def _proxy(workdir: Path, servers: list[Kbs]) -> Iterator[str]:
+    proxy_dir = workdir / "nginx"
+    proxy_dir.mkdir()
+    ports = [int(s.url.rsplit(":", 1)[1]) for s in servers]
+    with running_nginx(proxy_dir, ports) as url:
+        yield url
+
+
+@contextmanager
+def running_ceiling(port: int, workers: int, workdir: Path) -> Iterator[Kbs]:
+    """The bare-HTTP ceiling server (``kbsbench.ceiling``) with ``workers`` workers."""
+    url = f"http://127.0.0.1:{port}"
+    log = workdir / f"ceiling-{port}.log"
+    instance = f"ceiling-{uuid.uuid4().hex}"
+    command = [sys.executable, "-m", "kbsbench.ceiling", "--port", str(port)]
+    command += ["--workers", str(workers)]
+    env = {**os.environ, "PYTHONPATH": str(BENCH), INSTANCE_ENV: instance}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=BENCH, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_healthy(url, process, log, instance=instance)
+        yield Kbs(url, process)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def ceiling_cluster(
+    workdir: Path, *, replicas: int, workers: int
+) -> Iterator[tuple[str, list[Kbs]]]:
+    """Like ``cluster``, with the ceiling server in place of ``kbs``."""
+    with ExitStack() as stack:
+        servers = [
+            stack.enter_context(running_ceiling(free_port(), workers, workdir))
+            for _ in range(replicas)
+        ]
+        url = servers[0].url if replicas == 1 else stack.enter_context(_proxy(workdir, servers))
         yield url, servers

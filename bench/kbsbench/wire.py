@@ -32,6 +32,11 @@ class Connection:
         self._host, self._port = host, port
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self.local_port = 0  # of the open connection: tells which server process holds it
+
+    @property
+    def is_open(self) -> bool:
+        return self._writer is not None
 
     async def request(
         self, method: str, path: str, *, body: bytes = b"", headers: dict[str, str] | None = None
@@ -39,6 +44,7 @@ class Connection:
         for attempt in (1, 2):
             if self._writer is None:
                 self._reader, self._writer = await asyncio.open_connection(self._host, self._port)
+                self.local_port = self._writer.get_extra_info("sockname")[1]
             try:
                 return await self._exchange(method, path, body, headers or {})
             except (ConnectionError, asyncio.IncompleteReadError):

@@ -24,6 +24,15 @@ def _positive(value: object) -> bool:
     return isinstance(value, int | float) and value > 0
 
 
+def _measured(row: dict[str, object]) -> None:
+    assert row["errors"] == 0, row["error_samples"]
+    assert isinstance(row["completed"], int) and row["completed"] > 0
+    assert _positive(row["per_second"])
+    p50, p90, p99 = row["p50_ms"], row["p90_ms"], row["p99_ms"]
+    assert isinstance(p50, float) and isinstance(p90, float) and isinstance(p99, float)
+    assert 0 < p50 <= p90 <= p99
+
+
 def test_quick_bench_runs_every_section_and_writes_results(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "kbsbench", "--quick", "--output", str(tmp_path)],
@@ -39,12 +48,68 @@ def test_quick_bench_runs_every_section_and_writes_results(tmp_path: Path) -> No
     results = json.loads(path.read_text())
     assert results["quick"] is True and results["machine"]["cpus"] >= 1
 
+    scaling_rows = [
+        (1, 1, "memory", "on"),
+        (1, 2, "memory", "on"),
+        (1, 2, "memory", "off"),  # the cost of metrics: this row against the one above
+        (1, 2, "redis+postgres", "on"),
+        (2, 1, "redis+postgres", "on"),
+        (3, 1, "redis+postgres", "on"),
+    ]
+    ceiling = results["ceiling"]
+    assert ceiling["reply_bytes"] == 200
+    assert [(r["replicas"], r["workers"], r["concurrency"]) for r in ceiling["rows"]] == [
+        (1, 2, 1),
+        (1, 2, 16),
+        (1, 1, 16),  # one stack for each worker and replica count the other sections use
+        (2, 1, 16),
+        (3, 1, 16),
+    ]
+    for row in ceiling["rows"]:
+        _measured(row)
+        assert row["mode"] == "healthz" and row["spread"] == 1
+
     handshakes = results["handshakes"]
     assert set(handshakes["levels"]) == {"1", "16"}
-    for row in [*handshakes["levels"].values(), handshakes["get"], handshakes["bearer"]]:
-        assert row["errors"] == 0, row["error_samples"]
-        assert row["completed"] > 0 and _positive(row["per_second"])
-        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+    for row in [
+        *handshakes["levels"].values(),
+        handshakes["get"],
+        handshakes["bearer"],
+        handshakes["healthz"],
+    ]:
+        _measured(row)
+        assert row["spread"] == 1 and "worker_spread" not in row
+    upstream = results["upstream"]
+    assert (upstream["store"], upstream["workers"]) == ("upstream", 2)
+    for part in (handshakes, upstream):
+        assert set(part["spread"]) == {"handshake", "get"}
+        for row in part["spread"].values():
+            _measured(row)
+            assert row["spread"] == 2
+            # which of the server's workers held each guest's connections, read from /proc
+            seen = row["worker_spread"]
+            assert 1 <= seen["workers"] <= 2 and 0 < seen["guests"] <= 16
+            assert 0 <= seen["guests_across_workers"] <= seen["guests"]
+    for mode in ("handshake", "get", "bearer"):
+        _measured(upstream[mode])
+
+    # every throughput as a share of the ceiling of its stack, in requests (3 per handshake)
+    ratios = results["ratios"]
+    memory = ["handshake 1 guests", "handshake 16 guests", "get", "bearer", "healthz"]
+    upstream_rows = ["handshake", "get", "bearer"]
+    spread = ["handshake spread", "get spread"]
+    assert [r["name"] for r in ratios] == [
+        *(f"memory {name}" for name in [*memory, *spread]),
+        *(f"upstream {name}" for name in [*upstream_rows, *spread]),
+        *(f"scaling {r}x{w} {store} metrics {m}" for r, w, store, m in scaling_rows),
+    ]
+    for ratio in ratios:
+        assert _positive(ratio["ceiling_share"]) and _positive(ratio["ceiling_per_second"])
+        per_completion = 3 if ratio["mode"] == "handshake" else 1
+        assert ratio["requests_per_second"] == round(per_completion * ratio["per_second"], 1)
+    assert handshakes["levels"]["16"]["ceiling_share"] == next(
+        r["ceiling_share"] for r in ratios if r["name"] == "memory handshake 16 guests"
+    )
 
     floor = results["floor"]
     assert set(floor["microseconds"]) == {
@@ -59,19 +124,15 @@ def test_quick_bench_runs_every_section_and_writes_results(tmp_path: Path) -> No
     assert _positive(floor["floor_per_core"]) and _positive(floor["fraction_of_floor"])
 
     rows = results["scaling"]["rows"]
-    assert [(r["replicas"], r["workers"], r["store"], r["metrics"]) for r in rows] == [
-        (1, 1, "memory", "on"),
-        (1, 2, "memory", "on"),
-        (1, 2, "memory", "off"),  # the cost of metrics: this row against the one above
-        (1, 2, "redis+postgres", "on"),
-        (2, 1, "redis+postgres", "on"),
-        (3, 1, "redis+postgres", "on"),
-    ]
+    assert [(r["replicas"], r["workers"], r["store"], r["metrics"]) for r in rows] == scaling_rows
     for r in rows:
         assert r["errors"] == 0 and r["completed"] > 0, r.get("error_samples")
+        assert _positive(r["ceiling_share"])
 
     memory = results["memory"]
     assert memory["errors"] == 0 and memory["handshakes"] == {"first": 150, "total": 300}
     assert len(memory["rss_after_each_round_mib"]) == 2
     assert _positive(memory["rss_first_mib"]) and _positive(memory["rss_total_mib"])
     assert "Crypto floor" in done.stdout and "written to" in done.stdout
+    assert "Bare-HTTP ceiling" in done.stdout and "Shares of the bare-HTTP ceiling" in done.stdout
+    assert "Upstream-style config" in done.stdout and "of the ceiling" in done.stdout

@@ -33,6 +33,7 @@ import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.applications import Starlette
+from starlette.types import ASGIApp
 from uvicorn.supervisors import Multiprocess
 
 from keybroker.config import (
@@ -176,7 +177,7 @@ def serve(config: KbsConfig, *, log_level: str = "info", access_log: bool = Fals
     log.info("Keybroker KBS (instance %s) %s", instance, startup_summary(config, scheme))
     if workers == 1:
         app = create_app(config, instance_id=instance)
-        uvicorn.Server(_uvicorn_config(app, workers, http, access_log)).run(sockets=sockets)
+        uvicorn.Server(uvicorn_config(app, workers, http, access_log)).run(sockets=sockets)
         return
     os.environ[_LOG_LEVEL_ENV] = log_level
     runtime_dir = _private_runtime_dir()
@@ -188,7 +189,7 @@ def serve(config: KbsConfig, *, log_level: str = "info", access_log: bool = Fals
             "worker_count > 1: memory stores, if any, are shared by the workers in %s", runtime_dir
         )
         os.environ[_MEMORY_DIR_ENV] = str(runtime_dir / "memory")
-        uv_config = _uvicorn_config("keybroker.kbs.server:worker_app", workers, http, access_log)
+        uv_config = uvicorn_config("keybroker.kbs.server:worker_app", workers, http, access_log)
         if config.metrics.access == "off":
             Multiprocess(uv_config, sockets=sockets).run()
             return
@@ -295,9 +296,12 @@ def _tls_factory(http: HttpServerConfig, _config: object, _default: object) -> s
     return server_context(http)
 
 
-def _uvicorn_config(
-    app: Starlette | str, workers: int, http: HttpServerConfig, access_log: bool = False
+def uvicorn_config(
+    app: ASGIApp | str, workers: int, http: HttpServerConfig, access_log: bool = False
 ) -> uvicorn.Config:
+    """How ``serve`` runs uvicorn: ``app`` itself, or with several workers the factory it
+    names. The benchmark's bare-HTTP ceiling (``bench/kbsbench/ceiling.py``) uses it too, so
+    it measures the stack the KBS runs on."""
     return uvicorn.Config(
         app,
         factory=isinstance(app, str),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import kbs_config
-from keybroker.kbs.server import WORKER_HEALTHCHECK_SECONDS, _uvicorn_config, startup_summary
+from keybroker.kbs.server import WORKER_HEALTHCHECK_SECONDS, startup_summary, uvicorn_config
 
 
 @pytest.mark.parametrize(
@@ -30,5 +30,5 @@ def test_startup_summary_names_the_secret_backend(
 
 def test_a_slow_starting_worker_gets_thirty_seconds_before_it_is_replaced() -> None:
     http = kbs_config().http_server
-    uvicorn_config = _uvicorn_config("keybroker.kbs.server:worker_app", 2, http)
-    assert uvicorn_config.timeout_worker_healthcheck == WORKER_HEALTHCHECK_SECONDS == 30
+    config = uvicorn_config("keybroker.kbs.server:worker_app", 2, http)
+    assert config.timeout_worker_healthcheck == WORKER_HEALTHCHECK_SECONDS == 30
