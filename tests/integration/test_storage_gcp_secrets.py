@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
-from secret_backend_gcp import gcp_backend
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -41,6 +40,7 @@ from keybroker.storage.gcp_secrets import (
     secret_version_name,
 )
 from ports import free_port
+from secret_backend_gcp import gcp_backend
 from standins.gcp_secrets import (
     PROJECT,
     GcpStandIn,

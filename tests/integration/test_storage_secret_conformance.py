@@ -20,9 +20,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from secret_backend_aliyun import aliyun_backend
-from secret_backend_gcp import gcp_backend
-from secret_backend_vault import vault_backend
 
 from databases import fresh_postgres_database
 from keybroker.errors import (
@@ -38,6 +35,9 @@ from keybroker.storage.pkcs11 import Pkcs11Config, Pkcs11SecretBackend
 from keybroker.storage.postgres import PostgresKeyValueStorage
 from keybroker.storage.secrets import DirectoryTreeSecretBackend, KvSecretBackend, SecretBackend
 from keybroker.storage.vault import VaultSecretBackend
+from secret_backend_aliyun import aliyun_backend
+from secret_backend_gcp import gcp_backend
+from secret_backend_vault import vault_backend
 from softhsm import SoftHsm
 from standins.aws_secrets import REGION, MotoServer, aws_env
 from standins.gcp_secrets import gcp_stand_in, use_service_account
