@@ -38,8 +38,6 @@ BENCH = ROOT / "bench"
 # the test suite's helpers for real processes: PostgreSQL, Redis, kbs, nginx
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
-from nginx import running_nginx  # noqa: E402
-
 from databases import fresh_postgres_database, private_redis  # noqa: E402
 from kbs_process import running_kbs, wait_healthy  # noqa: E402
 from kbsbench.loadgen import SECRET  # noqa: E402
@@ -47,6 +45,7 @@ from keybroker.client.admin import AdminClient  # noqa: E402
 from keybroker.kbs.audit import generate_key  # noqa: E402
 from keybroker.kbs.resource_policy import builtin_policy  # noqa: E402
 from keybroker.kbs.server import INSTANCE_ENV  # noqa: E402
+from nginx import running_nginx  # noqa: E402
 from ports import free_port  # noqa: E402
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from nginx import running_nginx
 
 from kbs_process import running_kbs
 from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
 from keybroker.kbs.resource_policy import builtin_policy
+from nginx import running_nginx
 from ports import free_port
 
 pytestmark = pytest.mark.e2e

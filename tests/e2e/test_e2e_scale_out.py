@@ -26,7 +26,6 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from nginx import running_nginx
 
 from databases import fresh_postgres_database, private_redis
 from kbs_process import open_kbs_config, running_kbs
@@ -34,6 +33,7 @@ from keybroker.client.admin import AdminClient
 from keybroker.client.rcar import KbsClient
 from keybroker.errors import ClientError, KbsRejectedError
 from keybroker.kbs.resource_policy import builtin_policy
+from nginx import running_nginx
 from ports import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import ValidationError
-from secret_backend_aliyun import KEY_ID, aliyun_backend, client_config, kms_stand_in
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
@@ -36,6 +35,7 @@ from keybroker.storage.aliyun_kms import (
     _decode,
     _encode,
 )
+from secret_backend_aliyun import KEY_ID, aliyun_backend, client_config, kms_stand_in
 from standins.server import ServedApp
 
 MIB = 1024 * 1024

@@ -10,7 +10,6 @@ from pathlib import Path
 import httpx
 import pytest
 from pydantic import ValidationError
-from secret_backend_vault import vault_stand_in
 from starlette.testclient import TestClient
 
 from conftest import FakeClock, kbs_config
@@ -28,6 +27,7 @@ from keybroker.kbs.tls import self_signed_certificate
 from keybroker.protocol.resource_path import ResourcePath
 from keybroker.storage.vault import VaultConfig, VaultSecretBackend
 from keybroker.storage.vault_versions import vault_record, vault_time
+from secret_backend_vault import vault_stand_in
 
 PATH = ResourcePath("default", "vault", "one")
 

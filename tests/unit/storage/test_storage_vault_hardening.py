@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from pydantic import ValidationError
-from secret_backend_vault import issue_leaf, vault_stand_in
 
 from keybroker.errors import ConfigError, ServiceUnavailableError, StorageError
 from keybroker.protocol.resource_path import ResourcePath
 from keybroker.storage.vault import VaultConfig, VaultSecretBackend
 from pki import issue
+from secret_backend_vault import issue_leaf, vault_stand_in
 
 PATH = ResourcePath("default", "vault", "one")
 
