@@ -9,7 +9,8 @@ are the attributes upstream Trustee's ``pkcs11`` plugin writes, so objects it cr
 Overwrites never lose a value: the new object is created first, then older objects of the label
 are destroyed. Each object carries a write stamp in ``CKA_ID`` (nanosecond time plus random
 bytes); a reader takes the highest, so a crash between the two steps, or two writers on two
-replicas, still leaves one well-defined value. Objects without a Keybroker stamp (written by
+replicas, still leaves one well-defined value (an extra object such a race leaves is removed by
+the label's next write). Objects without a Keybroker stamp (written by
 upstream) rank below every stamped one; two of them under one label are ambiguous and refused.
 
 What a token cannot do is refused, never emulated: it has no atomic compare-and-set and no
@@ -272,8 +273,10 @@ class Pkcs11KeyValueStorage(KeyValueStorage):
         with contextlib.suppress(p11.exceptions.ObjectHandleInvalid):
             self._token.session.create_object(template)
         # The newest stamp wins, whoever wrote it: this writer also removes its own object when
-        # a newer one is already there (a writer that stamped earlier but created later), so
-        # racing writers leave one object, the last stamped.
+        # a newer one is already there (a writer that stamped earlier but created later). An
+        # object another process created after this search (SoftHSM shows other processes'
+        # objects only once it rereads the token) can outlive a race; readers take the newest
+        # meanwhile, and the next write of the label removes it.
         objects = self._objects(label)
         newest = max([stamp, *(found for found, _ in objects)])
         for older, item in objects:
