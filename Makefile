@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test system-deps lint typecheck unit integration e2e format clean protos bench bench-quick \
+.PHONY: run test system-deps lint typecheck unit integration e2e format clean protos bench bench-quick profile \
 	background-check-kbs passport-issuer-kbs passport-resource-kbs cli image-test
 
 $(BIN)/python:
@@ -53,6 +53,12 @@ bench: system-deps $(VENV)/.installed-test
 # The same suite in a minute, with a few hundred requests: checks that it runs, not how fast.
 bench-quick: system-deps $(VENV)/.installed-test
 	cd bench && PYTHONPATH=. ../$(BIN)/python -m kbsbench --quick
+
+# Where a GET and a handshake spend their CPU: py-spy flame graphs and a table per mode
+# (bench/kbsbench/profile.py), about a minute. TAG names the files (before, after, ...).
+TAG ?= $(shell date +%Y%m%d-%H%M%S)
+profile: system-deps $(VENV)/.installed-test
+	cd bench && PYTHONPATH=. ../$(BIN)/python -m kbsbench.profile --tag $(TAG)
 
 format: $(VENV)/.installed-test
 	$(BIN)/ruff format src tests bench

@@ -21,60 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from kbsbench.__main__ import BENCH, loadgen
 from kbsbench.servers import cluster
+from kbsbench.stacks import GENERIC, PARTS, WAITING, attribute
 
 RATE = 100  # samples per second per thread
 GUESTS = 64
-
-# The parts a request's CPU is attributed to: (name, frame patterns), tried in order on each
-# frame from the outermost; a frame is "function (path:line)" as py-spy writes it.
-PARTS: list[tuple[str, list[str]]] = [
-    ("attest: evidence, verifier, attestation policy, EAR token", [r"\battest\b.*kbs/app\.py"]),
-    ("auth: nonce and session", [r"\bauth\b.*kbs/app\.py"]),
-    ("audit record", [r"kbs/audit\.py", r"kbs/auditing\.py"]),
-    ("token: verify or recall", [r"kbs/tokens\.py"]),
-    ("session store", [r"kbs/sessions\.py", r"storage/session"]),
-    ("resource policy decision", [r"kbs/resource_policy\.py", r"policy/"]),
-    ("resource read (version record and bytes)", [r"plugins/resource", r"storage/"]),
-    ("seal: ECDH and AES-GCM (JWE)", [r"protocol/jwe\.py"]),
-    ("metrics", [r"prometheus_client", r"kbs/metrics\.py"]),
-    ("request parse, pydantic, response", [r"kbs/app\.py", r"kbs/calls\.py", r"pydantic"]),
-    ("HTTP server (uvicorn, httptools, starlette)", [r"uvicorn", r"httptools", r"starlette"]),
-    ("event loop and other", [r".*"]),
-]
-_COMPILED = [(name, [re.compile(p) for p in patterns]) for name, patterns in PARTS]
-
-
-def attribute(collapsed: str) -> Counter[str]:
-    """Samples per part, from py-spy's collapsed stacks (``frame;frame;... count``)."""
-    parts: Counter[str] = Counter()
-    for line in collapsed.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        frames = stack.split(";")
-        parts[_part(frames)] += int(count)
-    return parts
-
-
-def _part(frames: list[str]) -> str:
-    for frame in frames:
-        if frame.startswith(("process ", "thread ")):
-            continue  # py-spy's labels of the process and thread
-        for name, patterns in _COMPILED[:-1]:
-            if any(p.search(frame) for p in patterns):
-                return name
-    return PARTS[-1][0]
 
 
 def profile(mode: str, tag: str, seconds: float, output: Path, workdir: Path) -> dict[str, Any]:
@@ -84,33 +44,38 @@ def profile(mode: str, tag: str, seconds: float, output: Path, workdir: Path) ->
     ):
         pid = str(servers[0].process.pid)
         svg = output / f"profile-{mode}-{tag}.svg"
-        raw = workdir / f"profile-{mode}-{tag}.txt"
-        # both samplers start a little after the load and stop before it ends: steady state
+        raw = output / f"profile-{mode}-{tag}.txt"  # collapsed stacks, kept
+        # both samplers start once the load has run ``2 * lead`` and stop before it ends
         lead = 3.0
         common = ["--subprocesses", "--nonblocking", "--rate", str(RATE), "-p", pid]
         common += ["--duration", str(int(seconds))]
-        samplers = [
-            subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "py-spy"),
-                    "record",
-                    *common,
-                    "--format",
-                    fmt,
-                    "-o",
-                    str(path),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for fmt, path in (("flamegraph", svg), ("raw", raw))
-        ]
-        measured = loadgen(url, mode, GUESTS, duration=seconds + 2 * lead, warmup=lead)
-        for sampler in samplers:
-            sampler.wait(timeout=60)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            load = pool.submit(loadgen, url, mode, GUESTS, duration=seconds + 2 * lead, warmup=lead)
+            time.sleep(2 * lead)  # every worker has started its policy workers and warmed up
+            samplers = [
+                subprocess.Popen(
+                    [
+                        str(Path(sys.executable).parent / "py-spy"),
+                        "record",
+                        *common,
+                        "--format",
+                        fmt,
+                        "-o",
+                        str(path),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for fmt, path in (("flamegraph", svg), ("raw", raw))
+            ]
+            for sampler in samplers:
+                sampler.wait(timeout=60)
+            measured = load.result()
     parts = attribute(raw.read_text())
+    waiting = parts.pop(WAITING, 0)
     sampled = sum(parts.values()) / RATE  # CPU seconds, both workers
-    # requests completed while the samplers ran (the load ran ``seconds + lead`` after warm-up)
+    # requests completed while the samplers ran (the load measured ``seconds + lead`` after its
+    # warm-up), assuming a steady rate
     requests = measured["completed"] * seconds / (seconds + lead)
     requests *= 3 if mode == "handshake" else 1
     per_request_ms = 1000 * sampled / requests if requests else 0.0
@@ -120,7 +85,7 @@ def profile(mode: str, tag: str, seconds: float, output: Path, workdir: Path) ->
             "share": round(parts[name] / sum(parts.values()), 4),
             "ms_per_request": round(per_request_ms * parts[name] / sum(parts.values()), 3),
         }
-        for name, _ in PARTS
+        for name, _ in PARTS + GENERIC
         if parts[name]
     ]
     return {
@@ -131,6 +96,7 @@ def profile(mode: str, tag: str, seconds: float, output: Path, workdir: Path) ->
         "p99_ms": measured["p99_ms"],
         "errors": measured["errors"],
         "cpu_seconds_sampled": round(sampled, 2),
+        "waiting_seconds_sampled": round(waiting / RATE, 2),
         "ms_cpu_per_request": round(per_request_ms, 3),
         "flame_graph": svg.name,
         "parts": rows,

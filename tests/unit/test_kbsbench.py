@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from kbsbench.ceiling import REPLY_BYTES, make_app
 from kbsbench.shares import add_ceiling_shares, summary_lines
+from kbsbench.stacks import WAITING, attribute
 
 from keybroker.kbs.app import INSTANCE_HEADER
 from keybroker.kbs.server import INSTANCE_ENV
@@ -113,3 +114,38 @@ def test_a_row_without_a_ceiling_of_its_stack_is_an_error_not_a_guess() -> None:
     results["ceiling"]["rows"] = results["ceiling"]["rows"][:1]  # no one-worker ceiling
     with pytest.raises(KeyError):
         add_ceiling_shares(results)
+
+
+_HANDLER = (
+    'process 1:"kbs";Server.run (uvicorn/server.py:86);'
+    "HttpMetricsMiddleware.__call__ (keybroker/kbs/metrics.py:303);_kbs (keybroker/kbs/app.py:216);"
+    "ReleaseService._release (keybroker/kbs/release.py:140)"
+)
+
+
+def test_a_stack_is_the_outermost_part_it_names_and_waiting_threads_count_apart() -> None:
+    collapsed = "\n".join(
+        [
+            # the audit record's JSON is the audit record's, not the handler's
+            f"{_HANDLER};AuditLog.record (keybroker/kbs/audit.py:554);dumps (json/a.py:238) 7",
+            f"{_HANDLER};seal (keybroker/protocol/jwe.py:80) 5",
+            f"{_HANDLER};_read_body (keybroker/kbs/app.py:302) 3",
+            # the metrics middleware wraps every request; its own counting is metrics
+            "Server.run (uvicorn/server.py:86);HttpMetricsMiddleware.__call__ (keybroker/kbs/"
+            "metrics.py:303);inc (prometheus_client/values.py:115) 2",
+            "Server.run (uvicorn/server.py:86);data_received (uvicorn/protocols/http/h.py:1) 4",
+            "thread 9;Thread.run (threading.py:982);_worker (concurrent/futures/thread.py:81) 50",
+            "thread 9;_worker (concurrent/futures/thread.py:83);append_many (keybroker/kbs/audit.py"
+            ":360);FileSink._write (keybroker/kbs/audit.py:356) 20",
+            "not a stack line",
+        ]
+    )
+    parts = attribute(collapsed)
+    assert parts == {
+        "audit record": 7,
+        "seal: ECDH and AES-GCM (JWE)": 5,
+        "handler: parse, dispatch, respond": 3,
+        "metrics (prometheus_client)": 2,
+        "HTTP server (uvicorn, httptools, starlette)": 4,
+        WAITING: 70,
+    }

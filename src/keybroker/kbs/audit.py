@@ -282,9 +282,13 @@ class FileSink(AuditSink):
         self._tail: tuple[int, Record] | None = None  # (file size, last record)
 
     def probe(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
         # O_NOFOLLOW: a link planted at the log's path must not make the KBS append elsewhere
-        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+        try:
+            fd = os.open(self._path, flags, 0o600)
+        except FileNotFoundError:  # its directory is gone (or new): make it, then try again
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._path, flags, 0o600)
         os.close(fd)
         # Hold the file from the first probe (start-up) on, so a worker that has not written
         # yet still finds the file it would rotate away from. Never wait on the event loop.

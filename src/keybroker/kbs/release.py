@@ -22,6 +22,9 @@ Every refusal is a ``KeybrokerError`` (the app renders it), recorded first. The 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
@@ -50,6 +53,11 @@ T = TypeVar("T")
 # it to the guest's TEE key.
 Released: TypeAlias = PluginResponse | dict[str, str]
 
+# (token digest, governing policy id, its text, the request data as canonical JSON)
+_DecisionKey: TypeAlias = tuple[bytes, str, str, str]
+# decisions remembered per worker: a session's GETs repeat one question (LRU beyond this)
+DECISIONS_REMEMBERED = 4096
+
 _INIT_DATA_CLAIMS = "/submods/cpu0/ear.veraison.annotated-evidence/init_data_claims"
 
 
@@ -58,6 +66,8 @@ class ReleaseService:
 
     def __init__(self, services: KbsServices) -> None:
         self._services = services
+        # the release decisions of recent sessions (see _allowed); the event loop's alone
+        self._decisions: OrderedDict[_DecisionKey, bool] = OrderedDict()  # allows only
 
     async def plugin(self, call: ApiCall) -> Released:
         """The answer to ``call`` (a plugin's path), or the ``KeybrokerError`` that refuses it."""
@@ -142,7 +152,7 @@ class ReleaseService:
         if released is not None:
             policy_data["version"] = released.number
         repository = plugin.repository_path(request)  # a tenant policy may decide
-        permitted, policy_id = await self._allowed(claims, policy_data, repository)
+        permitted, policy_id = await self._allowed(token, claims, policy_data, repository)
         if not permitted:
             reason = f"denied by the resource policy {policy_id}"
             await record(decision="deny", subject=subject, reason=reason)
@@ -187,22 +197,48 @@ class ReleaseService:
 
     async def _allowed(
         self,
+        token: str,
         claims: JsonValue,
-        policy_data: JsonValue,
+        policy_data: dict[str, JsonValue],
         repository: ResourcePath | None,
     ) -> tuple[bool, str]:
         """The answer of the policy that governs ``repository`` (a tenant's, else the global
-        one), counted (``kbs_policy_*``), and that policy's id."""
+        one), counted (``kbs_policy_*``), and that policy's id.
+
+        A session's GETs ask the same question again and again: an allow is remembered by
+        (token, policy text, request data), for a deterministic policy only (a denial is not:
+        it may be a policy that hit its time or memory limit), so a repeat costs a
+        look-up instead of serializing the token's claims for the policy's own memory. A changed
+        policy text, another governing policy or another version is another key. The token's
+        time window is checked before this, on every call."""
         metrics = self._services.metrics
         metrics.policy_evaluations.inc()
         try:
             governing = await self._services.resource_policy.governing(repository)
-            allowed = await decision(governing.policy, claims, policy_data)
+            key = None
+            if governing.policy.remembers:
+                data_json = json.dumps(policy_data, sort_keys=True, separators=(",", ":"))
+                digest = hashlib.blake2b(token.encode(), digest_size=16).digest()
+                key = (digest, governing.policy_id, governing.policy.source, data_json)
+            allowed = None
+            if key is not None:
+                allowed = self._decisions.get(key)
+                if allowed is not None:
+                    self._decisions.move_to_end(key)
+            if allowed is None:
+                allowed = await decision(governing.policy, claims, policy_data)
+                if key is not None and allowed:  # a denial may be a limit hit: ask again
+                    self._remember(key)
         except Exception:
             metrics.policy_errors.inc()
             raise
         (metrics.policy_approvals if allowed else metrics.policy_violations).inc()
         return allowed, governing.policy_id
+
+    def _remember(self, key: _DecisionKey) -> None:
+        self._decisions[key] = True
+        while len(self._decisions) > DECISIONS_REMEMBERED:
+            self._decisions.popitem(last=False)
 
     async def _handle(self, plugin: Plugin, request: PluginRequest) -> PluginResponse:
         with self._services.metrics.plugin_call(plugin.name):

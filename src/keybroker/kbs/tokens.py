@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import threading
 import time
@@ -62,6 +63,9 @@ DEFAULT_TEE_PUBKEY_PATHS = (
     "/tee-pubkey",
 )
 VERIFIED_CACHE_SIZE = 2048
+# a parsed TEE key is remembered only if its JWK is at most this long (an RSA-4096 or ML-KEM key
+# fits; a bigger one is parsed each time rather than held)
+_MAX_REMEMBERED_JWK = 4096
 
 
 def load_trusted_certs(paths: Sequence[str]) -> list[x509.Certificate]:
@@ -96,6 +100,7 @@ class TokenVerifier:
         self._clock = clock
         self._verified: OrderedDict[str, dict[str, JsonValue]] = OrderedDict()
         self._verified_lock = threading.Lock()
+        self._tee_keys: OrderedDict[str, TeePublicKey] = OrderedDict()  # by canonical JWK
         if insecure_header_jwk:
             log.warning(
                 "attestation_token.insecure_header_jwk = true: tokens are verified with the key "
@@ -263,16 +268,38 @@ class TokenVerifier:
         )
 
     def tee_pubkey(self, claims: Mapping[str, JsonValue]) -> TeePublicKey:
+        """The TEE key of verified ``claims``, parsed; remembered by its JWK (a bounded LRU),
+        since every GET of a session asks for the same key and parsing an EC point costs
+        more than the look-up."""
         for path in self._paths:
             value = pointer(claims, path)
             if value is not None:
-                try:
-                    return parse_tee_pubkey(value)
-                except BadRequestError as e:
-                    raise TokenVerificationError(
-                        f"the token's tee-pubkey at {path} is unusable: {e.detail}"
-                    ) from None
+                return self._parsed_tee_pubkey(path, value)
         raise TokenVerificationError("the attestation token carries no tee-pubkey claim")
+
+    def _parsed_tee_pubkey(self, path: str, value: JsonValue) -> TeePublicKey:
+        try:
+            jwk = json.dumps(value, sort_keys=True, separators=(",", ":"))
+        except (TypeError, ValueError):
+            jwk = None  # parse_tee_pubkey says why
+        if jwk is not None and len(jwk) <= _MAX_REMEMBERED_JWK:
+            with self._verified_lock:
+                known = self._tee_keys.get(jwk)
+                if known is not None:
+                    self._tee_keys.move_to_end(jwk)
+                    return known
+        try:
+            parsed = parse_tee_pubkey(value)
+        except BadRequestError as e:
+            raise TokenVerificationError(
+                f"the token's tee-pubkey at {path} is unusable: {e.detail}"
+            ) from None
+        if jwk is not None and len(jwk) <= _MAX_REMEMBERED_JWK:
+            with self._verified_lock:
+                self._tee_keys[jwk] = parsed
+                while len(self._tee_keys) > VERIFIED_CACHE_SIZE:
+                    self._tee_keys.popitem(last=False)
+        return parsed
 
 
 def pointer(document: JsonValue, json_pointer: str) -> JsonValue:

@@ -26,11 +26,13 @@ from keybroker.errors import (
     PluginNotFoundError,
     PolicyDeniedError,
     TokenNotFoundError,
+    TokenVerificationError,
 )
+from keybroker.kbs import release
 from keybroker.kbs.app import KbsState, create_app, kbs_state
 from keybroker.kbs.calls import ApiCall
 from keybroker.kbs.release import ReleaseService
-from keybroker.kbs.resource_policy import POLICY_ID, TenantPrefix, builtin_policy
+from keybroker.kbs.resource_policy import POLICY_ID, TenantPrefix, builtin_policy, decision
 from keybroker.kbs.services import KbsServices, build_services
 from keybroker.plugins.base import PluginResponse
 from keybroker.protocol.canonical import runtime_data, runtime_data_digest
@@ -82,19 +84,26 @@ def _call(
     )
 
 
-def _run(tmp_path: Path, test: Callable[[Kbs], Awaitable[None]], **sections: object) -> None:
+def _run(
+    tmp_path: Path,
+    test: Callable[[Kbs], Awaitable[None]],
+    clock: FakeClock | None = None,
+    **sections: object,
+) -> None:
     async def main() -> None:
-        async with _kbs(tmp_path, **sections) as kbs:
+        async with _kbs(tmp_path, clock, **sections) as kbs:
             await test(kbs)
 
     asyncio.run(main())
 
 
 @asynccontextmanager
-async def _kbs(tmp_path: Path, **sections: object) -> AsyncIterator[Kbs]:
+async def _kbs(
+    tmp_path: Path, clock: FakeClock | None = None, **sections: object
+) -> AsyncIterator[Kbs]:
     log = tmp_path / "audit.log"
     config = kbs_config(audit={"path": str(log), "fsync": "never"}, **sections)
-    services = build_services(config, clock=FakeClock())
+    services = build_services(config, clock=clock or FakeClock())
     await services.start()
     try:
         yield Kbs(services, ReleaseService(services), log)
@@ -265,3 +274,111 @@ def test_the_app_s_state_is_reached_through_the_typed_accessor_only() -> None:
     with pytest.raises(TypeError, match="create_app"):
         kbs_state(object())
     asyncio.run(state.services.stop())
+
+
+class _CountedDecisions:
+    """``release.decision``, counted: how often the policy workers' answer was asked for."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        self._decision = decision
+        monkeypatch.setattr(release, "decision", self)
+
+    async def __call__(self, *args: Any) -> bool:
+        self.calls += 1
+        return await self._decision(*args)
+
+
+def test_a_session_s_repeated_gets_ask_the_policy_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counted = _CountedDecisions(monkeypatch)
+
+    async def test(kbs: Kbs) -> None:
+        await kbs.services.resource_policy.set(ALLOW)
+        await _store(kbs)
+        key = TeeKey.generate()
+        session_id, _ = await _attest(kbs, key)
+        for _ in range(3):
+            sealed = _sealed(await kbs.release.plugin(_call("GET", *PATH, session_id=session_id)))
+            assert key.decrypt(sealed) == SECRET
+        assert counted.calls == 1
+        # every release is still counted and recorded
+        assert kbs.metric("kbs_policy_approvals_total") == 3
+        assert [r["decision"] for r in kbs.records()[1:]] == ["allow"] * 3
+        # another session (another token) is another question
+        other, _ = await _attest(kbs, TeeKey.generate())
+        await kbs.release.plugin(_call("GET", *PATH, session_id=other))
+        assert counted.calls == 2
+
+    _run(tmp_path, test)
+
+
+def test_a_remembered_allow_does_not_outlive_a_policy_change(tmp_path: Path) -> None:
+    async def test(kbs: Kbs) -> None:
+        policies = kbs.services.resource_policy
+        await policies.set(ALLOW)
+        await _store(kbs)
+        session_id, _ = await _attest(kbs, TeeKey.generate())
+        await kbs.release.plugin(_call("GET", *PATH, session_id=session_id))
+        await policies.set(DENY)
+        with pytest.raises(PolicyDeniedError):
+            await kbs.release.plugin(_call("GET", *PATH, session_id=session_id))
+        # nor a tenant policy that now governs the path
+        await policies.set(ALLOW)
+        await kbs.release.plugin(_call("GET", *PATH, session_id=session_id))
+        await policies.set(DENY, TenantPrefix.parse(["default"]))
+        with pytest.raises(PolicyDeniedError):
+            await kbs.release.plugin(_call("GET", *PATH, session_id=session_id))
+
+    _run(tmp_path, test)
+
+
+def test_a_remembered_allow_does_not_outlive_its_token(tmp_path: Path) -> None:
+    clock = FakeClock()
+
+    async def test(kbs: Kbs) -> None:
+        await kbs.services.resource_policy.set(ALLOW)
+        await _store(kbs)
+        _, token = await _attest(kbs, TeeKey.generate())
+        call = _call("GET", *PATH, authorization=f"Bearer {token}")
+        await kbs.release.plugin(call)
+        clock.advance(24 * 3600)  # far past the token's expiry
+        with pytest.raises(TokenVerificationError):
+            await kbs.release.plugin(call)
+        assert kbs.records()[-1]["decision"] == "deny"
+
+    _run(tmp_path, test, clock)
+
+
+def test_a_denial_is_asked_again_never_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counted = _CountedDecisions(monkeypatch)
+
+    async def test(kbs: Kbs) -> None:
+        await kbs.services.resource_policy.set(DENY)
+        await _store(kbs)
+        session_id, _ = await _attest(kbs, TeeKey.generate())
+        for _ in range(2):
+            with pytest.raises(PolicyDeniedError):
+                await kbs.release.plugin(_call("GET", *PATH, session_id=session_id))
+        assert counted.calls == 2
+
+    _run(tmp_path, test)
+
+
+def test_remembered_decisions_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(release, "DECISIONS_REMEMBERED", 2)
+
+    async def test(kbs: Kbs) -> None:
+        await kbs.services.resource_policy.set(ALLOW)
+        paths = [("default", "key", f"k{i}") for i in range(4)]
+        for path in paths:
+            await _store(kbs, path=path)
+        session_id, _ = await _attest(kbs, TeeKey.generate())
+        for path in paths:
+            await kbs.release.plugin(_call("GET", *path, session_id=session_id))
+        assert len(kbs.release._decisions) == 2
+
+    _run(tmp_path, test)

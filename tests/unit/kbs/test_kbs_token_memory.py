@@ -11,11 +11,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from conftest import FakeClock
 from keybroker.attestation.signer import TokenSigner
+from keybroker.client.keys import TeeKey
 from keybroker.config import AttestationTokenConfig
 from keybroker.errors import TokenVerificationError
 from keybroker.kbs import tokens
 from keybroker.kbs.tokens import TokenVerifier
+from keybroker.protocol.jwk import TeePublicKey, parse_tee_pubkey
 from keybroker.protocol.jws import jwk_of, sign_jwt
+from keybroker.protocol.models import JsonValue
 
 NOW = 1_800_000_000
 
@@ -86,3 +89,42 @@ def test_remembered_tokens_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for index in range(20):
         verifier.verify(signer.sign({"exp": NOW + 60, "n": index}))
     assert verifier.remembered() == 8
+
+
+def _claims_with_tee_key(jwk: dict[str, str]) -> dict[str, JsonValue]:
+    tee_pubkey: dict[str, JsonValue] = {**jwk}
+    evidence: dict[str, JsonValue] = {"runtime_data_claims": {"tee-pubkey": tee_pubkey}}
+    return {"submods": {"cpu0": {"ear.veraison.annotated-evidence": evidence}}}
+
+
+def test_a_tee_key_is_parsed_once_per_jwk(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+    parse = parse_tee_pubkey
+
+    def counted(value: object) -> TeePublicKey:
+        calls.append(value)
+        return parse(value)
+
+    monkeypatch.setattr(tokens, "parse_tee_pubkey", counted)
+    _, verifier = _verifier(FakeClock(NOW))
+    first, second = TeeKey.generate().public_jwk(), TeeKey.generate().public_jwk()
+    keys = [verifier.tee_pubkey(_claims_with_tee_key(jwk)) for jwk in (first, first, second)]
+    assert len(calls) == 2
+    assert keys[0] is keys[1] and keys[0] != keys[2]
+    assert keys[0].to_jwk()["x"] == first["x"]
+
+
+def test_an_unusable_tee_key_is_refused_every_time() -> None:
+    _, verifier = _verifier(FakeClock(NOW))
+    jwk = {**TeeKey.generate().public_jwk(), "d": "private part"}
+    for _ in range(2):
+        with pytest.raises(TokenVerificationError, match="private key member"):
+            verifier.tee_pubkey(_claims_with_tee_key(jwk))
+
+
+def test_remembered_tee_keys_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tokens, "VERIFIED_CACHE_SIZE", 3)
+    _, verifier = _verifier(FakeClock(NOW))
+    for _ in range(6):
+        verifier.tee_pubkey(_claims_with_tee_key(TeeKey.generate().public_jwk()))
+    assert len(verifier._tee_keys) == 3
