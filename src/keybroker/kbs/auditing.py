@@ -4,7 +4,9 @@ TEE, a hash of their TEE key and a hash of their token."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import uuid
+from collections import OrderedDict
 
 from keybroker.kbs.admin_auth import AdminIdentity
 from keybroker.kbs.audit import Subject
@@ -14,6 +16,10 @@ from keybroker.protocol.models import JsonValue, Tee
 
 _NOT_TEE = {"report_data", "runtime_data_claims", "init_data", "init_data_claims"}
 _TEES = {tee.value for tee in Tee}
+
+SUBJECTS_REMEMBERED = 4096  # guests named recently, by token id (see guest_subject)
+_subjects: OrderedDict[str, Subject] = OrderedDict()
+_subjects_lock = threading.Lock()
 
 
 def new_request_id() -> str:
@@ -28,6 +34,23 @@ def admin_subject(identity: AdminIdentity) -> Subject:
 
 
 def guest_subject(claims: dict[str, JsonValue], token: str) -> Subject:
+    """The guest a verified token names. Remembered by token (a bounded LRU): a session's
+    every GET names the same guest, and the claims of a verified token never change."""
+    name = token_id(token)
+    with _subjects_lock:
+        known = _subjects.get(name)
+        if known is not None:
+            _subjects.move_to_end(name)
+            return known
+    subject = _guest_subject(claims, name)
+    with _subjects_lock:
+        _subjects[name] = subject
+        while len(_subjects) > SUBJECTS_REMEMBERED:
+            _subjects.popitem(last=False)
+    return subject
+
+
+def _guest_subject(claims: dict[str, JsonValue], name: str) -> Subject:
     evidence = pointer(claims, "/submods/cpu0/ear.veraison.annotated-evidence")
     tee = None
     if isinstance(evidence, dict):
@@ -45,7 +68,7 @@ def guest_subject(claims: dict[str, JsonValue], token: str) -> Subject:
         kind="guest",
         tee=tee,
         tee_pubkey_sha256=hashlib.sha256(jcs(key)).hexdigest() if key is not None else None,
-        token_id=token_id(token),
+        token_id=name,
     )
 
 
