@@ -193,6 +193,13 @@ class TokenVerifier:
                 ) from None
         return known
 
+    def remember_issued(self, token: str, claims: dict[str, JsonValue]) -> None:
+        """Remember a token this process's own attestation service has just signed with the
+        signer key this verifier trusts, so the session's first GET does not check again the
+        signature it just made. The caller vouches for both; ``recall`` still checks the time
+        window on every use."""
+        self._remember(token, claims)
+
     def remembered(self) -> int:
         """How many verified tokens are remembered."""
         with self._verified_lock:

@@ -67,6 +67,22 @@ def test_honest_handshake_succeeds(kbs: Kbs) -> None:
     assert reply.status_code == 200 and reply.json()["token"].count(".") == 2
 
 
+def test_a_token_this_kbs_signed_is_remembered_at_attest_and_still_expires(kbs: Kbs) -> None:
+    tokens = kbs_state(kbs.client.app).services.tokens
+    key = TeeKey.generate()
+    nonce = _auth(kbs.client)
+    reply = kbs.client.post("/kbs/v0/attest", json=_attestation(nonce, key))
+    token = reply.json()["token"]
+    assert tokens.remembered() == 1  # before any GET: no signature check for its own token
+    claims = tokens.recall(token)
+    assert claims is not None and claims["submods"]  # the token's own claims
+    kbs.clock.advance(24 * 3600)  # past the token's lifetime: recalled or not, refused
+    kbs.client.cookies.clear()
+    bearer = {"Authorization": f"Bearer {token}"}
+    reply = kbs.client.get("/kbs/v0/resource/default/key/one", headers=bearer)
+    assert "expired" in _problem(reply, 401, "TokenVerifierError")
+
+
 def test_nonce_from_another_session_rejected(kbs: Kbs) -> None:
     other = TestClient(kbs.client.app)
     stolen_nonce = _auth(other)
