@@ -36,9 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kbsbench import floor
+from kbsbench import cpu, floor, model
 from kbsbench.ceiling import REPLY_BYTES
-from kbsbench.servers import ceiling_cluster, cluster
+from kbsbench.servers import Kbs, ceiling_cluster, cluster
 from kbsbench.shares import add_ceiling_shares, summary_lines
 from keybroker.client.rcar import KbsClient
 from keybroker.kbs.audit import load_key
@@ -203,9 +203,18 @@ class Bench:
                 store=store,
                 audit_fsync=self.audit_fsync,
                 metrics=metrics,
-            ) as (url, _servers):
+            ) as (url, servers):
+                groups = _cpu_groups(servers)
+                before = {name: cpu.cpu_seconds(pids()) for name, pids in groups.items()}
                 measured = self._load(url, "handshake", level)
+                spent = {n: cpu.cpu_seconds(p()) - before[n] for n, p in groups.items()}
             row = {"replicas": replicas, "workers": workers, "store": store, "metrics": flag}
+            # CPU per handshake of each process group over the whole load run (warm-up too)
+            handshakes = measured["per_second"] * (self.duration + self.warmup)
+            row["cpu_ms_per_handshake"] = {
+                name: round(1000 * seconds / handshakes, 3) if handshakes else 0.0
+                for name, seconds in spent.items()
+            }
             rows.append({**row, **measured})
         return {"concurrency": level, "rows": rows}
 
@@ -246,6 +255,19 @@ class Bench:
         growth = result["rss_total_mib"] / result["rss_first_mib"] - 1
         result["growth_percent"] = round(100 * growth, 1)
         return result
+
+
+def _cpu_groups(servers: list[Kbs]) -> dict[str, Callable[[], list[int]]]:
+    """The process groups whose CPU a scaling row accounts: the KBS servers' trees (workers and
+    policy workers), and with shared stores the Redis server and every PostgreSQL process."""
+    groups: dict[str, Callable[[], list[int]]] = {
+        "kbs": lambda: [pid for s in servers for pid in cpu.tree(s.process.pid)]
+    }
+    port = servers[0].redis_port
+    if port is not None:
+        groups["redis"] = lambda: cpu.redis_server(port)
+        groups["postgres"] = cpu.postgres
+    return groups
 
 
 def _table(results: dict[str, Any]) -> str:
@@ -302,6 +324,19 @@ def _table(results: dict[str, Any]) -> str:
             f" metrics {row['metrics']:<3} {row['per_second']:>7.0f}/s"
             f"  p99 {row['p99_ms']:>6.1f} ms  errors {row['errors']}"
             f"  {row['ceiling_share']:.1%} of the ceiling"
+        )
+        costs = ", ".join(f"{k} {v:.2f}" for k, v in row["cpu_ms_per_handshake"].items())
+        lines.append(f"      CPU ms per handshake: {costs}")
+    so = results["scale_out_model"]
+    costs = ", ".join(f"{k} {v:.2f}" for k, v in so["cpu_ms_per_handshake"].items())
+    lines.append(
+        f"\nScale-out model (CPU ms per handshake: {costs}; {so['cores_per_machine']} cores"
+        " per machine, see docs/performance.md):"
+    )
+    for row in so["rows"]:
+        lines.append(
+            f"  {row['replicas']:>3} replica(s): {row['handshakes_per_second'] or 0:>9.0f}"
+            f" handshakes/s, bound by {row['saturates']}"
         )
     mem = results["memory"]
     lines.append(
@@ -393,6 +428,14 @@ def main() -> None:
     best = max(row["per_second"] for row in results["handshakes"]["levels"].values())
     results["floor"]["fraction_of_floor"] = best / (2 * results["floor"]["floor_per_core"])
     results["ratios"] = add_ceiling_shares(results)
+    shared_row = next(
+        r
+        for r in results["scaling"]["rows"]
+        if r["store"] == "redis+postgres" and r["workers"] == 2
+    )
+    results["scale_out_model"] = model.scale_out(
+        shared_row["cpu_ms_per_handshake"], cores=2, replicas=[1, 2, 4, 8, 16, 32]
+    )
     results["seconds"] = round(time.monotonic() - started, 1)
     args.output.mkdir(parents=True, exist_ok=True)
     stamp = results["when"].replace(":", "").replace("-", "")

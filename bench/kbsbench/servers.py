@@ -78,6 +78,7 @@ class Shared:
 
     redis_url: str
     database: str
+    redis_port: int
 
 
 # Every guest of the benchmark is 127.0.0.1: a limit per client address would throttle them all
@@ -183,6 +184,7 @@ fsync = "{audit_fsync}"
 class Kbs:
     url: str
     process: subprocess.Popen[bytes]
+    redis_port: int | None = None  # its Redis server's, in the redis+postgres store
 
     def rss_bytes(self) -> int:
         """Resident memory of the server and its worker processes."""
@@ -233,7 +235,7 @@ def provision(url: str, resource_policy: str = "affirming") -> None:
 @contextmanager
 def shared_stores(workdir: Path) -> Iterator[Shared]:
     with fresh_postgres_database() as database, private_redis(workdir) as redis_server:
-        yield Shared(redis_server.url, database)
+        yield Shared(redis_server.url, database, redis_server.port)
 
 
 @contextmanager
@@ -268,7 +270,9 @@ def cluster(
                     audit_fsync=audit_fsync,
                     metrics=metrics,
                 )
-            servers.append(stack.enter_context(running_server(config, port, workdir)))
+            server = stack.enter_context(running_server(config, port, workdir))
+            server.redis_port = shared.redis_port if shared is not None else None
+            servers.append(server)
         provision(servers[0].url, "allow_all" if store == "upstream" else "affirming")
         url = servers[0].url
         if replicas > 1:

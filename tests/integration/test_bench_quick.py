@@ -128,6 +128,13 @@ def test_quick_bench_runs_every_section_and_writes_results(tmp_path: Path) -> No
     for r in rows:
         assert r["errors"] == 0 and r["completed"] > 0, r.get("error_samples")
         assert _positive(r["ceiling_share"])
+        groups = {"kbs", "redis", "postgres"} if r["store"] == "redis+postgres" else {"kbs"}
+        assert set(r["cpu_ms_per_handshake"]) == groups
+        assert _positive(r["cpu_ms_per_handshake"]["kbs"])
+    model = results["scale_out_model"]
+    assert [row["replicas"] for row in model["rows"]] == [1, 2, 4, 8, 16, 32]
+    assert all(row["saturates"] in {"kbs replicas", "redis", "postgres"} for row in model["rows"])
+    assert "Scale-out model" in done.stdout
 
     memory = results["memory"]
     assert memory["errors"] == 0 and memory["handshakes"] == {"first": 150, "total": 300}

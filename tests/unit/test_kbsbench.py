@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from kbsbench.ceiling import REPLY_BYTES, make_app
+from kbsbench.model import scale_out
 from kbsbench.shares import add_ceiling_shares, summary_lines
 from kbsbench.stacks import WAITING, attribute
 
@@ -149,3 +150,16 @@ def test_a_stack_is_the_outermost_part_it_names_and_waiting_threads_count_apart(
         "HTTP server (uvicorn, httptools, starlette)": 4,
         WAITING: 70,
     }
+
+
+def test_the_scale_out_model_names_what_saturates_first() -> None:
+    # 8 ms per handshake in the KBS: 250/s per 2-core replica; Redis at 0.5 ms (one thread)
+    # allows 2,000/s; PostgreSQL at 0.4 ms on 2 cores allows 5,000/s
+    model = scale_out({"kbs": 8.0, "redis": 0.5, "postgres": 0.4}, cores=2, replicas=[1, 4, 16])
+    assert model["per_replica"] == 250.0
+    assert model["limits"] == {"redis": 2000.0, "postgres": 5000.0}
+    assert [(r["handshakes_per_second"], r["saturates"]) for r in model["rows"]] == [
+        (250.0, "kbs replicas"),
+        (1000.0, "kbs replicas"),
+        (2000.0, "redis"),
+    ]
