@@ -10,6 +10,7 @@ measurement must not keep vouching for a guest.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -21,6 +22,8 @@ from keybroker.rvps.reference_value import ReferenceValue
 from keybroker.storage.base import KeyValueStorage, validate_key
 
 NAMESPACE = "reference_value"
+PARSED_REMEMBERED = 1024  # parsed stored values kept per store (see ReferenceValueStore._parsed)
+_PARSED_MAX_BYTES = 64 << 10
 MESSAGE_VERSION = "0.1.0"
 
 
@@ -54,6 +57,7 @@ class ReferenceValueStore:
     def __init__(self, storage: KeyValueStorage, *, clock: Callable[[], float] = time.time) -> None:
         self._storage = storage
         self._clock = clock
+        self._parsed_values: OrderedDict[bytes, ReferenceValue] = OrderedDict()
 
     async def register(self, message: str) -> list[str]:
         """Verify and store the values a provenance message carries; return their names."""
@@ -84,7 +88,7 @@ class ReferenceValueStore:
         raw = await self._storage.get(_checked_id(reference_value_id))
         if raw is None:
             return None
-        value = ReferenceValue.from_bytes(raw)
+        value = self._parsed(raw)
         if value.expiration <= self._clock():
             return None
         return value.value
@@ -93,13 +97,30 @@ class ReferenceValueStore:
         found: dict[str, JsonValue] = {}
         now = self._clock()
         for reference_value_id, raw in (await self._storage.get_many(ids)).items():
-            value = ReferenceValue.from_bytes(raw)
+            value = self._parsed(raw)
             if value.expiration > now:
                 found[reference_value_id] = value.value
         return found
 
     async def all_ids(self) -> list[str]:
         return await self._storage.list_keys()
+
+    def _parsed(self, raw: bytes) -> ReferenceValue:
+        """``raw`` parsed, remembered by its bytes (a bounded LRU; values over
+        ``_PARSED_MAX_BYTES`` are parsed each time): every attestation reads the same stored
+        values, and parsing their JSON and dates costs more than the look-up. The bytes are
+        the key, so a changed value is parsed anew; the expiry is still checked on every
+        query. Callers must not change the ``value`` they get (it is shared)."""
+        known = self._parsed_values.get(raw)
+        if known is not None:
+            self._parsed_values.move_to_end(raw)
+            return known
+        value = ReferenceValue.from_bytes(raw)
+        if len(raw) <= _PARSED_MAX_BYTES:
+            self._parsed_values[raw] = value
+            while len(self._parsed_values) > PARSED_REMEMBERED:
+                self._parsed_values.popitem(last=False)
+        return value
 
     async def names(self) -> list[str]:
         return await self._storage.list_keys()
