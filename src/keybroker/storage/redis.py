@@ -10,6 +10,7 @@ are atomic across replicas. A server that cannot be reached within the timeout a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import re
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from keybroker.errors import ServiceUnavailableError, StorageError
@@ -61,6 +63,11 @@ redis.call('DEL', KEYS[1])
 if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'v', ARGV[4]) end
 return 1
 """
+
+
+# SHA-1 of each Lua script run here (a handful of constant texts), by text
+_SCRIPT_DIGESTS: dict[str, str] = {}
+_SCRIPTS_REMEMBERED = 64
 
 
 class RedisKeyValueStorage(KeyValueStorage):
@@ -151,13 +158,13 @@ class RedisKeyValueStorage(KeyValueStorage):
                     f"Redis is unavailable ({type(e).__name__}): retry later"
                 ) from None
             return True
-        inserted = await self._do(
-            "eval", _INSERT, 1, self._prefix + key, value, deadline, repr(now), expire_ms
+        inserted = await self._script(
+            _INSERT, 1, self._prefix + key, value, deadline, repr(now), expire_ms
         )
         return bool(inserted)
 
     async def _delete(self, key: str) -> bytes | None:
-        value, deadline = await self._do("eval", _DELETE, 1, self._prefix + key)
+        value, deadline = await self._script(_DELETE, 1, self._prefix + key)
         return self._live(value, deadline)
 
     async def _list(self) -> list[str]:
@@ -178,8 +185,7 @@ class RedisKeyValueStorage(KeyValueStorage):
         return live
 
     async def _compare_and_set(self, key: str, expected: bytes | None, new: bytes | None) -> bool:
-        changed = await self._do(
-            "eval",
+        changed = await self._script(
             _COMPARE_AND_SET,
             1,
             self._prefix + key,
@@ -233,7 +239,21 @@ class RedisKeyValueStorage(KeyValueStorage):
         they are the caller's own, never session keys). For state that needs an atomic
         read-modify-write across replicas, such as ``keybroker.kbs.limits``."""
         names = [self._prefix + key for key in keys]
-        return await self._guarded("script", self._do("eval", script, len(names), *names, *args))
+        return await self._guarded("script", self._script(script, len(names), *names, *args))
+
+    async def _script(self, script: str, key_count: int, *args: Any) -> Any:
+        """Run ``script`` by its SHA-1 (``EVALSHA``: Redis neither receives nor hashes the text
+        again); a Redis that does not hold it yet (restarted, flushed, another server behind
+        the URL) answers NOSCRIPT, and the text is sent once with ``EVAL``, which caches it."""
+        digest = _SCRIPT_DIGESTS.get(script)
+        if digest is None:
+            digest = hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis's script name
+            if len(_SCRIPT_DIGESTS) < _SCRIPTS_REMEMBERED:
+                _SCRIPT_DIGESTS[script] = digest
+        try:
+            return await self._do("evalsha", digest, key_count, *args)
+        except NoScriptError:
+            return await self._do("eval", script, key_count, *args)
 
     async def _close(self) -> None:
         client = self._clients.pop(asyncio.get_running_loop(), None)
