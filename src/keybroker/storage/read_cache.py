@@ -298,6 +298,9 @@ class _Wrapper(KeyValueStorage):
     def storable(self, key: str) -> bool:
         return self._inner.storable(key)
 
+    def creates_conditionally(self) -> bool:
+        return self._inner.creates_conditionally()
+
     async def _get(self, key: str) -> bytes | None:
         return await self._inner.get(key)
 

@@ -406,7 +406,11 @@ class VersionedResources:
         id again. The key could only come back if the same 64 random bits were drawn again
         for the same resource after its deletion (a chance of about 2^-64 per write): the one
         case in which a process still holding the old bytes under that key would serve them
-        for the new version."""
+        for the new version. A store with no conditional create (a PKCS#11 token, whose
+        bytes are never cached) is written plainly, under the fresh id."""
+        if not self._versions.creates_conditionally():
+            await self._versions.set(f"{path}/{blob}", data)
+            return blob
         for _ in range(CAS_ATTEMPTS):
             if await self._versions.set(f"{path}/{blob}", data, overwrite=False):
                 return blob
