@@ -5,7 +5,8 @@ generation stamp, and the orderings of a reader and a writer racing on two "repl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
@@ -89,7 +90,7 @@ class Replica:
         await self.cache.changed()
 
 
-def _run(test: Callable[[Gated, Gated, FakeClock], Awaitable[None]]) -> None:
+def _run(test: Callable[[Gated, Gated, FakeClock], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(test(Gated(), Gated(), FakeClock()))
 
 
