@@ -80,6 +80,9 @@ def test_resource_changes_on_a_are_seen_by_b_s_next_get(replicas: Replicas) -> N
     admin.set_resource(PATH, b"v1")
     assert guest.get_resource(PATH) == b"v1"
     assert guest.get_resource(PATH) == b"v1"  # from B's cache now
+    cache = kbs_state(replicas.b.app).services.read_cache
+    assert len(cache.records) >= 2  # the record and the policy texts
+    assert len(cache.blobs) == 1  # the version's bytes
     admin.set_resource(PATH, b"v2")  # a write
     assert guest.get_resource(PATH) == b"v2"
     assert admin.rollback_resource(PATH, 1) == 3  # a rollback

@@ -238,6 +238,13 @@ def _read_cache(
         max_value_bytes=settings.max_value_bytes,
         max_age=settings.max_age_seconds,
     )
+    log.info(
+        "storage cache on: resource records and policies per generation stamp (max age %g s), "
+        "version bytes by key; at most %d entries and %d bytes each",
+        bounds.max_age,
+        bounds.max_entries,
+        bounds.max_bytes,
+    )
     return ReadCache(storage.get(STAMP_NAMESPACE), bounds, clock=clock)
 
 
