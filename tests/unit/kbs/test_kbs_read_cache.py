@@ -300,3 +300,26 @@ def test_stamp_read_failure_fails_the_release_closed(tmp_path: Path) -> None:
 def test_the_memory_store_is_never_cached(tmp_path: Path) -> None:
     services = build_services(kbs_config(), clock=FakeClock())
     assert not services.read_cache.enabled
+
+
+def test_a_secret_backend_outside_the_kv_store_is_never_cached(tmp_path: Path) -> None:
+    """The directory tree (like Vault, AWS, GCP, Aliyun and PKCS#11) changes outside the
+    KBS: no stamp would tell, so its bytes are read on every GET, cache on or not."""
+    store, tree = tmp_path / "store", tmp_path / "tree"
+    config = kbs_config(
+        storage_backend={"storage_type": "LocalFs", "backends": {"local_fs": {"dir_path": store}}},
+        plugins=[{"name": "resource", "type": "LocalFs", "dir_path": str(tree)}],
+    )
+    resource = tree.joinpath(*PATH)
+    resource.parent.mkdir(parents=True)
+
+    async def main() -> None:
+        async with _replica(config, store, FakeClock()) as replica:
+            assert replica.services.read_cache.enabled  # for the policies
+            await replica.services.resource_policy.set(ALLOW)
+            resource.write_bytes(b"v1")
+            assert await replica.get() == b"v1"
+            resource.write_bytes(b"edited by the operator")
+            assert await replica.get() == b"edited by the operator"
+
+    asyncio.run(main())
