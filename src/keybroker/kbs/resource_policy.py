@@ -14,10 +14,12 @@ decides: a tenant policy replaces the global one for its prefix, it does not add
 
 The texts live in the ``kbs`` namespace of the shared store: the global one under upstream's
 key (``resource-policy.rego``), tenant ones under ``tenant-policy/<prefix>.rego``, so every
-worker and replica enforces the same policies. Each evaluation re-reads the candidate texts
-(one small read, one round trip on PostgreSQL and Redis) and recompiles only the one that
-decides, and only when its text changed: a policy set or deleted through one worker or replica
-is enforced by all of them at their next request.
+worker and replica enforces the same policies. Each evaluation reads the candidate texts
+(one small read, one round trip on PostgreSQL and Redis; in a guest release the store the KBS
+hands in may answer from its read cache for the store's generation stamp,
+``keybroker.storage.read_cache``) and recompiles only the one that decides, and only when its
+text changed: a policy set or deleted through one worker or replica writes a new stamp and is
+enforced by all of them at their next request.
 
 Decisions are remembered per claims and request by the compiled policy (a guest fetching again
 with the same token asks the same question), unless the policy calls a built-in whose answer can

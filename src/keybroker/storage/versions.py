@@ -24,7 +24,9 @@ Three namespaces of one store (the KBS uses ``repository``, ``repository_meta`` 
   overwritten, so its bytes can be cached by key (``_store_blob`` gives the argument).
 
 Reading a version costs two round trips (the record, then the bytes); a resource with no record
-costs two as well (the record's absence, then the mirror). No policy here.
+costs two as well (the record's absence, then the mirror). The KBS may hand in stores that
+answer from its read caches (``keybroker.storage.read_cache``); this module does not know.
+No policy here.
 """
 
 from __future__ import annotations
