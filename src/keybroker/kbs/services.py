@@ -198,7 +198,9 @@ def build_services(
             "or trusted_jwk_sets (insecure_header_jwk = true for tests only)"
         )
     audit, audit_reader = _audit(config, clock)
-    read_cache = _read_cache(config, storage, clock)
+    # An injected clock (tests) drives the cache's max age too; the real one is monotonic, so a
+    # wall-clock step cannot stretch how long an entry is trusted.
+    read_cache = _read_cache(config, storage, time.monotonic if clock is time.time else clock)
     return KbsServices(
         admin=admin,
         handshake=handshake,

@@ -20,9 +20,10 @@ a round trip. Two caches save them, each bounded in entries and bytes (a value a
   *after* the data write succeeded (``ReadCache.changed``). A guest release opens a scope
   (:meth:`ReadCache.release`, a context variable); its first cached read reads the stamp,
   once, *before* any data read of the release, and every cached read of that release is
-  served from, and stored in, the entries of that stamp only. A stamp different from the
-  one the cache holds drops every entry of the old one. Reads outside a release (admin
-  calls, explain) always go to the store.
+  served from, and stored in, the entries of that stamp only. The cache holds the entries of
+  one stamp, the one its latest stamp read returned: a stamp read that returns another drops
+  every entry of the old one. Reads outside a release (admin calls, explain) always go to the
+  store.
 
 Why a change acknowledged on replica A is seen by every release that starts later on replica
 B: A acknowledged only after it wrote the data and then the stamp S. B's release reads the
@@ -31,10 +32,10 @@ completed write is visible to every later read: one PostgreSQL primary, one Redi
 file system). Stamps are random and never repeat, so if B's release finds an entry under the
 stamp it read, that entry was stored by a release that read the same stamp, hence after A's
 stamp write, and that release read its data *after* its stamp read, hence after A's data
-write: the entry reflects A's change. A release whose stamp is older than the cache's keeps
-to the store (it neither reads nor stores entries), so a slow reader never files old data
-under a new stamp. A change in flight (data written, stamp not yet) is not acknowledged and
-owes nothing.
+write: the entry reflects A's change. A release whose stamp is no longer the one the cache
+holds keeps to the store (it neither reads nor stores entries), so a slow reader never files
+its data under a stamp it did not read first. A change in flight (data written, stamp not yet)
+is not acknowledged and owes nothing.
 
 The failure path: if the stamp cannot be written after the data was, the change stands but
 the admin call answers 503 saying so, and replicas that cached the old value keep serving it
