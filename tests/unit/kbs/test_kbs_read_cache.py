@@ -323,3 +323,20 @@ def test_a_secret_backend_outside_the_kv_store_is_never_cached(tmp_path: Path) -
             assert await replica.get() == b"edited by the operator"
 
     asyncio.run(main())
+
+
+def test_a_policy_set_whose_stamp_cannot_be_written_is_a_503_and_b_follows_within_max_age(
+    tmp_path: Path,
+) -> None:
+    async def test(a: Replica, b: Replica, clock: FakeClock) -> None:
+        await a.put(b"v1")
+        assert await b.get() == b"v1"
+        a.watch.failing.add((STAMP_NAMESPACE, "set"))
+        with pytest.raises(ServiceUnavailableError, match="the change was stored"):
+            await a.services.resource_policy.set(DENY)
+        assert await b.get() == b"v1"  # B still holds the allowing policy ...
+        clock.advance(4.5)
+        with pytest.raises(PolicyDeniedError):  # ... for max_age at most
+            await b.get()
+
+    _run(tmp_path, test)
