@@ -655,6 +655,36 @@ class PolicyConfig(_Model):
     workers: int = Field(default=2, ge=1, le=64)
 
 
+# --- [storage_cache] (Keybroker) ------------------------------------------------------------
+
+
+class StorageCacheConfig(_Model):
+    """The in-process caches of a guest release's store reads (no upstream counterpart;
+    ``keybroker.storage.read_cache``, docs/storage.md): version bytes by their immutable key,
+    and resource records and resource policies for one generation stamp of the store. Used
+    only when the shared store is LocalFs, LocalJson, PostgreSQL or Redis, never for the
+    in-process Memory store nor for external secret backends. Each of the two caches holds
+    at most ``max_entries`` entries and ``max_bytes`` bytes; a value larger than
+    ``max_value_bytes`` is never cached. A record or policy read more than
+    ``max_age_seconds`` ago is read again, which bounds staleness when a change was stored
+    but its stamp could not be written (the admin was told, with a 503)."""
+
+    enabled: bool = True
+    max_entries: int = Field(default=4096, ge=1, le=1_000_000)
+    max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    max_value_bytes: int = Field(default=256 * 1024, ge=1, le=16 * 1024 * 1024)
+    max_age_seconds: float = Field(default=5.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _value_fits(self) -> StorageCacheConfig:
+        if self.max_value_bytes > self.max_bytes:
+            raise ValueError(
+                f"[storage_cache] max_value_bytes ({self.max_value_bytes}) is larger than "
+                f"max_bytes ({self.max_bytes})"
+            )
+        return self
+
+
 # --- [metrics] (Keybroker) ------------------------------------------------------------------
 
 
@@ -773,6 +803,7 @@ class KbsConfig(_Model):
     audit: AuditConfig = AuditConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
     policy: PolicyConfig = PolicyConfig()
+    storage_cache: StorageCacheConfig = StorageCacheConfig()
     metrics: MetricsConfig = MetricsConfig()
     console: ConsoleConfig = ConsoleConfig()
     plugins: list[PluginConfig] = Field(default_factory=_default_plugins)

@@ -104,6 +104,7 @@ def test_upstream_sections_parse_to_their_meaning() -> None:
         ({"plugins": [{"name": "resource", "dirpath": "/x"}]}, "dirpath"),
         ({"storage_backend": {"storage_type": "Memory", "backend": {}}}, "backend"),
         ({"unknown_section": {}}, "unknown_section"),
+        ({"storage_cache": {"max_entry": 10}}, "max_entry"),
     ],
 )
 def test_unknown_key_is_named_with_file(
@@ -291,3 +292,20 @@ def test_a_missing_kind_key_is_named_in_the_configs_words(
         parse_config(document, source="test")
     assert named in refused.value.detail
     assert "discriminator" not in refused.value.detail
+
+
+def test_storage_cache_defaults_and_bounds() -> None:
+    cache = KbsConfig().storage_cache
+    assert cache.enabled
+    assert (cache.max_entries, cache.max_bytes, cache.max_value_bytes) == (
+        4096,
+        16 * 1024 * 1024,
+        256 * 1024,
+    )
+    assert cache.max_age_seconds == 5.0
+    with pytest.raises(ConfigError, match="max_value_bytes"):
+        parse_config({"storage_cache": {"max_bytes": 4096, "max_value_bytes": 8192}}, source="test")
+    with pytest.raises(ConfigError, match="max_age_seconds"):
+        parse_config({"storage_cache": {"max_age_seconds": 0}}, source="test")
+    off = parse_config({"storage_cache": {"enabled": False}}, source="test")
+    assert not off.storage_cache.enabled

@@ -86,7 +86,9 @@ class ReleaseService:
         plugin.check(request)
         if await plugin.ask_requires_admin(request):
             return await self.as_admin(call, partial(self._handle, plugin, request))
-        return await self._release(call, plugin, request)
+        # one generation stamp for the release's cached reads, read at the first of them
+        with services.read_cache.release():
+            return await self._release(call, plugin, request)
 
     async def as_admin(self, call: ApiCall, operation: Callable[[], Awaitable[T]]) -> T:
         """Admit, check the audit log can take the record, act, record: exactly one record."""

@@ -14,10 +14,12 @@ decides: a tenant policy replaces the global one for its prefix, it does not add
 
 The texts live in the ``kbs`` namespace of the shared store: the global one under upstream's
 key (``resource-policy.rego``), tenant ones under ``tenant-policy/<prefix>.rego``, so every
-worker and replica enforces the same policies. Each evaluation re-reads the candidate texts
-(one small read, one round trip on PostgreSQL and Redis) and recompiles only the one that
-decides, and only when its text changed: a policy set or deleted through one worker or replica
-is enforced by all of them at their next request.
+worker and replica enforces the same policies. Each evaluation reads the candidate texts
+(one small read, one round trip on PostgreSQL and Redis; in a guest release the store the KBS
+hands in may answer from its read cache for the store's generation stamp,
+``keybroker.storage.read_cache``) and recompiles only the one that decides, and only when its
+text changed: a policy set or deleted through one worker or replica writes a new stamp and is
+enforced by all of them at their next request.
 
 Decisions are remembered per claims and request by the compiled policy (a guest fetching again
 with the same token asks the same question), unless the policy calls a built-in whose answer can
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -156,10 +159,27 @@ class GoverningPolicy:
     policy: PooledPolicy
 
 
+async def _nothing() -> None:
+    return None
+
+
 class ResourcePolicy:
-    def __init__(self, storage: KeyValueStorage, workers: PolicyWorkers) -> None:
+    """``after_change`` is awaited after a policy is stored or deleted: the KBS passes
+    :meth:`~keybroker.storage.read_cache.ReadCache.changed` (the generation stamp, written
+    after the text; see :mod:`keybroker.storage.read_cache`). The default policy
+    :meth:`initialize` installs needs none: it is only ever written where no global policy
+    is stored, and a read that finds none installs it and reads again past its cache."""
+
+    def __init__(
+        self,
+        storage: KeyValueStorage,
+        workers: PolicyWorkers,
+        *,
+        after_change: Callable[[], Awaitable[None]] = _nothing,
+    ) -> None:
         self._storage = storage
         self._workers = workers
+        self._after_change = after_change
         # compiled policies by id; bounded (ids of deleted policies age out)
         self._compiled: OrderedDict[str, PooledPolicy] = OrderedDict()
 
@@ -179,6 +199,7 @@ class ResourcePolicy:
         if prefix is None:
             await self._storage.set(POLICY_ID + _POLICY_SUFFIX, source.encode())
             self._remember(POLICY_ID, compiled)
+            await self._after_change()
             return
         if await self._storage.get(prefix.key) is None:
             tenants = [k for k in await self._storage.list_keys() if k.startswith(_TENANT_KEYS)]
@@ -189,6 +210,7 @@ class ResourcePolicy:
                 )
         await self._storage.set(prefix.key, source.encode())
         self._remember(prefix.id, compiled)
+        await self._after_change()
 
     async def source(self, policy_id: str) -> str:
         """The text of the global policy (``resource-policy``) or of a tenant prefix."""
@@ -205,6 +227,7 @@ class ResourcePolicy:
         if await self._storage.delete(prefix.key) is None:
             raise ResourceNotFoundError(f"no tenant resource policy for {prefix.id!r}")
         self._compiled.pop(prefix.id, None)
+        await self._after_change()
 
     async def list_ids(self) -> list[str]:
         """``resource-policy`` (the global policy, as upstream), then every tenant prefix."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from keybroker.attestation.policy import NAMESPACE as AS_POLICY_NAMESPACE
@@ -60,7 +60,8 @@ from keybroker.policy.workers import PolicyLimits, PolicyWorkers
 from keybroker.rvps.store import NAMESPACE as RVPS_NAMESPACE
 from keybroker.rvps.store import ReferenceValues, ReferenceValueStore, remote_reference_values
 from keybroker.storage.provider import StorageProvider
-from keybroker.storage.registry import storage_provider
+from keybroker.storage.read_cache import STAMP_NAMESPACE, CacheBounds, ReadCache
+from keybroker.storage.registry import STAMPED_CACHE, storage_provider
 from keybroker.storage.secret_registry import SECRET_BACKENDS, BuildContext
 from keybroker.storage.secrets import DirectoryTreeSecretBackend, KvSecretBackend, SecretBackend
 
@@ -87,6 +88,8 @@ class KbsServices:
     attestation: AttestationBackend | None = None
     limits: GuestLimits | None = None
     audit_reader: AuditReader | None = None  # None: the stdout sink cannot be read back
+    # the release path's read caches (storage/read_cache.py); disabled unless configured
+    read_cache: ReadCache = field(default_factory=ReadCache.disabled)
 
     async def start(self) -> None:
         try:
@@ -195,12 +198,19 @@ def build_services(
             "or trusted_jwk_sets (insecure_header_jwk = true for tests only)"
         )
     audit, audit_reader = _audit(config, clock)
+    # An injected clock (tests) drives the cache's max age too; the real one is monotonic, so a
+    # wall-clock step cannot stretch how long an entry is trusted.
+    read_cache = _read_cache(config, storage, time.monotonic if clock is time.time else clock)
     return KbsServices(
         admin=admin,
         handshake=handshake,
         sessions=sessions,
-        resource_policy=ResourcePolicy(storage.get(KBS_NAMESPACE), workers),
-        plugins=_plugins(config, storage, metrics),
+        resource_policy=ResourcePolicy(
+            read_cache.stamped(storage.get(KBS_NAMESPACE)),
+            workers,
+            after_change=read_cache.changed,
+        ),
+        plugins=_plugins(config, storage, metrics, read_cache),
         tokens=tokens,
         payload_limit=config.http_server.payload_limit_bytes,
         https=not config.http_server.insecure_http,
@@ -212,7 +222,32 @@ def build_services(
         attestation=attestation,
         limits=limits,
         metrics=metrics,
+        read_cache=read_cache,
     )
+
+
+def _read_cache(
+    config: KbsConfig, storage: StorageProvider, clock: Callable[[], float]
+) -> ReadCache:
+    """The read caches, over the shared store, when it is one every write reaches through a
+    KBS (``STAMPED_CACHE``) and ``[storage_cache] enabled``; else a disabled one."""
+    settings = config.storage_cache
+    if not (settings.enabled and STAMPED_CACHE[config.storage_backend.storage_type]):
+        return ReadCache.disabled()
+    bounds = CacheBounds(
+        max_entries=settings.max_entries,
+        max_bytes=settings.max_bytes,
+        max_value_bytes=settings.max_value_bytes,
+        max_age=settings.max_age_seconds,
+    )
+    log.info(
+        "storage cache on: resource records and policies per generation stamp (max age %g s), "
+        "version bytes by key; at most %d entries and %d bytes each",
+        bounds.max_age,
+        bounds.max_entries,
+        bounds.max_bytes,
+    )
+    return ReadCache(storage.get(STAMP_NAMESPACE), bounds, clock=clock)
 
 
 def _limits(
@@ -303,14 +338,22 @@ def _provider(
     return storage_provider(kind, config.storage_backend.backends, clock, memory_dir)
 
 
-def _resource_backend(entry: ResourcePluginConfig, storage: StorageProvider) -> SecretBackend:
+def _resource_backend(
+    entry: ResourcePluginConfig, storage: StorageProvider, read_cache: ReadCache
+) -> SecretBackend:
     try:
         kind = entry.backend_kind()
     except ValueError as e:
         raise ConfigError(f"[[plugins]] resource: {e}") from None
     if kind == "kvstorage":
-        return KvSecretBackend.in_namespaces(
-            storage.get, RESOURCE_NAMESPACE, max_versions=entry.kv_max_versions()
+        # Records for the release's stamp, bytes by their immutable key; the mirror (which an
+        # operator may edit, in upstream's layout) is never cached. External backends never are.
+        return KvSecretBackend(
+            storage.get(RESOURCE_NAMESPACE),
+            meta=read_cache.stamped(storage.get(f"{RESOURCE_NAMESPACE}_meta")),
+            versions=read_cache.immutable(storage.get(f"{RESOURCE_NAMESPACE}_versions")),
+            max_versions=entry.kv_max_versions(),
+            after_change=read_cache.changed,
         )
     if kind == "legacy_local_fs":
         return DirectoryTreeSecretBackend(entry.legacy_dir())
@@ -321,11 +364,13 @@ def _resource_backend(entry: ResourcePluginConfig, storage: StorageProvider) -> 
     raise UnsupportedFeatureError(f"resource plugin storage backend {kind}")
 
 
-def _plugins(config: KbsConfig, storage: StorageProvider, metrics: KbsMetrics) -> dict[str, Plugin]:
+def _plugins(
+    config: KbsConfig, storage: StorageProvider, metrics: KbsMetrics, read_cache: ReadCache
+) -> dict[str, Plugin]:
     plugins: dict[str, Plugin] = {}
     for entry in config.plugins:
         if isinstance(entry, ResourcePluginConfig):
-            backend = _resource_backend(entry, storage)
+            backend = _resource_backend(entry, storage, read_cache)
             plugins["resource"] = ResourcePlugin(backend, metrics.resource)
         elif isinstance(entry, Pkcs11PluginConfig):
             context = BuildContext(storage.get)

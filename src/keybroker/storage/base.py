@@ -165,6 +165,10 @@ class KeyValueStorage(ABC):
         """Whether this backend can hold ``key`` at all (LocalFs: its file name length)."""
         return True
 
+    def creates_conditionally(self) -> bool:
+        """Whether ``set(overwrite=False)`` is offered (a PKCS#11 token has no such thing)."""
+        return True
+
     async def close(self) -> None:
         """Release connections and handles. The instance is not used afterwards."""
         await self._guarded("close", self._close())

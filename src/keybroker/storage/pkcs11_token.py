@@ -346,6 +346,9 @@ class Pkcs11KeyValueStorage(KeyValueStorage):
 
         return await self._token.run(read_all)
 
+    def creates_conditionally(self) -> bool:
+        return False
+
     async def _set(self, key: str, value: bytes, overwrite: bool, ttl: float | None) -> bool:
         self._check(key)
         if not overwrite or ttl is not None:

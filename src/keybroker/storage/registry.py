@@ -4,7 +4,8 @@
 builds its :class:`StorageProvider` from the ``[storage_backend.backends]`` section. The
 PostgreSQL and Redis modules import their drivers (psycopg, redis) at their top, so their
 factories import them in their body: a missing extra stops start-up with the ``pip install``
-line that adds it, and mypy still sees the real modules.
+line that adds it, and mypy still sees the real modules. :data:`STAMPED_CACHE` says which
+types the read caches of :mod:`keybroker.storage.read_cache` may serve.
 
 This module reads no environment: ``POSTGRES_URL`` and ``REDIS_URL`` are mapped into the
 sections when the configuration is loaded (``keybroker.config_env``).
@@ -123,6 +124,19 @@ STORAGE_PROVIDERS: Mapping[StorageType, StorageFactory] = {
     StorageType.LOCAL_JSON: _local_json,
     StorageType.POSTGRES: _postgres,
     StorageType.REDIS: _redis,
+}
+
+
+# Whether the in-process read caches with a generation stamp (keybroker.storage.read_cache)
+# serve a store of this type: only where every write to the cached namespaces goes through a
+# KBS, which writes the stamp after it. Memory is in-process (or the workers' shared files):
+# there is no round trip to save. Every type is listed, so a new one is a decision.
+STAMPED_CACHE: Mapping[StorageType, bool] = {
+    StorageType.MEMORY: False,
+    StorageType.LOCAL_FS: True,
+    StorageType.LOCAL_JSON: True,
+    StorageType.POSTGRES: True,
+    StorageType.REDIS: True,
 }
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from keybroker.errors import (
+    KeybrokerError,
     NotImplementedByBackendError,
     PayloadTooLargeError,
     ResourceNotFoundError,
@@ -156,10 +157,19 @@ class SecretBackend(ABC):
         """Remove the resource; False if there was none."""
 
 
+async def _nothing() -> None:
+    return None
+
+
 class KvSecretBackend(SecretBackend):
     """Versioned resources on three namespaces of a key-value store: ``storage`` holds the
     current bytes in upstream's layout, ``meta`` the version records, ``versions`` the bytes
-    of every version (see :mod:`keybroker.storage.versions`)."""
+    of every version (see :mod:`keybroker.storage.versions`).
+
+    ``after_change`` is awaited after every change (write, delete, rollback, undelete, purge),
+    also after one that failed part way (it may have written something): the KBS passes
+    :meth:`~keybroker.storage.read_cache.ReadCache.changed`, which writes the generation
+    stamp the read caches of every process follow."""
 
     versioned = True
 
@@ -171,9 +181,11 @@ class KvSecretBackend(SecretBackend):
         versions: KeyValueStorage,
         max_versions: int = DEFAULT_MAX_VERSIONS,
         max_bytes: int = DEFAULT_MAX_RESOURCE_BYTES,
+        after_change: Callable[[], Awaitable[None]] = _nothing,
     ) -> None:
         super().__init__(max_bytes=max_bytes)
         self._resources = VersionedResources(storage, meta, versions, max_versions=max_versions)
+        self._after_change = after_change
 
     @classmethod
     def in_namespaces(
@@ -209,10 +221,11 @@ class KvSecretBackend(SecretBackend):
         return await self._resources.read(path, version)
 
     async def _store(self, path: ResourcePath, data: bytes) -> int | None:
-        return await self._resources.write(path, data)
+        return await self._changing(self._resources.write(path, data))
 
     async def _remove(self, path: ResourcePath, version: int | None) -> bool:
-        await self._resources.delete(path, version)  # a missing one raises, with its reason
+        # a missing one raises, with its reason
+        await self._changing(self._resources.delete(path, version))
         return True
 
     async def _read(self, path: ResourcePath) -> bytes | None:
@@ -238,13 +251,28 @@ class KvSecretBackend(SecretBackend):
         )
 
     async def rollback(self, path: ResourcePath, version: int) -> int:
-        return await self._guard(path, self._resources.rollback(path, version))
+        return await self._guard(path, self._changing(self._resources.rollback(path, version)))
 
     async def undelete(self, path: ResourcePath, version: int) -> int:
-        return await self._guard(path, self._resources.undelete(path, version))
+        return await self._guard(path, self._changing(self._resources.undelete(path, version)))
 
     async def purge(self, path: ResourcePath, version: int | None) -> None:
-        await self._guard(path, self._resources.purge(path, version))
+        await self._guard(path, self._changing(self._resources.purge(path, version)))
+
+    async def _changing(self, change: Awaitable[T]) -> T:
+        """``change``, then ``after_change``: data first, stamp second (the order the read
+        caches rely on). A failed change is followed by the stamp too; if that fails as well,
+        the change's own error is the one raised."""
+        try:
+            result = await change
+        except BaseException:
+            try:
+                await self._after_change()
+            except KeybrokerError as e:
+                log.warning("after a failed resource change: %s", e.detail)
+            raise
+        await self._after_change()
+        return result
 
     @staticmethod
     async def _guard(path: ResourcePath, pending: Awaitable[T]) -> T:

@@ -20,10 +20,13 @@ Three namespaces of one store (the KBS uses ``repository``, ``repository_meta`` 
   id written *before* the record names it. Writers racing for a number never overwrite each
   other's bytes; a writer that crashes between the two steps leaves an unreferenced entry that
   purging the resource removes (even when no record or current copy is left to show). A
-  rollback makes a new version that names the same id.
+  rollback makes a new version that names the same id. A blob key is written once and never
+  overwritten, so its bytes can be cached by key (``_store_blob`` gives the argument).
 
 Reading a version costs two round trips (the record, then the bytes); a resource with no record
-costs two as well (the record's absence, then the mirror). No policy here.
+costs two as well (the record's absence, then the mirror). The KBS may hand in stores that
+answer from its read caches (``keybroker.storage.read_cache``); this module does not know.
+No policy here.
 """
 
 from __future__ import annotations
@@ -265,7 +268,7 @@ class VersionedResources:
         )
         if not all(store.storable(key) for store, key in keys):
             raise BadRequestError(f"resource name {str(path)[:64]}... is too long for this store")
-        await self._versions.set(f"{path}/{blob}", data)
+        blob = await self._store_blob(path, data, blob)
         size = len(data)
 
         def add(record: ResourceRecord | None, now: float) -> _Change:
@@ -389,9 +392,32 @@ class VersionedResources:
         legacy = await self._mirror.get(str(path))
         if legacy is None:
             return None, None
-        blob = _new_blob()
-        await self._versions.set(f"{path}/{blob}", legacy)
+        blob = await self._store_blob(path, legacy, _new_blob())
         return _legacy_record(Version(1, blob, self._clock(), len(legacy))), blob
+
+    async def _store_blob(self, path: ResourcePath, data: bytes, blob: str) -> str:
+        """Write ``data`` under a blob key that did not exist, and return its id.
+
+        Blob keys are immutable, which is what lets a process cache version bytes by key with
+        no invalidation (:mod:`keybroker.storage.read_cache`): this is the only place that
+        writes ``repository_versions``, and it never overwrites (``overwrite=False``; on a
+        clash, a fresh id). Ids are 64 random bits, minted only here (a new version and the
+        migration of a legacy mirror, each a new id) and copied only from a version the
+        record still names (a rollback: the same bytes under the same key). Retiring and
+        purging delete bytes whose id no version names any more, so no record can name that
+        id again. The key could only come back if the same 64 random bits were drawn again
+        for the same resource after its deletion (a chance of about 2^-64 per write): the one
+        case in which a process still holding the old bytes under that key would serve them
+        for the new version. A store with no conditional create (a PKCS#11 token, whose
+        bytes are never cached) is written plainly, under the fresh id."""
+        if not self._versions.creates_conditionally():
+            await self._versions.set(f"{path}/{blob}", data)
+            return blob
+        for _ in range(CAS_ATTEMPTS):
+            if await self._versions.set(f"{path}/{blob}", data, overwrite=False):
+                return blob
+            blob = _new_blob()
+        raise StorageError(f"no unused blob id for {path} after {CAS_ATTEMPTS} attempts")
 
     def _added(
         self, record: ResourceRecord | None, blob: str, size: int, now: float

@@ -21,7 +21,7 @@ from keybroker.storage.aws_secrets import AwsSecretsConfig
 from keybroker.storage.local_fs import LocalFsKeyValueStorage
 from keybroker.storage.memory import MemoryKeyValueStorage
 from keybroker.storage.provider import memory_provider
-from keybroker.storage.registry import STORAGE_PROVIDERS, storage_provider
+from keybroker.storage.registry import STAMPED_CACHE, STORAGE_PROVIDERS, storage_provider
 from keybroker.storage.secret_registry import SECRET_BACKENDS, BuildContext
 from keybroker.storage.vault_settings import VaultConfig
 
@@ -53,6 +53,11 @@ EXTRAS = {
 
 def test_every_storage_type_has_a_provider() -> None:
     assert set(STORAGE_PROVIDERS) == set(StorageType)
+
+
+def test_every_storage_type_says_whether_the_stamped_read_cache_serves_it() -> None:
+    assert set(STAMPED_CACHE) == set(StorageType)
+    assert not STAMPED_CACHE[StorageType.MEMORY]  # in-process: no round trip to save
 
 
 def test_the_memory_and_local_fs_providers(tmp_path: Path) -> None:

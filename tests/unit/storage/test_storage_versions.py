@@ -390,3 +390,40 @@ def test_file_stores_compare_and_set_across_threads_loses_no_increment(
         thread.join()
     final = asyncio.run(factory(tmp_path, "counter").get("count"))
     assert final == str(threads * increments).encode()
+
+
+def test_a_blob_key_is_never_overwritten_a_clash_draws_a_new_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What lets a process cache version bytes by key with no invalidation
+    (``keybroker.storage.read_cache``): bytes once under a key stay under it."""
+    ids = iter(["clash", "clash", "fresh"])
+    monkeypatch.setattr("keybroker.storage.versions._new_blob", lambda: next(ids))
+    mirror, meta, versions = (MemoryKeyValueStorage() for _ in NAMESPACES)
+    resources = VersionedResources(mirror, meta, versions)
+
+    async def scenario() -> None:
+        await versions.set(f"{PATH}/clash", b"bytes another version named")
+        assert await resources.write(PATH, b"new bytes") == 1
+        version = await resources.resolve(PATH, None)
+        assert version is not None and version.blob == "fresh"
+        assert await resources.read(PATH, version) == b"new bytes"
+        assert await versions.get(f"{PATH}/clash") == b"bytes another version named"
+
+    asyncio.run(scenario())
+
+
+def test_a_rollback_names_the_same_bytes_under_the_same_key_and_writes_no_blob() -> None:
+    mirror, meta, versions = (MemoryKeyValueStorage() for _ in NAMESPACES)
+    resources = VersionedResources(mirror, meta, versions)
+
+    async def scenario() -> None:
+        await resources.write(PATH, b"one")
+        await resources.write(PATH, b"two")
+        keys = await versions.list_keys()
+        assert await resources.rollback(PATH, 1) == 3
+        assert await versions.list_keys() == keys
+        first, third = await resources.resolve(PATH, 1), await resources.resolve(PATH, 3)
+        assert first is not None and third is not None and first.blob == third.blob
+
+    asyncio.run(scenario())
