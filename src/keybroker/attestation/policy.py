@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -119,14 +120,27 @@ async def appraisal(
     return Appraised(_trust_vector(policy_id, claims), _extensions(policy_id, extensions))
 
 
+async def _nothing() -> None:
+    return None
+
+
 class AttestationPolicies:
     def __init__(
-        self, storage: KeyValueStorage, reference_values: ReferenceValues, workers: PolicyWorkers
+        self,
+        storage: KeyValueStorage,
+        reference_values: ReferenceValues,
+        workers: PolicyWorkers,
+        *,
+        after_change: Callable[[], Awaitable[None]] = _nothing,
     ) -> None:
+        """``after_change`` is awaited once a policy was stored or deleted: the KBS passes its
+        read cache's generation stamp (``keybroker.storage.read_cache``), so every replica's
+        next attestation reads the policy again."""
         self._storage = storage
         self._reference_values = reference_values
         self._workers = workers
         self._compiled: dict[str, PooledPolicy] = {}
+        self._after_change = after_change
 
     async def initialize(self) -> None:
         """Install the default policies unless an operator already stored their own."""
@@ -147,6 +161,7 @@ class AttestationPolicies:
                 )
         await self._storage.set(policy_id + _SUFFIX, source.encode())
         self._compiled[policy_id] = compiled
+        await self._after_change()
 
     async def text(self, policy_id: str) -> str:
         """The stored text of ``policy_id`` (a default one as its next use would install it);
@@ -168,9 +183,11 @@ class AttestationPolicies:
         if policy_id in DEFAULT_POLICIES:
             default = builtin_attestation_policy(policy_id).encode()
             await self._storage.set(policy_id + _SUFFIX, default, overwrite=False)
+            await self._after_change()
             return True
         if removed is None:
             raise ResourceNotFoundError(f"no attestation policy {policy_id!r}")
+        await self._after_change()
         return False
 
     async def list_ids(self) -> list[str]:

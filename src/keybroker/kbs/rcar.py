@@ -31,6 +31,7 @@ from keybroker.protocol.models import (
     Tee,
 )
 from keybroker.protocol.untrusted_json import parse_json
+from keybroker.storage.read_cache import ReadCache
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,18 @@ class Handshake:
     else that stops it, an error)."""
 
     def __init__(
-        self, attestation: AttestationBackend, sessions: SessionStore, metrics: KbsMetrics
+        self,
+        attestation: AttestationBackend,
+        sessions: SessionStore,
+        metrics: KbsMetrics,
+        *,
+        read_cache: ReadCache | None = None,
     ) -> None:
         self._as = attestation
         self._sessions = sessions
         self._metrics = metrics
+        # the builtin AS's policy and reference-value reads (storage/read_cache.py)
+        self._read_cache = read_cache or ReadCache.disabled()
 
     async def auth(self, body: bytes) -> tuple[Challenge, Session]:
         self._metrics.auth_requests.inc()
@@ -163,7 +171,8 @@ class Handshake:
         try:
             evidence = self._evidence(session, attestation, tee_pubkey)
             verify_started(session.tee)  # from here on, a refusal is a failure of this TEE
-            token = await self._as.verify(evidence)
+            with self._read_cache.release():  # its policy and reference values: one stamp
+                token = await self._as.verify(evidence)
             verify_started(None)
         except KeybrokerError:
             await self._sessions.discard(session)

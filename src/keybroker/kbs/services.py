@@ -139,6 +139,9 @@ def build_services(
     admin = AdminGuard(config.admin, clock=clock)
     limits, unattested = _limits(config, session_storage, clock, memory_dir)
     workers = PolicyWorkers(PolicyLimits(**config.policy.model_dump()))
+    # An injected clock (tests) drives the cache's max age too; the real one is monotonic, so a
+    # wall-clock step cannot stretch how long an entry is trusted.
+    read_cache = _read_cache(config, storage, time.monotonic if clock is time.time else clock)
     trusted_keys = []
     handshake: Handshake | None = None
     sessions: SessionStore | None = None
@@ -151,15 +154,28 @@ def build_services(
         rvps_type = getattr(as_config.rvps_config, "storage_type", None)
         rvps_storage = _override(rvps_type, as_storage, config, clock, memory_dir)
         providers += [p for p in (as_storage, rvps_storage) if p not in providers]
+        # An attestation's policy text and reference values are read through the read cache
+        # too, when they live in the KBS's own store (not an override of another type)
+        as_reads = read_cache if as_storage is storage else ReadCache.disabled()
+        rvps_reads = read_cache if rvps_storage is storage else ReadCache.disabled()
         reference_values: ReferenceValues = (
             remote_reference_values(as_config.rvps_config.address)
             if isinstance(as_config.rvps_config, RvpsGrpcConfig)
-            else ReferenceValueStore(rvps_storage.get(RVPS_NAMESPACE), clock=clock)
+            else ReferenceValueStore(
+                rvps_reads.stamped(rvps_storage.get(RVPS_NAMESPACE)),
+                clock=clock,
+                after_change=rvps_reads.changed,
+            )
         )
         attestation = BuiltinAttestationService(
             as_config,
             signer,
-            AttestationPolicies(as_storage.get(AS_POLICY_NAMESPACE), reference_values, workers),
+            AttestationPolicies(
+                as_reads.stamped(as_storage.get(AS_POLICY_NAMESPACE)),
+                reference_values,
+                workers,
+                after_change=as_reads.changed,
+            ),
             reference_values,
             clock=clock,
         )
@@ -169,7 +185,7 @@ def build_services(
             clock=clock,
             unattested=unattested,
         )
-        handshake = Handshake(attestation, sessions, metrics)
+        handshake = Handshake(attestation, sessions, metrics, read_cache=read_cache)
     elif isinstance(as_config, GrpcAsConfig):
         attestation = _grpc_backend(as_config)
         sessions = SessionStore(
@@ -198,9 +214,6 @@ def build_services(
             "or trusted_jwk_sets (insecure_header_jwk = true for tests only)"
         )
     audit, audit_reader = _audit(config, clock)
-    # An injected clock (tests) drives the cache's max age too; the real one is monotonic, so a
-    # wall-clock step cannot stretch how long an entry is trusted.
-    read_cache = _read_cache(config, storage, time.monotonic if clock is time.time else clock)
     return KbsServices(
         admin=admin,
         handshake=handshake,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
 from keybroker.errors import BadRequestError, ConfigError, StorageError
@@ -53,10 +53,23 @@ class ManagedReferenceValues(ReferenceValues, Protocol):
         ...
 
 
+async def _nothing() -> None:
+    return None
+
+
 class ReferenceValueStore:
-    def __init__(self, storage: KeyValueStorage, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        storage: KeyValueStorage,
+        *,
+        clock: Callable[[], float] = time.time,
+        after_change: Callable[[], Awaitable[None]] = _nothing,
+    ) -> None:
+        """``after_change`` is awaited once values were stored or deleted (the KBS passes its
+        read cache's generation stamp, see ``keybroker.storage.read_cache``)."""
         self._storage = storage
         self._clock = clock
+        self._after_change = after_change
         self._parsed_values: OrderedDict[bytes, ReferenceValue] = OrderedDict()
 
     async def register(self, message: str) -> list[str]:
@@ -82,6 +95,8 @@ class ReferenceValueStore:
             _checked_id(value.name)
         for value in values:
             await self._storage.set(value.name, value.to_bytes())
+        if values:
+            await self._after_change()
         return [value.name for value in values]
 
     async def query(self, reference_value_id: str) -> JsonValue | None:
@@ -126,7 +141,10 @@ class ReferenceValueStore:
         return await self._storage.list_keys()
 
     async def delete(self, reference_value_id: str) -> bool:
-        return await self._storage.delete(_checked_id(reference_value_id)) is not None
+        removed = await self._storage.delete(_checked_id(reference_value_id)) is not None
+        if removed:
+            await self._after_change()
+        return removed
 
 
 def _checked_id(reference_value_id: str) -> str:

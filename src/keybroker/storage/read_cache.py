@@ -25,6 +25,11 @@ a round trip. Two caches save them, each bounded in entries and bytes (a value a
   every entry of the old one. Reads outside a release (admin calls, explain) always go to the
   store.
 
+An attestation by the builtin AS reads its policy text (``attestation_service_policy``) and
+reference values (``reference_value``) the same way, when they live in the KBS's store:
+``kbs.rcar.Handshake`` opens the scope around the AS's verification, and setting or deleting
+an attestation policy or reference values writes a fresh stamp.
+
 Why a change acknowledged on replica A is seen by every release that starts later on replica
 B: A acknowledged only after it wrote the data and then the stamp S. B's release reads the
 stamp after that, so it reads S or a later stamp (the store is linearizable per key, and a

@@ -7,6 +7,7 @@ the admin API calls."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FakeClock, kbs_config
+from keybroker.attestation.service import BuiltinAttestationService
 from keybroker.client.attesters import SampleAttester
 from keybroker.client.keys import TeeKey
 from keybroker.config import KbsConfig
@@ -30,8 +32,10 @@ from keybroker.kbs.release import ReleaseService
 from keybroker.kbs.resource_policy import TenantPrefix, builtin_policy
 from keybroker.kbs.services import KbsServices, build_services
 from keybroker.kbs.sessions import SESSION_NAMESPACE
+from keybroker.kbs.tokens import pointer
 from keybroker.plugins.resource import ResourcePlugin
 from keybroker.protocol.canonical import runtime_data, runtime_data_digest
+from keybroker.protocol.jws import decode_unverified
 from keybroker.protocol.models import PROTOCOL_VERSION, JsonValue
 from keybroker.protocol.resource_path import ResourcePath
 from keybroker.storage.base import KeyValueStorage
@@ -151,6 +155,10 @@ async def _replica(config: KbsConfig, store: Path, clock: FakeClock) -> AsyncIte
 
 
 async def _attest(replica: Replica) -> str:
+    return (await _attest_with_token(replica))[0]
+
+
+async def _attest_with_token(replica: Replica) -> tuple[str, str]:
     handshake = replica.services.handshake
     assert handshake is not None
     request = {"version": PROTOCOL_VERSION, "tee": "sample", "extra-params": {}}
@@ -163,8 +171,23 @@ async def _attest(replica: Replica) -> str:
         "runtime-data": {"nonce": challenge.nonce, "tee-pubkey": tee_pubkey},
         "tee-evidence": {"primary_evidence": evidence, "additional_evidence": ""},
     }
-    await handshake.attest(json.dumps(body).encode(), session.id)
-    return session.id
+    token, _ = await handshake.attest(json.dumps(body).encode(), session.id)
+    return session.id, token
+
+
+async def _status(replica: Replica) -> JsonValue:
+    """The EAR status of a fresh attestation of ``replica``'s guest."""
+    _, token = await _attest_with_token(replica)
+    _, claims = decode_unverified(token)
+    return pointer(claims, "/submods/cpu0/ear.status")
+
+
+def _sample_values(**values: JsonValue) -> str:
+    payload = base64.b64encode(json.dumps(values).encode()).decode()
+    return json.dumps({"version": "0.1.0", "type": "sample", "payload": payload})
+
+
+AFFIRMING = 'package policy\ntrust_claims := {"hardware": 2}\n'
 
 
 def _run(
@@ -338,5 +361,46 @@ def test_a_policy_set_whose_stamp_cannot_be_written_is_a_503_and_b_follows_withi
         clock.advance(4.5)
         with pytest.raises(PolicyDeniedError):  # ... for max_age at most
             await b.get()
+
+    _run(tmp_path, test)
+
+
+def _attestation(replica: Replica) -> BuiltinAttestationService:
+    attestation = replica.services.attestation
+    assert isinstance(attestation, BuiltinAttestationService)
+    return attestation
+
+
+def test_a_second_attestation_with_nothing_changed_reads_only_the_stamp(tmp_path: Path) -> None:
+    async def test(a: Replica, b: Replica, clock: FakeClock) -> None:
+        await _attest(b)  # the first of this generation fills the cache
+        b.watch.reads.clear()
+        await _attest(b)
+        assert _store_reads(b.watch) == {STAMP_NAMESPACE: 1}
+
+    _run(tmp_path, test)
+
+
+def test_attestation_policy_and_reference_values_changed_on_a_are_b_s_next_attestation(
+    tmp_path: Path,
+) -> None:
+    async def test(a: Replica, b: Replica, clock: FakeClock) -> None:
+        assert await _status(b) == "contraindicated"  # no reference values yet
+        names = await _attestation(a).register_reference_value(
+            _sample_values(svn=["1"], launch_digest=["abcde"], major_version=1)
+        )
+        await _attestation(a).register_reference_value(_sample_values(minimum_minor_version=1))
+        assert await _status(b) == "affirming"
+        assert await _attestation(a).delete_reference_value(names[0])
+        assert await _status(b) == "contraindicated"
+        await _attestation(a).set_policy("default_cpu", AFFIRMING)
+        assert await _status(b) == "affirming"
+        await _attestation(a).delete_policy("default_cpu")  # the shipped text again
+        assert await _status(b) == "contraindicated"
+        # the cached reads were real: with nothing changed, B reads only the stamp
+        await _status(b)
+        b.watch.reads.clear()
+        await _status(b)
+        assert set(_store_reads(b.watch)) == {STAMP_NAMESPACE}
 
     _run(tmp_path, test)
