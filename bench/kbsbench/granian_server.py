@@ -29,8 +29,13 @@ with, access log off unless asked. What it does not do as ``kbs`` does, and what
   without its two DHE suites (rustls has no finite-field DHE);
 - no client certificates (``kbs`` asks for none either);
 - no worker health check (uvicorn's supervisor replaces a worker that stops answering its
-  ping); a worker that exits stops the server (granian's respawn is left off, so the metrics of
-  a replaced worker are never left in the sum, as ``kbs`` ensures for uvicorn).
+  ping); a worker that exits stops the server with status 1 (granian's respawn is left off, so
+  the metrics of a replaced worker are never left in the sum, as ``kbs`` ensures for uvicorn);
+- granian's own HTTP/1 limits, left at their defaults: request headers beyond its 408 KiB
+  buffer or more than 100 of them are answered 431, and headers must arrive within 30 s, a
+  deadline that also closes an idle keep-alive connection (uvicorn with httptools, as ``kbs``
+  runs it: no bound on header size or count, no deadline for headers, idle keep-alive closed
+  after 5 s). The body limit (``payload_request_size``) is the app's, the same under both.
 """
 
 from __future__ import annotations
