@@ -18,6 +18,12 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(VENV)/.installed $@
 
+# The benchmark's own extra (granian, for the servers section): the test extra holds it too,
+# since tests/integration/test_bench_quick.py runs the whole suite small.
+$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed-test
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
 run: $(VENV)/.installed
 	$(BIN)/kbs --insecure-dev
 
@@ -47,11 +53,11 @@ unit integration e2e: $(VENV)/.installed-test
 
 # The benchmark suite (docs/performance.md): real kbs processes on loopback, 15 to 20 minutes.
 # Needs PostgreSQL and Redis on this machine and nginx for the replica rows.
-bench: system-deps $(VENV)/.installed-test
+bench: system-deps $(VENV)/.installed-bench
 	cd bench && PYTHONPATH=. ../$(BIN)/python -m kbsbench
 
 # The same suite in a minute, with a few hundred requests: checks that it runs, not how fast.
-bench-quick: system-deps $(VENV)/.installed-test
+bench-quick: system-deps $(VENV)/.installed-bench
 	cd bench && PYTHONPATH=. ../$(BIN)/python -m kbsbench --quick
 
 # Where a GET and a handshake spend their CPU: py-spy flame graphs and a table per mode

@@ -15,7 +15,10 @@ Sections (see docs/performance.md for what each measures and the targets):
    cost of metrics;
 5. memory: server RSS after 10k and after 50k handshakes, run in rounds of 10k, each
    measured once the round's sessions have expired and been reaped;
-6. the crypto floor, and handshake throughput as a fraction of it.
+6. servers (issue 23): the ceiling app, ``/healthz``, the cookie GET and the handshake, each
+   under uvicorn (``kbs``) and under granian (``kbsbench.granian_server``), 2 workers, measured
+   in turn, uvicorn then granian, so drift on the machine falls on both; granian/uvicorn ratios;
+7. the crypto floor, and handshake throughput as a fraction of it.
 Every throughput is then given as a share of the ceiling of the same stack, workers and
 guests, counted in HTTP requests (a handshake is 3). ``--quick`` runs every section small (a
 few hundred requests, no expiry waits) to show the suite works; its figures mean nothing.
@@ -33,13 +36,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import granian
+import uvicorn
+
 from kbsbench import cpu, floor, model
 from kbsbench.ceiling import REPLY_BYTES
-from kbsbench.servers import Kbs, ceiling_cluster, cluster
-from kbsbench.shares import add_ceiling_shares, summary_lines
+from kbsbench.servers import SERVERS, Kbs, ceiling_cluster, cluster
+from kbsbench.shares import add_ceiling_shares, compare_servers, summary_lines
 from keybroker.client.rcar import KbsClient
 from keybroker.kbs.audit import load_key
 from keybroker.kbs.audit_verify import verify_file
@@ -47,6 +54,9 @@ from keybroker.kbs.audit_verify import verify_file
 BENCH = Path(__file__).resolve().parents[1]
 SESSION_LIFETIME = 60.0  # the servers' [attestation_service] timeout = 1 (minute)
 SPREAD = 2  # connections per guest in the spread rows
+# The servers section's rows: (name, load-generator mode), the ceiling first
+SERVER_ROWS = [("ceiling", "healthz"), ("healthz", "healthz"), ("get", "get")]
+SERVER_ROWS += [("handshake", "handshake")]
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float:
@@ -256,6 +266,78 @@ class Bench:
         result["growth_percent"] = round(100 * growth, 1)
         return result
 
+    def servers(self) -> dict[str, Any]:
+        """uvicorn against granian on the same apps and load (issue 23): both servers of a pair
+        run at once and every row is measured under each in turn, uvicorn first."""
+        level, workers = self.level, 2
+        measured: dict[str, dict[str, dict[str, Any]]] = {name: {} for name, _ in SERVER_ROWS}
+        with ExitStack() as stack:
+            ceilings = {
+                server: stack.enter_context(
+                    ceiling_cluster(
+                        self._dir(f"servers-ceiling-{server}"),
+                        replicas=1,
+                        workers=workers,
+                        server=server,
+                    )
+                )[0]
+                for server in SERVERS
+            }
+            for server, url in ceilings.items():
+                self._step(f"servers: ceiling under {server}, {level} guests")
+                measured["ceiling"][server] = self._load(url, "healthz", level)
+        with ExitStack() as stack:
+            urls = {
+                server: stack.enter_context(
+                    cluster(
+                        self._dir(f"servers-kbs-{server}"),
+                        replicas=1,
+                        workers=workers,
+                        store="memory",
+                        audit_fsync=self.audit_fsync,
+                        server=server,
+                    )
+                )[0]
+                for server in SERVERS
+            }
+            for name, mode in SERVER_ROWS[1:]:
+                for server, url in urls.items():
+                    self._step(f"servers: {name} under {server}, {level} guests")
+                    measured[name][server] = self._load(url, mode, level)
+        return {
+            "replicas": 1,
+            "workers": workers,
+            "store": "memory",
+            "concurrency": level,
+            "versions": {"uvicorn": uvicorn.__version__, "granian": granian.__version__},
+            "rows": {
+                name: compare_servers(rows, measured["ceiling"]) for name, rows in measured.items()
+            },
+        }
+
+
+def _servers_lines(part: dict[str, Any]) -> list[str]:
+    versions = part["versions"]
+    lines = [
+        f"\nServers (issue 23): uvicorn {versions['uvicorn']} (httptools, uvloop) against granian"
+        f" {versions['granian']} (HTTP/1, uvloop), {part['replicas']} replica x"
+        f" {part['workers']} workers, {part['store']}, {part['concurrency']} guests,"
+        " measured in turn:",
+        f"  {'what':<22} {'uvicorn/s':>9} {'granian/s':>9} {'ratio':>6} {'p99 u ms':>9}"
+        f" {'p99 g ms':>9} {'p99 ratio':>9} {'errors':>7}",
+    ]
+    titles = {"ceiling": "bare app (ceiling)", "healthz": "Keybroker /healthz"}
+    titles |= {"get": "resource GET, cookie", "handshake": "full handshake"}
+    for name, row in part["rows"].items():
+        u, g = row["uvicorn"], row["granian"]
+        lines.append(
+            f"  {titles[name]:<22} {u['per_second']:>9.0f} {g['per_second']:>9.0f}"
+            f" {row['ratio']:>6.2f} {u['p99_ms']:>9.1f} {g['p99_ms']:>9.1f}"
+            f" {row['p99_ratio']:>9.2f} {u['errors'] + g['errors']:>7}"
+        )
+    lines.append("  (ratio: granian/uvicorn; above 1 granian serves more, or waits longer at p99)")
+    return lines
+
 
 def _cpu_groups(servers: list[Kbs]) -> dict[str, Callable[[], list[int]]]:
     """The process groups whose CPU a scaling row accounts: the KBS servers' trees (workers and
@@ -347,6 +429,7 @@ def _table(results: dict[str, Any]) -> str:
     )
     rounds = ", ".join(f"{rss:.1f}" for rss in mem["rss_after_each_round_mib"])
     lines.append(f"  RSS after each round of {mem['handshakes']['first']}: {rounds} MiB")
+    lines += _servers_lines(results["servers"])
     return "\n".join(lines)
 
 
@@ -414,6 +497,7 @@ def main() -> None:
             ("upstream", bench.upstream),
             ("scaling", bench.scaling),
             ("memory", bench.memory),
+            ("servers", bench.servers),
         ]
         args.output.mkdir(parents=True, exist_ok=True)
         partial = args.output / "partial.json"

@@ -16,6 +16,9 @@ the ``allow_all`` resource policy, and the audit log left at its default (unkeye
 "always"``). Only the admin API and the rate limit are set as in every other server, for the
 same reasons. ``ceiling_cluster`` runs the bare-HTTP ceiling (``kbsbench.ceiling``) on the same
 stack instead of ``kbs``.
+
+Every server is ``kbs`` (uvicorn) unless ``server="granian"`` is asked: then the same config file,
+or the same ceiling app, is served by granian (``kbsbench.granian_server``, the issue 23 trial).
 """
 
 from __future__ import annotations
@@ -209,10 +212,31 @@ def _rss(pid: int) -> int:
     return 0
 
 
+SERVERS = ("uvicorn", "granian")  # what serves the app: kbs itself, or the granian trial
+GRANIAN = [sys.executable, "-m", "kbsbench.granian_server"]
+
+
+def _check_server(server: str) -> None:
+    if server not in SERVERS:
+        raise ValueError(f"unknown server {server!r}: one of {', '.join(SERVERS)}")
+
+
 @contextmanager
-def running_server(config: Path, port: int, workdir: Path) -> Iterator[Kbs]:
+def running_server(
+    config: Path, port: int, workdir: Path, server: str = "uvicorn"
+) -> Iterator[Kbs]:
+    """``kbs -c config`` or, with ``server="granian"``, the same config under granian."""
+    _check_server(server)
     url = f"http://127.0.0.1:{port}"
-    with running_kbs(["-c", str(config)], workdir, url, log_name=f"kbs-{port}.log") as process:
+    granian = server == "granian"
+    with running_kbs(
+        ["-c", str(config)],
+        workdir,
+        url,
+        log_name=f"kbs-{port}.log",
+        command=GRANIAN if granian else None,
+        env={"PYTHONPATH": str(BENCH)} if granian else None,
+    ) as process:
         yield Kbs(url, process)
 
 
@@ -247,10 +271,11 @@ def cluster(
     store: str,
     audit_fsync: str,
     metrics: str = "loopback",
+    server: str = "uvicorn",
 ) -> Iterator[tuple[str, list[Kbs]]]:
     """``replicas`` servers (behind nginx when more than one); yields the URL guests use.
     ``store``: ``memory``, ``redis+postgres``, or ``upstream`` (one server configured in the
-    upstream style, see the module docstring)."""
+    upstream style, see the module docstring). ``server``: ``uvicorn`` or ``granian``."""
     with ExitStack() as stack:
         shared = stack.enter_context(shared_stores(workdir)) if store == "redis+postgres" else None
         servers = []
@@ -270,9 +295,9 @@ def cluster(
                     audit_fsync=audit_fsync,
                     metrics=metrics,
                 )
-            server = stack.enter_context(running_server(config, port, workdir))
-            server.redis_port = shared.redis_port if shared is not None else None
-            servers.append(server)
+            server_process = stack.enter_context(running_server(config, port, workdir, server))
+            server_process.redis_port = shared.redis_port if shared is not None else None
+            servers.append(server_process)
         provision(servers[0].url, "allow_all" if store == "upstream" else "affirming")
         url = servers[0].url
         if replicas > 1:
@@ -290,12 +315,19 @@ def _proxy(workdir: Path, servers: list[Kbs]) -> Iterator[str]:
 
 
 @contextmanager
-def running_ceiling(port: int, workers: int, workdir: Path) -> Iterator[Kbs]:
-    """The bare-HTTP ceiling server (``kbsbench.ceiling``) with ``workers`` workers."""
+def running_ceiling(
+    port: int, workers: int, workdir: Path, server: str = "uvicorn"
+) -> Iterator[Kbs]:
+    """The bare-HTTP ceiling server (``kbsbench.ceiling``) with ``workers`` workers, on
+    Keybroker's uvicorn stack or under granian."""
+    _check_server(server)
     url = f"http://127.0.0.1:{port}"
     log = workdir / f"ceiling-{port}.log"
     instance = f"ceiling-{uuid.uuid4().hex}"
-    command = [sys.executable, "-m", "kbsbench.ceiling", "--port", str(port)]
+    if server == "granian":
+        command = [*GRANIAN, "--ceiling", "--port", str(port)]
+    else:
+        command = [sys.executable, "-m", "kbsbench.ceiling", "--port", str(port)]
     command += ["--workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": str(BENCH), INSTANCE_ENV: instance}
     with log.open("wb") as out:
@@ -316,12 +348,12 @@ def running_ceiling(port: int, workers: int, workdir: Path) -> Iterator[Kbs]:
 
 @contextmanager
 def ceiling_cluster(
-    workdir: Path, *, replicas: int, workers: int
+    workdir: Path, *, replicas: int, workers: int, server: str = "uvicorn"
 ) -> Iterator[tuple[str, list[Kbs]]]:
     """Like ``cluster``, with the ceiling server in place of ``kbs``."""
     with ExitStack() as stack:
         servers = [
-            stack.enter_context(running_ceiling(free_port(), workers, workdir))
+            stack.enter_context(running_ceiling(free_port(), workers, workdir, server))
             for _ in range(replicas)
         ]
         url = servers[0].url if replicas == 1 else stack.enter_context(_proxy(workdir, servers))

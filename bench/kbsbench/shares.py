@@ -5,6 +5,9 @@ A row's share is its HTTP requests per second (a handshake is three requests: ``
 stack (replicas, workers per replica) at the same number of concurrent guests. Both come from
 one run, so a faster or slower machine moves both and not the share.
 
+The servers section (uvicorn against granian) is compared by ``compare_servers``: each server's
+rows against its own ceiling, and granian's figures over uvicorn's.
+
 Does not: measure anything (``kbsbench.__main__`` does), or judge a share against a target.
 """
 
@@ -108,3 +111,26 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     spread = hs["spread"]["get"]["spread"]
     lines.append(f"  (spread: each guest's requests in turn over {spread} connections)")
     return lines
+
+
+def compare_servers(
+    rows: dict[str, dict[str, Any]], ceilings: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """One row of the servers section (issue 23), ``rows`` keyed by server (``uvicorn``,
+    ``granian``): each measurement gets its share of its own server's ceiling (``ceilings``,
+    keyed the same), in requests; the row gets the ratios granian/uvicorn of throughput
+    (``ratio``) and of p99 latency (``p99_ratio``)."""
+    for server, row in rows.items():
+        requests = row["per_second"] * REQUESTS[row["mode"]]
+        ceiling = ceilings[server]["per_second"]
+        row["ceiling_share"] = round(requests / ceiling, 4) if ceiling else 0.0
+    uvicorn, granian = rows["uvicorn"], rows["granian"]
+    return {
+        **rows,
+        "ratio": _ratio(granian["per_second"], uvicorn["per_second"]),
+        "p99_ratio": _ratio(granian["p99_ms"], uvicorn["p99_ms"]),
+    }
+
+
+def _ratio(over: float, under: float) -> float:
+    return round(over / under, 3) if under else 0.0

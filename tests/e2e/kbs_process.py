@@ -102,14 +102,17 @@ def running_kbs(
     log_name: str = "kbs.log",
     env: dict[str, str] | None = None,
     bin_dir: Path = BIN,
+    command: list[str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``kbs`` from ``bin_dir`` (this environment's, or one ``make background-check-kbs``
-    built) with ``args``, until it answers ``/healthz``; stopped on exit."""
+    built) with ``args``, until it answers ``/healthz``; stopped on exit. ``command`` runs
+    another server that takes the same arguments instead (the benchmark's granian trial,
+    ``bench/kbsbench/granian_server.py``)."""
     log = workdir / log_name
     instance = f"test-{uuid.uuid4().hex}"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [str(bin_dir / "kbs"), *args],
+            [*(command or [str(bin_dir / "kbs")]), *args],
             cwd=workdir,
             stdout=out,
             stderr=subprocess.STDOUT,

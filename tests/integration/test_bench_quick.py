@@ -140,6 +140,24 @@ def test_quick_bench_runs_every_section_and_writes_results(tmp_path: Path) -> No
     assert memory["errors"] == 0 and memory["handshakes"] == {"first": 150, "total": 300}
     assert len(memory["rss_after_each_round_mib"]) == 2
     assert _positive(memory["rss_first_mib"]) and _positive(memory["rss_total_mib"])
+    # issue 23: uvicorn against granian, each row measured under both, with the ratios
+    servers = results["servers"]
+    assert (servers["replicas"], servers["workers"], servers["store"]) == (1, 2, "memory")
+    assert servers["concurrency"] == 16
+    assert set(servers["versions"]) == {"uvicorn", "granian"}
+    assert list(servers["rows"]) == ["ceiling", "healthz", "get", "handshake"]
+    modes = {"ceiling": "healthz", "healthz": "healthz", "get": "get", "handshake": "handshake"}
+    for name, row in servers["rows"].items():
+        for server in ("uvicorn", "granian"):
+            _measured(row[server])
+            assert row[server]["mode"] == modes[name] and row[server]["concurrency"] == 16
+            assert _positive(row[server]["ceiling_share"])
+        assert row["ratio"] == round(row["granian"]["per_second"] / row["uvicorn"]["per_second"], 3)
+        assert _positive(row["p99_ratio"])
+    assert "Servers (issue 23)" in done.stdout and "granian/uvicorn" in done.stdout
+
+    # every cluster's audit log verified, the granian servers' (two writers each) among them
+    assert results["audit"]["logs"] >= 2 and results["audit"]["records"] > 0
     assert "Crypto floor" in done.stdout and "written to" in done.stdout
     assert "Bare-HTTP ceiling" in done.stdout and "Shares of the bare-HTTP ceiling" in done.stdout
     assert "Upstream-style config" in done.stdout and "of the ceiling" in done.stdout

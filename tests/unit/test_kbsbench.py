@@ -1,9 +1,11 @@
-"""The benchmark's pieces that compute rather than measure: the ceiling app's reply and the
-shares of the ceiling (``bench/kbsbench``). How fast anything is, is the benchmark's to say."""
+"""The benchmark's pieces that compute rather than measure: the ceiling app's reply, the
+shares of the ceiling, the servers section's ratios and the granian trial's mapping of
+``[http_server]`` (``bench/kbsbench``). How fast anything is, is the benchmark's to say."""
 
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,15 @@ from starlette.testclient import TestClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
+from granian.constants import SSLProtocols
 from kbsbench.ceiling import REPLY_BYTES, make_app
+from kbsbench.granian_server import CEILING_FACTORY, granian, tls_options
 from kbsbench.model import scale_out
-from kbsbench.shares import add_ceiling_shares, summary_lines
+from kbsbench.shares import add_ceiling_shares, compare_servers, summary_lines
 from kbsbench.stacks import WAITING, attribute
 
+from keybroker.config import HttpServerConfig
+from keybroker.errors import ConfigError
 from keybroker.kbs.app import INSTANCE_HEADER
 from keybroker.kbs.server import INSTANCE_ENV
 
@@ -163,3 +169,74 @@ def test_the_scale_out_model_names_what_saturates_first() -> None:
         (1000.0, "kbs replicas"),
         (2000.0, "redis"),
     ]
+
+
+def _https(**fields: str) -> HttpServerConfig:
+    keys = {"private_key": "/k.pem", "certificate": "/c.pem"}
+    return HttpServerConfig.model_validate({"sockets": ["127.0.0.1:8443"], **keys, **fields})
+
+
+@pytest.mark.parametrize(
+    ("fields", "minimum"),
+    [
+        ({}, SSLProtocols.tls12),  # intermediate, the default
+        ({"tls_profile": "modern"}, SSLProtocols.tls13),
+        ({"tls_profile": "custom", "tls_min_version": "1.3"}, SSLProtocols.tls13),
+        ({"tls_profile": "custom", "tls_max_version": "1.3"}, SSLProtocols.tls12),
+    ],
+)
+def test_the_granian_trial_serves_each_profile_from_its_minimum_version(
+    fields: dict[str, str], minimum: SSLProtocols
+) -> None:
+    options = tls_options(_https(**fields))
+    assert options == {
+        "ssl_cert": Path("/c.pem"),
+        "ssl_key": Path("/k.pem"),
+        "ssl_protocol_min": minimum,
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "refusal"),
+    [
+        ({"tls_profile": "old"}, "no CBC suites"),
+        ({"tls_profile": "custom", "tls_max_version": "1.2"}, "cannot cap TLS at 1.2"),
+        ({"tls_ciphers": "ECDHE-RSA-AES128-GCM-SHA256"}, "cannot choose TLS 1.2 suites"),
+    ],
+)
+def test_the_granian_trial_refuses_tls_settings_it_cannot_apply(
+    fields: dict[str, str], refusal: str
+) -> None:
+    with pytest.raises(ConfigError, match=refusal):
+        tls_options(_https(**fields))
+
+
+def test_the_granian_trial_falls_back_on_tls13_suites_and_groups_as_kbs_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fields = {"tls_ciphers": "TLS_AES_256_GCM_SHA384", "tls_groups": "X25519MLKEM768"}
+    assert tls_options(_https(**fields))["ssl_protocol_min"] == SSLProtocols.tls12
+    assert "rustls's defaults are used" in caplog.text
+
+
+def test_the_granian_trial_refuses_a_port_in_use_instead_of_sharing_it() -> None:
+    """granian binds with SO_REUSEPORT: without the plain bind first, a second server on the
+    port would start and take half of its connections."""
+    held = socket.create_server(("127.0.0.1", 0))
+    port = held.getsockname()[1]
+    try:
+        http = HttpServerConfig(sockets=[f"127.0.0.1:{port}"], insecure_http=True)
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+            granian(CEILING_FACTORY, http, workers=1)
+    finally:
+        held.close()
+
+
+def test_each_server_is_compared_against_its_own_ceiling_and_granian_over_uvicorn() -> None:
+    ceilings = {"uvicorn": _row("healthz", 1000.0, 64), "granian": _row("healthz", 2000.0, 64)}
+    rows = {"uvicorn": _row("handshake", 50.0, 64), "granian": _row("handshake", 40.0, 64)}
+    rows["granian"]["p99_ms"] = 15.0
+    compared = compare_servers(rows, ceilings)
+    assert compared["uvicorn"]["ceiling_share"] == 0.15  # 3 x 50 of 1,000
+    assert compared["granian"]["ceiling_share"] == 0.06  # 3 x 40 of 2,000: its own ceiling
+    assert compared["ratio"] == 0.8 and compared["p99_ratio"] == 1.5

@@ -179,6 +179,24 @@ def serve(config: KbsConfig, *, log_level: str = "info", access_log: bool = Fals
         app = create_app(config, instance_id=instance)
         uvicorn.Server(uvicorn_config(app, workers, http, access_log)).run(sockets=sockets)
         return
+    with worker_environment(config, instance=instance, log_level=log_level) as metrics_dir:
+        uv_config = uvicorn_config("keybroker.kbs.server:worker_app", workers, http, access_log)
+        if metrics_dir is None:
+            Multiprocess(uv_config, sockets=sockets).run()
+        else:
+            _MetricsMultiprocess(uv_config, sockets=sockets, metrics_dir=metrics_dir).run()
+
+
+@contextmanager
+def worker_environment(
+    config: KbsConfig, *, instance: str, log_level: str
+) -> Iterator[Path | None]:
+    """What worker processes started from :func:`worker_app` need, for as long as they run:
+    the private runtime directory (their configuration, shared memory stores, a shared
+    ephemeral signing key) and the environment naming it, inherited by every worker spawned
+    inside the block. Yields the workers' shared metrics directory (None with metrics off).
+    The directory is removed on exit. ``serve`` uses it for uvicorn's workers; the benchmark's
+    granian trial (``bench/kbsbench/granian_server.py``), for granian's."""
     os.environ[_LOG_LEVEL_ENV] = log_level
     runtime_dir = _private_runtime_dir()
     try:
@@ -189,16 +207,15 @@ def serve(config: KbsConfig, *, log_level: str = "info", access_log: bool = Fals
             "worker_count > 1: memory stores, if any, are shared by the workers in %s", runtime_dir
         )
         os.environ[_MEMORY_DIR_ENV] = str(runtime_dir / "memory")
-        uv_config = uvicorn_config("keybroker.kbs.server:worker_app", workers, http, access_log)
         if config.metrics.access == "off":
-            Multiprocess(uv_config, sockets=sockets).run()
+            yield None
             return
         metrics_dir = runtime_dir / "metrics"
         metrics_dir.mkdir(mode=0o700)
         # read by prometheus-client when a worker imports it: every worker counts into files
         # here and a scrape on any of them sums them all (keybroker.kbs.metrics)
         os.environ[MULTIPROC_ENV] = str(metrics_dir)
-        _MetricsMultiprocess(uv_config, sockets=sockets, metrics_dir=metrics_dir).run()
+        yield metrics_dir
     finally:
         shutil.rmtree(runtime_dir, ignore_errors=True)
 
