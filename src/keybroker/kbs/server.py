@@ -49,6 +49,7 @@ from keybroker.config import (
 )
 from keybroker.errors import ConfigError
 from keybroker.kbs.app import create_app
+from keybroker.kbs.http_limits import BoundedHttpToolsProtocol
 from keybroker.kbs.key_permissions import check_private_key_permissions
 from keybroker.kbs.metrics import MULTIPROC_ENV, forget_worker, multiprocess_dir
 from keybroker.kbs.tls import server_context
@@ -327,6 +328,8 @@ def uvicorn_config(
         access_log=access_log,
         server_header=False,
         proxy_headers=False,
+        # httptools, with a bounded request head and a deadline for it (kbs/http_limits.py)
+        http=BoundedHttpToolsProtocol,
         # uvicorn replaces a worker that does not answer its supervisor's ping within this
         # many seconds (default 5). A worker still importing on a loaded node is not hung: a
         # short limit kills it mid-start, over and over. A hung worker is still replaced.
