@@ -15,7 +15,10 @@ Sections (see docs/performance.md for what each measures and the targets):
    cost of metrics;
 5. memory: server RSS after 10k and after 50k handshakes, run in rounds of 10k, each
    measured once the round's sessions have expired and been reaped;
-6. the crypto floor, and handshake throughput as a fraction of it.
+6. the crypto floor, and handshake throughput as a fraction of it;
+7. policy isolation: handshakes/s and p99 of a server evaluating policies in bounded worker
+   processes (as every Keybroker does) against one evaluating them in-process, the benchmark's
+   baseline, with every guest alike and with every guest different (kbsbench.isolation).
 Every throughput is then given as a share of the ceiling of the same stack, workers and
 guests, counted in HTTP requests (a handshake is 3). ``--quick`` runs every section small (a
 few hundred requests, no expiry waits) to show the suite works; its figures mean nothing.
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from kbsbench import cpu, floor, model
+from kbsbench import isolation as policy_isolation
 from kbsbench.ceiling import REPLY_BYTES
 from kbsbench.servers import Kbs, ceiling_cluster, cluster
 from kbsbench.shares import add_ceiling_shares, summary_lines
@@ -66,6 +70,7 @@ def loadgen(
     count: int | None = None,
     spread: int = 1,
     server_pid: int | None = None,
+    vary_workload: bool = False,
 ) -> dict[str, Any]:
     """Run the load generator in its own process; summarize what it measured."""
     command = [sys.executable, "-m", "kbsbench.loadgen", "--url", url, "--mode", mode]
@@ -75,6 +80,8 @@ def loadgen(
         command += ["--count", str(count)]
     if server_pid is not None:
         command += ["--server-pid", str(server_pid)]
+    if vary_workload:
+        command.append("--vary-workload")
     env = {**os.environ, "PYTHONPATH": str(BENCH)}
     done = subprocess.run(
         command, cwd=BENCH, env=env, capture_output=True, text=True, timeout=3600, check=False
@@ -256,6 +263,30 @@ class Bench:
         result["growth_percent"] = round(100 * growth, 1)
         return result
 
+    def policy_isolation(self) -> dict[str, Any]:
+        """Isolated against in-process policy evaluation, alternating runs (kbsbench.isolation):
+        about 100 s in full (3 runs of 5 s per server and workload), 16 guests and 1 run each
+        in --quick."""
+        # a longer warm-up than the other sections' in --quick: each server starts cold here
+        duration, warmup = (1.0, 1.0) if self.quick else (5.0, 1.5)
+
+        def load(url: str, vary: bool) -> dict[str, Any]:
+            return loadgen(
+                url,
+                "handshake",
+                self.level,
+                duration=duration,
+                warmup=warmup,
+                vary_workload=vary,
+            )
+
+        return policy_isolation.measure(
+            self._dir("policy-isolation"),
+            load,
+            rounds=1 if self.quick else 3,
+            audit_fsync=self.audit_fsync,
+        )
+
 
 def _cpu_groups(servers: list[Kbs]) -> dict[str, Callable[[], list[int]]]:
     """The process groups whose CPU a scaling row accounts: the KBS servers' trees (workers and
@@ -347,6 +378,7 @@ def _table(results: dict[str, Any]) -> str:
     )
     rounds = ", ".join(f"{rss:.1f}" for rss in mem["rss_after_each_round_mib"])
     lines.append(f"  RSS after each round of {mem['handshakes']['first']}: {rounds} MiB")
+    lines += policy_isolation.table_lines(results["policy_isolation"])
     return "\n".join(lines)
 
 
@@ -414,6 +446,7 @@ def main() -> None:
             ("upstream", bench.upstream),
             ("scaling", bench.scaling),
             ("memory", bench.memory),
+            ("policy_isolation", bench.policy_isolation),
         ]
         args.output.mkdir(parents=True, exist_ok=True)
         partial = args.output / "partial.json"
