@@ -265,10 +265,10 @@ class Bench:
 
     def policy_isolation(self) -> dict[str, Any]:
         """Isolated against in-process policy evaluation, alternating runs (kbsbench.isolation):
-        about 110 s in full (a warm-up run, then 3 runs of 4 s per server and workload), 16
-        guests and 1 run each in --quick."""
+        about 110 s in full (a warm-up run, then 4 runs of 3 s per server and workload), 16
+        guests and 2 runs each in --quick."""
         # a longer warm-up than the other sections' in --quick: each server starts cold here
-        duration, warmup = (1.0, 1.0) if self.quick else (4.0, 1.5)
+        duration, warmup = (1.0, 1.0) if self.quick else (3.0, 1.0)
 
         def load(url: str, vary: bool) -> dict[str, Any]:
             return loadgen(
@@ -283,7 +283,7 @@ class Bench:
         return policy_isolation.measure(
             self._dir("policy-isolation"),
             load,
-            rounds=1 if self.quick else 3,
+            rounds=2 if self.quick else 4,
             audit_fsync=self.audit_fsync,
         )
 

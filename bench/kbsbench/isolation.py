@@ -107,7 +107,10 @@ def measure(workdir: Path, load: Load, *, rounds: int, audit_fsync: str) -> dict
                 for side in order:
                     server = servers[side]
                     _step(f"{name}, {side}, run {index + 1} of {rounds}")
-                    runs[side].append(load(server.url, vary))
+                    before = _cpu_seconds(server.process.pid)
+                    run = load(server.url, vary)
+                    run["server_cpu_seconds"] = _cpu_seconds(server.process.pid) - before
+                    runs[side].append(run)
                     seen[side] = _check(side, server, workdir / side)
             workloads[name] = _workload(runs, vary)
         return {
@@ -130,6 +133,8 @@ def _workload(runs: dict[str, list[dict[str, Any]]], vary: bool) -> dict[str, An
     isolated, in_process = result["isolated"]["per_second"], result["in_process"]["per_second"]
     cost = 1 - isolated / in_process if in_process else 0.0
     result["cost_percent"] = round(100 * cost, 1)
+    isolated, in_process = (result[side]["cpu_ms_per_handshake"] for side in SIDES)
+    result["cpu_cost_percent"] = round(100 * (isolated / in_process - 1), 1) if in_process else 0.0
     return result
 
 
@@ -137,6 +142,10 @@ def _pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One side's runs as one row: the rate over all of them, the median of each percentile."""
     completed = sum(run["completed"] for run in runs)
     seconds = sum(run["seconds"] for run in runs)
+    # the server's CPU over whole runs, warm-ups included, per handshake completed in them
+    # (those cut off at the end of a run, at most one per guest, are not counted)
+    cpu = sum(run["server_cpu_seconds"] for run in runs)
+    everything = sum(run["completed_with_warmup"] for run in runs)
     return {
         "concurrency": runs[0]["concurrency"],
         "completed": completed,
@@ -144,6 +153,7 @@ def _pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": sum(run["errors"] for run in runs),
         "error_samples": [sample for run in runs for sample in run["error_samples"]][:5],
         "per_second": round(completed / seconds, 1) if seconds else 0.0,
+        "cpu_ms_per_handshake": round(1000 * cpu / everything, 3) if everything else 0.0,
         **{key: statistics.median(run[key] for run in runs) for key in _PERCENTILES},
         "runs": [{key: run[key] for key in ("per_second", *_PERCENTILES)} for run in runs],
     }
@@ -188,6 +198,18 @@ def _check(side: str, server: Kbs, workdir: Path) -> dict[str, int]:
             "not reach every uvicorn worker"
         )
     return seen
+
+
+def _cpu_seconds(server_pid: int) -> float:
+    """User and system CPU time of the server and every process under it (Linux ``/proc``)."""
+    ticks = 0
+    for pid in _tree(server_pid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _command_line(pid: int) -> str:
@@ -243,7 +265,7 @@ def table_lines(result: dict[str, Any]) -> list[str]:
     """The section's lines in the printed table."""
     lines = [
         f"\nPolicy isolation ({result['workers']} workers, {result['rounds']} alternating runs"
-        " each; cost = 1 - isolated / in-process):"
+        " each; cost = 1 - isolated / in-process; CPU: the server's, per handshake):"
     ]
     for name, workload in result["workloads"].items():
         isolated, in_process = workload["isolated"], workload["in_process"]
@@ -251,7 +273,10 @@ def table_lines(result: dict[str, Any]) -> list[str]:
             f"  {name:<16} {isolated['concurrency']} guests: isolated"
             f" {isolated['per_second']:>6.0f}/s p99 {isolated['p99_ms']:>6.1f} ms,"
             f" in-process {in_process['per_second']:>6.0f}/s p99 {in_process['p99_ms']:>6.1f} ms,"
-            f" cost {workload['cost_percent']:+.1f} %"
+            f" cost {workload['cost_percent']:+.1f} %;"
+            f" CPU {isolated['cpu_ms_per_handshake']:.2f}"
+            f" / {in_process['cpu_ms_per_handshake']:.2f} ms"
+            f" ({workload['cpu_cost_percent']:+.1f} %)"
             f"  errors {isolated['errors'] + in_process['errors']}"
         )
     return lines

@@ -30,8 +30,9 @@ reading ``/proc`` for which of the server's processes holds each guest's connect
 reports how many guests were spread over more than one worker.
 
 Each guest decrypts its first resource reply and checks the bytes, so a run that measures
-wrong answers fails instead. Prints one JSON object: completions, errors, the measured seconds
-and the latency of every completed operation (milliseconds, sorted).
+wrong answers fails instead. Prints one JSON object: completions (in the measured window, and
+with the warm-up's), errors, the measured seconds and the latency of every completed operation
+(milliseconds, sorted).
 """
 
 from __future__ import annotations
@@ -108,8 +109,10 @@ class Tally:
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     failures: int = 0
+    all_completed: int = 0  # the warm-up's too: what the server did while this process ran
 
     def record(self, seconds: float) -> None:
+        self.all_completed += 1
         if self.measuring:
             self.latencies.append(seconds * 1e3)
 
@@ -354,6 +357,7 @@ async def run(
         "vary_workload": vary_workload,
         **({"worker_spread": spread_seen} if spread_seen is not None else {}),
         "completed": len(tally.latencies),
+        "completed_with_warmup": tally.all_completed,
         "errors": tally.errors + len(failures),
         "error_samples": tally.error_samples + [repr(f) for f in failures[:3]],
         "seconds": elapsed,

@@ -143,15 +143,18 @@ def test_quick_bench_runs_every_section_and_writes_results(tmp_path: Path) -> No
 
     # isolated against in-process policy evaluation, each checked while it served
     isolation = results["policy_isolation"]
-    assert (isolation["workers"], isolation["rounds"]) == (2, 1)
+    assert (isolation["workers"], isolation["rounds"]) == (2, 2)
     assert set(isolation["workloads"]) == {"same_guest", "distinct_guests"}
     for name, workload in isolation["workloads"].items():
         assert workload["vary_workload"] is (name == "distinct_guests")
         for side in ("isolated", "in_process"):
             _measured(workload[side])
-            assert workload[side]["concurrency"] == 16 and len(workload[side]["runs"]) == 1
+            assert workload[side]["concurrency"] == 16 and len(workload[side]["runs"]) == 2
+            assert _positive(workload[side]["cpu_ms_per_handshake"])
         rates = workload["isolated"]["per_second"], workload["in_process"]["per_second"]
         assert workload["cost_percent"] == round(100 * (1 - rates[0] / rates[1]), 1)
+        cpu = [workload[side]["cpu_ms_per_handshake"] for side in ("isolated", "in_process")]
+        assert workload["cpu_cost_percent"] == round(100 * (cpu[0] / cpu[1] - 1), 1)
     seen = isolation["processes_seen"]
     assert seen["isolated"]["uvicorn_workers"] == seen["in_process"]["uvicorn_workers"] == 2
     assert seen["isolated"]["policy_worker_processes"] > 0

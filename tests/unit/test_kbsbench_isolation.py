@@ -197,11 +197,14 @@ def test_distinct_guests_are_appraised_afresh_and_alike_guests_share_one_answer(
     assert asyncio.run(remembered(alike))[0] == 1
 
 
-def _run(per_second: float, p99: float) -> dict[str, Any]:
-    """One loadgen summary (``kbsbench.__main__.loadgen``) of a 5-second run."""
+def _run(per_second: float, p99: float, cpu_ms: float) -> dict[str, Any]:
+    """One run's summary (``kbsbench.__main__.loadgen``, 5 s after a 1-second warm-up) and the
+    server's CPU time over it (``isolation.measure``)."""
     return {
         "concurrency": 64,
         "completed": int(per_second * 5),
+        "completed_with_warmup": int(per_second * 6),
+        "server_cpu_seconds": per_second * 6 * cpu_ms / 1000,
         "seconds": 5.0,
         "errors": 0,
         "error_samples": [],
@@ -214,11 +217,16 @@ def _run(per_second: float, p99: float) -> dict[str, Any]:
 
 def test_cost_is_one_minus_isolated_over_in_process_and_the_table_names_both() -> None:
     row = workload_row(
-        {"isolated": [_run(80, 90), _run(90, 110)], "in_process": [_run(100, 70)] * 2},
+        {
+            "isolated": [_run(80, 90, 6.0), _run(90, 110, 6.0)],
+            "in_process": [_run(100, 70, 5.0)] * 2,
+        },
         vary=True,
     )
     assert row["isolated"]["per_second"] == 85.0 and row["isolated"]["p99_ms"] == 100.0
     assert row["in_process"]["completed"] == 1000 and row["cost_percent"] == 15.0
+    assert row["isolated"]["cpu_ms_per_handshake"] == 6.0 and row["cpu_cost_percent"] == 20.0
     [title, line] = table_lines({"workers": 2, "rounds": 2, "workloads": {"distinct": row}})
     assert "cost = 1 - isolated / in-process" in title
     assert "isolated     85/s" in line and "in-process    100/s" in line and "+15.0 %" in line
+    assert "CPU 6.00 / 5.00 ms (+20.0 %)" in line
