@@ -43,9 +43,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
 from kbs_process import wait_healthy  # noqa: E402
+from kbsbench.cpu import cpu_seconds, tree  # noqa: E402
 from kbsbench.inprocess_policy import MARKER  # noqa: E402
 from kbsbench.loadgen import IMAGE_REGISTRY  # noqa: E402
-from kbsbench.servers import BENCH, Kbs, _tree, provision, running_server, write_config  # noqa: E402
+from kbsbench.servers import BENCH, Kbs, provision, running_server, write_config  # noqa: E402
 from keybroker.client.admin import AdminClient  # noqa: E402
 from keybroker.kbs.resource_policy import builtin_policy  # noqa: E402
 from keybroker.kbs.server import INSTANCE_ENV  # noqa: E402
@@ -107,9 +108,9 @@ def measure(workdir: Path, load: Load, *, rounds: int, audit_fsync: str) -> dict
                 for side in order:
                     server = servers[side]
                     _step(f"{name}, {side}, run {index + 1} of {rounds}")
-                    before = _cpu_seconds(server.process.pid)
+                    before = cpu_seconds(tree(server.process.pid))
                     run = load(server.url, vary)
-                    run["server_cpu_seconds"] = _cpu_seconds(server.process.pid) - before
+                    run["server_cpu_seconds"] = cpu_seconds(tree(server.process.pid)) - before
                     runs[side].append(run)
                     seen[side] = _check(side, server, workdir / side)
             workloads[name] = _workload(runs, vary)
@@ -173,14 +174,14 @@ def _set_resource_policy(url: str, policy: str) -> None:
 def _check(side: str, server: Kbs, workdir: Path) -> dict[str, int]:
     """Fail loudly unless the server evaluates policies as its side says (see the module);
     what was seen: its uvicorn workers, those that logged the marker, its policy workers."""
-    tree = {pid: _command_line(pid) for pid in _tree(server.process.pid)}
-    workers = [pid for pid, command in tree.items() if UVICORN_WORKER in command]
+    commands = {pid: _command_line(pid) for pid in tree(server.process.pid)}
+    workers = [pid for pid, command in commands.items() if UVICORN_WORKER in command]
     log = _log(workdir)
     marked = [pid for pid in workers if f"{MARKER} (pid {pid})" in log]
     seen = {
         "uvicorn_workers": len(workers),
         "marked_workers": len(marked),
-        "policy_worker_processes": sum(POLICY_WORKER in command for command in tree.values()),
+        "policy_worker_processes": sum(POLICY_WORKER in command for command in commands.values()),
     }
     if len(workers) != WORKERS:
         raise SystemExit(
@@ -198,18 +199,6 @@ def _check(side: str, server: Kbs, workdir: Path) -> dict[str, int]:
             "not reach every uvicorn worker"
         )
     return seen
-
-
-def _cpu_seconds(server_pid: int) -> float:
-    """User and system CPU time of the server and every process under it (Linux ``/proc``)."""
-    ticks = 0
-    for pid in _tree(server_pid):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _command_line(pid: int) -> str:
