@@ -108,9 +108,11 @@ def measure(workdir: Path, load: Load, *, rounds: int, audit_fsync: str) -> dict
                 for side in order:
                     server = servers[side]
                     _step(f"{name}, {side}, run {index + 1} of {rounds}")
-                    before = cpu_seconds(tree(server.process.pid))
+                    before = _cpu(server)
                     run = load(server.url, vary)
-                    run["server_cpu_seconds"] = cpu_seconds(tree(server.process.pid)) - before
+                    after = _cpu(server)
+                    run["server_cpu_seconds"] = after[0] - before[0]
+                    run["policy_worker_cpu_seconds"] = after[1] - before[1]
                     runs[side].append(run)
                     seen[side] = _check(side, server, workdir / side)
             workloads[name] = _workload(runs, vary)
@@ -146,6 +148,7 @@ def _pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     # the server's CPU over whole runs, warm-ups included, per handshake completed in them
     # (those cut off at the end of a run, at most one per guest, are not counted)
     cpu = sum(run["server_cpu_seconds"] for run in runs)
+    in_workers = sum(run["policy_worker_cpu_seconds"] for run in runs)
     everything = sum(run["completed_with_warmup"] for run in runs)
     return {
         "concurrency": runs[0]["concurrency"],
@@ -155,6 +158,10 @@ def _pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "error_samples": [sample for run in runs for sample in run["error_samples"]][:5],
         "per_second": round(completed / seconds, 1) if seconds else 0.0,
         "cpu_ms_per_handshake": round(1000 * cpu / everything, 3) if everything else 0.0,
+        # of which in policy worker processes (none in-process): how often the boundary is crossed
+        "policy_worker_cpu_ms_per_handshake": (
+            round(1000 * in_workers / everything, 3) if everything else 0.0
+        ),
         **{key: statistics.median(run[key] for run in runs) for key in _PERCENTILES},
         "runs": [{key: run[key] for key in ("per_second", *_PERCENTILES)} for run in runs],
     }
@@ -199,6 +206,13 @@ def _check(side: str, server: Kbs, workdir: Path) -> dict[str, int]:
             "not reach every uvicorn worker"
         )
     return seen
+
+
+def _cpu(server: Kbs) -> tuple[float, float]:
+    """CPU seconds of the server's whole process tree, and of its policy worker processes."""
+    pids = tree(server.process.pid)
+    workers = [pid for pid in pids if POLICY_WORKER in _command_line(pid)]
+    return cpu_seconds(pids), cpu_seconds(workers)
 
 
 def _command_line(pid: int) -> str:
@@ -264,6 +278,7 @@ def table_lines(result: dict[str, Any]) -> list[str]:
             f" in-process {in_process['per_second']:>6.0f}/s p99 {in_process['p99_ms']:>6.1f} ms,"
             f" cost {workload['cost_percent']:+.1f} %;"
             f" CPU {isolated['cpu_ms_per_handshake']:.2f}"
+            f" ({isolated['policy_worker_cpu_ms_per_handshake']:.2f} in policy workers)"
             f" / {in_process['cpu_ms_per_handshake']:.2f} ms"
             f" ({workload['cpu_cost_percent']:+.1f} %)"
             f"  errors {isolated['errors'] + in_process['errors']}"

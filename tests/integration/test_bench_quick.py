@@ -155,6 +155,11 @@ def test_quick_bench_runs_every_section_and_writes_results(tmp_path: Path) -> No
         assert workload["cost_percent"] == round(100 * (1 - rates[0] / rates[1]), 1)
         cpu = [workload[side]["cpu_ms_per_handshake"] for side in ("isolated", "in_process")]
         assert workload["cpu_cost_percent"] == round(100 * (cpu[0] / cpu[1] - 1), 1)
+    in_process_workers = [
+        workload["in_process"]["policy_worker_cpu_ms_per_handshake"]
+        for workload in isolation["workloads"].values()
+    ]
+    assert in_process_workers == [0.0, 0.0]  # no policy worker process to spend it
     seen = isolation["processes_seen"]
     assert seen["isolated"]["uvicorn_workers"] == seen["in_process"]["uvicorn_workers"] == 2
     assert seen["isolated"]["policy_worker_processes"] > 0

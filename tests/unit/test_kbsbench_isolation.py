@@ -205,6 +205,7 @@ def _run(per_second: float, p99: float, cpu_ms: float) -> dict[str, Any]:
         "completed": int(per_second * 5),
         "completed_with_warmup": int(per_second * 6),
         "server_cpu_seconds": per_second * 6 * cpu_ms / 1000,
+        "policy_worker_cpu_seconds": per_second * 6 * cpu_ms / 4000,
         "seconds": 5.0,
         "errors": 0,
         "error_samples": [],
@@ -226,7 +227,8 @@ def test_cost_is_one_minus_isolated_over_in_process_and_the_table_names_both() -
     assert row["isolated"]["per_second"] == 85.0 and row["isolated"]["p99_ms"] == 100.0
     assert row["in_process"]["completed"] == 1000 and row["cost_percent"] == 15.0
     assert row["isolated"]["cpu_ms_per_handshake"] == 6.0 and row["cpu_cost_percent"] == 20.0
+    assert row["isolated"]["policy_worker_cpu_ms_per_handshake"] == 1.5
     [title, line] = table_lines({"workers": 2, "rounds": 2, "workloads": {"distinct": row}})
     assert "cost = 1 - isolated / in-process" in title
     assert "isolated     85/s" in line and "in-process    100/s" in line and "+15.0 %" in line
-    assert "CPU 6.00 / 5.00 ms (+20.0 %)" in line
+    assert "CPU 6.00 (1.50 in policy workers) / 5.00 ms (+20.0 %)" in line
