@@ -18,7 +18,10 @@ Sections (see docs/performance.md for what each measures and the targets):
 6. servers (issue 23): the ceiling app, ``/healthz``, the cookie GET and the handshake, each
    under uvicorn (``kbs``) and under granian (``kbsbench.granian_server``), 2 workers, measured
    in turn, uvicorn then granian, so drift on the machine falls on both; granian/uvicorn ratios;
-7. the crypto floor, and handshake throughput as a fraction of it.
+7. policy isolation: handshakes/s and p99 of a server evaluating policies in bounded worker
+   processes (as every Keybroker does) against one evaluating them in-process, the benchmark's
+   baseline, with every guest alike and with every guest different (kbsbench.isolation);
+8. the crypto floor, and handshake throughput as a fraction of it.
 Every throughput is then given as a share of the ceiling of the same stack, workers and
 guests, counted in HTTP requests (a handshake is 3). ``--quick`` runs every section small (a
 few hundred requests, no expiry waits) to show the suite works; its figures mean nothing.
@@ -44,6 +47,7 @@ import granian
 import uvicorn
 
 from kbsbench import cpu, floor, model
+from kbsbench import isolation as policy_isolation
 from kbsbench.ceiling import REPLY_BYTES
 from kbsbench.servers import SERVERS, Kbs, ceiling_cluster, cluster
 from kbsbench.shares import add_ceiling_shares, compare_servers, summary_lines
@@ -76,6 +80,7 @@ def loadgen(
     count: int | None = None,
     spread: int = 1,
     server_pid: int | None = None,
+    vary_workload: bool = False,
 ) -> dict[str, Any]:
     """Run the load generator in its own process; summarize what it measured."""
     command = [sys.executable, "-m", "kbsbench.loadgen", "--url", url, "--mode", mode]
@@ -85,6 +90,8 @@ def loadgen(
         command += ["--count", str(count)]
     if server_pid is not None:
         command += ["--server-pid", str(server_pid)]
+    if vary_workload:
+        command.append("--vary-workload")
     env = {**os.environ, "PYTHONPATH": str(BENCH)}
     done = subprocess.run(
         command, cwd=BENCH, env=env, capture_output=True, text=True, timeout=3600, check=False
@@ -315,6 +322,30 @@ class Bench:
             },
         }
 
+    def policy_isolation(self) -> dict[str, Any]:
+        """Isolated against in-process policy evaluation, alternating runs (kbsbench.isolation):
+        about 110 s in full (a warm-up run, then 4 runs of 3 s per server and workload), 16
+        guests and 2 runs each in --quick."""
+        # a longer warm-up than the other sections' in --quick: each server starts cold here
+        duration, warmup = (1.0, 1.0) if self.quick else (3.0, 1.0)
+
+        def load(url: str, vary: bool) -> dict[str, Any]:
+            return loadgen(
+                url,
+                "handshake",
+                self.level,
+                duration=duration,
+                warmup=warmup,
+                vary_workload=vary,
+            )
+
+        return policy_isolation.measure(
+            self._dir("policy-isolation"),
+            load,
+            rounds=2 if self.quick else 4,
+            audit_fsync=self.audit_fsync,
+        )
+
 
 def _servers_lines(part: dict[str, Any]) -> list[str]:
     versions = part["versions"]
@@ -430,6 +461,7 @@ def _table(results: dict[str, Any]) -> str:
     rounds = ", ".join(f"{rss:.1f}" for rss in mem["rss_after_each_round_mib"])
     lines.append(f"  RSS after each round of {mem['handshakes']['first']}: {rounds} MiB")
     lines += _servers_lines(results["servers"])
+    lines += policy_isolation.table_lines(results["policy_isolation"])
     return "\n".join(lines)
 
 
@@ -498,6 +530,7 @@ def main() -> None:
             ("scaling", bench.scaling),
             ("memory", bench.memory),
             ("servers", bench.servers),
+            ("policy_isolation", bench.policy_isolation),
         ]
         args.output.mkdir(parents=True, exist_ok=True)
         partial = args.output / "partial.json"

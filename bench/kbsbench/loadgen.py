@@ -13,6 +13,13 @@ Modes:
 - ``healthz``: each guest GETs ``/healthz`` (no attestation); against the bare-HTTP ceiling
   (``kbsbench.ceiling``), which answers every path, it measures the server stack alone.
 
+``--vary-workload``: every attestation sends init-data whose Kata agent policy names one
+container image no other attestation of this run (or of another run: a random prefix) named.
+The default attestation policy reads the images (``ear.trustee.identifiers``), so its answer
+cannot be remembered from another guest's, nor can that of a resource policy that reads them
+from the token (``kbsbench.isolation``). Without it every guest's evidence differs only in
+what the policies never read (nonce, key), and their answers are remembered.
+
 A guest keeps one keep-alive connection, so all its requests reach the worker process that
 accepted that connection. ``--spread N`` gives each guest N connections and sends each of its
 requests on the next one in turn, as a load balancer spreading one guest's requests would: a
@@ -23,8 +30,9 @@ reading ``/proc`` for which of the server's processes holds each guest's connect
 reports how many guests were spread over more than one worker.
 
 Each guest decrypts its first resource reply and checks the bytes, so a run that measures
-wrong answers fails instead. Prints one JSON object: completions, errors, the measured seconds
-and the latency of every completed operation (milliseconds, sorted).
+wrong answers fails instead. Prints one JSON object: completions (in the measured window, and
+with the warm-up's), errors, the measured seconds and the latency of every completed operation
+(milliseconds, sorted).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -59,6 +68,33 @@ AUTH_BODY = json.dumps(
 ).encode()
 JSON = {"content-type": "application/json"}
 MAX_FAILURES_BEFORE_SUCCESS = 200
+IMAGE_REGISTRY = "registry.bench.example/"  # where --vary-workload's images come from
+
+
+class Workloads:
+    """Init-data naming one new container image per call (``--vary-workload``)."""
+
+    def __init__(self) -> None:
+        self._prefix = f"{IMAGE_REGISTRY}guest-{secrets.token_hex(4)}-"
+        self._count = 0
+
+    def next(self) -> dict[str, str]:
+        self._count += 1
+        container = {
+            "OCI": {
+                "Annotations": {"io.kubernetes.cri.image-name": f"{self._prefix}{self._count}"},
+                "Process": {"User": {"UID": 1000}},
+            }
+        }
+        agent_policy = "package agent_policy\n\npolicy_data := " + json.dumps(
+            {"containers": [container]}
+        )
+        document = {
+            "version": "0.1.0",
+            "algorithm": "sha384",
+            "data": {"policy.rego": agent_policy},
+        }
+        return {"format": "json", "body": json.dumps(document)}
 
 
 class GuestError(Exception):
@@ -73,8 +109,10 @@ class Tally:
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     failures: int = 0
+    all_completed: int = 0  # the warm-up's too: what the server did while this process ran
 
     def record(self, seconds: float) -> None:
+        self.all_completed += 1
         if self.measuring:
             self.latencies.append(seconds * 1e3)
 
@@ -97,8 +135,16 @@ def _expect(reply: Reply, status: int, what: str) -> Reply:
 class Guest:
     """One simulated guest on ``spread`` keep-alive connections, used in turn."""
 
-    def __init__(self, host: str, port: int, key: TeeKey, spread: int = 1) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        key: TeeKey,
+        spread: int = 1,
+        workloads: Workloads | None = None,
+    ) -> None:
         self.connections = [Connection(host, port) for _ in range(spread)]
+        self.workloads = workloads
         self._turn = 0
         self.key = key
         self.jwk = key.public_jwk()
@@ -129,7 +175,7 @@ class Guest:
         evidence = SampleAttester().evidence(runtime_data_digest(data, HashAlgorithm.SHA384))
         body = json.dumps(
             {
-                "init-data": None,
+                "init-data": self.workloads.next() if self.workloads else None,
                 "runtime-data": {"nonce": nonce, "tee-pubkey": self.jwk},
                 "tee-evidence": {"primary_evidence": evidence, "additional_evidence": ""},
             }
@@ -263,11 +309,13 @@ async def run(
     count: int | None,
     spread: int = 1,
     server_pid: int | None = None,
+    vary_workload: bool = False,
 ) -> dict[str, object]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     keys = [TeeKey.generate() for _ in range(min(concurrency, 32))]
-    guests = [Guest(host, port, keys[i % len(keys)], spread) for i in range(concurrency)]
+    workloads = Workloads() if vary_workload else None
+    guests = [Guest(host, port, keys[i % len(keys)], spread, workloads) for i in range(concurrency)]
     tally = Tally()
     budget = [count] if count is not None else []
     if mode == "handshake":
@@ -306,8 +354,10 @@ async def run(
         "mode": mode,
         "concurrency": concurrency,
         "spread": spread,
+        "vary_workload": vary_workload,
         **({"worker_spread": spread_seen} if spread_seen is not None else {}),
         "completed": len(tally.latencies),
+        "completed_with_warmup": tally.all_completed,
         "errors": tally.errors + len(failures),
         "error_samples": tally.error_samples + [repr(f) for f in failures[:3]],
         "seconds": elapsed,
@@ -331,6 +381,11 @@ def main() -> None:
     parser.add_argument(
         "--server-pid", type=int, default=None, help="report which server processes held them"
     )
+    parser.add_argument(
+        "--vary-workload",
+        action="store_true",
+        help="each attestation's init-data names a new container image (nothing remembered)",
+    )
     args = parser.parse_args()
     if args.spread < 1:
         parser.error("--spread must be at least 1")
@@ -345,6 +400,7 @@ def main() -> None:
             count=args.count,
             spread=args.spread,
             server_pid=args.server_pid,
+            vary_workload=args.vary_workload,
         )
     )
     json.dump(result, sys.stdout)

@@ -158,6 +158,35 @@ def test_quick_bench_runs_every_section_and_writes_results(tmp_path: Path) -> No
 
     # every cluster's audit log verified, the granian servers' (two writers each) among them
     assert results["audit"]["logs"] >= 2 and results["audit"]["records"] > 0
+
+    # isolated against in-process policy evaluation, each checked while it served
+    isolation = results["policy_isolation"]
+    assert (isolation["workers"], isolation["rounds"]) == (2, 2)
+    assert set(isolation["workloads"]) == {"same_guest", "distinct_guests"}
+    for name, workload in isolation["workloads"].items():
+        assert workload["vary_workload"] is (name == "distinct_guests")
+        for side in ("isolated", "in_process"):
+            _measured(workload[side])
+            assert workload[side]["concurrency"] == 16 and len(workload[side]["runs"]) == 2
+            assert _positive(workload[side]["cpu_ms_per_handshake"])
+        rates = workload["isolated"]["per_second"], workload["in_process"]["per_second"]
+        assert workload["cost_percent"] == round(100 * (1 - rates[0] / rates[1]), 1)
+        cpu = [workload[side]["cpu_ms_per_handshake"] for side in ("isolated", "in_process")]
+        assert workload["cpu_cost_percent"] == round(100 * (cpu[0] / cpu[1] - 1), 1)
+    in_process_workers = [
+        workload["in_process"]["policy_worker_cpu_ms_per_handshake"]
+        for workload in isolation["workloads"].values()
+    ]
+    assert in_process_workers == [0.0, 0.0]  # no policy worker process to spend it
+    seen = isolation["processes_seen"]
+    assert seen["isolated"]["uvicorn_workers"] == seen["in_process"]["uvicorn_workers"] == 2
+    assert seen["isolated"]["policy_worker_processes"] > 0
+    assert seen["in_process"] == {
+        "uvicorn_workers": 2,
+        "marked_workers": 2,
+        "policy_worker_processes": 0,
+    }
+    assert "Policy isolation" in done.stdout and "distinct_guests" in done.stdout
     assert "Crypto floor" in done.stdout and "written to" in done.stdout
     assert "Bare-HTTP ceiling" in done.stdout and "Shares of the bare-HTTP ceiling" in done.stdout
     assert "Upstream-style config" in done.stdout and "of the ceiling" in done.stdout

@@ -188,21 +188,7 @@ class PolicyWorkers:
                 raise PolicyEvaluationError("the policy workers are shut down")
             self._busy += 1
         try:
-            try:
-                worker = self._idle.get_nowait()
-            except queue.Empty:
-                worker = _Worker.start()
-            try:
-                reply = worker.ask(request, self.limits)
-            except BaseException:
-                worker.kill()  # past a limit, dead, or out of step: never reused
-                raise
-            with self._lock:
-                closed = self._closed
-            if closed:
-                worker.kill()
-            else:
-                self._idle.put(worker)
+            reply = self._ask(request)
         finally:
             with self._lock:
                 self._busy -= 1
@@ -210,6 +196,30 @@ class PolicyWorkers:
             return reply["ok"]
         error = _ERRORS.get(str(reply.get("error")), PolicyEvaluationError)
         raise error(str(reply.get("detail", "the policy worker failed"))[:800])
+
+    def _ask(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A worker process's reply to ``request``: an idle worker's, or a new one's.
+
+        The one step the benchmark's in-process baseline replaces
+        (``bench/kbsbench/inprocess_policy.py``), to measure what the process boundary and
+        its bounds cost; nothing in the server can select it.
+        """
+        try:
+            worker = self._idle.get_nowait()
+        except queue.Empty:
+            worker = _Worker.start()
+        try:
+            reply = worker.ask(request, self.limits)
+        except BaseException:
+            worker.kill()  # past a limit, dead, or out of step: never reused
+            raise
+        with self._lock:
+            closed = self._closed
+        if closed:
+            worker.kill()
+        else:
+            self._idle.put(worker)
+        return reply
 
 
 class _Worker:
@@ -314,55 +324,80 @@ def _resident_bytes(pid: int) -> int:
         return 0  # not Linux, or the process is gone: the deadline still applies
 
 
+class CompiledPolicies:
+    """What a worker keeps (its compiled policies, by ``PolicySpec``, at most
+    ``_POLICIES_PER_WORKER``) and its reply to one request.
+
+    Runs in each worker process (``_serve``), one request at a time. The benchmark's
+    in-process baseline runs it in the server, on the pool's threads, so it is thread-safe:
+    the table is locked, a policy is compiled outside the lock (``CompiledPolicy`` locks its
+    own evaluations).
+    """
+
+    def __init__(self) -> None:
+        self._compiled: OrderedDict[PolicySpec, CompiledPolicy] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def reply(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """``{"ok": answer}`` or ``{"error": name, "detail": text}``; never raises."""
+        try:
+            return {"ok": self._answer(request)}
+        except (PolicyParseError, PolicyEvaluationError) as e:
+            return {"error": type(e).__name__, "detail": e.detail}
+        except Exception as e:  # reported to the server, which fails closed
+            return {
+                "error": "PolicyEvaluationError",
+                "detail": f"policy worker failed: {e!r}"[:800],
+            }
+
+    def _answer(self, request: Mapping[str, Any]) -> Any:
+        fields = request["spec"]
+        spec = PolicySpec(
+            source=fields["source"],
+            entrypoints=tuple(fields["entrypoints"]),
+            name=fields["name"],
+            helpers=tuple((name, text) for name, text in fields["helpers"]),
+            remember=0,  # the server remembers
+            request_data=tuple(fields["request_data"]),
+            cache_size=fields["cache_size"],
+        )
+        policy = self._policy(spec)
+        operation = request["op"]
+        if operation == "compile":
+            return None
+        if operation == "evaluate":
+            return policy.evaluate_question(
+                request["entrypoints"], request["input_json"], request["document"]
+            )
+        if operation == "explain":
+            return policy.explain(request["input"], request["data"])
+        raise ValueError(f"unknown policy worker operation {operation!r}")
+
+    def _policy(self, spec: PolicySpec) -> CompiledPolicy:
+        with self._lock:
+            policy = self._compiled.get(spec)
+            if policy is not None:
+                self._compiled.move_to_end(spec)
+                return policy
+        policy = CompiledPolicy.from_spec(spec)
+        with self._lock:
+            policy = self._compiled.setdefault(spec, policy)  # another thread's, if it won
+            self._compiled.move_to_end(spec)
+            while len(self._compiled) > _POLICIES_PER_WORKER:
+                self._compiled.popitem(last=False)
+        return policy
+
+
 def _serve(requests: Connection, replies: Connection) -> None:
     """The worker's loop: one request, one reply, until the pipe closes."""
-    compiled: OrderedDict[PolicySpec, CompiledPolicy] = OrderedDict()
+    policies = CompiledPolicies()
     replies.send_bytes(_READY)  # everything is imported
     while True:
         try:
             request = json.loads(requests.recv_bytes())
         except (EOFError, OSError):
             return
-        try:
-            reply: dict[str, Any] = {"ok": _answer(request, compiled)}
-        except (PolicyParseError, PolicyEvaluationError) as e:
-            reply = {"error": type(e).__name__, "detail": e.detail}
-        except Exception as e:  # reported to the server, which fails closed
-            reply = {
-                "error": "PolicyEvaluationError",
-                "detail": f"policy worker failed: {e!r}"[:800],
-            }
-        replies.send_bytes(json.dumps(reply).encode())
-
-
-def _answer(request: Mapping[str, Any], compiled: OrderedDict[PolicySpec, CompiledPolicy]) -> Any:
-    fields = request["spec"]
-    spec = PolicySpec(
-        source=fields["source"],
-        entrypoints=tuple(fields["entrypoints"]),
-        name=fields["name"],
-        helpers=tuple((name, text) for name, text in fields["helpers"]),
-        remember=0,  # the server remembers
-        request_data=tuple(fields["request_data"]),
-        cache_size=fields["cache_size"],
-    )
-    policy = compiled.get(spec)
-    if policy is None:
-        policy = CompiledPolicy.from_spec(spec)
-        compiled[spec] = policy
-        if len(compiled) > _POLICIES_PER_WORKER:
-            compiled.popitem(last=False)
-    compiled.move_to_end(spec)
-    operation = request["op"]
-    if operation == "compile":
-        return None
-    if operation == "evaluate":
-        return policy.evaluate_question(
-            request["entrypoints"], request["input_json"], request["document"]
-        )
-    if operation == "explain":
-        return policy.explain(request["input"], request["data"])
-    raise ValueError(f"unknown policy worker operation {operation!r}")
+        replies.send_bytes(json.dumps(policies.reply(request)).encode())
 
 
 if __name__ == "__main__":
