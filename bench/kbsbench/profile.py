@@ -37,8 +37,10 @@ RATE = 100  # samples per second per thread
 GUESTS = 64
 
 
-def profile(mode: str, tag: str, seconds: float, output: Path, workdir: Path) -> dict[str, Any]:
-    with cluster(workdir, replicas=1, workers=2, store="memory", audit_fsync="always") as (
+def profile(
+    mode: str, tag: str, seconds: float, output: Path, workdir: Path, *, store: str = "memory"
+) -> dict[str, Any]:
+    with cluster(workdir, replicas=1, workers=2, store=store, audit_fsync="always") as (
         url,
         servers,
     ):
@@ -108,13 +110,14 @@ def main() -> None:
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--modes", nargs="+", default=["get", "handshake"])
+    parser.add_argument("--store", choices=["memory", "redis+postgres"], default="memory")
     parser.add_argument("--output", type=Path, default=BENCH / "results")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     for mode in args.modes:
         print(f"profiling {mode} ({args.seconds:.0f} s) ...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="kbsprofile-") as tmp:
-            result = profile(mode, args.tag, args.seconds, args.output, Path(tmp))
+            result = profile(mode, args.tag, args.seconds, args.output, Path(tmp), store=args.store)
         path = args.output / f"profile-{mode}-{args.tag}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(
