@@ -27,12 +27,8 @@ servers.
 
 from __future__ import annotations
 
-import os
-import signal
 import statistics
-import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -42,14 +38,13 @@ ROOT = Path(__file__).resolve().parents[2]
 # the test suite's helpers for real processes, as in kbsbench.servers
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
-from kbs_process import wait_healthy  # noqa: E402
+from kbs_process import running_kbs  # noqa: E402
 from kbsbench.cpu import cpu_seconds, tree  # noqa: E402
 from kbsbench.inprocess_policy import MARKER  # noqa: E402
 from kbsbench.loadgen import IMAGE_REGISTRY  # noqa: E402
 from kbsbench.servers import BENCH, Kbs, provision, running_server, write_config  # noqa: E402
 from keybroker.client.admin import AdminClient  # noqa: E402
 from keybroker.kbs.resource_policy import builtin_policy  # noqa: E402
-from keybroker.kbs.server import INSTANCE_ENV  # noqa: E402
 from ports import free_port  # noqa: E402
 
 WORKERS = 2
@@ -242,26 +237,18 @@ def _side(workdir: Path, side: str, audit_fsync: str) -> Iterator[Kbs]:
 
 @contextmanager
 def _running_in_process(config: Path, port: int, workdir: Path) -> Iterator[Kbs]:
-    """``kbsbench.inprocess_kbs`` (kbs with in-process policies) on ``config``."""
+    """``kbsbench.inprocess_kbs`` (kbs with in-process policies) on ``config``, started and
+    stopped as ``kbs`` is."""
     url = f"http://127.0.0.1:{port}"
-    log = workdir / f"kbs-{port}.log"
-    instance = f"inprocess-{uuid.uuid4().hex}"
-    command = [sys.executable, "-m", "kbsbench.inprocess_kbs", "-c", str(config)]
-    env = {**os.environ, "PYTHONPATH": str(BENCH), "PYTHONUNBUFFERED": "1", INSTANCE_ENV: instance}
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        wait_healthy(url, process, log, instance=instance)
+    with running_kbs(
+        ["-c", str(config)],
+        workdir,
+        url,
+        log_name=f"kbs-{port}.log",
+        command=[sys.executable, "-m", "kbsbench.inprocess_kbs"],
+        env={"PYTHONPATH": str(BENCH)},
+    ) as process:
         yield Kbs(url, process)
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def table_lines(result: dict[str, Any]) -> list[str]:

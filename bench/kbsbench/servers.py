@@ -23,11 +23,8 @@ or the same ceiling app, is served by granian (``kbsbench.granian_server``, the 
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -42,12 +39,11 @@ BENCH = ROOT / "bench"
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
 from databases import fresh_postgres_database, private_redis  # noqa: E402
-from kbs_process import running_kbs, wait_healthy  # noqa: E402
+from kbs_process import running_kbs  # noqa: E402
 from kbsbench.loadgen import SECRET  # noqa: E402
 from keybroker.client.admin import AdminClient  # noqa: E402
 from keybroker.kbs.audit import generate_key  # noqa: E402
 from keybroker.kbs.resource_policy import builtin_policy  # noqa: E402
-from keybroker.kbs.server import INSTANCE_ENV  # noqa: E402
 from nginx import running_nginx  # noqa: E402
 from ports import free_port  # noqa: E402
 
@@ -214,6 +210,7 @@ def _rss(pid: int) -> int:
 
 SERVERS = ("uvicorn", "granian")  # what serves the app: kbs itself, or the granian trial
 GRANIAN = [sys.executable, "-m", "kbsbench.granian_server"]
+CEILING = [sys.executable, "-m", "kbsbench.ceiling"]
 
 
 def _check_server(server: str) -> None:
@@ -319,31 +316,19 @@ def running_ceiling(
     port: int, workers: int, workdir: Path, server: str = "uvicorn"
 ) -> Iterator[Kbs]:
     """The bare-HTTP ceiling server (``kbsbench.ceiling``) with ``workers`` workers, on
-    Keybroker's uvicorn stack or under granian."""
+    Keybroker's uvicorn stack or under granian, started and stopped as ``kbs`` is."""
     _check_server(server)
     url = f"http://127.0.0.1:{port}"
-    log = workdir / f"ceiling-{port}.log"
-    instance = f"ceiling-{uuid.uuid4().hex}"
-    if server == "granian":
-        command = [*GRANIAN, "--ceiling", "--port", str(port)]
-    else:
-        command = [sys.executable, "-m", "kbsbench.ceiling", "--port", str(port)]
-    command += ["--workers", str(workers)]
-    env = {**os.environ, "PYTHONPATH": str(BENCH), INSTANCE_ENV: instance}
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, cwd=BENCH, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        wait_healthy(url, process, log, instance=instance)
+    ceiling = [*GRANIAN, "--ceiling"] if server == "granian" else CEILING
+    with running_kbs(
+        ["--port", str(port), "--workers", str(workers)],
+        workdir,
+        url,
+        log_name=f"ceiling-{port}.log",
+        command=ceiling,
+        env={"PYTHONPATH": str(BENCH)},
+    ) as process:
         yield Kbs(url, process)
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @contextmanager
