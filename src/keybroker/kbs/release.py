@@ -53,8 +53,9 @@ T = TypeVar("T")
 # it to the guest's TEE key.
 Released: TypeAlias = PluginResponse | dict[str, str]
 
-# (token digest, governing policy id, its text, the request data as canonical JSON)
-_DecisionKey: TypeAlias = tuple[bytes, str, str, str]
+# (token digest, governing policy id, its text (the compiled policy's own string, shared),
+# digest of the request data as canonical JSON)
+_DecisionKey: TypeAlias = tuple[bytes, str, str, bytes]
 # decisions remembered per worker: a session's GETs repeat one question (LRU beyond this)
 DECISIONS_REMEMBERED = 4096
 
@@ -219,9 +220,11 @@ class ReleaseService:
             governing = await self._services.resource_policy.governing(repository)
             key = None
             if governing.policy.remembers:
+                # digests, not the texts: a guest's query string must not grow the memory
                 data_json = json.dumps(policy_data, sort_keys=True, separators=(",", ":"))
+                data = hashlib.blake2b(data_json.encode(), digest_size=16).digest()
                 digest = hashlib.blake2b(token.encode(), digest_size=16).digest()
-                key = (digest, governing.policy_id, governing.policy.source, data_json)
+                key = (digest, governing.policy_id, governing.policy.source, data)
             allowed = None
             if key is not None:
                 allowed = self._decisions.get(key)

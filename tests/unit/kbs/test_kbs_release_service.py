@@ -382,3 +382,17 @@ def test_remembered_decisions_are_bounded(tmp_path: Path, monkeypatch: pytest.Mo
         assert len(kbs.release._decisions) == 2
 
     _run(tmp_path, test)
+
+
+def test_a_huge_request_does_not_grow_the_remembered_decisions(tmp_path: Path) -> None:
+    async def test(kbs: Kbs) -> None:
+        await kbs.services.resource_policy.set(ALLOW)
+        long_tag = "t" * 200
+        await _store(kbs, path=("default", "key", long_tag))
+        session_id, _ = await _attest(kbs, TeeKey.generate())
+        await kbs.release.plugin(_call("GET", "default", "key", long_tag, session_id=session_id))
+        (key,) = kbs.release._decisions
+        token_digest, _policy_id, _source, data_digest = key
+        assert len(token_digest) == len(data_digest) == 16  # digests, never the request itself
+
+    _run(tmp_path, test)
