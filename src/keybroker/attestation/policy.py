@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -36,6 +35,7 @@ from keybroker.policy.workers import PolicyWorkers, PooledPolicy
 from keybroker.protocol.models import JsonValue
 from keybroker.rvps.store import ReferenceValues
 from keybroker.storage.base import KeyValueStorage
+from keybroker.storage.read_cache import AfterChange, no_stamp
 
 NAMESPACE = "attestation_service_policy"
 DEFAULT_POLICIES = (
@@ -120,10 +120,6 @@ async def appraisal(
     return Appraised(_trust_vector(policy_id, claims), _extensions(policy_id, extensions))
 
 
-async def _nothing() -> None:
-    return None
-
-
 class AttestationPolicies:
     def __init__(
         self,
@@ -131,7 +127,7 @@ class AttestationPolicies:
         reference_values: ReferenceValues,
         workers: PolicyWorkers,
         *,
-        after_change: Callable[[], Awaitable[None]] = _nothing,
+        after_change: AfterChange = no_stamp,
     ) -> None:
         """``after_change`` is awaited once a policy was stored or deleted: the KBS passes its
         read cache's generation stamp (``keybroker.storage.read_cache``), so every replica's

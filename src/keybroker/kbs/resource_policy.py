@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -47,6 +46,7 @@ from keybroker.policy.workers import PolicyWorkers, PooledPolicy
 from keybroker.protocol.models import JsonValue
 from keybroker.protocol.resource_path import SEGMENT_PATTERN, ResourcePath, is_valid_segment
 from keybroker.storage.base import KeyValueStorage
+from keybroker.storage.read_cache import AfterChange, no_stamp
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,6 @@ class GoverningPolicy:
     policy: PooledPolicy
 
 
-async def _nothing() -> None:
-    return None
-
-
 class ResourcePolicy:
     """``after_change`` is awaited after a policy is stored or deleted: the KBS passes
     :meth:`~keybroker.storage.read_cache.ReadCache.changed` (the generation stamp, written
@@ -175,7 +171,7 @@ class ResourcePolicy:
         storage: KeyValueStorage,
         workers: PolicyWorkers,
         *,
-        after_change: Callable[[], Awaitable[None]] = _nothing,
+        after_change: AfterChange = no_stamp,
     ) -> None:
         self._storage = storage
         self._workers = workers

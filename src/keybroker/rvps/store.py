@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from keybroker.errors import BadRequestError, ConfigError, StorageError
@@ -20,6 +20,7 @@ from keybroker.protocol.untrusted_json import parse_json
 from keybroker.rvps.extractors import EXTRACTORS
 from keybroker.rvps.reference_value import ReferenceValue
 from keybroker.storage.base import KeyValueStorage, validate_key
+from keybroker.storage.read_cache import AfterChange, no_stamp
 
 NAMESPACE = "reference_value"
 PARSED_REMEMBERED = 1024  # parsed stored values kept per store (see ReferenceValueStore._parsed)
@@ -53,17 +54,13 @@ class ManagedReferenceValues(ReferenceValues, Protocol):
         ...
 
 
-async def _nothing() -> None:
-    return None
-
-
 class ReferenceValueStore:
     def __init__(
         self,
         storage: KeyValueStorage,
         *,
         clock: Callable[[], float] = time.time,
-        after_change: Callable[[], Awaitable[None]] = _nothing,
+        after_change: AfterChange = no_stamp,
     ) -> None:
         """``after_change`` is awaited once values were stored or deleted (the KBS passes its
         read cache's generation stamp, see ``keybroker.storage.read_cache``)."""

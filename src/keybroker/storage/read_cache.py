@@ -63,7 +63,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from itertools import count
@@ -83,6 +83,14 @@ DEFAULT_MAX_VALUE_BYTES = 256 * 1024
 DEFAULT_MAX_AGE = 5.0
 
 K = TypeVar("K")
+
+# What a store of cached data calls after a change it made: the KBS passes
+# ``ReadCache.changed`` (a fresh generation stamp); alone, nothing.
+AfterChange = Callable[[], Awaitable[None]]
+
+
+async def no_stamp() -> None:
+    """The ``AfterChange`` of a store no read cache serves."""
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from keybroker.storage.local_fs import (
     read_file,
     write_atomically,
 )
+from keybroker.storage.read_cache import AfterChange, no_stamp
 from keybroker.storage.versions import (
     DEFAULT_MAX_VERSIONS,
     ResourceRecord,
@@ -157,10 +158,6 @@ class SecretBackend(ABC):
         """Remove the resource; False if there was none."""
 
 
-async def _nothing() -> None:
-    return None
-
-
 class KvSecretBackend(SecretBackend):
     """Versioned resources on three namespaces of a key-value store: ``storage`` holds the
     current bytes in upstream's layout, ``meta`` the version records, ``versions`` the bytes
@@ -181,7 +178,7 @@ class KvSecretBackend(SecretBackend):
         versions: KeyValueStorage,
         max_versions: int = DEFAULT_MAX_VERSIONS,
         max_bytes: int = DEFAULT_MAX_RESOURCE_BYTES,
-        after_change: Callable[[], Awaitable[None]] = _nothing,
+        after_change: AfterChange = no_stamp,
     ) -> None:
         super().__init__(max_bytes=max_bytes)
         self._resources = VersionedResources(storage, meta, versions, max_versions=max_versions)
