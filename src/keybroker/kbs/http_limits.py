@@ -71,9 +71,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer = None
 
     def _head_too_slow(self) -> None:
-        self._head_timer = None
-        if self.cycle is not None and not self.cycle.response_complete:
-            return  # a request in progress (its head arrived): the app's to finish
+        self._head_timer = None  # stopped once a head is complete: this one never was
         if not self.transport.is_closing():
             log.warning(
                 "closing a connection from %s: no complete request head within %g s",
